@@ -1,0 +1,43 @@
+"""Crash-safe file writes: write under a temporary name in the same directory, then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the whole new one, never a torn one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def replace_dir(staged: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move a fully written directory into place; an older `target` is removed only afterwards."""
+    staged, target = Path(staged), Path(target)
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(staged, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staged, target)

@@ -1,0 +1,1 @@
+"""Loading, validating and saving SDXL-family models, and the tiny SDXL-layout factory."""

@@ -1,0 +1,183 @@
+"""A tiny SDXL-layout pipeline built from configs: random weights, offline tokenizers, no downloads.
+
+The layout follows SSD-1B (per-block transformer depths given as lists, an asymmetric decoder, a mid
+block without attention) so the code paths that must handle SDXL *and* SSD-1B are exercised by the
+same tiny model. Everything is seeded: the same seed writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from expertune.io_utils import replace_dir
+
+TEXT_ENCODER_1_WIDTH = 16
+TEXT_ENCODER_2_WIDTH = 32
+POOLED_WIDTH = 32
+TIME_EMBED_DIM = 8
+MAX_TOKENS = 77
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255, in byte order.
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted to code points from 256 up.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def _byte_vocabulary() -> dict[str, int]:
+    """CLIP's byte-level symbols, each alone and as a word end, plus the two special tokens."""
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _write_tokenizer(directory: Path, pad_token: str) -> dict[str, int]:
+    """Save a byte-level CLIP tokenizer with no merges: every byte is a token, so any text encodes."""
+    from transformers import CLIPTokenizer
+
+    vocabulary = _byte_vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocabulary, merges=[], pad_token=pad_token, model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(str(directory))
+    return {
+        "vocab_size": len(vocabulary),
+        "bos_token_id": vocabulary["<|startoftext|>"],
+        "eos_token_id": vocabulary["<|endoftext|>"],
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _text_encoder_config(width: int, token_ids: dict[str, int], projection_dim: int | None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=token_ids["vocab_size"],
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="gelu",
+        projection_dim=projection_dim or width,
+        bos_token_id=token_ids["bos_token_id"],
+        eos_token_id=token_ids["eos_token_id"],
+        pad_token_id=token_ids["pad_token_id"],
+    )
+
+
+def tiny_unet_config(sample_size: int = 16) -> dict:
+    """An SSD-1B-shaped UNet config at toy width (about 2M parameters)."""
+    cross_attention_dim = TEXT_ENCODER_1_WIDTH + TEXT_ENCODER_2_WIDTH
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        norm_num_groups=16,
+        attention_head_dim=(2, 4, 4),
+        transformer_layers_per_block=[[1, 1], [1, 1], [2, 2]],
+        reverse_transformer_layers_per_block=[[2, 2, 1], [1, 1, 1], [1, 1, 1]],
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=POOLED_WIDTH + 6 * TIME_EMBED_DIM,
+    )
+
+
+def tiny_vae_config(sample_size: int = 128) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=0.13025,
+        force_upcast=False,
+    )
+
+
+def tiny_scheduler_config() -> dict:
+    """SDXL's own noise schedule and sampler defaults."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def build_tiny_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete `StableDiffusionXLPipeline` directory of a tiny SDXL-layout model.
+
+    The directory is assembled under a temporary name beside `directory` and renamed into place.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        # SDXL pads its first tokenizer with <|endoftext|> and its second with "!": keep that quirk.
+        ids_1 = _write_tokenizer(scratch / "tokenizer_1", pad_token="<|endoftext|>")
+        ids_2 = _write_tokenizer(scratch / "tokenizer_2", pad_token="!")
+        tokenizer_1 = CLIPTokenizer.from_pretrained(str(scratch / "tokenizer_1"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(scratch / "tokenizer_2"))
+
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            text_encoder_1 = CLIPTextModel(_text_encoder_config(TEXT_ENCODER_1_WIDTH, ids_1, None))
+            text_encoder_2 = CLIPTextModelWithProjection(
+                _text_encoder_config(TEXT_ENCODER_2_WIDTH, ids_2, POOLED_WIDTH)
+            )
+            vae = AutoencoderKL(**tiny_vae_config())
+            unet = UNet2DConditionModel(**tiny_unet_config())
+        finally:
+            torch.random.set_rng_state(generator_state)
+        scheduler = EulerDiscreteScheduler(**tiny_scheduler_config())
+
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder_1,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer_1,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+        staged = scratch / "pipeline"
+        pipeline.save_pretrained(str(staged), safe_serialization=True)
+        replace_dir(staged, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertune.experts import (
+    ExpertBand,
+    band_from_settings,
+    boundary_from_strength,
+    order_chain,
+    partition_problems,
+    parse_timestep_range,
+)
+from expertune.schedule import inference_timesteps
+
+
+def test_reference_table_of_bands() -> None:
+    assert ExpertBand.from_refiner_flags(1000, True, 0.35, False) == ExpertBand(0, 349)
+    assert ExpertBand.from_refiner_flags(1000, True, 0.35, True) == ExpertBand(350, 999)
+    assert ExpertBand.from_refiner_flags(1000, False, 0.35, False) == ExpertBand(0, 999)
+    with pytest.raises(ValueError, match="needs --refiner_training"):
+        ExpertBand.from_refiner_flags(1000, False, 0.35, True)
+
+
+def test_boundary_is_exact_for_every_three_decimal_strength() -> None:
+    for thousandths in range(1, 1000):
+        strength = thousandths / 1000
+        assert boundary_from_strength(strength, 1000) == thousandths
+    assert boundary_from_strength(0.29, 100) == 29  # 0.29 * 100 == 28.999... in floating point
+
+
+def test_explicit_range_and_validation() -> None:
+    band = band_from_settings(
+        1000,
+        refiner_training=False,
+        refiner_training_strength=0.2,
+        refiner_training_invert_schedule=False,
+        timestep_range="200,499",
+    )
+    assert (band.lo, band.hi) == (200, 499)
+    assert parse_timestep_range(" 0 , 349 ") == (0, 349)
+    with pytest.raises(ValueError, match="LO,HI"):
+        parse_timestep_range("350")
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= 999"):
+        ExpertBand(500, 1000)
+    with pytest.raises(ValueError):
+        ExpertBand(600, 500)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+@pytest.mark.parametrize("band", [ExpertBand(0, 349), ExpertBand(350, 999), ExpertBand(7, 7), ExpertBand(0, 2)])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8, 64, 1000])
+def test_sampling_stays_inside_the_band(band: ExpertBand, batch_size: int, stratified: bool) -> None:
+    g = torch.Generator().manual_seed(batch_size)
+    for _ in range(20):
+        t = band.sample(batch_size, g, stratified=stratified)
+        assert t.shape == (batch_size,) and t.dtype == torch.long
+        assert bool(band.contains(t).all()), (band, t.min(), t.max())
+
+
+def test_sampling_covers_the_whole_band_and_stratification_spreads_a_batch() -> None:
+    band = ExpertBand(350, 999)
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([band.sample(64, g) for _ in range(400)])
+    assert seen.min().item() == 350 and seen.max().item() == 999
+    # Stratified: each of the batch's strata holds exactly one sample.
+    t = band.sample(10, g, stratified=True)
+    strata = ((t - band.lo) * 10 // band.size).sort().values
+    assert strata.tolist() == list(range(10))
+
+
+def test_sampling_is_reproducible_from_the_generator() -> None:
+    band = ExpertBand(0, 349)
+    a = band.sample(16, torch.Generator().manual_seed(3), stratified=True)
+    b = band.sample(16, torch.Generator().manual_seed(3), stratified=True)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("steps, base_steps, refiner_steps", [(20, 13, 7), (30, 20, 10), (40, 26, 14), (50, 33, 17)])
+def test_hand_off_matches_diffusers_cutoff(steps: int, base_steps: int, refiner_steps: int) -> None:
+    base, refiner = ExpertBand(350, 999), ExpertBand(0, 349)
+    assert base.denoising_end == pytest.approx(0.65) and refiner.denoising_start == pytest.approx(0.65)
+    timesteps = inference_timesteps(1000, steps, "trailing")
+    # diffusers: denoising_end keeps t >= round(N - end * N); denoising_start keeps t < round(N - start * N).
+    cutoff_end = int(round(1000 - base.denoising_end * 1000))
+    cutoff_start = int(round(1000 - refiner.denoising_start * 1000))
+    base_part = [t for t in timesteps if t >= cutoff_end]
+    refiner_part = [t for t in timesteps if t < cutoff_start]
+    assert (len(base_part), len(refiner_part)) == (base_steps, refiner_steps)
+    assert all(base.lo <= t <= base.hi for t in base_part)
+    assert all(refiner.lo <= t <= refiner.hi for t in refiner_part)
+    if steps == 40:
+        assert refiner_part[0] == 349
+
+
+def test_chain_order_and_partition_problems() -> None:
+    bands = [ExpertBand(0, 349), ExpertBand(600, 999), ExpertBand(350, 599)]
+    assert order_chain(bands) == [1, 2, 0]
+    assert partition_problems(bands) == []
+    assert "gap [300, 349]" in partition_problems([ExpertBand(0, 299), ExpertBand(350, 999)])[0]
+    assert "overlap" in partition_problems([ExpertBand(0, 400), ExpertBand(350, 999)])[0]
+    assert "t = 0" in partition_problems([ExpertBand(350, 999)])[0]
