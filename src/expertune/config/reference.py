@@ -1,0 +1,128 @@
+"""Render docs/configuration.md from the schema (see ``schema.render_markdown_reference``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from expertune.config.schema import FIELDS, IGNORED_OPTIONS, REQUIRED_FOR_TRAINING, SECTIONS, FieldSpec
+from expertune.config.validate import UNSUPPORTED
+
+INTRO = """\
+# Configuration reference
+
+<!-- Generated from src/expertune/config/schema.py: python -m expertune.config.reference > docs/configuration.md
+     (tests/config/test_schema.py fails when this file and the schema disagree). -->
+
+Every option has one name, used as the command-line flag (`--name`), as the key in a TOML file and in
+`run.json`. Options are grouped in sections (`model`, `data`, `band`, `schedule`, `train`, `validation`,
+`logging`) but names are unique, so the sections never appear in what you write.
+
+## Where settings come from
+
+Lowest precedence first; a later source overrides an earlier one option by option:
+
+1. the defaults below;
+2. a TOML file given with `--config FILE.toml`;
+3. a SimpleTuner-style `config.env` file given with `--env FILE`;
+4. flags on the command line.
+
+Within one source the last occurrence wins. Inside config.env, the flags in `TRAINER_EXTRA_ARGS` override
+the other variables (SimpleTuner appends them last). `--config` and `--env` may each be given once, only on
+the command line. The process environment is never read as settings; it only supplies `$VAR` values that
+config.env itself does not set.
+
+### Command line
+
+`--name=value`, `--name value`, or a bare `--name` for a boolean (same as `--name=true`).
+Unknown options are errors, with a "did you mean" suggestion when one is close.
+
+### TOML (`--config`)
+
+A flat file of `name = value` lines at the top level (no tables). Values may be TOML numbers, booleans or
+strings; strings are converted as on the command line. An unknown key is an error naming the key and file.
+
+### config.env (`--env`)
+
+The file is read the way a shell reads plain assignments: `export VAR=value` or `VAR=value`, `#` comments,
+blank lines, backslash line continuation, unquoted values, `'single quotes'` (literal) and
+`"double quotes"` (with `\\$ \\" \\\\` escapes). `$VAR`, `${VAR}`, `${VAR:-word}` and `${VAR-word}` expand
+(unquoted or in double quotes) to the value set earlier in the file, else the process environment, else
+empty; a leading `~/` is the home directory. A variable set twice keeps its last value, so
+`export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --more"` appends. Commands, `$(...)`, backticks, pipes
+and redirections are syntax errors naming the file and line.
+
+Each variable in the tables below sets its option. `TRAINER_EXTRA_ARGS` is split into words like a shell
+command line and read as flags. A boolean variable set to `true` (or `1`, `yes`, `on`) sets the option;
+`false` (or `0`, `no`, `off`) adds nothing, as in SimpleTuner, so it does not override a TOML value.
+A variable set to the empty string sets nothing. `USE_BITFIT=true` means `layer_freeze_strategy=bitfit`.
+A variable that is not in the tables is ignored with a warning naming it and the file.
+
+### Values
+
+- Booleans: `true/false`, `1/0`, `yes/no`, `on/off` (any case).
+- An optional option (default "unset") is unset by an empty value (`--name=`).
+- Bad values, unknown names and unsupported features stop the run with exit code 2 and a message naming
+  the option, the value, where it came from and what is allowed.
+- `timestep_range` and `refiner_training` both choose the timestep band: use one.
+  `refiner_training_invert_schedule` needs `refiner_training`.
+
+### Required for training
+
+`expertune train` needs {required}; other verbs may not.
+
+### Training length
+
+`max_train_steps` wins over `num_train_epochs`; with both unset the trainer runs one epoch. `0` for either
+means unset (SimpleTuner's `MAX_NUM_STEPS=0` "use epochs").
+
+## Options
+"""
+
+
+def _fmt_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    return f"`{value}`"
+
+
+def _fmt_env(spec: FieldSpec) -> str:
+    if not spec.env:
+        return "—"
+    names = ", ".join(f"`{e}`" for e in spec.env)
+    return names + (f" (true → `{spec.env_true_value}`)" if spec.env_true_value else "")
+
+
+_LIMITED = " See [Unsupported features](#unsupported-features)."
+
+
+def render() -> str:
+    limited = {row.name for row in UNSUPPORTED}
+    required = ", ".join(f"`{n}` (`{'`/`'.join(FIELDS[n].env)}`)" for n in REQUIRED_FOR_TRAINING)
+    out = [INTRO.replace("{required}", required)]
+    for section, cls in SECTIONS.items():
+        out += [f"### `{section}`: {cls.__doc__}", "",
+                "| option | config.env | type | default | allowed | description |",
+                "|---|---|---|---|---|---|"]
+        for spec in FIELDS.values():
+            if spec.section == section:
+                out.append(f"| `{spec.name}` | {_fmt_env(spec)} | {spec.type_name} | {_fmt_default(spec.default)} "
+                           f"| {spec.allowed_text()} | {spec.doc}{_LIMITED if spec.name in limited else ''} |")
+        out.append("")
+    out += ["## Recognised but ignored", "",
+            "These SimpleTuner options have no expertune equivalent. They are accepted as a config.env variable,",
+            "a flag or a TOML key and ignored with a warning (silently when the value is empty or `false`).", "",
+            "| option | config.env |", "|---|---|"]
+    out += [f"| `{flag}` | `{env}` |" for flag, env in IGNORED_OPTIONS.items()]
+    out += ["", "## Unsupported features", "",
+            "Asking for one of these stops the run with exit code 2 and the message shown.", "",
+            "| option | when | message |", "|---|---|---|"]
+    out += [f"| `{row.name}` | {row.when} | {row.message} |" for row in UNSUPPORTED]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # python -m expertune.config.reference > docs/configuration.md
+    print(render(), end="")

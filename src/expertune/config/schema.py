@@ -1,0 +1,418 @@
+"""The typed configuration: one frozen dataclass per concern, one line of doc per field.
+
+Every field name is globally unique and equals the user's flag name (without ``--``), so the
+nested sections also have a flat view (``Config.flat()``). Field metadata carries the doc line,
+the allowed values, numeric bounds and the config.env variable names that set the field.
+``FIELDS`` is the registry built from the dataclasses; ``render_markdown_reference()`` turns it
+into docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from expertune.errors import ConfigError
+
+_META_KEY = "expertune"
+
+
+def parse_timestep_range(text: str) -> tuple[int, int]:
+    """Parse ``"LO,HI"`` (inclusive integer timesteps, 0 <= LO <= HI) into ``(LO, HI)``.
+
+    The upper bound against the scheduler's number of timesteps is checked by the trainer.
+    """
+    parts = str(text).split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ConfigError(
+            f"timestep_range={text!r} is not valid: expected 'LO,HI' with two integers, e.g. '0,349'"
+        ) from None
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"timestep_range={text!r} is not valid: expected 0 <= LO <= HI")
+    return lo, hi
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache root: ``$XDG_CACHE_HOME/expertune``, or ``~/.cache/expertune``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "expertune"
+
+
+def opt(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    env: tuple[str, ...] = (),
+    env_true_value: str | None = None,
+    aliases: dict[str, str] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    zero_is_none: bool = False,
+    check: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Declare a config field with its metadata (see FieldSpec for the meaning of each)."""
+    meta = dict(doc=doc, choices=choices, env=env, env_true_value=env_true_value,
+                aliases=dict(aliases or {}), ge=ge, gt=gt, le=le, lt=lt,
+                zero_is_none=zero_is_none, check=check)
+    return field(default=default, metadata={_META_KEY: meta})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Everything known about one option. ``type`` is str, int, float or bool."""
+
+    name: str
+    section: str
+    type: type
+    optional: bool
+    default: Any
+    doc: str
+    choices: tuple[str, ...] | None = None
+    env: tuple[str, ...] = ()
+    env_true_value: str | None = None  # env var is a boolean; true sets the field to this value
+    aliases: dict[str, str] = field(default_factory=dict)  # accepted spelling -> canonical value
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    zero_is_none: bool = False  # 0 means "unset" (SimpleTuner habit)
+    check: Callable[[Any], Any] | None = None  # extra validator; raises ConfigError
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def type_name(self) -> str:
+        return self.type.__name__ + (", optional" if self.optional else "")
+
+    def allowed_text(self) -> str:
+        """What values are allowed, in words (used in error messages and the docs)."""
+        if self.type is bool:
+            return "true or false"
+        if self.choices:
+            text = "one of: " + ", ".join(self.choices)
+        elif self.name == "timestep_range":
+            text = "'LO,HI' with integers 0 <= LO <= HI"
+        elif self.type is str:
+            text = "any text"
+        else:
+            text = {int: "integer", float: "number"}[self.type]
+            lo = f"{'>=' if self.ge is not None else '>'} {_num(self.ge if self.ge is not None else self.gt)}"
+            hi = f"{'<=' if self.le is not None else '<'} {_num(self.le if self.le is not None else self.lt)}"
+            has_lo = self.ge is not None or self.gt is not None
+            has_hi = self.le is not None or self.lt is not None
+            if has_lo and has_hi:
+                left = "[" if self.ge is not None else "("
+                right = "]" if self.le is not None else ")"
+                lo_v = self.ge if self.ge is not None else self.gt
+                hi_v = self.le if self.le is not None else self.lt
+                text += f" in {left}{_num(lo_v)}, {_num(hi_v)}{right}"
+            elif has_lo:
+                text += f" {lo}"
+            elif has_hi:
+                text += f" {hi}"
+        if self.aliases:
+            text += " (" + ", ".join(f"{a} = {c}" for a, c in self.aliases.items()) + ")"
+        if self.zero_is_none:
+            text += "; 0 means unset"
+        return text
+
+
+def _num(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The pretrained model and how its weights are trained."""
+
+    pretrained_model_name_or_path: str | None = opt(
+        None, "Local diffusers directory or Hugging Face hub id of the SDXL-family model to start from.",
+        env=("MODEL_NAME",))
+    model_family: str = opt("sdxl", "Model architecture family.", choices=("sdxl",), env=("MODEL_FAMILY",))
+    model_type: str = opt("full", "Train the full UNet weights (full) or adapters (lora).",
+                          choices=("full", "lora"), env=("MODEL_TYPE",))
+    use_dora: bool = opt(False, "Train DoRA adapters.", env=("USE_DORA",))
+    layer_freeze_strategy: str = opt("none", "Which UNet weights to freeze.", choices=("none", "bitfit"),
+                                     env=("USE_BITFIT",), env_true_value="bitfit")
+    lora_type: str = opt("standard", "Kind of LoRA adapter (LoRA training only).", env=("LORA_TYPE",))
+    base_model_precision: str = opt("no_change", "Quantisation of the frozen base model weights.",
+                                    env=("BASE_MODEL_PRECISION",))
+    mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32.",
+                               choices=("no", "bf16", "fp16"), env=("MIXED_PRECISION",))
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
+    variant: str | None = opt(None, "Weights-file variant of the pretrained model, e.g. fp16.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Datasets, buckets and the embedding caches."""
+
+    data_backend_config: str | None = opt(None, "Path of the dataloader JSON file (list of datasets).",
+                                          env=("DATALOADER_CONFIG",))
+    resolution: int = opt(1024, "Training resolution in pixels (shorter image edge).", ge=8, env=("RESOLUTION",))
+    resolution_type: str = opt("pixel", "How resolution is measured.", choices=("pixel", "area", "pixel_area"),
+                               env=("RESOLUTION_TYPE",))
+    minimum_image_size: int | None = opt(None, "Skip images whose shorter edge is below this many pixels.",
+                                         ge=0, env=("MINIMUM_RESOLUTION",))
+    aspect_bucket_rounding: int | None = opt(None, "Decimal places the aspect-bucket ratios are rounded to.",
+                                             ge=0, env=("ASPECT_BUCKET_ROUNDING",))
+    caption_dropout_probability: float = opt(0.0, "Probability of training a sample with an empty caption.",
+                                             ge=0, le=1, env=("CAPTION_DROPOUT_PROBABILITY",))
+    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1)
+    text_encoder_batch_size: int = opt(8, "Captions per batch when encoding the text-embedding cache.", ge=1,
+                                       env=("TEXT_ENCODER_BATCH_SIZE",))
+    read_batch_size: int | None = opt(None, "SimpleTuner cache read batch size.", ge=1, env=("READ_BATCH_SIZE",))
+    write_batch_size: int | None = opt(None, "SimpleTuner cache write batch size.", ge=1,
+                                       env=("WRITE_BATCH_SIZE",))
+    text_cache_ondemand: bool = opt(False, "Encode captions during training instead of caching them.",
+                                    env=("TEXT_CACHE_ONDEMAND",))
+    text_cache_disable: bool = opt(False, "Do not cache text embeddings.", env=("TEXT_CACHE_DISABLE",))
+    cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
+                                      "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).")
+
+
+@dataclass(frozen=True)
+class BandConfig:
+    """Which timestep band of the schedule this expert is trained on."""
+
+    refiner_training: bool = opt(False, "Train one expert of a timestep split (default band: the refiner's "
+                                        "low-noise end).")
+    refiner_training_strength: float = opt(0.2, "Fraction of the schedule, from the low-noise end, that the "
+                                                "refiner expert owns.", gt=0, lt=1)
+    refiner_training_invert_schedule: bool = opt(False, "Train the base expert: the complementary high-noise "
+                                                        "band (needs refiner_training).")
+    timestep_range: str | None = opt(None, "Explicit inclusive band 'LO,HI' of training timesteps (instead "
+                                           "of refiner_training).", check=parse_timestep_range)
+    timestep_sampling: str = opt("uniform", "How training timesteps are drawn inside the band.",
+                                 choices=("uniform", "stratified"))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Noise schedule and parameterisation."""
+
+    prediction_type: str | None = opt(None, "What the UNet predicts (unset: keep the model's own).",
+                                      choices=("epsilon", "v_prediction", "sample"))
+    rescale_betas_zero_snr: bool = opt(False, "Rescale the betas to zero terminal SNR.")
+    training_scheduler_timestep_spacing: str = opt(
+        "trailing", "Timestep spacing of the training noise scheduler.", choices=SPACINGS,
+        env=("TRAINING_SCHEDULER_TIMESTEP_SPACING",))
+    inference_scheduler_timestep_spacing: str = opt(
+        "trailing", "Timestep spacing of the scheduler used for validation images.", choices=SPACINGS,
+        env=("INFERENCE_SCHEDULER_TIMESTEP_SPACING",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop and where its results go."""
+
+    output_dir: str | None = opt(None, "Directory the run writes its model, logs and run.json to.",
+                                 env=("OUTPUT_DIR",))
+    overwrite_output_dir: bool = opt(False, "Replace an earlier run found in output_dir (otherwise the run is "
+                                            "refused, so nothing is overwritten by accident).")
+    seed: int = opt(42, "Random seed of the run.", ge=0, env=("TRAINING_SEED",))
+    learning_rate: float = opt(1e-6, "Peak learning rate.", gt=0, env=("LEARNING_RATE",))
+    lr_scheduler: str = opt("constant", "Learning-rate schedule.", env=("LR_SCHEDULE",),
+                            choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"))
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps at the start of the schedule.", ge=0,
+                               env=("LR_WARMUP_STEPS",))
+    lr_end: float = opt(4e-7, "Final learning rate of the polynomial schedule.", ge=0, env=("LR_END",))
+    train_batch_size: int = opt(1, "Samples per optimiser micro-batch.", ge=1, env=("TRAIN_BATCH_SIZE",))
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimiser step.", ge=1,
+                                           env=("GRADIENT_ACCUMULATION_STEPS",))
+    gradient_checkpointing: bool = opt(False, "Recompute UNet activations in the backward pass to save memory.",
+                                       env=("USE_GRADIENT_CHECKPOINTING",))
+    max_train_steps: int | None = opt(None, "Optimiser steps to train (wins over num_train_epochs; both unset: "
+                                            "1 epoch).", ge=1, zero_is_none=True, env=("MAX_NUM_STEPS",))
+    num_train_epochs: int | None = opt(None, "Epochs to train when max_train_steps is unset (both unset: "
+                                             "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",))
+    max_grad_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).", ge=0)
+    optimizer: str = opt("adamw", "Optimiser.", aliases={"adamw_torch": "adamw"}, env=("OPTIMIZER",))
+    adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay.", ge=0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", gt=0)
+    use_ema: bool = opt(False, "Keep an exponential moving average of the weights.", env=("USE_EMA",))
+    resume_from_checkpoint: str | None = opt(None, "Checkpoint to resume from.", env=("RESUME_CHECKPOINT",))
+    checkpoint_step_interval: int | None = opt(None, "Save a checkpoint every this many steps.", ge=1,
+                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"))
+    checkpoint_epoch_interval: int | None = opt(None, "Save a checkpoint every this many epochs.", ge=1,
+                                                env=("CHECKPOINT_EPOCH_INTERVAL",))
+    checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints.", ge=1,
+                                              env=("CHECKPOINTING_LIMIT",))
+    num_processes: int = opt(1, "Training processes (GPUs) per machine.", ge=1, env=("TRAINING_NUM_PROCESSES",))
+    num_machines: int = opt(1, "Machines taking part in training.", ge=1, env=("TRAINING_NUM_MACHINES",))
+    accelerate_config: str | None = opt(None, "accelerate launch config file.", env=("ACCELERATE_CONFIG_PATH",))
+    accelerate_extra_args: str | None = opt(None, "Extra arguments for accelerate launch.",
+                                            env=("ACCELERATE_EXTRA_ARGS",))
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Sample images made during training."""
+
+    validation_prompt: str | None = opt(None, "Prompt of the validation images (unset: the captions of a seeded choice of dataset images).",
+                                        env=("VALIDATION_PROMPT",))
+    validation_negative_prompt: str = opt("", "Negative prompt of the validation images.",
+                                          env=("VALIDATION_NEGATIVE_PROMPT",))
+    validation_step_interval: int | None = opt(None, "Make validation images every this many steps (unset: "
+                                                     "only at the end).", ge=1,
+                                               env=("VALIDATION_STEPS", "VALIDATION_STEP_INTERVAL"))
+    validation_num_inference_steps: int = opt(20, "Denoising steps per validation image.", ge=1,
+                                              env=("VALIDATION_NUM_INFERENCE_STEPS",))
+    validation_guidance: float = opt(7.5, "Classifier-free guidance scale of the validation images.", ge=0,
+                                     env=("VALIDATION_GUIDANCE",))
+    validation_guidance_rescale: float = opt(0.0, "Guidance rescale of the validation images.", ge=0, le=1,
+                                             env=("VALIDATION_GUIDANCE_RESCALE",))
+    validation_resolution: int | None = opt(None, "Resolution of the validation images (unset: resolution).",
+                                            ge=8, env=("VALIDATION_RESOLUTION",))
+    validation_seed: int | None = opt(None, "Seed of the validation images (unset: seed).", ge=0,
+                                      env=("VALIDATION_SEED",))
+    validation_using_datasets: bool = opt(False, "Validate by partially denoising training-set images "
+                                                 "(for the refiner expert).")
+    validation_input: str | None = opt(None, "Image or directory of images used as validation inputs.",
+                                       env=("VALIDATION_INPUT",))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics tracking."""
+
+    report_to: str = opt("tensorboard", "Where metrics go.", choices=("tensorboard", "none"))
+    tracker_project_name: str = opt("expertune", "Project name given to the tracker.",
+                                    env=("TRACKER_PROJECT_NAME",))
+    tracker_run_name: str | None = opt(None, "Run name given to the tracker (unset: derived from output_dir).",
+                                       env=("TRACKER_RUN_NAME",))
+    logging_dir: str | None = opt(None, "Directory of the tracker logs (unset: the logs folder inside output_dir).")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "band": BandConfig, "schedule": ScheduleConfig,
+    "train": TrainConfig, "validation": ValidationConfig, "logging": LoggingConfig,
+}
+
+# Settings `expertune train` cannot run without (load_config does not require them).
+REQUIRED_FOR_TRAINING = ("pretrained_model_name_or_path", "output_dir", "data_backend_config")
+
+# SimpleTuner options from the config.env table that expertune has no field for: accepted and ignored
+# with a warning (silently when the value is empty or false), whether they come as an env variable,
+# a flag or a TOML key. Flag name -> config.env variable.
+IGNORED_OPTIONS: dict[str, str] = {
+    "validation_epoch_interval": "VALIDATION_EPOCH_INTERVAL",
+    "validate_after_step": "VALIDATE_AFTER_STEP",
+    "validate_after_epoch": "VALIDATE_AFTER_EPOCH",
+    "validation_method": "VALIDATION_METHOD",
+    "sdxl_validation_pipeline_mode": "SDXL_VALIDATION_PIPELINE_MODE",
+}
+
+
+def _build_fields() -> dict[str, FieldSpec]:
+    registry: dict[str, FieldSpec] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            hint = hints[f.name]
+            args = typing.get_args(hint)
+            optional = isinstance(hint, types.UnionType) and type(None) in args
+            base = next(a for a in args if a is not type(None)) if optional else hint
+            if f.name in registry:
+                raise AssertionError(f"duplicate config field {f.name}")
+            registry[f.name] = FieldSpec(name=f.name, section=section, type=base, optional=optional,
+                                         default=f.default, **f.metadata[_META_KEY])
+    return registry
+
+
+FIELDS: dict[str, FieldSpec] = _build_fields()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one section per concern. Build it with ``load_config``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    band: BandConfig = field(default_factory=BandConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> Config:
+        """Build from already-typed flat values (missing names keep their defaults; no validation)."""
+        unknown = sorted(set(values) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for name, value in values.items():
+            per_section[FIELDS[name].section][name] = value
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
+
+    def flat(self) -> dict[str, Any]:
+        """All fields by name, in section order."""
+        return {name: getattr(getattr(self, spec.section), name) for name, spec in FIELDS.items()}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """JSON-safe nested dict ``{section: {field: value}}`` (for run.json)."""
+        out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for name, value in self.flat().items():
+            out[FIELDS[name].section][name] = value
+        return out
+
+    @property
+    def timestep_bounds(self) -> tuple[int, int] | None:
+        """``timestep_range`` parsed to ``(LO, HI)``, or None when unset."""
+        text = self.band.timestep_range
+        return None if text is None else parse_timestep_range(text)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.data.cache_dir).expanduser() if self.data.cache_dir else default_cache_dir()
+
+    def resolved_logging_dir(self) -> Path | None:
+        if self.logging.logging_dir:
+            return Path(self.logging.logging_dir).expanduser()
+        return Path(self.train.output_dir).expanduser() / "logs" if self.train.output_dir else None
+
+    def require_for_training(self) -> None:
+        """Raise ConfigError naming every unset setting that training needs and how to set it."""
+        flat = self.flat()
+        missing = [n for n in REQUIRED_FOR_TRAINING if flat[n] is None]
+        if not missing:
+            return
+        lines = []
+        for name in missing:
+            env = " or ".join(FIELDS[name].env)
+            how = f"--{name}, `{name} = ...` in the --config TOML" + (f", or {env} in the --env file" if env else "")
+            lines.append(f"  {name}: set {how}")
+        raise ConfigError("training needs settings that are unset:\n" + "\n".join(lines))
+
+
+def render_markdown_reference() -> str:
+    """The text of docs/configuration.md, generated from FIELDS and the rule tables."""
+    from expertune.config.reference import render  # late import: reference imports this module
+
+    # Regenerate the docs with: python -m expertune.config.reference > docs/configuration.md
+
+    return render()
+

@@ -1,0 +1,229 @@
+"""Where settings come from: a flat TOML file, a config.env file and command-line flags.
+
+Precedence, lowest first: defaults < TOML (``--config FILE``) < config.env (``--env FILE``) <
+command-line flags. Inside config.env, the flags in ``TRAINER_EXTRA_ARGS`` win over the other
+variables (SimpleTuner appends them last). Within one source the last occurrence wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from expertune.config.envfile import final_assignments, read_env_file
+from expertune.config.schema import FIELDS, IGNORED_OPTIONS, SECTIONS, Config, FieldSpec
+from expertune.config.validate import coerce_value, parse_bool, suggest, validate_values
+from expertune.errors import ConfigError
+
+log = logging.getLogger("expertune.config")
+
+EXTRA_ARGS_VAR = "TRAINER_EXTRA_ARGS"
+FILE_OPTIONS = ("config", "env")
+
+# config.env variable -> the field it sets (from the `env` metadata of each field).
+ENV_FIELDS: dict[str, FieldSpec] = {env: spec for spec in FIELDS.values() for env in spec.env}
+# config.env variable -> ignored flag name.
+ENV_IGNORED: dict[str, str] = {env: flag for flag, env in IGNORED_OPTIONS.items()}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A typed value for one field and a phrase naming where it came from."""
+
+    name: str
+    value: Any
+    source: str
+
+
+@dataclass
+class Layer:
+    """What one source contributed: settings in order, and warnings."""
+
+    settings: list[Setting] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_off(raw: Any) -> bool:
+    """Empty or false: an ignored option with this value needs no warning."""
+    return raw is None or raw is False or (isinstance(raw, str) and raw.strip().lower() in ("", "false"))
+
+
+def _ignored_warning(what: str, source: str) -> str:
+    return f"{what} (from {source}) is recognised but not supported by expertune; ignored"
+
+
+def parse_flags(argv: list[str], source: str = "command line", *,
+                allow_files: bool = False) -> tuple[Layer, dict[str, str]]:
+    """Parse ``--flag=value``, ``--flag value`` and bare boolean ``--flag`` tokens.
+
+    Returns the layer and, when ``allow_files``, the ``--config`` / ``--env`` paths found.
+    """
+    layer, files = Layer(), {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r} (from {source}); options look like --name=value")
+        name, has_eq, value = token[2:].partition("=")
+        nxt = argv[i] if i < len(argv) else None
+        takes_next = not has_eq and nxt is not None and not nxt.startswith("--")
+        spec = FIELDS.get(name)
+        if spec is not None and spec.type is bool:
+            if not has_eq and nxt is not None and parse_bool(nxt) is not None:  # `--flag false`
+                value, i = nxt, i + 1
+            elif not has_eq:
+                value = "true"
+        elif spec is not None or name in FILE_OPTIONS:
+            if takes_next:
+                value, i = nxt, i + 1
+            elif not has_eq:
+                raise ConfigError(f"option --{name} (from {source}) needs a value: --{name}=VALUE")
+        elif name in IGNORED_OPTIONS:
+            if takes_next:
+                value, i = nxt, i + 1
+            elif not has_eq:
+                value = "true"
+            if not _is_off(value):
+                layer.warnings.append(_ignored_warning(f"--{name}", source))
+            continue
+        else:
+            known = [*FIELDS, *IGNORED_OPTIONS, *(FILE_OPTIONS if allow_files else ())]
+            raise ConfigError(f"unknown option --{name} (from {source})" + suggest(name, known))
+        if name in FILE_OPTIONS:
+            if not allow_files:
+                raise ConfigError(f"--{name} is only accepted on the command line (found in {source})")
+            if name in files:
+                raise ConfigError(f"--{name} given twice on the command line ({files[name]!r} and {value!r})")
+            files[name] = value
+            continue
+        layer.settings.append(Setting(name, coerce_value(spec, value, source), source))
+    return layer, files
+
+
+def read_toml(path: str | os.PathLike[str]) -> Layer:
+    """A flat TOML file whose keys are option names."""
+    p = Path(path)
+    source = f"TOML file {p}"
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    layer = Layer()
+    for key, raw in data.items():
+        if isinstance(raw, dict):
+            hint = " (a section name: the file is flat, put its keys at the top level)" if key in SECTIONS else ""
+            raise ConfigError(f"unknown key {key!r} in {p}: tables are not supported{hint}; "
+                              "write `option = value` lines at the top level")
+        if key in IGNORED_OPTIONS:
+            if not _is_off(raw):
+                layer.warnings.append(_ignored_warning(f"key {key!r}", source))
+            continue
+        spec = FIELDS.get(key)
+        if spec is None:
+            raise ConfigError(f"unknown key {key!r} in {p}" + suggest(key, [*FIELDS, *IGNORED_OPTIONS]))
+        layer.settings.append(Setting(key, coerce_value(spec, raw, source), source))
+    return layer
+
+
+def read_env(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Layer:
+    """A SimpleTuner config.env file, mapped to settings through the variable table."""
+    layer, extra = Layer(), Layer()
+    for a in final_assignments(read_env_file(path, environ)):
+        source = f"{path}:{a.line} ({a.name})"
+        if a.name == EXTRA_ARGS_VAR:
+            try:
+                tokens = shlex.split(a.value)
+            except ValueError as exc:
+                raise ConfigError(f"{path}:{a.line}: cannot split {EXTRA_ARGS_VAR}: {exc}") from None
+            extra, _ = parse_flags(tokens, source)
+        elif a.name in ENV_FIELDS:
+            spec = ENV_FIELDS[a.name]
+            if a.value.strip() == "":
+                continue  # an empty variable sets nothing, as an unset one
+            if spec.type is bool or spec.env_true_value is not None:
+                on = parse_bool(a.value)
+                if on is None:
+                    raise ConfigError(f"invalid value for {a.name}: {a.value!r} (from {path}:{a.line}); "
+                                      f"expected true or false")
+                if on:  # `true` adds the flag; `false` adds nothing
+                    value = True if spec.type is bool else spec.env_true_value
+                    layer.settings.append(Setting(spec.name, coerce_value(spec, value, source), source))
+                continue
+            layer.settings.append(Setting(spec.name, coerce_value(spec, a.value, source), source))
+        elif a.name in ENV_IGNORED:
+            if not _is_off(a.value):
+                layer.warnings.append(_ignored_warning(a.name, f"{path}:{a.line}"))
+        else:
+            known = [*ENV_FIELDS, *ENV_IGNORED, EXTRA_ARGS_VAR]
+            layer.warnings.append(f"{path}:{a.line}: {a.name} is not a config.env variable expertune knows; "
+                                  f"ignored{suggest(a.name, known)}")
+    layer.settings += extra.settings
+    layer.warnings += extra.warnings
+    return layer
+
+
+def _merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    values = {name: spec.default for name, spec in FIELDS.items()}
+    sources: dict[str, str] = {}
+    warnings: list[str] = []
+    for layer in layers:
+        for s in layer.settings:
+            values[s.name], sources[s.name] = s.value, s.source
+        warnings += layer.warnings
+    return values, sources, warnings
+
+
+def load_config(argv: list[str], *, environ: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
+    """Build the validated Config from a verb's options.
+
+    ``argv`` may hold ``--config FILE.toml``, ``--env FILE`` (config.env) and any option flags.
+    ``environ`` (default ``os.environ``) supplies ``$VAR`` values that config.env does not set.
+    Returns the config and the warnings, each also logged on the ``expertune.config`` logger.
+    Raises ConfigError / UnsupportedFeatureError (exit code 2). Does not require the training-only
+    settings: call ``Config.require_for_training()`` for that.
+    """
+    cli, files = parse_flags(list(argv), "command line", allow_files=True)
+    layers = []
+    if "config" in files:
+        layers.append(read_toml(files["config"]))
+    if "env" in files:
+        layers.append(read_env(files["env"], environ))
+    layers.append(cli)
+    values, sources, warnings = _merge(layers)
+    for message in warnings:
+        log.warning(message)
+    return validate_values(values, sources), warnings
+
+
+def config_from_mapping(values: Mapping[str, Any], source: str = "mapping") -> Config:
+    """Validate a flat ``{option: value}`` mapping (or ``Config.to_dict()`` output) into a Config.
+
+    Values may be typed (as in run.json) or text. Unknown names are errors.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, Mapping):
+            flat.update(value)
+        else:
+            flat[key] = value
+    layer = Layer()
+    for key, raw in flat.items():
+        spec = FIELDS.get(key)
+        if spec is None:
+            raise ConfigError(f"unknown option {key!r} (from {source})" + suggest(key, FIELDS))
+        layer.settings.append(Setting(key, coerce_value(spec, raw, source), source))
+    merged, sources, _ = _merge([layer])
+    return validate_values(merged, sources)
+
+
+__all__ = ["load_config", "config_from_mapping", "parse_flags", "read_toml", "read_env", "Setting",
+           "Layer", "ENV_FIELDS", "ENV_IGNORED", "EXTRA_ARGS_VAR"]

@@ -1,0 +1,192 @@
+"""Value conversion, the unsupported-feature table and the cross-field checks.
+
+Every error names the field, the value, where it came from and what is allowed. The
+``UNSUPPORTED`` table is the one place that lists features expertune lacks: when a feature lands,
+delete its row (and docs/configuration.md is regenerated from it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from expertune.config.schema import FIELDS, Config, FieldSpec
+from expertune.errors import ConfigError, UnsupportedFeatureError
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def parse_bool(text: str) -> bool | None:
+    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (any case), anything else -> None."""
+    word = text.strip().lower()
+    return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
+
+def suggest(word: str, candidates: Any) -> str:
+    """A ``"; did you mean 'x'?"`` suffix when a candidate is close, else ``""``."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def show(value: Any) -> str:
+    """A value as the user would write it (true/false, 1e-06, text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _bad(spec: FieldSpec, raw: Any, source: str, extra: str = "") -> ConfigError:
+    return ConfigError(f"invalid value for {spec.name}: {show(raw)} (from {source}); "
+                       f"expected {spec.allowed_text()}{extra}")
+
+
+def coerce_value(spec: FieldSpec, raw: Any, source: str) -> Any:
+    """Convert a raw value (text from config.env/CLI, or a TOML/JSON value) to the field's type.
+
+    Checks choices, numeric bounds and the field's own validator. ``source`` is a phrase such as
+    ``"command line"`` used in error messages.
+    """
+    if raw is None or (isinstance(raw, str) and raw == "" and spec.optional):
+        if spec.optional:
+            return None
+        raise _bad(spec, raw, source)
+    if spec.type is bool:
+        value = raw if isinstance(raw, bool) else parse_bool(raw) if isinstance(raw, str) else None
+        if value is None:
+            raise _bad(spec, raw, source)
+        return value
+    if spec.type is str:
+        if not isinstance(raw, str):
+            raise _bad(spec, raw, source)
+        value = spec.aliases.get(raw, raw)
+        if spec.choices and value not in spec.choices:
+            raise _bad(spec, raw, source, suggest(value, spec.choices))
+        if spec.check is not None:
+            try:
+                spec.check(value)
+            except ConfigError as exc:
+                raise ConfigError(f"invalid value for {spec.name} (from {source}): {exc}") from None
+        return value
+    # int or float
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise _bad(spec, raw, source)
+    try:
+        if spec.type is int:
+            if isinstance(raw, float):
+                raise ValueError
+            value = int(raw)
+        else:
+            value = float(raw)
+    except ValueError:
+        raise _bad(spec, raw, source) from None
+    if not math.isfinite(value):
+        raise _bad(spec, raw, source)
+    if spec.zero_is_none and value == 0:
+        return None
+    ok = ((spec.ge is None or value >= spec.ge) and (spec.gt is None or value > spec.gt)
+          and (spec.le is None or value <= spec.le) and (spec.lt is None or value < spec.lt))
+    if not ok:
+        raise _bad(spec, raw, source)
+    return value
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A row of the unsupported-feature table: ``name`` with a value where ``applies`` is true."""
+
+    name: str
+    when: str  # the triggering values, in words (docs)
+    applies: Callable[[Any], bool]
+    message: str  # what to do instead / what IS supported
+
+
+_ONE_GPU = "expertune trains on one GPU in a single process"
+_CKPT = ("intermediate checkpoints are not supported yet; expertune writes the trained expert to "
+         "output_dir at the end of the run")
+
+UNSUPPORTED: tuple[Unsupported, ...] = (
+    Unsupported("model_type", "`lora`", lambda v: v == "lora",
+                "LoRA experts are planned; use model_type=full"),
+    Unsupported("use_dora", "`true`", lambda v: v is True,
+                "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full)"),
+    Unsupported("lora_type", "not `standard`", lambda v: v != "standard",
+                "LoRA variants are not supported; expertune trains full UNet weights (model_type=full)"),
+    Unsupported("layer_freeze_strategy", "`bitfit`", lambda v: v == "bitfit",
+                "BitFit freezing is not supported; expertune trains all UNet weights "
+                "(layer_freeze_strategy=none, USE_BITFIT=false)"),
+    Unsupported("base_model_precision", "not `no_change`", lambda v: v != "no_change",
+                "quantised base models are not supported; use base_model_precision=no_change "
+                "(with --mixed_precision=bf16 or fp16 to save memory)"),
+    Unsupported("resolution_type", "not `pixel`", lambda v: v != "pixel",
+                "only resolution_type=pixel is supported (resolution is the shorter image edge in pixels)"),
+    Unsupported("read_batch_size", "set", lambda v: v is not None,
+                "cache I/O batch sizes are not configurable; remove it (vae_batch_size and "
+                "text_encoder_batch_size set the encoding batch sizes)"),
+    Unsupported("write_batch_size", "set", lambda v: v is not None,
+                "cache I/O batch sizes are not configurable; remove it (vae_batch_size and "
+                "text_encoder_batch_size set the encoding batch sizes)"),
+    Unsupported("text_cache_ondemand", "`true`", lambda v: v is True,
+                "expertune always pre-computes and caches text embeddings; remove it"),
+    Unsupported("text_cache_disable", "`true`", lambda v: v is True,
+                "expertune always pre-computes and caches text embeddings; remove it"),
+    Unsupported("use_ema", "`true`", lambda v: v is True,
+                "EMA weights are not supported; expertune saves the trained weights themselves"),
+    Unsupported("resume_from_checkpoint", "set", lambda v: v is not None,
+                "resuming is not supported yet; start a new run from --pretrained_model_name_or_path"),
+    Unsupported("checkpoint_step_interval", "set", lambda v: v is not None, _CKPT),
+    Unsupported("checkpoint_epoch_interval", "set", lambda v: v is not None, _CKPT),
+    Unsupported("checkpoints_total_limit", "set", lambda v: v is not None, _CKPT),
+    Unsupported("num_processes", "> 1", lambda v: v > 1, f"multi-GPU training is not supported; {_ONE_GPU}: use 1"),
+    Unsupported("num_machines", "> 1", lambda v: v > 1, f"multi-machine training is not supported; {_ONE_GPU}: use 1"),
+    Unsupported("accelerate_config", "set", lambda v: v is not None,
+                f"accelerate launch configs are not used; {_ONE_GPU}: remove it"),
+    Unsupported("accelerate_extra_args", "set", lambda v: v is not None,
+                f"accelerate launch arguments are not used; {_ONE_GPU}: remove it"),
+    Unsupported("validation_input", "set", lambda v: v is not None,
+                "explicit validation input images are not supported yet; stage-2 validation uses dataset "
+                "images (--validation_using_datasets)"),
+    Unsupported("optimizer", "not `adamw`", lambda v: v != "adamw",
+                "only AdamW (torch.optim.AdamW) is supported; use --optimizer=adamw"),
+)
+
+for _row in UNSUPPORTED:
+    assert _row.name in FIELDS, _row.name
+
+
+def check_unsupported(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Raise UnsupportedFeatureError listing every requested feature expertune lacks."""
+    problems = [
+        f"{row.name}={show(values[row.name])} (from {sources.get(row.name, 'defaults')}) is not "
+        f"supported: {row.message}"
+        for row in UNSUPPORTED if row.applies(values[row.name])
+    ]
+    if len(problems) == 1:
+        raise UnsupportedFeatureError(problems[0])
+    if problems:
+        raise UnsupportedFeatureError("unsupported settings:\n  " + "\n  ".join(problems))
+
+
+def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Checks that involve more than one field."""
+    def src(name: str) -> str:
+        return sources.get(name, "defaults")
+
+    if values["refiner_training_invert_schedule"] and not values["refiner_training"]:
+        raise ConfigError(
+            f"refiner_training_invert_schedule (from {src('refiner_training_invert_schedule')}) needs "
+            "refiner_training: add --refiner_training (the inverted schedule trains the base expert's "
+            "high-noise band of a refiner_training split)")
+    if values["timestep_range"] is not None and values["refiner_training"]:
+        raise ConfigError(
+            f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
+            f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
+
+
+def validate_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:
+    """Typed flat values (all fields) -> Config, after the unsupported and cross-field checks."""
+    check_unsupported(values, sources)
+    check_cross_fields(values, sources)
+    return Config.from_flat(dict(values))

@@ -1,0 +1,466 @@
+"""load_config: TOML, config.env and flags -> merged, validated Config (and warnings)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from expertune.config import Config, load_config
+from expertune.config.envfile import parse_env_text
+from expertune.config.validate import UNSUPPORTED
+from expertune.errors import ConfigError, UnsupportedFeatureError
+
+# The stage-one config.env block of the recipe (shared/seed/mixture-of-experts.txt), verbatim.
+STAGE_ONE = """\
+# Ensure these aren't incorrectly set.
+export USE_BITFIT=false
+export USE_DORA=false
+# lora could be used here instead, but the concept hasn't been explored.
+export MODEL_TYPE="full"
+export MODEL_FAMILY="sdxl"
+export MODEL_NAME="segmind/SSD-1B"
+# The original Segmind model used a learning rate of 1e-5, which is
+# probably too high for whatever batch size most users can pull off.
+export LEARNING_RATE=4e-7
+# We really want this as high as you can tolerate.
+# - If training is very slow, ensure your CHECKPOINT_STEPS and VALIDATION_STEPS
+# are set low enough that you'll get a checkpoint every couple hours.
+# - The original Segmind models used a batch size of 32 with 4 accumulations.
+export TRAIN_BATCH_SIZE=8
+export GRADIENT_ACCUMULATION_STEPS=1
+# If you are running on a beefy machine that doesn't fully utilise its VRAM during training, set this to "false" and your training will go faster.
+export USE_GRADIENT_CHECKPOINTING=true
+# Enable first stage model training
+export TRAINER_EXTRA_ARGS="--refiner_training --refiner_training_strength=0.35 --refiner_training_invert_schedule"
+# Optionally reparameterise it to v-prediction/zero-terminal SNR. 'sample' prediction_type can be used instead for x-prediction.
+# This will start out looking pretty terrible until about 1500-2500 steps have passed, but it could be very worthwhile.
+export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --prediction_type=v_prediction --rescale_betas_zero_snr --training_scheduler_timestep_spacing=trailing"
+export OUTPUT_DIR="/data/stage1"
+export DATALOADER_CONFIG="config/multidatabackend.json"
+"""
+
+# The stage-two block of the recipe, verbatim (appended to stage one, as "update these values").
+STAGE_TWO = """\
+# Update your OUTPUT_DIR value, so that we don't overwrite the stage one model checkpoints.
+export OUTPUT_DIR="/some/new/path"
+# We'll swap --refiner_training_invert_schedule for --validation_using_datasets
+# - Train the end of the model instead of the beginning
+# - Validate using images as input for partial denoising to evaluate fine detail improvements
+export TRAINER_EXTRA_ARGS="--refiner_training --refiner_training_strength=0.35 --validation_using_datasets"
+# Don't update these values if you've set them on the stage one. Be sure to use the same parameterisation for both models!
+export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --prediction_type=v_prediction --rescale_betas_zero_snr --training_scheduler_timestep_spacing=trailing"
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_env(tmp_path: Path, text: str, *argv: str, environ=None) -> tuple[Config, list[str]]:
+    return load_config(["--env", str(write(tmp_path, "config.env", text)), *argv], environ=environ or {})
+
+
+# ---- the recipe -------------------------------------------------------------------------------
+
+def test_recipe_stage_one(tmp_path):
+    config, warnings = load_env(tmp_path, STAGE_ONE)
+    assert warnings == []
+    flat = config.flat()
+    expected = {
+        "layer_freeze_strategy": "none", "use_dora": False, "model_type": "full", "model_family": "sdxl",
+        "pretrained_model_name_or_path": "segmind/SSD-1B", "learning_rate": 4e-7, "train_batch_size": 8,
+        "gradient_accumulation_steps": 1, "gradient_checkpointing": True, "refiner_training": True,
+        "refiner_training_strength": 0.35, "refiner_training_invert_schedule": True,
+        "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+        "training_scheduler_timestep_spacing": "trailing", "output_dir": "/data/stage1",
+        "data_backend_config": "config/multidatabackend.json", "validation_using_datasets": False,
+        "timestep_range": None,
+    }
+    assert {k: flat[k] for k in expected} == expected
+    changed = {k for k, v in flat.items() if v != Config().flat()[k]}
+    assert changed == {k for k, v in expected.items() if v != Config().flat()[k]}
+    config.require_for_training()
+
+
+def test_recipe_stage_two(tmp_path):
+    config, warnings = load_env(tmp_path, STAGE_ONE + STAGE_TWO)
+    assert warnings == []
+    flat = config.flat()
+    assert flat["refiner_training"] is True
+    assert flat["refiner_training_strength"] == 0.35
+    assert flat["refiner_training_invert_schedule"] is False
+    assert flat["validation_using_datasets"] is True
+    assert flat["prediction_type"] == "v_prediction"
+    assert flat["rescale_betas_zero_snr"] is True
+    assert flat["training_scheduler_timestep_spacing"] == "trailing"
+    assert flat["output_dir"] == "/some/new/path"
+    assert flat["learning_rate"] == 4e-7 and flat["train_batch_size"] == 8
+
+
+# ---- precedence -------------------------------------------------------------------------------
+
+def test_precedence_defaults_toml_env_cli(tmp_path):
+    toml = write(tmp_path, "c.toml", 'learning_rate = 1e-5\ntrain_batch_size = 2\nseed = 7\noutput_dir = "/t"\n')
+    env = write(tmp_path, "c.env", "export LEARNING_RATE=2e-5\nexport TRAIN_BATCH_SIZE=3\n")
+    config, _ = load_config(["--config", str(toml), f"--env={env}", "--learning_rate=3e-5"], environ={})
+    assert config.train.learning_rate == 3e-5  # CLI > env > TOML
+    assert config.train.train_batch_size == 3  # env > TOML
+    assert config.train.seed == 7 and config.train.output_dir == "/t"  # TOML > defaults
+    assert config.train.lr_scheduler == "constant"  # default
+    config, _ = load_config(["--env", str(env), "--config", str(toml)], environ={})
+    assert config.train.learning_rate == 2e-5  # order on the command line does not matter
+
+
+def test_extra_args_override_env_variables_and_last_flag_wins(tmp_path):
+    config, _ = load_env(tmp_path, 'LEARNING_RATE=1e-5\nTRAINER_EXTRA_ARGS="--learning_rate=2e-5"\n'
+                                   "TRAIN_BATCH_SIZE=4\n", "--seed=1", "--seed", "2")
+    assert config.train.learning_rate == 2e-5
+    assert config.train.train_batch_size == 4
+    assert config.train.seed == 2
+
+
+def test_false_boolean_env_variable_adds_nothing(tmp_path):
+    toml = write(tmp_path, "c.toml", "gradient_checkpointing = true\n")
+    env = write(tmp_path, "c.env", "USE_GRADIENT_CHECKPOINTING=false\nUSE_EMA=false\nUSE_BITFIT=no\n")
+    config, _ = load_config(["--config", str(toml), "--env", str(env)], environ={})
+    assert config.train.gradient_checkpointing is True
+    assert config.train.use_ema is False and config.model.layer_freeze_strategy == "none"
+
+
+def test_load_config_does_not_require_training_settings():
+    config, warnings = load_config([])
+    assert config == Config() and warnings == []
+
+
+# ---- config.env syntax ------------------------------------------------------------------------
+
+def test_env_expansion_quotes_continuations_and_comments(tmp_path):
+    text = textwrap.dedent("""\
+        # a comment
+           # an indented comment
+
+        BASE=/data   # trailing comment
+        export OUTPUT_DIR="${BASE}/out"
+        export DATALOADER_CONFIG=$BASE/loader.json
+        export VALIDATION_PROMPT='a $BASE ${BASE} "literal" \\n'
+        export VALIDATION_NEGATIVE_PROMPT="blurry, \\"ugly\\", $UNSET_VAR_X end"
+        export TRACKER_RUN_NAME=run#1
+        export TRAINER_EXTRA_ARGS="--refiner_training \\
+          --refiner_training_strength=0.3"
+        export TRACKER_PROJECT_NAME=multi\\
+        line
+        export MODEL_NAME="$FROM_OS/model"; export LEARNING_RATE=5e-7
+        export VALIDATION_RESOLUTION="${MISSING:-64}"
+        """)
+    config, warnings = load_env(tmp_path, text, environ={"FROM_OS": "/os"})
+    assert config.train.output_dir == "/data/out"
+    assert config.data.data_backend_config == "/data/loader.json"
+    assert config.validation.validation_prompt == 'a $BASE ${BASE} "literal" \\n'
+    assert config.validation.validation_negative_prompt == 'blurry, "ugly",  end'
+    assert config.logging.tracker_run_name == "run#1"
+    assert config.band.refiner_training and config.band.refiner_training_strength == 0.3
+    assert config.logging.tracker_project_name == "multiline"
+    assert config.model.pretrained_model_name_or_path == "/os/model"
+    assert config.train.learning_rate == 5e-7
+    assert config.validation.validation_resolution == 64
+    assert len(warnings) == 1 and "BASE" in warnings[0]  # a helper variable is still reported
+
+
+def test_env_falls_back_to_os_environ(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTUNE_TEST_ROOT", "/from/environ")
+    path = write(tmp_path, "c.env", 'OUTPUT_DIR="$EXPERTUNE_TEST_ROOT/x"\n')
+    config, _ = load_config(["--env", str(path)])
+    assert config.train.output_dir == "/from/environ/x"
+
+
+def test_file_variables_shadow_os_environ():
+    got = parse_env_text('HOME=/mine\nA="$HOME/a"\nB=~/b\n', environ={"HOME": "/theirs"})
+    assert [(a.name, a.value, a.line) for a in got] == [("HOME", "/mine", 1), ("A", "/mine/a", 2),
+                                                       ("B", "/mine/b", 3)]
+
+
+@pytest.mark.parametrize("text,line,what", [
+    ('A=1\nB="unterminated\n\n', 2, "unterminated double quote"),
+    ("A=1\n\nB='open\n", 3, "unterminated single quote"),
+    ("A=1\nsource other.env\n", 2, "expected 'VAR=value'"),
+    ("A=1\nB=$(whoami)\n", 2, "command substitution"),
+    ("A=1\nB=`whoami`\n", 2, "not supported"),
+    ("A=1\nB=x | tee\n", 2, "commands are not supported"),
+    ("A=1 echo hi\n", 1, "commands are not supported"),
+    ("export A=1 )\n", 1, "expected a variable name"),
+    ("A=1\nB=${C/x/y}\n", 2, "bad substitution"),
+    ("export 1A=2\n", 1, "variable name"),
+])
+def test_env_syntax_errors_name_file_and_line(tmp_path, text, line, what):
+    path = write(tmp_path, "bad.env", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(["--env", str(path)], environ={})
+    assert f"{path}:{line}:" in str(info.value)
+    assert what in str(info.value)
+    assert info.value.exit_code == 2
+
+
+SHELL_CASES = textwrap.dedent("""\
+    export A=plain
+    B="${A} and $A"   # comment
+    C='single $A ${A} \\ "x"'
+    D="esc \\$A \\" \\\\ \\x tail"
+    E=unq\\ uoted\\$A
+    F="multi \\
+    line"
+    G=con\\
+    tinued
+    H="$A"'$A'$A
+    I=${NOPE:-dflt} J=${A:-dflt} K=${EMPTY:-e} L=${EMPTY-e}
+    export M=1 N=2; O="a#b" P=x#y
+    Q=~/q R=a~b
+    S="${A}${A}" T=$A.x U=$
+    export A
+    V="${A:-"q w"}" W=${NOPE:-'$A x'} X="a
+    b" Y=\\\\back Z=a\\\\
+    """)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash to compare with")
+def test_env_parser_agrees_with_bash(tmp_path):
+    path = write(tmp_path, "shell.env", "EMPTY=\n" + SHELL_CASES)
+    names = sorted({a.name for a in parse_env_text(path.read_text(), environ={})})
+    script = f'source "{path}"; ' + " ".join(f'printf "%s\\0" "${n}";' for n in names)
+    out = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True, check=True,
+                         env={"HOME": "/home/u", "PATH": "/usr/bin:/bin"}).stdout.decode()
+    bash_values = dict(zip(names, out.split("\0")))
+    ours = {a.name: a.value for a in parse_env_text(path.read_text(), environ={"HOME": "/home/u"})}
+    assert ours == bash_values
+
+
+# ---- unknown names ----------------------------------------------------------------------------
+
+def test_unknown_toml_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "c.toml", "learning_rat = 1e-5\n")
+    with pytest.raises(ConfigError, match=r"'learning_rat' in .*c\.toml; did you mean 'learning_rate'"):
+        load_config(["--config", str(path)])
+
+
+def test_toml_tables_are_rejected(tmp_path):
+    path = write(tmp_path, "c.toml", "[train]\nlearning_rate = 1e-5\n")
+    with pytest.raises(ConfigError, match=r"'train' in .*c\.toml.*flat"):
+        load_config(["--config", str(path)])
+
+
+def test_unknown_cli_flag_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown option --refiner_trainin \(from command line\); "
+                                          r"did you mean 'refiner_training'"):
+        load_config(["--refiner_trainin"])
+    with pytest.raises(ConfigError, match="unknown option --zzz_qqq"):
+        load_config(["--zzz_qqq=1"])
+
+
+def test_unknown_flag_in_trainer_extra_args_names_file_and_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_env(tmp_path, 'A_B=1\nexport TRAINER_EXTRA_ARGS="--refiner_training --snr_gamma=5"\n')
+    message = str(info.value)
+    assert "--snr_gamma" in message and "config.env:2" in message and "TRAINER_EXTRA_ARGS" in message
+
+
+def test_unknown_env_variable_is_a_warning_naming_it_and_the_file(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="expertune.config"):
+        config, warnings = load_env(tmp_path, "export LEARNING_RATE=1e-5\nexport LEARNING_RAT=2\n"
+                                              "export DISABLE_UPDATES=true\n")
+    assert config.train.learning_rate == 1e-5
+    assert len(warnings) == 2
+    assert "LEARNING_RAT " in warnings[0] and "config.env:2" in warnings[0] and "LEARNING_RATE" in warnings[0]
+    assert "DISABLE_UPDATES" in warnings[1] and "config.env:3" in warnings[1]
+    assert [r.getMessage() for r in caplog.records if r.name == "expertune.config"] == warnings
+
+
+def test_recognised_options_without_a_field_in_toml(tmp_path):
+    toml = write(tmp_path, "c.toml", 'validation_method = "simpletuner-local"\nvalidate_after_step = false\n')
+    config, warnings = load_config(["--config", str(toml)])
+    assert config == Config()
+    assert len(warnings) == 1 and "'validation_method'" in warnings[0] and "c.toml" in warnings[0]
+
+
+def test_recognised_options_without_a_field_warn_unless_off(tmp_path):
+    config, warnings = load_env(tmp_path, "VALIDATION_METHOD=simpletuner-local\nVALIDATE_AFTER_STEP=\n"
+                                          "VALIDATE_AFTER_EPOCH=false\n", "--validation_epoch_interval=2")
+    assert len(warnings) == 2
+    assert "VALIDATION_METHOD" in warnings[0] and "recognised but not supported" in warnings[0]
+    assert "--validation_epoch_interval" in warnings[1] and "command line" in warnings[1]
+    assert config == Config()
+
+
+# ---- values -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--use_ema=false"], False), (["--refiner_training"], True), (["--refiner_training=true"], True),
+    (["--refiner_training=1"], True), (["--refiner_training=yes"], True), (["--refiner_training=no"], False),
+    (["--refiner_training=0"], False), (["--refiner_training=FALSE"], False), (["--refiner_training", "false"], False),
+])
+def test_booleans(argv, expected):
+    config, _ = load_config(argv)
+    assert config.flat()[argv[0][2:].split("=")[0]] is expected
+
+
+def test_value_forms_and_conversions(tmp_path):
+    config, _ = load_config(["--resolution", "512", "--learning_rate=1e-4", "--max_train_steps=0",
+                             "--optimizer=adamw_torch", "--validation_prompt", "a cat", "--prediction_type="])
+    assert config.data.resolution == 512 and config.train.learning_rate == 1e-4
+    assert config.train.max_train_steps is None  # SimpleTuner's 0 = use epochs
+    assert config.train.optimizer == "adamw"
+    assert config.validation.validation_prompt == "a cat" and config.schedule.prediction_type is None
+    config, _ = load_env(tmp_path, "MAX_NUM_STEPS=0\nNUM_EPOCHS=3\n")
+    assert config.train.max_train_steps is None and config.train.num_train_epochs == 3
+    toml = write(tmp_path, "c.toml", 'learning_rate = 1\nresolution = "768"\nrescale_betas_zero_snr = true\n')
+    config, _ = load_config(["--config", str(toml)])
+    assert config.train.learning_rate == 1.0 and config.data.resolution == 768
+    assert config.schedule.rescale_betas_zero_snr is True
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--mixed_precision=bf61"], ["mixed_precision", "'bf61'", "no, bf16, fp16", "did you mean 'bf16'"]),
+    (["--prediction_type=v-prediction"], ["prediction_type", "'v-prediction'", "v_prediction"]),
+    (["--model_family=sd15"], ["model_family", "'sd15'", "one of: sdxl"]),
+    (["--resolution=big"], ["resolution", "'big'", "integer >= 8"]),
+    (["--resolution=4"], ["resolution", "'4'", "integer >= 8"]),
+    (["--train_batch_size=1.5"], ["train_batch_size", "'1.5'", "integer"]),
+    (["--learning_rate=0"], ["learning_rate", "'0'", "number > 0"]),
+    (["--learning_rate=nan"], ["learning_rate", "'nan'"]),
+    (["--refiner_training_strength=1"], ["refiner_training_strength", "'1'", "(0, 1)"]),
+    (["--refiner_training_strength=0"], ["refiner_training_strength", "'0'", "(0, 1)"]),
+    (["--caption_dropout_probability=1.5"], ["caption_dropout_probability", "[0, 1]"]),
+    (["--validation_guidance_rescale=-0.1"], ["validation_guidance_rescale", "[0, 1]"]),
+    (["--refiner_training=maybe"], ["refiner_training", "'maybe'", "true or false"]),
+    (["--timestep_range=999,0"], ["timestep_range", "999,0", "LO <= HI"]),
+    (["--timestep_range=abc"], ["timestep_range", "'LO,HI'"]),
+    (["--gradient_accumulation_steps=0"], ["gradient_accumulation_steps", "'0'", ">= 1"]),
+    (["--num_processes=0"], ["num_processes", "'0'"]),
+])
+def test_bad_values_name_field_value_source_and_allowed(argv, needles):
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    assert type(info.value) is ConfigError
+    for needle in needles + ["command line"]:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+def test_bad_values_from_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"train_batch_size: 'eight' \(from .*config\.env:1 \(TRAIN_BATCH_SIZE\)"):
+        load_env(tmp_path, "TRAIN_BATCH_SIZE=eight\n")
+    with pytest.raises(ConfigError, match=r"USE_EMA: 'sure'.*config\.env:1"):
+        load_env(tmp_path, "USE_EMA=sure\n")
+    toml = write(tmp_path, "c.toml", "train_batch_size = 2.5\n")
+    with pytest.raises(ConfigError, match=r"train_batch_size: 2\.5 \(from TOML file .*c\.toml\)"):
+        load_config(["--config", str(toml)])
+    toml = write(tmp_path, "c.toml", "resolution = true\n")
+    with pytest.raises(ConfigError, match="resolution: true"):
+        load_config(["--config", str(toml)])
+    toml = write(tmp_path, "c.toml", "resolution = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(["--config", str(toml)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning_rate"], "needs a value"),
+    (["--learning_rate", "--seed=1"], "needs a value"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--config"], "needs a value"),
+    (["--config=a.toml", "--config=b.toml"], "given twice"),
+    (["--config=/nonexistent/x.toml"], "cannot read config file"),
+    (["--env=/nonexistent/x.env"], "cannot read config.env file"),
+])
+def test_command_line_shape_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_file_options_are_not_allowed_inside_trainer_extra_args(tmp_path):
+    with pytest.raises(ConfigError, match="--config is only accepted on the command line"):
+        load_env(tmp_path, 'TRAINER_EXTRA_ARGS="--config=x.toml"\n')
+
+
+# ---- unsupported features ---------------------------------------------------------------------
+
+# One triggering value per row of the UNSUPPORTED table.
+UNSUPPORTED_CASES = {
+    "use_dora": "--use_dora", "model_type": "--model_type=lora", "lora_type": "--lora_type=lycoris",
+    "layer_freeze_strategy": "--layer_freeze_strategy=bitfit", "use_ema": "--use_ema",
+    "resume_from_checkpoint": "--resume_from_checkpoint=latest",
+    "checkpoint_step_interval": "--checkpoint_step_interval=100",
+    "checkpoint_epoch_interval": "--checkpoint_epoch_interval=1",
+    "checkpoints_total_limit": "--checkpoints_total_limit=3", "num_processes": "--num_processes=2",
+    "num_machines": "--num_machines=2", "accelerate_config": "--accelerate_config=a.yaml",
+    "accelerate_extra_args": "--accelerate_extra_args=--foo",
+    "base_model_precision": "--base_model_precision=int8-quanto",
+    "optimizer": "--optimizer=adamw_bf16", "resolution_type": "--resolution_type=area",
+    "validation_input": "--validation_input=inputs/",
+    "read_batch_size": "--read_batch_size=8", "write_batch_size": "--write_batch_size=8",
+    "text_cache_ondemand": "--text_cache_ondemand", "text_cache_disable": "--text_cache_disable",
+}
+
+
+def test_every_unsupported_row_is_tested():
+    assert set(UNSUPPORTED_CASES) == {row.name for row in UNSUPPORTED}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_CASES))
+def test_unsupported_features(name):
+    with pytest.raises(UnsupportedFeatureError) as info:
+        load_config([UNSUPPORTED_CASES[name]])
+    assert name in str(info.value) and "not supported" in str(info.value) and "command line" in str(info.value)
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("value", ["adamw_bf16", "adamw8bit", "adamw_8bit", "adafactor", "prodigy"])
+def test_unsupported_optimizers_point_to_adamw(value):
+    with pytest.raises(UnsupportedFeatureError, match="use --optimizer=adamw"):
+        load_config([f"--optimizer={value}"])
+
+
+def test_lora_message():
+    with pytest.raises(UnsupportedFeatureError, match="LoRA experts are planned; use model_type=full"):
+        load_config(["--model_type=lora"])
+
+
+@pytest.mark.parametrize("line", ["USE_DORA=true", "USE_BITFIT=true", "USE_EMA=true", "RESUME_CHECKPOINT=latest",
+                                  "CHECKPOINTING_STEPS=150", "TRAINING_NUM_PROCESSES=2", 'OPTIMIZER="prodigy"'])
+def test_unsupported_features_from_config_env(tmp_path, line):
+    with pytest.raises(UnsupportedFeatureError) as info:
+        load_env(tmp_path, f"export {line}\n")
+    assert line.split("=")[0] in str(info.value) and "config.env:1" in str(info.value)
+
+
+def test_default_or_explicitly_off_values_are_fine(tmp_path):
+    config, warnings = load_env(tmp_path, "USE_DORA=false\nUSE_EMA=false\nTRAINING_NUM_PROCESSES=1\n"
+                                          "TRAINING_NUM_MACHINES=1\nBASE_MODEL_PRECISION=no_change\n"
+                                          'RESUME_CHECKPOINT=""\nACCELERATE_EXTRA_ARGS=""\nLORA_TYPE=standard\n'
+                                          "OPTIMIZER=adamw_torch\nMODEL_TYPE=full\nRESOLUTION_TYPE=pixel\n")
+    assert config == Config() and warnings == []
+
+
+def test_several_unsupported_features_are_reported_together():
+    with pytest.raises(UnsupportedFeatureError) as info:
+        load_config(["--use_ema", "--num_processes=4"])
+    assert "use_ema" in str(info.value) and "num_processes" in str(info.value)
+
+
+# ---- cross-field checks -----------------------------------------------------------------------
+
+def test_invert_schedule_needs_refiner_training():
+    with pytest.raises(ConfigError, match="refiner_training_invert_schedule .*needs refiner_training"):
+        load_config(["--refiner_training_invert_schedule"])
+    config, _ = load_config(["--refiner_training", "--refiner_training_invert_schedule"])
+    assert config.band.refiner_training_invert_schedule
+
+
+def test_timestep_range_excludes_refiner_training():
+    with pytest.raises(ConfigError, match="timestep_range='0,349'.*refiner_training.*use one"):
+        load_config(["--timestep_range=0,349", "--refiner_training"])
+    config, _ = load_config(["--timestep_range=0,349"])
+    assert config.timestep_bounds == (0, 349)
