@@ -1,0 +1,144 @@
+"""The `expertune` command: train, generate, demo, tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from expertune.errors import ExpertuneError
+
+log = logging.getLogger("expertune")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.config import load_config
+    from expertune.train.loop import train
+
+    config, _warnings = load_config(rest)
+    result = train(config)
+    print(f"expert {result.band} saved to {result.pipeline_dir}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.infer.chain import generate, save_png
+
+    if rest:
+        raise ExpertuneError(f"generate: unknown arguments {' '.join(rest)}; see `expertune generate --help`")
+    image = generate(
+        args.expert,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+    )
+    path = save_png(image, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.demo.run import run_demo
+
+    if rest:
+        raise ExpertuneError(f"demo: unknown arguments {' '.join(rest)}")
+    result = run_demo(args.out, steps=args.steps)
+    print(f"stage 1: {result.stage_dirs[0]}\nstage 2: {result.stage_dirs[1]}\nchained sample: {result.sample}")
+    return 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.models.tiny import build_tiny_pipeline
+
+    if rest:
+        raise ExpertuneError(f"tiny-model: unknown arguments {' '.join(rest)}")
+    path = build_tiny_pipeline(args.directory, seed=args.seed)
+    print(f"wrote a tiny SDXL-layout pipeline to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser(
+        "train",
+        help="train one expert",
+        description="Train one expert. Options: --config FILE.toml, --env config.env, and any --flag "
+        "of docs/configuration.md (later sources win: TOML < config.env < flags).",
+    )
+    train.set_defaults(handler=_cmd_train)
+
+    generate = verbs.add_parser("generate", help="chain trained experts into an image")
+    generate.add_argument("--expert", action="append", required=True,
+                          help="an expert pipeline dir (or a training output dir); repeat, any order")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative_prompt", default=None)
+    generate.add_argument("--steps", type=int, default=30, help="inference steps of the whole chain")
+    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument("--guidance_rescale", type=float, default=0.0, help="0.7 recommended with zero-terminal SNR")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--out", default="expertune.png", help="PNG file to write")
+    generate.set_defaults(handler=_cmd_generate)
+
+    demo = verbs.add_parser("demo", help="build a tiny model and data, train both experts, chain them")
+    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--steps", type=int, default=150, help="optimizer steps per expert")
+    demo.set_defaults(handler=_cmd_demo)
+
+    tiny = verbs.add_parser("tiny-model", help="write a tiny SDXL-layout diffusers pipeline")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    _setup_logging(args.verbose)
+    try:
+        return int(args.handler(args, rest))
+    except ExpertuneError as error:
+        print(f"expertune: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("expertune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

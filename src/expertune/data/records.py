@@ -1,0 +1,411 @@
+"""The dataloader JSON (SimpleTuner's format) and the image records each dataset holds.
+
+`load_dataloader_config` turns the JSON list into typed specs, rejecting what expertune cannot honour
+with a message that names the file, the entry, the field and the fix. `discover_records` walks one
+dataset's directory and pairs every image with its captions. See docs/datasets.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from expertune.errors import ConfigError, DataError
+
+logger = logging.getLogger("expertune.data")
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
+CROP_STYLES = ("center", "random", "corner")
+DEFAULT_CAPTION_STRATEGY = "filename"  # SimpleTuner's default for `--caption_strategy`
+
+# Fields read from an image entry / a text_embeds entry. Anything else is logged and ignored.
+_IMAGE_FIELDS = frozenset(
+    {
+        "id", "type", "dataset_type", "disabled", "disable", "instance_data_dir", "caption_strategy",
+        "instance_prompt", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
+        "cache_dir_vae", "repeats", "disable_validation",
+    }
+)
+_TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disable", "default", "cache_dir"})
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One image dataset of the dataloader JSON, with every default filled in."""
+
+    id: str
+    instance_data_dir: Path
+    caption_strategy: str  # textfile | filename | instanceprompt
+    instance_prompt: str | None
+    resolution: int  # side of the square training crop, in pixels
+    crop_style: str  # center | random | corner
+    cache_dir_vae: Path
+    repeats: int  # extra passes over the dataset per epoch (SimpleTuner meaning): 0 = seen once
+    disable_validation: bool
+
+
+@dataclass(frozen=True)
+class TextEmbedsSpec:
+    """Where the text-embedding cache lives (shared by every dataset and both experts)."""
+
+    id: str
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class DataloaderConfig:
+    source: Path
+    datasets: tuple[DatasetSpec, ...]
+    text_embeds: TextEmbedsSpec
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    captions: tuple[str, ...]
+    dataset_id: str
+
+
+class SkippedImage(NamedTuple):
+    """An image `discover_records` left out, and why (already logged); unpacks as (path, reason)."""
+
+    path: Path
+    reason: str
+
+
+class Discovery(NamedTuple):
+    """What `discover_records` found: `records, skipped = discover_records(spec)`."""
+
+    records: list[ImageRecord]
+    skipped: list[SkippedImage]
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataloader JSON
+
+
+class _Entry:
+    """One JSON object of the list, with helpers whose errors name file, entry and field."""
+
+    def __init__(self, source: Path, index: int, raw: dict[str, Any]) -> None:
+        self.source, self.index, self.raw = source, index, raw
+        entry_id = raw.get("id")
+        self.label = f"entry {index} (id {entry_id!r})" if isinstance(entry_id, str) else f"entry {index} (no id)"
+
+    def error(self, field: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.label}, field {field!r}: {problem}. {fix}")
+
+    def has(self, field: str) -> bool:
+        return field in self.raw and self.raw[field] is not None
+
+    def string(self, field: str, *, required: bool = False, default: str | None = None) -> str | None:
+        if not self.has(field):
+            if required:
+                raise self.error(field, "is missing", f"Add \"{field}\": \"...\" to this entry.")
+            return default
+        value = self.raw[field]
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(field, f"must be a non-empty string, got {value!r}", f"Set \"{field}\" to a string.")
+        return value
+
+    def integer(self, field: str, *, default: int, minimum: int) -> int:
+        if not self.has(field):
+            return default
+        value = self.raw[field]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(
+                field, f"must be an integer >= {minimum}, got {value!r}", f"Set \"{field}\" to a whole number."
+            )
+        return value
+
+    def boolean(self, field: str, *, default: bool) -> bool:
+        if not self.has(field):
+            return default
+        value = self.raw[field]
+        if not isinstance(value, bool):
+            raise self.error(field, f"must be true or false, got {value!r}", f"Set \"{field}\" to true or false.")
+        return value
+
+    def path(self, field: str, *, default: Path | None = None) -> Path | None:
+        value = self.string(field)
+        if value is None:
+            return default
+        return _resolve(value)
+
+    def warn_unknown(self, known: frozenset[str]) -> None:
+        for field in sorted(set(self.raw) - known):
+            logger.warning(
+                "%s: %s: field %r is not used by expertune and is ignored", self.source, self.label, field
+            )
+
+
+def _resolve(value: str) -> Path:
+    """Relative paths are relative to the current working directory, as in SimpleTuner."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def load_dataloader_config(
+    path: str | os.PathLike, *, default_resolution: int, default_cache_dir: Path
+) -> DataloaderConfig:
+    """Read and validate a SimpleTuner-style dataloader JSON; raise ConfigError on anything unusable."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: dataloader config file not found. Point DATALOADER_CONFIG / --data_backend_config "
+            "at an existing JSON file."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{source}: cannot read the dataloader config ({exc}). Check the file and its permissions."
+        ) from None
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. Fix the syntax there."
+        ) from None
+    if not isinstance(entries, list):
+        raise ConfigError(
+            f"{source}: the dataloader config must be a JSON list of dataset objects, got a "
+            f"{type(entries).__name__}. Wrap the entries in [ ... ]."
+        )
+
+    images: list[DatasetSpec] = []
+    embeds: list[tuple[_Entry, bool]] = []
+    seen_ids: dict[str, int] = {}
+    for index, raw in enumerate(entries):
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{source}: entry {index} (no id): must be a JSON object {{...}}, got {type(raw).__name__}. "
+                "Make every list item an object."
+            )
+        entry = _Entry(source, index, raw)
+        entry_id = entry.string("id", required=True)
+        assert entry_id is not None
+        if entry_id in seen_ids:
+            raise entry.error(
+                "id", f"duplicates the id of entry {seen_ids[entry_id]}", "Give every entry a unique \"id\"."
+            )
+        seen_ids[entry_id] = index
+        if entry.boolean("disabled", default=False) or entry.boolean("disable", default=False):
+            logger.info("%s: %s is disabled and skipped", source, entry.label)
+            continue
+        kind = entry.string("dataset_type", default="image")
+        backend = entry.string("type", default="local")
+        if backend != "local":
+            raise entry.error(
+                "type", f"{backend!r} is not supported", "Use \"type\": \"local\" with a directory on this machine."
+            )
+        if kind == "text_embeds":
+            entry.warn_unknown(_TEXT_EMBEDS_FIELDS)
+            embeds.append((entry, entry.boolean("default", default=False)))
+        elif kind == "image":
+            entry.warn_unknown(_IMAGE_FIELDS)
+            images.append(_image_spec(entry, entry_id, default_resolution, default_cache_dir))
+        else:
+            raise entry.error(
+                "dataset_type",
+                f"{kind!r} is not supported",
+                "Use \"image\" (or leave it out) for images, or \"text_embeds\" for the text-embedding cache.",
+            )
+
+    if not images:
+        raise ConfigError(
+            f"{source}: no enabled image dataset. Add an entry with \"type\": \"local\" and an "
+            "\"instance_data_dir\" holding your images."
+        )
+    return DataloaderConfig(
+        source=source, datasets=tuple(images), text_embeds=_text_embeds_spec(source, embeds, default_cache_dir)
+    )
+
+
+def _image_spec(entry: _Entry, entry_id: str, default_resolution: int, default_cache_dir: Path) -> DatasetSpec:
+    directory = entry.path("instance_data_dir")
+    if directory is None:
+        raise entry.error(
+            "instance_data_dir", "is missing", "Add \"instance_data_dir\": \"/path/to/images\" to this entry."
+        )
+    if not directory.is_dir():
+        raise entry.error(
+            "instance_data_dir",
+            f"directory {directory} does not exist",
+            "Create it or fix the path (relative paths are resolved against the current directory).",
+        )
+
+    strategy = entry.string("caption_strategy", default=DEFAULT_CAPTION_STRATEGY)
+    if strategy not in CAPTION_STRATEGIES:
+        raise entry.error(
+            "caption_strategy", f"{strategy!r} is not supported", f"Use one of {', '.join(CAPTION_STRATEGIES)}."
+        )
+    instance_prompt = entry.string("instance_prompt")
+    if strategy == "instanceprompt" and instance_prompt is None:
+        raise entry.error(
+            "instance_prompt",
+            "is required by \"caption_strategy\": \"instanceprompt\"",
+            "Add \"instance_prompt\": \"...\" or choose another caption_strategy.",
+        )
+
+    resolution_type = entry.string("resolution_type", default="pixel")
+    if resolution_type != "pixel":
+        raise entry.error(
+            "resolution_type",
+            f"{resolution_type!r} arrives with aspect buckets and is not supported yet",
+            "Use \"resolution_type\": \"pixel\" with \"resolution\" in pixels.",
+        )
+    resolution = entry.integer("resolution", default=default_resolution, minimum=8)
+    if resolution % 8:
+        raise entry.error(
+            "resolution",
+            f"{resolution} is not a multiple of 8 (the VAE downsamples by 8)",
+            f"Use {resolution - resolution % 8} or {resolution - resolution % 8 + 8}.",
+        )
+    if not entry.boolean("crop", default=True):
+        raise entry.error(
+            "crop",
+            "false asks for uncropped aspect buckets, which are not supported yet",
+            "Set \"crop\": true (images are cropped to a resolution x resolution square).",
+        )
+    crop_aspect = entry.string("crop_aspect", default="square")
+    if crop_aspect != "square":
+        raise entry.error(
+            "crop_aspect",
+            f"{crop_aspect!r} arrives with aspect buckets and is not supported yet",
+            "Use \"crop_aspect\": \"square\" or leave it out.",
+        )
+    crop_style = entry.string("crop_style", default="center")
+    if crop_style not in CROP_STYLES:
+        raise entry.error("crop_style", f"{crop_style!r} is not supported", f"Use one of {', '.join(CROP_STYLES)}.")
+
+    cache_dir_vae = entry.path("cache_dir_vae", default=default_cache_dir / "latents")
+    assert cache_dir_vae is not None
+    return DatasetSpec(
+        id=entry_id,
+        instance_data_dir=directory,
+        caption_strategy=strategy,
+        instance_prompt=instance_prompt,
+        resolution=resolution,
+        crop_style=crop_style,
+        cache_dir_vae=cache_dir_vae,
+        repeats=entry.integer("repeats", default=0, minimum=0),
+        disable_validation=entry.boolean("disable_validation", default=False),
+    )
+
+
+def _text_embeds_spec(source: Path, embeds: list[tuple[_Entry, bool]], default_cache_dir: Path) -> TextEmbedsSpec:
+    if not embeds:
+        return TextEmbedsSpec(id="text-embeds", cache_dir=default_cache_dir / "text_embeds")
+    defaults = [entry for entry, is_default in embeds if is_default]
+    if len(defaults) > 1:
+        raise defaults[1].error(
+            "default",
+            f"{defaults[0].label} is already the default text_embeds entry",
+            "Keep \"default\": true on exactly one text_embeds entry.",
+        )
+    if not defaults and len(embeds) > 1:
+        raise embeds[0][0].error(
+            "default",
+            f"{len(embeds)} text_embeds entries and none is marked default",
+            "Add \"default\": true to the one to use.",
+        )
+    chosen = defaults[0] if defaults else embeds[0][0]
+    for entry, _ in embeds:
+        if entry is not chosen:
+            logger.warning("%s: %s is not the default text_embeds entry and is ignored", source, entry.label)
+    cache_dir = chosen.path("cache_dir", default=default_cache_dir / "text_embeds")
+    assert cache_dir is not None
+    return TextEmbedsSpec(id=str(chosen.raw["id"]), cache_dir=cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+
+
+def _image_paths(directory: Path) -> list[Path]:
+    """Images under `directory`, recursively, following links once; hidden names are skipped."""
+    found: list[Path] = []
+    visited: set[str] = set()
+    for root, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a symlink cycle or a second link to the same folder
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(root) / name)
+    return sorted(found)
+
+
+def _caption_from_filename(path: Path) -> str:
+    return " ".join(re.sub(r"[_-]", " ", path.stem).split())
+
+
+def _captions_from_textfile(path: Path) -> tuple[tuple[str, ...], str | None]:
+    """(captions, None) or ((), reason) for the sibling `<stem>.txt` of `path`."""
+    caption_file = path.with_suffix(".txt")
+    try:
+        text = caption_file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return (), f"caption file {caption_file} is missing"
+    except UnicodeDecodeError as exc:
+        return (), f"caption file {caption_file} is not UTF-8 ({exc.reason} at byte {exc.start})"
+    except OSError as exc:
+        return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
+    captions = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not captions:
+        return (), f"caption file {caption_file} is empty"
+    return captions, None
+
+
+def discover_records(spec: DatasetSpec) -> Discovery:
+    """Every usable image of `spec`, sorted by path, with its captions; skipped images and why.
+
+    Raises DataError when the dataset has no usable image at all.
+    """
+    records: list[ImageRecord] = []
+    skipped: list[SkippedImage] = []
+    paths = _image_paths(spec.instance_data_dir)
+    for path in paths:
+        reason: str | None = None
+        if spec.caption_strategy == "textfile":
+            captions, reason = _captions_from_textfile(path)
+        elif spec.caption_strategy == "filename":
+            caption = _caption_from_filename(path)
+            captions = (caption,) if caption else ()
+            reason = None if caption else f"file name {path.name} gives an empty caption"
+        elif spec.caption_strategy == "instanceprompt":
+            assert spec.instance_prompt is not None
+            captions = (spec.instance_prompt,)
+        else:  # load_dataloader_config rejects these; a hand-built spec may not
+            raise ConfigError(
+                f"dataset {spec.id!r}: caption_strategy {spec.caption_strategy!r} is not supported. "
+                f"Use one of {', '.join(CAPTION_STRATEGIES)}."
+            )
+        if reason is not None:
+            logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
+            skipped.append(SkippedImage(path=path, reason=reason))
+        else:
+            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id))
+
+    if not records:
+        if not paths:
+            detail = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found"
+        else:
+            detail = f"all {len(paths)} images were skipped (first: {skipped[0].path}: {skipped[0].reason})"
+        raise DataError(
+            f"dataset {spec.id!r}: {spec.instance_data_dir} has no usable image: {detail}. "
+            "Add images (and their captions) or fix instance_data_dir."
+        )
+    return Discovery(records=records, skipped=skipped)

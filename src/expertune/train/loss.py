@@ -1,0 +1,66 @@
+"""One expert's denoising loss: noise a batch inside the band, predict, compare with the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from expertune.experts import ExpertBand
+from expertune.schedule import NoiseSchedule, add_noise, training_target
+
+
+@dataclass
+class TrainingBatch:
+    """Cached tensors for one micro-batch (everything the UNet needs besides noise and t)."""
+
+    latents: torch.Tensor  # [B, 4, h, w], already scaled by the VAE's scaling factor
+    prompt_embeds: torch.Tensor  # [B, 77, d1 + d2]
+    pooled_embeds: torch.Tensor  # [B, d_pool]
+    time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TrainingBatch":
+        return TrainingBatch(*(t.to(device=device, dtype=dtype) for t in
+                               (self.latents, self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+
+    @property
+    def size(self) -> int:
+        return int(self.latents.shape[0])
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def denoising_loss(
+    unet: Any,
+    batch: TrainingBatch,
+    band: ExpertBand,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    *,
+    stratified: bool = False,
+) -> LossOutput:
+    """Mean-squared error between the UNet's prediction and the target for t drawn inside `band`.
+
+    Noise and timesteps come from `generator` (on the CPU, so runs are reproducible on any device).
+    """
+    latents = batch.latents
+    timesteps = band.sample(batch.size, generator, stratified=stratified)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    timesteps = timesteps.to(latents.device)
+    noisy = add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
+    target = training_target(latents, noise, timesteps, schedule.alphas_cumprod, schedule.prediction_type)
+    prediction = unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=batch.prompt_embeds,
+        added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids},
+        return_dict=False,
+    )[0]
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    return LossOutput(loss=loss, timesteps=timesteps)

@@ -1,0 +1,1 @@
+"""Validation of an expert the way it will be used."""

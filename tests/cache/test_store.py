@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertune.cache.store import CacheStore, cache_key, file_digest, module_fingerprint
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_cache_key_is_canonical() -> None:
+    key = cache_key("latent", {"a": 1, "b": [1, 2], "c": {"x": "é"}})
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert cache_key("latent", {"c": {"x": "é"}, "b": (1, 2), "a": 1}) == key  # order and tuples don't matter
+    assert cache_key("embeds", {"a": 1, "b": [1, 2], "c": {"x": "é"}}) != key
+    assert cache_key("latent", {"a": 2, "b": [1, 2], "c": {"x": "é"}}) != key
+    with pytest.raises(TypeError, match="JSON values"):
+        cache_key("latent", {"path": Path("x")})
+
+
+def test_roundtrip_with_metadata(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path / "store")
+    key = cache_key("test", {"n": 1})
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    tensors = {"view": base.t(), "half": torch.ones(2, dtype=torch.float16), "ids": torch.tensor([1, 2, 3])}
+    assert not store.contains(key) and store.get(key) is None
+    store.put(key, tensors, {"caption": "a cat", "source": "/x/y.png"})
+    assert _files(store.root) == [f"{key[:2]}/{key}.safetensors"]
+    assert store.contains(key)
+    entry = store.get(key)
+    assert entry is not None
+    loaded, metadata = entry
+    assert metadata == {"caption": "a cat", "source": "/x/y.png"}
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor)
+    # Entries without metadata read back with an empty dict.
+    other = cache_key("test", {"n": 2})
+    store.put(other, {"x": torch.zeros(1)}, {})
+    assert store.get(other)[1] == {}  # type: ignore[index]
+
+
+def test_put_rejects_bad_keys_and_metadata(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        store.put("../escape", {"x": torch.zeros(1)}, {})
+    with pytest.raises(TypeError, match="str to str"):
+        store.put(cache_key("t", {}), {"x": torch.zeros(1)}, {"n": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "header-only"])
+def test_damaged_entry_reads_as_absent_and_put_repairs_it(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CacheStore(tmp_path)
+    key = cache_key("test", {"damage": damage})
+    store.put(key, {"x": torch.arange(100, dtype=torch.float32)}, {"k": "v"})
+    path = store.path_for(key)
+    good = path.read_bytes()
+    damaged = {
+        "truncated": good[: len(good) - 37],
+        "garbage": os.urandom(len(good)),
+        "empty": b"",
+        "header-only": good[:8],
+    }[damage]
+    path.write_bytes(damaged)
+    with caplog.at_level(logging.WARNING, logger="expertune.cache"):
+        assert store.get(key) is None
+        assert not store.contains(key)
+    assert any(str(path) in record.getMessage() for record in caplog.records)
+    store.put(key, {"x": torch.arange(100, dtype=torch.float32)}, {"k": "v"})
+    assert store.contains(key)
+    assert torch.equal(store.get(key)[0]["x"], torch.arange(100, dtype=torch.float32))  # type: ignore[index]
+    assert _files(tmp_path) == [f"{key[:2]}/{key}.safetensors"]
+
+
+def test_put_is_atomic_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CacheStore(tmp_path)
+    key = cache_key("test", {"atomic": True})
+    store.put(key, {"x": torch.zeros(1000)}, {"version": "1"})
+    before = store.path_for(key).read_bytes()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.put(key, {"x": torch.ones(1000)}, {"version": "2"})
+    monkeypatch.undo()
+    assert store.path_for(key).read_bytes() == before  # never a partial or a new file at the final path
+    assert _files(tmp_path) == [f"{key[:2]}/{key}.safetensors"]  # the temporary was removed
+    assert store.get(key)[1] == {"version": "1"}  # type: ignore[index]
+
+
+def test_module_fingerprint_tracks_content_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(layer.state_dict())
+    assert module_fingerprint(layer) == module_fingerprint(twin)
+    with torch.no_grad():
+        twin.bias[0] += 1e-3
+    assert module_fingerprint(layer) != module_fingerprint(twin)
+    assert module_fingerprint(layer) != module_fingerprint(layer.to(torch.float64))
+    assert module_fingerprint(torch.nn.Linear(4, 3, bias=False)) != module_fingerprint(layer)
+
+    # The same weights loaded from two directories: the path in the config must not matter.
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    for loader, folder in ((AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        first = loader.from_pretrained(str(tiny_model_dir), subfolder=folder)
+        second = loader.from_pretrained(str(copy), subfolder=folder)
+        assert module_fingerprint(first) == module_fingerprint(second)
+
+
+def test_file_digest_streams_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    assert file_digest(path, chunk_size=333) == hashlib.sha256(data).hexdigest() == file_digest(path)
