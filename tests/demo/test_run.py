@@ -1,0 +1,28 @@
+"""`make demo`'s code path at a few steps: both experts trained, validated, chained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from expertune.cli import main
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    bands = [json.loads((out / f"stage{n}" / "pipeline" / "expert.json").read_text())["timestep_range"]
+             for n in (1, 2)]
+    assert bands == [[350, 999], [0, 349]]
+    stage2 = json.loads((out / "stage2" / "run.json").read_text())
+    assert stage2["cache"]["latents_encoded"] == 0 and stage2["cache"]["embeds_encoded"] == 0
+    assert stage2["cache"]["latents_reused"] == 16
+    assert (out / "sample.png").stat().st_size > 0
+    assert list((out / "stage1" / "validation").rglob("text_to_image_*.png"))
+    assert list((out / "stage2" / "validation").rglob("partial_denoise_*.png"))
+    # The demo trains from the recipe's own config.env files, which it leaves for the user to read.
+    assert "--refiner_training_invert_schedule" in (out / "stage1.env").read_text()
+    # A second run replaces the first (the demo owns its folder) and encodes nothing new.
+    assert main(["demo", "--out", str(out), "--steps", "1"]) == 0
+    stage1 = json.loads((out / "stage1" / "run.json").read_text())
+    assert stage1["cache"]["latents_encoded"] == 0 and stage1["steps"] == 1

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertune.cli import main
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "expertune.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path: Path) -> None:
+    env = tmp_path / "config.env"
+    env.write_text('export USE_DORA=true\nexport TRAINER_EXTRA_ARGS="--refiner_training_strength=1.5"\n')
+    result = _run("train", "--env", str(env), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "refiner_training_strength" in result.stderr and "1.5" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--learning_rat=1e-4"], "did you mean 'learning_rate'"),
+        (["train", "--use_dora"], "DoRA"),
+        (["train", "--model_type=lora"], "LoRA"),
+        (["train", "--prediction_type=flow"], "prediction_type"),
+        (["train"], "pretrained_model_name_or_path"),
+    ],
+)
+def test_config_errors_exit_2(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path, small_dataset: Path, capsys) -> None:
+    code = main(["train", f"--pretrained_model_name_or_path={tmp_path / 'nope'}",
+                 f"--output_dir={tmp_path / 'out'}", f"--data_backend_config={small_dataset}"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_tiny_model_verb_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    assert main(["tiny-model", str(tmp_path / "tiny"), "--seed", "3"]) == 0
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "tiny"))
+    assert pipe.unet.config.addition_embed_type == "text_time"
