@@ -13,48 +13,12 @@ import pytest
 from expertune.config import Config, load_config
 from expertune.config.envfile import parse_env_text
 from expertune.config.validate import UNSUPPORTED
+from expertune.demo.recipe import RECIPE_STAGE_2_CHANGES, recipe_env
 from expertune.errors import ConfigError, UnsupportedFeatureError
 
-# The stage-one config.env block of the recipe (shared/seed/mixture-of-experts.txt), verbatim.
-STAGE_ONE = """\
-# Ensure these aren't incorrectly set.
-export USE_BITFIT=false
-export USE_DORA=false
-# lora could be used here instead, but the concept hasn't been explored.
-export MODEL_TYPE="full"
-export MODEL_FAMILY="sdxl"
-export MODEL_NAME="segmind/SSD-1B"
-# The original Segmind model used a learning rate of 1e-5, which is
-# probably too high for whatever batch size most users can pull off.
-export LEARNING_RATE=4e-7
-# We really want this as high as you can tolerate.
-# - If training is very slow, ensure your CHECKPOINT_STEPS and VALIDATION_STEPS
-# are set low enough that you'll get a checkpoint every couple hours.
-# - The original Segmind models used a batch size of 32 with 4 accumulations.
-export TRAIN_BATCH_SIZE=8
-export GRADIENT_ACCUMULATION_STEPS=1
-# If you are running on a beefy machine that doesn't fully utilise its VRAM during training, set this to "false" and your training will go faster.
-export USE_GRADIENT_CHECKPOINTING=true
-# Enable first stage model training
-export TRAINER_EXTRA_ARGS="--refiner_training --refiner_training_strength=0.35 --refiner_training_invert_schedule"
-# Optionally reparameterise it to v-prediction/zero-terminal SNR. 'sample' prediction_type can be used instead for x-prediction.
-# This will start out looking pretty terrible until about 1500-2500 steps have passed, but it could be very worthwhile.
-export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --prediction_type=v_prediction --rescale_betas_zero_snr --training_scheduler_timestep_spacing=trailing"
-export OUTPUT_DIR="/data/stage1"
-export DATALOADER_CONFIG="config/multidatabackend.json"
-"""
-
-# The stage-two block of the recipe, verbatim (appended to stage one, as "update these values").
-STAGE_TWO = """\
-# Update your OUTPUT_DIR value, so that we don't overwrite the stage one model checkpoints.
-export OUTPUT_DIR="/some/new/path"
-# We'll swap --refiner_training_invert_schedule for --validation_using_datasets
-# - Train the end of the model instead of the beginning
-# - Validate using images as input for partial denoising to evaluate fine detail improvements
-export TRAINER_EXTRA_ARGS="--refiner_training --refiner_training_strength=0.35 --validation_using_datasets"
-# Don't update these values if you've set them on the stage one. Be sure to use the same parameterisation for both models!
-export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --prediction_type=v_prediction --rescale_betas_zero_snr --training_scheduler_timestep_spacing=trailing"
-"""
+# The recipe's blocks with the seed's own values (stage two appended to stage one, as the recipe says).
+STAGE_ONE = recipe_env(1, "models/ssd-1b", "/data/stage1", "config/multidatabackend.json")
+STAGE_TWO = RECIPE_STAGE_2_CHANGES.format(output="/some/new/path")
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -75,7 +39,7 @@ def test_recipe_stage_one(tmp_path):
     flat = config.flat()
     expected = {
         "layer_freeze_strategy": "none", "use_dora": False, "model_type": "full", "model_family": "sdxl",
-        "pretrained_model_name_or_path": "segmind/SSD-1B", "learning_rate": 4e-7, "train_batch_size": 8,
+        "pretrained_model_name_or_path": "models/ssd-1b", "learning_rate": 4e-7, "train_batch_size": 8,
         "gradient_accumulation_steps": 1, "gradient_checkpointing": True, "refiner_training": True,
         "refiner_training_strength": 0.35, "refiner_training_invert_schedule": True,
         "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,

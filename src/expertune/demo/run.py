@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expertune.demo.dataset import write_dataloader_config, write_demo_dataset
+from expertune.demo.recipe import recipe_env
 from expertune.io_utils import atomic_write_bytes
 from expertune.models.tiny import build_tiny_pipeline
 
@@ -20,36 +21,6 @@ log = logging.getLogger("expertune.demo")
 
 DEMO_RESOLUTION = 128
 SAMPLE_PROMPT = "a red circle on a blue background"
-
-# The recipe's config.env (../shared/seed/mixture-of-experts.txt), with local paths.
-STAGE_1_ENV = """\
-# Ensure these aren't incorrectly set.
-export USE_BITFIT=false
-export USE_DORA=false
-# lora could be used here instead, but the concept hasn't been explored.
-export MODEL_TYPE="full"
-export MODEL_FAMILY="sdxl"
-export MODEL_NAME="{model}"
-export OUTPUT_DIR="{output}"
-export DATALOADER_CONFIG="{dataloader}"
-# The original Segmind model used a learning rate of 1e-5, which is
-# probably too high for whatever batch size most users can pull off.
-export LEARNING_RATE=4e-7
-export TRAIN_BATCH_SIZE=8
-export GRADIENT_ACCUMULATION_STEPS=1
-export USE_GRADIENT_CHECKPOINTING=true
-# Enable first stage model training
-export TRAINER_EXTRA_ARGS="--refiner_training --refiner_training_strength=0.35 --refiner_training_invert_schedule"
-# Optionally reparameterise it to v-prediction/zero-terminal SNR.
-export TRAINER_EXTRA_ARGS="${{TRAINER_EXTRA_ARGS}} --prediction_type=v_prediction --rescale_betas_zero_snr --training_scheduler_timestep_spacing=trailing"
-"""
-
-STAGE_2_ENV = STAGE_1_ENV.split("# Enable first stage")[0] + """\
-# We'll swap --refiner_training_invert_schedule for --validation_using_datasets
-export TRAINER_EXTRA_ARGS="--refiner_training --refiner_training_strength=0.35 --validation_using_datasets"
-export TRAINER_EXTRA_ARGS="${{TRAINER_EXTRA_ARGS}} --prediction_type=v_prediction --rescale_betas_zero_snr --training_scheduler_timestep_spacing=trailing"
-"""
-
 
 @dataclass
 class DemoResult:
@@ -89,11 +60,10 @@ def run_demo(out: str | os.PathLike = "outputs/demo", steps: int = 150) -> DemoR
     dataloader = write_dataloader_config(root / "dataloader.json", images, root / "cache", DEMO_RESOLUTION)
 
     stage_dirs = []
-    for number, template in ((1, STAGE_1_ENV), (2, STAGE_2_ENV)):
+    for number in (1, 2):
         output = root / f"stage{number}"
         env_file = root / f"stage{number}.env"
-        text = template.format(model=model, output=output, dataloader=dataloader)
-        atomic_write_bytes(env_file, text.encode("utf-8"))
+        atomic_write_bytes(env_file, recipe_env(number, model, output, dataloader).encode("utf-8"))
         log.info("stage %d: training with %s", number, env_file)
         config, _warnings = load_config(["--env", str(env_file), *demo_overrides(steps)])
         train(config)

@@ -143,9 +143,10 @@ def train(config: Any) -> RunResult:
              band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
 
     prompts = [p for p in (v.validation_prompt, v.validation_negative_prompt) if p]
+    for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
+        frozen.to(accelerator.device)
     prepared = prepare_data(config, components, extra_prompts=prompts)
     components.release_text_encoders()
-    components.vae.to(accelerator.device)
 
     unet = components.unet
     unet.train()
