@@ -39,12 +39,12 @@ FAST_FLAGS = [
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six captioned 96-px images in a local dataset, and a dataloader JSON with its own cache dirs."""
-    from expertune.demo.dataset import SHAPES, _save, _shape, write_dataloader_config
+    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
 
     root = tmp_path_factory.mktemp("data")
     images = root / "images"
     for index, (shape, colour, background) in enumerate(SHAPES[:6]):
-        _save(_shape(shape, colour, background, size=96), images / f"shape_{index}.png",
+        save_captioned_image(draw_shape(shape, colour, background, size=96), images / f"shape_{index}.png",
               f"a {colour} {shape} on a {background} background")
     return write_dataloader_config(root / "dataloader.json", images, root / "cache", resolution=64)
 

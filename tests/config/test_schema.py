@@ -112,6 +112,7 @@ EXPECTED = {
     "checkpoint_epoch_interval": ("train", int, True, None), "checkpoints_total_limit": ("train", int, True, None),
     "num_processes": ("train", int, False, 1), "num_machines": ("train", int, False, 1),
     "accelerate_config": ("train", str, True, None), "accelerate_extra_args": ("train", str, True, None),
+    "validation_disable": ("validation", bool, False, False),
     "validation_prompt": ("validation", str, True, None), "validation_negative_prompt": ("validation", str, False, ""),
     "validation_step_interval": ("validation", int, True, None),
     "validation_num_inference_steps": ("validation", int, False, 20),

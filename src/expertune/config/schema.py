@@ -272,6 +272,7 @@ class TrainConfig:
 class ValidationConfig:
     """Sample images made during training."""
 
+    validation_disable: bool = opt(False, "Make no validation images at all (e.g. for benchmarks).")
     validation_prompt: str | None = opt(None, "Prompt of the validation images (unset: the captions of a seeded choice of dataset images).",
                                         env=("VALIDATION_PROMPT",))
     validation_negative_prompt: str = opt("", "Negative prompt of the validation images.",

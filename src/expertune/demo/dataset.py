@@ -58,7 +58,7 @@ def _photo(name: str) -> Image.Image:
     return image
 
 
-def _shape(shape: str, colour: str, background: str, size: int = 192) -> Image.Image:
+def draw_shape(shape: str, colour: str, background: str, size: int = 192) -> Image.Image:
     image = Image.new("RGB", (size, size), COLOURS[background])
     draw = ImageDraw.Draw(image)
     margin = size // 5
@@ -73,7 +73,7 @@ def _shape(shape: str, colour: str, background: str, size: int = 192) -> Image.I
     return image
 
 
-def _save(image: Image.Image, path: Path, caption: str) -> None:
+def save_captioned_image(image: Image.Image, path: Path, caption: str) -> None:
     buffer = io.BytesIO()
     if path.suffix == ".jpg":
         image.save(buffer, format="JPEG", quality=90)
@@ -87,10 +87,10 @@ def write_demo_dataset(directory: str | os.PathLike) -> Path:
     """Write the images with .txt captions into `directory/images`; returns that folder."""
     images = Path(directory) / "images"
     for index, (name, caption) in enumerate(PHOTOGRAPHS):
-        _save(_photo(name), images / f"photo_{index:02d}_{name}.jpg", caption)
+        save_captioned_image(_photo(name), images / f"photo_{index:02d}_{name}.jpg", caption)
     for index, (shape, colour, background) in enumerate(SHAPES):
         caption = f"a {colour} {shape} on a {background} background"
-        _save(_shape(shape, colour, background), images / f"shape_{index:02d}.png", caption)
+        save_captioned_image(draw_shape(shape, colour, background), images / f"shape_{index:02d}.png", caption)
     return images
 
 

@@ -176,6 +176,7 @@ def train(config: Any) -> RunResult:
     last_record: dict[str, Any] = {}
     epoch = 0
     for step in range(1, total_steps + 1):
+        step_started = time.monotonic()
         group = [next(stream) for _ in range(accumulation)]
         samples = sum(len(m.indices) for m in group)
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -209,6 +210,7 @@ def train(config: Any) -> RunResult:
             "timestep_min": int(timesteps.min()),
             "timestep_max": int(timesteps.max()),
             "samples": samples,
+            "seconds": round(time.monotonic() - step_started, 4),
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -252,6 +254,7 @@ def train(config: Any) -> RunResult:
                 "total": round(time.monotonic() - started, 3),
                 "to_first_step": round(first_step_at or 0.0, 3),
             },
+            "peak_memory_gib": peak_memory_gib(accelerator.device),
             "config": config.to_dict(),
             "versions": _versions(),
         }
@@ -259,6 +262,16 @@ def train(config: Any) -> RunResult:
     accelerator.end_training()
     log.info("done: %d steps, expert %s saved to %s", total_steps, band, pipeline_dir)
     return RunResult(output_dir, pipeline_dir, band, total_steps, summary)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process, and peak allocated accelerator memory where there is one."""
+    import resource
+
+    peaks = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.type == "cuda":
+        peaks["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return peaks
 
 
 def _tracker_config(config: Any) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class Validator:
         return [candidates[i] for i in order[:MAX_DATASET_IMAGES]]
 
     def run(self, unet: Any, step: int) -> list[Path]:
-        if not self.accelerator.is_main_process:
+        if self.v.validation_disable or not self.accelerator.is_main_process:
             return []
         was_training = unet.training
         unet.eval()
