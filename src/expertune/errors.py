@@ -23,3 +23,17 @@ class DataError(ExpertuneError):
 
 class ModelError(ExpertuneError):
     """A model path that is missing or is not an SDXL-layout model."""
+
+
+class StorageError(ExpertuneError):
+    """The disk refused a write that matters (full, read-only); nothing partial was left behind."""
+
+    exit_code = 3
+
+
+class TrainingInterrupted(ExpertuneError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; exit code 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -253,8 +253,18 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay.", ge=0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", gt=0)
-    use_ema: bool = opt(False, "Keep an exponential moving average of the weights.", env=("USE_EMA",))
-    resume_from_checkpoint: str | None = opt(None, "Checkpoint to resume from.", env=("RESUME_CHECKPOINT",))
+    use_ema: bool = opt(False, "Keep an exponential moving average (EMA) of the UNet weights.", env=("USE_EMA",))
+    ema_decay: float = opt(0.9999, "Upper bound of the EMA decay (diffusers EMAModel warms it up as "
+                                   "(1 + n) / (10 + n)).", gt=0, lt=1)
+    ema_update_interval: int = opt(1, "Update the EMA every this many optimizer steps.", ge=1)
+    ema_device: str = opt("accelerator", "Where the EMA weights live: with the model, or in CPU memory.",
+                          choices=("accelerator", "cpu"))
+    export_ema: bool = opt(False, "Save the EMA weights, not the trained weights, as the pipeline's UNet "
+                                  "(needs --use_ema).")
+    resume_from_checkpoint: str | None = opt(None, "Resume from a checkpoint: 'latest' (the newest complete one) "
+                                                   "or a checkpoint name/path.", env=("RESUME_CHECKPOINT",))
+    allow_config_change: bool = opt(False, "On resume, accept changed validation, logging, checkpoint and "
+                                           "length settings (other changes are always refused).")
     checkpoint_step_interval: int | None = opt(None, "Save a checkpoint every this many steps.", ge=1,
                                                env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"))
     checkpoint_epoch_interval: int | None = opt(None, "Save a checkpoint every this many epochs.", ge=1,

@@ -104,8 +104,6 @@ class Unsupported:
 
 
 _ONE_GPU = "expertune trains on one GPU in a single process"
-_CKPT = ("intermediate checkpoints are not supported yet; expertune writes the trained expert to "
-         "output_dir at the end of the run")
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("model_type", "`lora`", lambda v: v == "lora",
@@ -132,13 +130,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("text_cache_disable", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("use_ema", "`true`", lambda v: v is True,
-                "EMA weights are not supported; expertune saves the trained weights themselves"),
-    Unsupported("resume_from_checkpoint", "set", lambda v: v is not None,
-                "resuming is not supported yet; start a new run from --pretrained_model_name_or_path"),
-    Unsupported("checkpoint_step_interval", "set", lambda v: v is not None, _CKPT),
-    Unsupported("checkpoint_epoch_interval", "set", lambda v: v is not None, _CKPT),
-    Unsupported("checkpoints_total_limit", "set", lambda v: v is not None, _CKPT),
     Unsupported("num_processes", "> 1", lambda v: v > 1, f"multi-GPU training is not supported; {_ONE_GPU}: use 1"),
     Unsupported("num_machines", "> 1", lambda v: v > 1, f"multi-machine training is not supported; {_ONE_GPU}: use 1"),
     Unsupported("accelerate_config", "set", lambda v: v is not None,
@@ -183,6 +174,9 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
         raise ConfigError(
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
             f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
+    if values["export_ema"] and not values["use_ema"]:
+        raise ConfigError(
+            f"export_ema (from {src('export_ema')}) needs use_ema: add --use_ema, or drop --export_ema")
 
 
 def validate_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:

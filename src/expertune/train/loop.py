@@ -1,41 +1,54 @@
 """The training loop of one expert, top to bottom.
 
-prepare (model, band, schedule, caches) → steps (accumulate, clip, step, log) → validate → save.
+prepare (model, band, schedule, caches) → resume? → steps (accumulate, clip, step, EMA, log, checkpoint,
+validate) → export the expert pipeline + run.json.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from expertune.data.batches import (
-    MicroBatch,
-    batches_per_epoch,
-    caption_for,
-    collate,
-    drop_captions,
-    micro_batches,
-)
-from expertune.errors import ConfigError, ExpertuneError
+from expertune.data.batches import MicroBatch, batches_per_epoch, caption_for, collate, drop_captions, epoch_order, micro_batches
+from expertune.errors import ConfigError, ExpertuneError, StorageError, TrainingInterrupted
 from expertune.experts import ExpertBand, band_from_settings, expert_summary
 from expertune.io_utils import atomic_write_json
 from expertune.models.sdxl import load_components, make_scheduler, save_expert_pipeline
 from expertune.schedule import NoiseSchedule
+from expertune.train.checkpoint import (
+    DataPosition,
+    TrainingState,
+    check_resume_compatible,
+    checkpoints_dir,
+    load_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_document,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.loss import TrainingBatch, denoising_loss
-from expertune.train.metrics import MetricsLog
+from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.prepare import PreparedData, prepare_data
+from expertune.train.signals import StopRequests
 
 log = logging.getLogger("expertune.train")
 
-RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline")
+RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "checkpoints")
+# What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved).
+REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation")
 
 
 @dataclass
@@ -81,13 +94,13 @@ def total_optimizer_steps(config: Any, num_items: int, world_size: int) -> int:
     return max(1, -(-micro // t.gradient_accumulation_steps))
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool) -> None:
     """Never mix a new run into an earlier one's outputs silently."""
     earlier = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    if earlier and not overwrite:
+    if earlier and not (overwrite or resuming):
         raise ConfigError(
-            f"output_dir {output_dir} already holds a run ({', '.join(earlier)}); choose a new --output_dir "
-            "or pass --overwrite_output_dir to replace it"
+            f"output_dir {output_dir} already holds a run ({', '.join(earlier)}); choose a new --output_dir, "
+            "continue it with --resume_from_checkpoint latest, or replace it with --overwrite_output_dir"
         )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -95,9 +108,22 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise ExpertuneError(f"output_dir {output_dir} is not writable: {error.strerror}") from None
-    if overwrite:
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        raise StorageError(f"output_dir {output_dir} is not writable: {error.strerror or error}") from None
+    if overwrite and not resuming:
+        for name in REPLACED_ON_OVERWRITE:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def run_identity(prepared: PreparedData, source: str) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint besides the config: the model and the data."""
+    digest = hashlib.sha256()
+    for item in prepared.items:
+        digest.update(json.dumps([item.spec.id, str(item.record.path), list(item.captions)]).encode())
+    return {"base_model": source, "training_items": len(prepared.items), "training_items_digest": digest.hexdigest()}
 
 
 def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
@@ -109,6 +135,13 @@ def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
         time_ids.append(ids)
         embeds.append(prepared.embed_cache.load(caption_for(item, micro.epoch)))
     return collate(latents, time_ids, embeds)
+
+
+def _checkpoint_due(config: Any, step: int, epochs_completed_now: bool, epoch: int) -> bool:
+    t = config.train
+    by_step = bool(t.checkpoint_step_interval) and step % t.checkpoint_step_interval == 0
+    by_epoch = bool(t.checkpoint_epoch_interval) and epochs_completed_now and (epoch + 1) % t.checkpoint_epoch_interval == 0
+    return by_step or by_epoch
 
 
 def train(config: Any) -> RunResult:
@@ -123,7 +156,9 @@ def train(config: Any) -> RunResult:
     started = time.monotonic()
     t, v = config.train, config.validation
     output_dir = Path(t.output_dir)
-    check_output_dir(output_dir, t.overwrite_output_dir)
+    resuming = t.resume_from_checkpoint is not None
+    check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming)
+    checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
     logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
 
     accelerator = Accelerator(
@@ -147,6 +182,7 @@ def train(config: Any) -> RunResult:
         frozen.to(accelerator.device)
     prepared = prepare_data(config, components, extra_prompts=prompts)
     components.release_text_encoders()
+    identity = run_identity(prepared, components.source)
 
     unet = components.unet
     unet.train()
@@ -157,94 +193,140 @@ def train(config: Any) -> RunResult:
     optimizer = build_optimizer(unet.parameters(), t)
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    trained = accelerator.unwrap_model(unet)
+    ema = None
+    if t.use_ema:
+        ema_device = "cpu" if t.ema_device == "cpu" else accelerator.device
+        ema = ExponentialMovingAverage(trained.parameters(), t.ema_decay, ema_device)
+
+    generator = torch.Generator().manual_seed(t.seed + 7919 * accelerator.process_index)
+    state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=trained, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema)
+    config_snapshot = config.to_dict()
+    if checkpoint_path is not None:
+        document = read_checkpoint_document(checkpoint_path)
+        check_resume_compatible(document, config_snapshot, identity, t.allow_config_change, checkpoint_path)
+        load_checkpoint(checkpoint_path, state)
+        if state.epoch_order and state.epoch_order != epoch_order(len(prepared.items), t.seed, state.data.epoch):
+            raise ConfigError(f"the data order stored in {checkpoint_path} does not match the datasets any more")
+        log.info("resumed from %s at step %d (epoch %d)", checkpoint_path, state.step, state.data.epoch)
+    if accelerator.is_main_process:
+        truncate_metrics(output_dir / "metrics.jsonl", state.step)
+        remove_partial_checkpoints(output_dir)
 
     if accelerator.is_main_process and config.logging.report_to != "none":
         run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
         accelerator.init_trackers(run_name, config=_tracker_config(config))
     validator = Validator(config, components, schedule, band, prepared, accelerator, output_dir)
     metrics = MetricsLog(output_dir / "metrics.jsonl")
+    stream = _resumed_stream(config, prepared, accelerator, state.data.micro_batches_consumed)
 
-    generator = torch.Generator().manual_seed(t.seed + 7919 * accelerator.process_index)
-    stream = micro_batches(
-        len(prepared.items), t.train_batch_size, t.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )
     accumulation = t.gradient_accumulation_steps
     stratified = config.band.timestep_sampling == "stratified"
-    progress = tqdm(total=total_steps, desc=f"training {band}", disable=not accelerator.is_local_main_process)
+    checkpointing = bool(t.checkpoint_step_interval or t.checkpoint_epoch_interval)
+    progress = tqdm(total=total_steps, initial=state.step, desc=f"training {band}",
+                    disable=not accelerator.is_local_main_process)
     first_step_at: float | None = None
     last_record: dict[str, Any] = {}
-    epoch = 0
-    for step in range(1, total_steps + 1):
-        step_started = time.monotonic()
-        group = [next(stream) for _ in range(accumulation)]
-        samples = sum(len(m.indices) for m in group)
-        step_loss = torch.zeros((), dtype=torch.float64)
-        step_timesteps = []
-        for position, micro in enumerate(group):
-            batch = load_batch(prepared, micro).to(accelerator.device)
-            batch = drop_captions(batch, config.data.caption_dropout_probability, generator)
-            last = position == len(group) - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(unet)
-            with sync, accelerator.autocast():
-                out = denoising_loss(unet, batch, band, schedule, generator, stratified=stratified)
-                weight = batch.size / samples
-                accelerator.backward(out.loss * weight)
-            step_loss += out.loss.detach().double().cpu() * weight
-            step_timesteps.append(out.timesteps.detach())
-        grad_norm = None
-        if t.max_grad_norm and t.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        epoch = group[-1].epoch
+    last_saved = state.step if checkpoint_path is not None else None
+    with StopRequests() as stop:
+        for step in range(state.step + 1, total_steps + 1):
+            step_started = time.monotonic()
+            group = [next(stream) for _ in range(accumulation)]
+            samples = sum(len(m.indices) for m in group)
+            step_loss = torch.zeros((), dtype=torch.float64)
+            step_timesteps = []
+            for position, micro in enumerate(group):
+                batch = load_batch(prepared, micro).to(accelerator.device)
+                batch = drop_captions(batch, config.data.caption_dropout_probability, generator)
+                last = position == len(group) - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(unet)
+                with sync, accelerator.autocast():
+                    out = denoising_loss(unet, batch, band, schedule, generator, stratified=stratified)
+                    weight = batch.size / samples
+                    accelerator.backward(out.loss * weight)
+                step_loss += out.loss.detach().double().cpu() * weight
+                step_timesteps.append(out.timesteps.detach())
+            grad_norm = None
+            if t.max_grad_norm and t.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None and step % t.ema_update_interval == 0:
+                ema.update(trained.parameters())
 
-        timesteps = torch.cat(step_timesteps)
-        lr = lr_scheduler.get_last_lr()[0]
-        record = {
-            "step": step,
-            "epoch": epoch,
-            "loss": float(step_loss),
-            "lr": float(lr),
-            "timestep_min": int(timesteps.min()),
-            "timestep_max": int(timesteps.max()),
-            "samples": samples,
-            "seconds": round(time.monotonic() - step_started, 4),
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if first_step_at is None:
-            first_step_at = time.monotonic() - started
-        if accelerator.is_main_process:
-            metrics.write(record)
-            accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"],
-                             **({"train/grad_norm": record["grad_norm"]} if grad_norm is not None else {})},
-                            step=step)
-        last_record = record
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", step=step)
-        if v.validation_step_interval and step % v.validation_step_interval == 0 and step < total_steps:
-            validator.run(accelerator.unwrap_model(unet), step)
+            tail = group[-1]
+            consumed = state.data.micro_batches_consumed + len(group)
+            epoch_done = tail.position + t.train_batch_size * accelerator.num_processes >= len(prepared.items)
+            state.step = step
+            state.data = DataPosition(consumed, tail.epoch, tail.position)
+            state.epoch_order = epoch_order(len(prepared.items), t.seed, tail.epoch)
+
+            timesteps = torch.cat(step_timesteps)
+            lr = lr_scheduler.get_last_lr()[0]
+            record = {
+                "step": step,
+                "epoch": tail.epoch,
+                "loss": float(step_loss),
+                "lr": float(lr),
+                "timestep_min": int(timesteps.min()),
+                "timestep_max": int(timesteps.max()),
+                "samples": samples,
+                "seconds": round(time.monotonic() - step_started, 4),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if first_step_at is None:
+                first_step_at = time.monotonic() - started
+            if accelerator.is_main_process:
+                metrics.write(record)
+                accelerator.log({f"train/{k}": record[k] for k in ("loss", "lr", "grad_norm") if k in record},
+                                step=step)
+            last_record = record
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", step=step)
+
+            if accelerator.is_main_process and (_checkpoint_due(config, step, epoch_done, tail.epoch)
+                                                or stop.requested):
+                save_checkpoint(output_dir, state, config_snapshot, identity)
+                prune_checkpoints(output_dir, t.checkpoints_total_limit)
+                last_saved = step
+            if stop.requested:
+                progress.close()
+                metrics.close()
+                accelerator.end_training()
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}/{total_steps}; checkpoint saved in {checkpoints_dir(output_dir)}. "
+                    "Continue with --resume_from_checkpoint latest", stop.received or 2)
+            if v.validation_step_interval and step % v.validation_step_interval == 0 and step < total_steps:
+                validator.run(trained, step)
     progress.close()
     metrics.close()
 
     accelerator.wait_for_everyone()
-    final_unet = accelerator.unwrap_model(unet)
-    final_unet.eval()
-    validation_files = validator.run(final_unet, total_steps)
+    if accelerator.is_main_process and checkpointing and last_saved != total_steps:
+        save_checkpoint(output_dir, state, config_snapshot, identity)
+        prune_checkpoints(output_dir, t.checkpoints_total_limit)
+    trained.eval()
+    if ema is not None and t.export_ema:
+        ema.copy_to(trained.parameters())
+        log.info("exporting the EMA weights (%d updates) as the pipeline's UNet", ema.updates)
+    validation_files = validator.run(trained, total_steps)
     pipeline_dir = output_dir / "pipeline"
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))
         expert = expert_summary(band, schedule.describe())
         expert["base_model"] = components.source
-        save_expert_pipeline(components, final_unet, scheduler, expert, pipeline_dir)
+        expert["weights"] = "ema" if (ema is not None and t.export_ema) else "trained"
+        save_expert_pipeline(components, trained, scheduler, expert, pipeline_dir)
         summary = {
             "format_version": 1,
             "expert": expert,
             "steps": total_steps,
-            "epochs_started": epoch + 1,
+            "resumed_from": str(checkpoint_path) if checkpoint_path else None,
+            "epochs_started": state.data.epoch + 1,
             "samples_per_epoch": len(prepared.items),
             "final": last_record,
             "cache": prepared.cache_stats,
@@ -255,13 +337,22 @@ def train(config: Any) -> RunResult:
                 "to_first_step": round(first_step_at or 0.0, 3),
             },
             "peak_memory_gib": peak_memory_gib(accelerator.device),
-            "config": config.to_dict(),
+            "config": config_snapshot,
             "versions": _versions(),
         }
         atomic_write_json(output_dir / "run.json", summary)
     accelerator.end_training()
     log.info("done: %d steps, expert %s saved to %s", total_steps, band, pipeline_dir)
     return RunResult(output_dir, pipeline_dir, band, total_steps, summary)
+
+
+def _resumed_stream(config: Any, prepared: PreparedData, accelerator: Any, consumed: int) -> Iterator[MicroBatch]:
+    """The run's micro-batch stream, advanced past the `consumed` micro-batches of earlier steps."""
+    stream = micro_batches(len(prepared.items), config.train.train_batch_size, config.train.seed,
+                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+    for _ in range(consumed):
+        next(stream)
+    return stream
 
 
 def peak_memory_gib(device: torch.device) -> dict[str, float]:

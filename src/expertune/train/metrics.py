@@ -35,3 +35,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """Keep only complete records up to `last_step` (a resumed run continues right after it).
+
+    Rewritten atomically; drops a torn last line and the steps a crashed run logged after its checkpoint.
+    """
+    from expertune.io_utils import atomic_write_bytes
+
+    target = Path(path)
+    if not target.exists():
+        return
+    kept = [json.dumps(r, sort_keys=True) for r in read_metrics(target) if int(r.get("step", 0)) <= last_step]
+    atomic_write_bytes(target, ("\n".join(kept) + "\n" if kept else "").encode("utf-8"))

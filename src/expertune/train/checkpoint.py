@@ -1,0 +1,320 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a directory `<output_dir>/checkpoints/checkpoint-<step>`:
+
+    unet.safetensors        trained UNet weights
+    optimizer.safetensors   every tensor of the optimizer state (flattened names)
+    ema.safetensors         EMA shadow weights (with --use_ema)
+    state.safetensors       RNG states and the current epoch's data order (uint8 / int64 tensors)
+    state.json              step, data position, LR-scheduler and optimizer scalars, config snapshot
+
+It is assembled under a hidden temporary name and renamed into place, so a directory named
+`checkpoint-<step>` is always complete. No pickle anywhere: tensors go through safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from expertune.errors import ConfigError, StorageError
+from expertune.io_utils import atomic_write_json
+
+log = logging.getLogger("expertune.checkpoint")
+
+FORMAT_VERSION = 1
+NAME = re.compile(r"^checkpoint-(\d+)$")
+REQUIRED_FILES = ("unet.safetensors", "optimizer.safetensors", "state.safetensors", "state.json")
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the run is in its data: micro-batches consumed so far, and the epoch and offset (into that
+    epoch's order) of the last one consumed. The order itself is a pure function of (seed, epoch)."""
+
+    micro_batches_consumed: int
+    epoch: int
+    position: int
+
+
+@dataclass
+class TrainingState:
+    """The mutable state of a run that a checkpoint captures."""
+
+    step: int
+    data: DataPosition
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    generator: torch.Generator
+    epoch_order: list[int]
+    ema: Any | None = None
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _scheduler_state(lr_scheduler: Any) -> dict[str, Any]:
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    return inner.state_dict()
+
+
+def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dict[str, Any],
+                    run_identity: dict[str, Any]) -> Path:
+    """Write checkpoint-<step> atomically; a failure (e.g. a full disk) leaves no partial checkpoint."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"checkpoint-{state.step}"
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
+    try:
+        unet_state = {k: v.detach().contiguous().cpu() for k, v in state.unet.state_dict().items()}
+        save_file(unet_state, str(scratch / "unet.safetensors"))
+        optimizer_tensors, optimizer_meta = _flatten_optimizer(state.optimizer.state_dict())
+        save_file(optimizer_tensors, str(scratch / "optimizer.safetensors"))
+        rng = {
+            "generator": state.generator.get_state(),
+            "torch_cpu": torch.get_rng_state(),
+            "epoch_order": torch.tensor(state.epoch_order, dtype=torch.int64),
+        }
+        if torch.cuda.is_available():
+            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{index}"] = cuda_state
+        save_file(rng, str(scratch / "state.safetensors"))
+        ema_meta = None
+        if state.ema is not None:
+            ema_state = state.ema.state_dict()
+            save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema_state["shadow_params"])},
+                      str(scratch / "ema.safetensors"))
+            ema_meta = {k: v for k, v in ema_state.items() if k != "shadow_params"}
+        document = {
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "data": vars(state.data),
+            "lr_scheduler": _scheduler_state(state.lr_scheduler),
+            "optimizer": optimizer_meta,
+            "ema": ema_meta,
+            "config": config_snapshot,
+            "run_identity": run_identity,
+        }
+        atomic_write_json(scratch / "state.json", document)
+        _fsync_dir(scratch)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+        _fsync_dir(root)
+    except OSError as error:
+        shutil.rmtree(scratch, ignore_errors=True)
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise StorageError(
+            f"could not write checkpoint {target}: {reason}; no partial checkpoint was left. "
+            "Free space (or point --output_dir elsewhere) and resume with --resume_from_checkpoint latest"
+        ) from None
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    log.info("saved checkpoint %s", target)
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    """All files present and state.json readable (a renamed-in checkpoint always is, unless damaged later)."""
+    if not all((path / name).is_file() for name in REQUIRED_FILES):
+        return False
+    try:
+        document = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    if document.get("format_version") != FORMAT_VERSION:
+        return False
+    return document.get("ema") is None or (path / "ema.safetensors").is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Partial ones (a crash mid-write) are reported and skipped."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found: list[tuple[int, Path]] = []
+    for entry in root.iterdir():
+        match = NAME.match(entry.name)
+        if entry.name.endswith(".partial"):
+            log.warning("ignoring partial checkpoint %s (a write that did not finish)", entry)
+        elif match and entry.is_dir():
+            if is_complete(entry):
+                found.append((int(match.group(1)), entry))
+            else:
+                log.warning("ignoring damaged checkpoint %s (files missing or unreadable)", entry)
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: Path, name: str) -> Path:
+    """`latest` → the newest complete checkpoint; else a checkpoint name under output_dir or a path."""
+    if name == "latest":
+        complete = list_checkpoints(output_dir)
+        if not complete:
+            raise ConfigError(
+                f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoints_dir(output_dir)}; "
+                "start without --resume_from_checkpoint"
+            )
+        return complete[-1]
+    candidate = Path(name) if os.sep in name else checkpoints_dir(output_dir) / name
+    if not candidate.is_dir() or not is_complete(candidate):
+        available = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
+        raise ConfigError(f"--resume_from_checkpoint {name}: {candidate} is not a complete checkpoint "
+                          f"(available: {available}, or 'latest')")
+    return candidate
+
+
+def read_checkpoint_document(path: Path) -> dict[str, Any]:
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler, EMA and RNG into `state`; returns the state.json document."""
+    document = read_checkpoint_document(path)
+    state.unet.load_state_dict(load_file(str(path / "unet.safetensors")), strict=True)
+    optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), document["optimizer"])
+    state.optimizer.load_state_dict(optimizer_state)
+    inner = getattr(state.lr_scheduler, "scheduler", state.lr_scheduler)
+    inner.load_state_dict(document["lr_scheduler"])
+    rng = load_file(str(path / "state.safetensors"))
+    state.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+    if state.ema is not None:
+        if document.get("ema") is None:
+            raise ConfigError(f"checkpoint {path} holds no EMA weights but --use_ema is set")
+        shadow = load_file(str(path / "ema.safetensors"))
+        ema_state = dict(document["ema"])
+        ema_state["shadow_params"] = [shadow[str(i)] for i in range(len(shadow))]
+        state.ema.load_state_dict(ema_state)
+    state.step = int(document["step"])
+    state.data = DataPosition(**document["data"])
+    state.epoch_order = rng["epoch_order"].tolist()
+    return document
+
+
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete the leftovers of checkpoint writes that a crash interrupted (never a complete checkpoint)."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(".checkpoint-") and entry.name.endswith(".partial"):
+                log.warning("removing partial checkpoint %s (a write that did not finish)", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep`."""
+    if not keep:
+        return []
+    complete = list_checkpoints(output_dir)
+    removed = complete[: max(0, len(complete) - keep)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed old checkpoint %s (checkpoints_total_limit=%d)", path, keep)
+    return removed
+
+
+# Settings that may differ on resume with --allow_config_change; every other difference is refused.
+HARMLESS_SECTIONS = ("validation", "logging")
+HARMLESS_FIELDS = frozenset({
+    "checkpoint_step_interval", "checkpoint_epoch_interval", "checkpoints_total_limit", "max_train_steps",
+    "num_train_epochs", "export_ema", "vae_batch_size", "text_encoder_batch_size", "cache_dir",
+})
+# How a run is started, not what it is: never compared.
+RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint", "overwrite_output_dir", "allow_config_change"})
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    section: str
+    name: str
+    before: Any
+    after: Any
+
+    @property
+    def harmless(self) -> bool:
+        return self.section in HARMLESS_SECTIONS or self.name in HARMLESS_FIELDS
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.before!r} -> {self.after!r}"
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[ConfigChange]:
+    """Every field whose value differs between a checkpoint's config snapshot and the current config."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        before, after = saved.get(section, {}), current.get(section, {})
+        for name in sorted((set(before) | set(after)) - RUN_CONTROL_FIELDS):
+            if before.get(name) != after.get(name):
+                changes.append(ConfigChange(section, name, before.get(name), after.get(name)))
+    return changes
+
+
+def check_resume_compatible(document: dict[str, Any], config_snapshot: dict[str, Any],
+                            run_identity: dict[str, Any], allow_config_change: bool, checkpoint: Path) -> list[str]:
+    """Refuse a resume that would silently change the run; returns the accepted harmless changes."""
+    changes = config_changes(document["config"], config_snapshot)
+    problems = [f"{change} (cannot change on resume)" for change in changes if not change.harmless]
+    for key in sorted(set(document["run_identity"]) | set(run_identity)):
+        if document["run_identity"].get(key) != run_identity.get(key):
+            problems.append(f"{key} differs from the checkpoint's (the datasets or model changed)")
+    harmless = [str(change) for change in changes if change.harmless]
+    if harmless and not allow_config_change:
+        problems += [f"{change} (pass --allow_config_change to accept)" for change in harmless]
+    if problems:
+        raise ConfigError(
+            f"resuming from {checkpoint} with a different configuration is refused:\n  " + "\n  ".join(problems)
+        )
+    for change in harmless:
+        log.warning("resuming with a changed setting: %s", change)
+    return harmless

@@ -1,0 +1,130 @@
+"""Checkpoints: atomic, complete, exactly restorable, and refusing silent config changes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertune.errors import ConfigError, StorageError
+from expertune.train import checkpoint as ckpt
+from expertune.train.checkpoint import (
+    DataPosition,
+    TrainingState,
+    check_resume_compatible,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from expertune.train.ema import ExponentialMovingAverage
+
+
+def _state(seed: int = 0, ema: bool = True) -> TrainingState:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    generator = torch.Generator().manual_seed(seed)
+    average = ExponentialMovingAverage(model.parameters(), 0.9, "cpu") if ema else None
+    return TrainingState(0, DataPosition(0, 0, 0), model, optimizer, scheduler, generator, [2, 0, 1], average)
+
+
+def _train_steps(state: TrainingState, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(5, 3, generator=state.generator)
+        loss = state.unet(x).pow(2).mean()
+        loss.backward()
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad()
+        if state.ema is not None:
+            state.ema.update(state.unet.parameters())
+        state.step += 1
+        state.data = DataPosition(state.step, 0, state.step)
+
+
+def test_roundtrip_continues_bit_for_bit(tmp_path: Path) -> None:
+    reference = _state()
+    _train_steps(reference, 6)
+
+    first = _state()
+    _train_steps(first, 3)
+    path = save_checkpoint(tmp_path, first, {"train": {"seed": 0}}, {"items": 3})
+    assert path.name == "checkpoint-3"
+    resumed = _state(seed=99)  # different init and RNG: everything must come from the checkpoint
+    load_checkpoint(path, resumed)
+    assert resumed.step == 3 and resumed.data == DataPosition(3, 0, 3) and resumed.epoch_order == [2, 0, 1]
+    _train_steps(resumed, 3)
+    for a, b in zip(reference.unet.parameters(), resumed.unet.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(reference.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(a, b)
+    assert reference.lr_scheduler.get_last_lr() == resumed.lr_scheduler.get_last_lr()
+    assert torch.equal(reference.generator.get_state(), resumed.generator.get_state())
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path: Path, caplog) -> None:
+    state = _state(ema=False)
+    for _ in range(3):
+        _train_steps(state, 1)
+        save_checkpoint(tmp_path, state, {}, {})
+    root = tmp_path / "checkpoints"
+    (root / ".checkpoint-9.abc.partial").mkdir()  # a write that a crash interrupted
+    damaged = root / "checkpoint-7"
+    damaged.mkdir()
+    (damaged / "state.json").write_text("{")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-3"
+    assert "partial checkpoint" in caplog.text and "damaged checkpoint" in caplog.text
+    assert resolve_checkpoint(tmp_path, "checkpoint-2").name == "checkpoint-2"
+    with pytest.raises(ConfigError, match="available: checkpoint-1, checkpoint-2, checkpoint-3"):
+        resolve_checkpoint(tmp_path, "checkpoint-7")
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "elsewhere", "latest")
+
+
+def test_full_disk_leaves_no_partial_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    state = _state()
+    _train_steps(state, 1)
+    save_checkpoint(tmp_path, state, {}, {})
+    _train_steps(state, 1)
+    real_save = ckpt.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if filename.endswith("optimizer.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(StorageError, match="disk is full.*no partial checkpoint") as info:
+        save_checkpoint(tmp_path, state, {}, {})
+    assert info.value.exit_code == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-1"
+
+
+def test_config_changes_are_refused_or_accepted_explicitly(tmp_path: Path) -> None:
+    saved = {"band": {"refiner_training_strength": 0.35}, "train": {"train_batch_size": 8, "max_train_steps": 10},
+             "validation": {"validation_prompt": "a"}}
+    document = {"config": saved, "run_identity": {"training_items_digest": "x"}}
+    changed = {"band": {"refiner_training_strength": 0.3}, "train": {"train_batch_size": 4, "max_train_steps": 10},
+               "validation": {"validation_prompt": "a"}}
+    with pytest.raises(ConfigError) as info:
+        check_resume_compatible(document, changed, {"training_items_digest": "x"}, True, tmp_path)
+    assert "refiner_training_strength: 0.35 -> 0.3" in str(info.value)
+    assert "train_batch_size: 8 -> 4" in str(info.value)
+    with pytest.raises(ConfigError, match="datasets or model changed"):
+        check_resume_compatible(document, saved, {"training_items_digest": "y"}, True, tmp_path)
+    harmless = {"band": saved["band"], "train": {"train_batch_size": 8, "max_train_steps": 20},
+                "validation": {"validation_prompt": "b"}}
+    with pytest.raises(ConfigError, match="--allow_config_change"):
+        check_resume_compatible(document, harmless, {"training_items_digest": "x"}, False, tmp_path)
+    accepted = check_resume_compatible(document, harmless, {"training_items_digest": "x"}, True, tmp_path)
+    assert accepted == ["max_train_steps: 10 -> 20", "validation_prompt: 'a' -> 'b'"]
