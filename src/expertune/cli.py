@@ -37,9 +37,13 @@ def _setup_logging(verbose: bool) -> None:
 
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.config import load_config
-    from expertune.train.loop import train
+    from expertune.train.launch import needs_launcher, relaunch
 
     config, _warnings = load_config(rest)
+    if needs_launcher(config):
+        return relaunch(config, rest)
+    from expertune.train.loop import train
+
     result = train(config)
     print(f"expert {result.band} saved to {result.pipeline_dir}")
     return 0

@@ -30,6 +30,7 @@ def test_ranks_share_each_global_batch_without_overlap() -> None:
         _take(micro_batches(12, 3, seed=5, rank=rank, world_size=2), batches_per_epoch(12, 3, 2))
         for rank in range(2)
     ]
+    assert all(b.global_size == 6 for b in per_rank[0])
     single = _take(micro_batches(12, 6, seed=5), 2)
     for step in range(2):
         union = set(per_rank[0][step].indices) | set(per_rank[1][step].indices)
@@ -44,9 +45,19 @@ def test_caption_dropout_zeroes_whole_samples_only() -> None:
         pooled_embeds=torch.ones(64, 5),
         time_ids=torch.ones(64, 6),
     )
-    dropped = drop_captions(batch, 0.5, torch.Generator().manual_seed(0))
+    keep = torch.rand(64, generator=torch.Generator().manual_seed(0)) >= 0.5
+    dropped = drop_captions(batch, keep)
     zeroed = dropped.prompt_embeds.flatten(1).abs().sum(1) == 0
-    assert 10 < int(zeroed.sum()) < 54
+    assert torch.equal(zeroed, ~keep) and 10 < int(zeroed.sum()) < 54
     assert torch.equal(zeroed, dropped.pooled_embeds.abs().sum(1) == 0)
     assert torch.equal(dropped.latents, batch.latents) and torch.equal(dropped.time_ids, batch.time_ids)
-    assert drop_captions(batch, 0.0, torch.Generator()) is batch
+    assert drop_captions(batch, torch.ones(64, dtype=torch.bool)) is batch
+
+
+def test_several_ranks_fill_the_last_global_batch_so_every_rank_has_work() -> None:
+    per_rank = [_take(micro_batches(5, 2, seed=0, rank=r, world_size=2), 2) for r in range(2)]
+    assert [len(b.indices) for b in per_rank[0]] == [2, 2] == [len(b.indices) for b in per_rank[1]]
+    last = set(per_rank[0][1].indices) | set(per_rank[1][1].indices)
+    order = epoch_order(5, 0, 0)
+    assert order[4] in last and per_rank[0][1].global_size == 4
+    assert [len(b.indices) for b in _take(micro_batches(5, 2, seed=0), 3)] == [2, 2, 1]  # one process: kept short

@@ -8,7 +8,7 @@ import torch
 
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule
-from expertune.train.loss import TrainingBatch, denoising_loss
+from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 
 
@@ -25,7 +25,8 @@ def test_loss_is_mse_against_the_v_target_inside_the_band(tiny_model_dir: Path) 
     )
     schedule = NoiseSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True)
     band = ExpertBand(350, 999)
-    out = denoising_loss(unet, batch, band, schedule, torch.Generator().manual_seed(5))
+    draws = draw_randomness(band, torch.Generator().manual_seed(5), 2, (4, 8, 8))
+    out = denoising_loss(unet, batch, schedule, draws)
     assert bool(band.contains(out.timesteps).all())
 
     # Recompute by hand from the same random stream: t first, then ε.
@@ -78,3 +79,16 @@ def test_other_optimizers_are_refused_clearly() -> None:
 
     with pytest.raises(UnsupportedFeatureError, match="--optimizer=adamw"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], _train_section(optimizer="prodigy"))
+
+
+def test_rank_slices_of_one_global_draw_equal_the_single_process_draw() -> None:
+    band = ExpertBand(0, 349)
+    single = draw_randomness(band, torch.Generator().manual_seed(1), 6, (4, 2, 2), caption_dropout=0.5,
+                             stratified=True)
+    ranks = [draw_randomness(band, torch.Generator().manual_seed(1), 6, (4, 2, 2), caption_dropout=0.5,
+                             stratified=True).for_rank(r, 2) for r in range(2)]
+    for r, part in enumerate(ranks):
+        assert torch.equal(part.timesteps, single.timesteps[r::2])
+        assert torch.equal(part.noise, single.noise[r::2])
+        assert torch.equal(part.keep_caption, single.keep_caption[r::2])
+    assert bool(band.contains(single.timesteps).all())

@@ -103,7 +103,6 @@ class Unsupported:
     message: str  # what to do instead / what IS supported
 
 
-_ONE_GPU = "expertune trains on one GPU in a single process"
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("model_type", "`lora`", lambda v: v == "lora",
@@ -130,12 +129,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("text_cache_disable", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("num_processes", "> 1", lambda v: v > 1, f"multi-GPU training is not supported; {_ONE_GPU}: use 1"),
-    Unsupported("num_machines", "> 1", lambda v: v > 1, f"multi-machine training is not supported; {_ONE_GPU}: use 1"),
-    Unsupported("accelerate_config", "set", lambda v: v is not None,
-                f"accelerate launch configs are not used; {_ONE_GPU}: remove it"),
-    Unsupported("accelerate_extra_args", "set", lambda v: v is not None,
-                f"accelerate launch arguments are not used; {_ONE_GPU}: remove it"),
     Unsupported("validation_input", "set", lambda v: v is not None,
                 "explicit validation input images are not supported yet; stage-2 validation uses dataset "
                 "images (--validation_using_datasets)"),

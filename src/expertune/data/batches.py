@@ -32,8 +32,9 @@ class TrainingItem:
 @dataclass(frozen=True)
 class MicroBatch:
     epoch: int
-    position: int  # index of the batch's first item in the epoch's order
-    indices: tuple[int, ...]
+    position: int  # index of the global batch's first item in the epoch's order
+    indices: tuple[int, ...]  # this rank's items: the global batch's [rank::world_size]
+    global_size: int  # items in the global batch, over all ranks
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
@@ -53,7 +54,9 @@ def micro_batches(
 ) -> Iterator[MicroBatch]:
     """An endless stream of micro-batches, epoch after epoch. A short last batch is kept, not dropped.
 
-    With several processes each global batch of `batch_size * world_size` items is split by rank.
+    With several processes each global batch of `batch_size * world_size` items is split by rank
+    (`[rank::world_size]`); the epoch's last global batch is then filled up to full size with items from
+    the start of the epoch's order (as torch's DistributedSampler pads), so every rank has the same work.
     """
     if num_items < 1:
         raise ValueError("no training items")
@@ -63,9 +66,10 @@ def micro_batches(
         order = epoch_order(num_items, seed, epoch)
         for start in range(0, num_items, global_size):
             chunk = order[start : start + global_size]
-            share = chunk[rank::world_size]
-            if share:
-                yield MicroBatch(epoch=epoch, position=start, indices=tuple(share))
+            if world_size > 1 and len(chunk) < global_size:
+                chunk = chunk + [order[i % num_items] for i in range(global_size - len(chunk))]
+            yield MicroBatch(epoch=epoch, position=start, indices=tuple(chunk[rank::world_size]),
+                             global_size=len(chunk))
         epoch += 1
 
 
@@ -88,19 +92,18 @@ def collate(latents: Sequence[torch.Tensor], time_ids: Sequence[torch.Tensor],
     )
 
 
-def drop_captions(batch: TrainingBatch, probability: float, generator: torch.Generator) -> TrainingBatch:
-    """Replace each sample's text conditioning by zeros with `probability`.
+def drop_captions(batch: TrainingBatch, keep: torch.Tensor) -> TrainingBatch:
+    """Zero the text conditioning of the samples where `keep` is False (caption dropout).
 
     Zeros are what SDXL pipelines feed as the unconditional branch (`force_zeros_for_empty_prompt`),
     so caption dropout trains exactly the input classifier-free guidance uses.
     """
-    if probability <= 0.0:
+    if bool(keep.all()):
         return batch
-    keep = (torch.rand(batch.size, generator=generator) >= probability).to(batch.latents.dtype)
-    keep = keep.to(batch.latents.device)
+    mask = keep.to(device=batch.latents.device, dtype=batch.prompt_embeds.dtype)
     return TrainingBatch(
         latents=batch.latents,
-        prompt_embeds=batch.prompt_embeds * keep.view(-1, 1, 1),
-        pooled_embeds=batch.pooled_embeds * keep.view(-1, 1),
+        prompt_embeds=batch.prompt_embeds * mask.view(-1, 1, 1),
+        pooled_embeds=batch.pooled_embeds * mask.view(-1, 1),
         time_ids=batch.time_ids,
     )

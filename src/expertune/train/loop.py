@@ -38,7 +38,7 @@ from expertune.train.checkpoint import (
     save_checkpoint,
 )
 from expertune.train.ema import ExponentialMovingAverage
-from expertune.train.loss import TrainingBatch, denoising_loss
+from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.prepare import PreparedData, prepare_data
@@ -162,6 +162,7 @@ def train(config: Any) -> RunResult:
     logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
 
     accelerator = Accelerator(
+        cpu=not _has_accelerator(),  # several CPU processes then form a gloo group (MULTI_CPU)
         mixed_precision=config.model.mixed_precision,
         log_with=None if config.logging.report_to == "none" else config.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
@@ -180,7 +181,8 @@ def train(config: Any) -> RunResult:
     prompts = [p for p in (v.validation_prompt, v.validation_negative_prompt) if p]
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(accelerator.device)
-    prepared = prepare_data(config, components, extra_prompts=prompts)
+    with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
+        prepared = prepare_data(config, components, extra_prompts=prompts)
     components.release_text_encoders()
     identity = run_identity(prepared, components.source)
 
@@ -199,7 +201,9 @@ def train(config: Any) -> RunResult:
         ema_device = "cpu" if t.ema_device == "cpu" else accelerator.device
         ema = ExponentialMovingAverage(trained.parameters(), t.ema_decay, ema_device)
 
-    generator = torch.Generator().manual_seed(t.seed + 7919 * accelerator.process_index)
+    # One generator, the same on every rank: each rank draws the whole global batch's timesteps, noise and
+    # caption dropout and takes its own slice (see StepRandomness), so results do not depend on world size.
+    generator = torch.Generator().manual_seed(t.seed)
     state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=trained, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema)
     config_snapshot = config.to_dict()
@@ -238,15 +242,18 @@ def train(config: Any) -> RunResult:
             step_timesteps = []
             for position, micro in enumerate(group):
                 batch = load_batch(prepared, micro).to(accelerator.device)
-                batch = drop_captions(batch, config.data.caption_dropout_probability, generator)
+                draws = draw_randomness(band, generator, micro.global_size, tuple(batch.latents.shape[1:]),
+                                        config.data.caption_dropout_probability, stratified)
+                mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
+                batch = drop_captions(batch, mine.keep_caption)
                 last = position == len(group) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
-                    out = denoising_loss(unet, batch, band, schedule, generator, stratified=stratified)
+                    out = denoising_loss(unet, batch, schedule, mine)
                     weight = batch.size / samples
                     accelerator.backward(out.loss * weight)
                 step_loss += out.loss.detach().double().cpu() * weight
-                step_timesteps.append(out.timesteps.detach())
+                step_timesteps.append(draws.timesteps)  # every sample of every rank
             grad_norm = None
             if t.max_grad_norm and t.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
@@ -264,6 +271,8 @@ def train(config: Any) -> RunResult:
             state.epoch_order = epoch_order(len(prepared.items), t.seed, tail.epoch)
 
             timesteps = torch.cat(step_timesteps)
+            if accelerator.num_processes > 1:
+                step_loss = accelerator.reduce(step_loss.float().to(accelerator.device), "mean").cpu()
             lr = lr_scheduler.get_last_lr()[0]
             record = {
                 "step": step,
@@ -272,7 +281,7 @@ def train(config: Any) -> RunResult:
                 "lr": float(lr),
                 "timestep_min": int(timesteps.min()),
                 "timestep_max": int(timesteps.max()),
-                "samples": samples,
+                "samples": sum(m.global_size for m in group),
                 "seconds": round(time.monotonic() - step_started, 4),
             }
             if grad_norm is not None:
@@ -287,27 +296,31 @@ def train(config: Any) -> RunResult:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", step=step)
 
-            if accelerator.is_main_process and (_checkpoint_due(config, step, epoch_done, tail.epoch)
-                                                or stop.requested):
-                save_checkpoint(output_dir, state, config_snapshot, identity)
-                prune_checkpoints(output_dir, t.checkpoints_total_limit)
+            stopping = _agreed(accelerator, stop.requested)
+            if _checkpoint_due(config, step, epoch_done, tail.epoch) or stopping:
+                if accelerator.is_main_process:
+                    save_checkpoint(output_dir, state, config_snapshot, identity)
+                    prune_checkpoints(output_dir, t.checkpoints_total_limit)
+                accelerator.wait_for_everyone()
                 last_saved = step
-            if stop.requested:
+            if stopping:
                 progress.close()
                 metrics.close()
                 accelerator.end_training()
                 raise TrainingInterrupted(
                     f"interrupted at step {step}/{total_steps}; checkpoint saved in {checkpoints_dir(output_dir)}. "
-                    "Continue with --resume_from_checkpoint latest", stop.received or 2)
+                    "Continue with --resume_from_checkpoint latest", stop.received or 15)
             if v.validation_step_interval and step % v.validation_step_interval == 0 and step < total_steps:
                 validator.run(trained, step)
     progress.close()
     metrics.close()
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and checkpointing and last_saved != total_steps:
-        save_checkpoint(output_dir, state, config_snapshot, identity)
-        prune_checkpoints(output_dir, t.checkpoints_total_limit)
+    if checkpointing and last_saved != total_steps:
+        if accelerator.is_main_process:
+            save_checkpoint(output_dir, state, config_snapshot, identity)
+            prune_checkpoints(output_dir, t.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
     trained.eval()
     if ema is not None and t.export_ema:
         ema.copy_to(trained.parameters())
@@ -344,6 +357,19 @@ def train(config: Any) -> RunResult:
     accelerator.end_training()
     log.info("done: %d steps, expert %s saved to %s", total_steps, band, pipeline_dir)
     return RunResult(output_dir, pipeline_dir, band, total_steps, summary)
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
+def _agreed(accelerator: Any, flag: bool) -> bool:
+    """True on every rank when any rank's flag is set (ranks must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
+    return bool(total.item() > 0)
 
 
 def _resumed_stream(config: Any, prepared: PreparedData, accelerator: Any, consumed: int) -> Iterator[MicroBatch]:

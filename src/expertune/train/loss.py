@@ -31,28 +31,45 @@ class TrainingBatch:
 
 
 @dataclass
+class StepRandomness:
+    """The random draws of one global micro-batch. Every rank draws the same (one shared generator) and
+    takes its slice, so N processes with batch b see exactly what one process with batch N*b sees."""
+
+    timesteps: torch.Tensor  # [G] long, inside the band
+    noise: torch.Tensor  # [G, C, h, w]
+    keep_caption: torch.Tensor  # [G] bool: False where caption dropout zeroes the text conditioning
+
+    def for_rank(self, rank: int, world_size: int) -> "StepRandomness":
+        return StepRandomness(self.timesteps[rank::world_size], self.noise[rank::world_size],
+                              self.keep_caption[rank::world_size])
+
+
+def draw_randomness(
+    band: ExpertBand,
+    generator: torch.Generator,
+    global_size: int,
+    latent_shape: tuple[int, ...],
+    caption_dropout: float = 0.0,
+    stratified: bool = False,
+) -> StepRandomness:
+    """Timesteps (inside the band, vectorised), noise and caption-dropout mask, in that order, on the CPU."""
+    timesteps = band.sample(global_size, generator, stratified=stratified)
+    noise = torch.randn((global_size, *latent_shape), generator=generator, dtype=torch.float32)
+    keep = torch.rand(global_size, generator=generator) >= caption_dropout
+    return StepRandomness(timesteps, noise, keep)
+
+
+@dataclass
 class LossOutput:
     loss: torch.Tensor
     timesteps: torch.Tensor
 
 
-def denoising_loss(
-    unet: Any,
-    batch: TrainingBatch,
-    band: ExpertBand,
-    schedule: NoiseSchedule,
-    generator: torch.Generator,
-    *,
-    stratified: bool = False,
-) -> LossOutput:
-    """Mean-squared error between the UNet's prediction and the target for t drawn inside `band`.
-
-    Noise and timesteps come from `generator` (on the CPU, so runs are reproducible on any device).
-    """
+def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness) -> LossOutput:
+    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps."""
     latents = batch.latents
-    timesteps = band.sample(batch.size, generator, stratified=stratified)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    timesteps = timesteps.to(latents.device)
+    noise = draws.noise.to(latents.device, latents.dtype)
+    timesteps = draws.timesteps.to(latents.device)
     noisy = add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
     target = training_target(latents, noise, timesteps, schedule.alphas_cumprod, schedule.prediction_type)
     prediction = unet(

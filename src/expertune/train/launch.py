@@ -1,0 +1,57 @@
+"""Start `expertune train` under `accelerate launch` when the config asks for several processes.
+
+Running `accelerate launch ... -m expertune.cli train ...` by hand works too: a process that already
+runs inside a launched group (WORLD_SIZE set) trains directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from typing import Any, Sequence
+
+log = logging.getLogger("expertune.launch")
+
+LAUNCHED_MARKER = "EXPERTUNE_LAUNCHED"
+
+
+def inside_launched_group() -> bool:
+    return LAUNCHED_MARKER in os.environ or "WORLD_SIZE" in os.environ
+
+
+def needs_launcher(config: Any) -> bool:
+    t = config.train
+    wants_group = t.num_processes > 1 or t.num_machines > 1 or t.accelerate_config is not None
+    return wants_group and not inside_launched_group()
+
+
+def launch_command(config: Any, train_argv: Sequence[str]) -> list[str]:
+    """The `accelerate launch` command line that runs `expertune train <train_argv>` in every process."""
+    t = config.train
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if t.accelerate_config:
+        command += ["--config_file", str(t.accelerate_config)]
+    elif t.num_processes > 1 or t.num_machines > 1:
+        # A process group without a config file: DDP (gloo on CPUs, NCCL on GPUs).
+        command.append("--multi_gpu")
+    if t.num_processes > 1 or not t.accelerate_config:
+        command += ["--num_processes", str(t.num_processes * t.num_machines)]
+    if t.num_machines > 1 or not t.accelerate_config:
+        command += ["--num_machines", str(t.num_machines)]
+    if not t.accelerate_config:
+        command += ["--mixed_precision", config.model.mixed_precision, "--dynamo_backend", "no"]
+    if t.accelerate_extra_args:
+        command += shlex.split(t.accelerate_extra_args)
+    return command + ["-m", "expertune.cli", "train", *train_argv]
+
+
+def relaunch(config: Any, train_argv: Sequence[str]) -> int:
+    """Run the training under accelerate and return its exit code."""
+    command = launch_command(config, train_argv)
+    log.info("launching %d processes: %s", config.train.num_processes * config.train.num_machines,
+             shlex.join(command))
+    env = dict(os.environ, **{LAUNCHED_MARKER: "1"})
+    return subprocess.call(command, env=env)
