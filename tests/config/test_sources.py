@@ -375,10 +375,16 @@ def test_unsupported_features(name):
     assert info.value.exit_code == 2
 
 
-@pytest.mark.parametrize("value", ["adamw_bf16", "adamw8bit", "adamw_8bit", "adafactor", "prodigy"])
-def test_unsupported_optimizers_point_to_adamw(value):
-    with pytest.raises(UnsupportedFeatureError, match="use --optimizer=adamw"):
+@pytest.mark.parametrize("value", ["adamw_bf16", "sgd", "lion"])
+def test_unsupported_optimizers_point_to_the_supported_ones(value):
+    with pytest.raises(UnsupportedFeatureError, match="supported optimizers are adamw, adamw8bit"):
         load_config([f"--optimizer={value}"])
+
+
+@pytest.mark.parametrize("value, name", [("adamw_8bit", "adamw8bit"), ("bnb-adamw8bit", "adamw8bit"),
+                                         ("adafactor", "adafactor"), ("prodigy", "prodigy")])
+def test_optimizer_names_and_aliases(value, name):
+    assert load_config([f"--optimizer={value}"])[0].train.optimizer == name
 
 
 def test_lora_message():

@@ -111,3 +111,19 @@ def test_refuses_to_overwrite_an_earlier_run(trained_experts, tmp_path: Path, sm
     with pytest.raises(ConfigError, match="already holds a run.*--overwrite_output_dir"):
         train(config)
     assert (stage1.output_dir / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags", [["--mixed_precision=bf16", "--optimizer=adafactor"], ["--optimizer=prodigy",
+                                                                                         "--learning_rate=1.0"]])
+def test_precision_and_optimizer_choices_train(flags, tiny_model_dir: Path, small_dataset: Path,
+                                               tmp_path: Path) -> None:
+    env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "out", small_dataset)
+    config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=2", "--report_to=none",
+                             "--validation_disable", "--train_batch_size=2", *flags])
+    result = train(config)
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    assert len(records) == 2 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite
+    trained = load_file(result.pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert trained["conv_in.weight"].dtype == torch.float32  # mixed precision keeps fp32 master weights

@@ -74,11 +74,6 @@ def test_lr_schedules_warm_up_then_follow_their_shape(name: str, expected: list[
     assert values == pytest.approx(expected, abs=1e-6)
 
 
-def test_other_optimizers_are_refused_clearly() -> None:
-    from expertune.errors import UnsupportedFeatureError
-
-    with pytest.raises(UnsupportedFeatureError, match="--optimizer=adamw"):
-        build_optimizer([torch.nn.Parameter(torch.zeros(1))], _train_section(optimizer="prodigy"))
 
 
 def test_rank_slices_of_one_global_draw_equal_the_single_process_draw() -> None:

@@ -248,7 +248,11 @@ class TrainConfig:
     num_train_epochs: int | None = opt(None, "Epochs to train when max_train_steps is unset (both unset: "
                                              "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",))
     max_grad_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).", ge=0)
-    optimizer: str = opt("adamw", "Optimiser.", aliases={"adamw_torch": "adamw"}, env=("OPTIMIZER",))
+    optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw8bit (bitsandbytes, CUDA), adafactor "
+                                  "(memory-lean, factored second moments), prodigy (learning-rate free: use "
+                                  "learning_rate=1.0).",
+                         aliases={"adamw_torch": "adamw", "adamw_8bit": "adamw8bit", "bnb-adamw8bit": "adamw8bit"},
+                         env=("OPTIMIZER",))
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay.", ge=0)

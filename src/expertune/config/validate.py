@@ -132,8 +132,10 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("validation_input", "set", lambda v: v is not None,
                 "explicit validation input images are not supported yet; stage-2 validation uses dataset "
                 "images (--validation_using_datasets)"),
-    Unsupported("optimizer", "not `adamw`", lambda v: v != "adamw",
-                "only AdamW (torch.optim.AdamW) is supported; use --optimizer=adamw"),
+    Unsupported("optimizer", "not one of adamw, adamw8bit, adafactor, prodigy",
+                lambda v: v not in ("adamw", "adamw8bit", "adafactor", "prodigy"),
+                "supported optimizers are adamw, adamw8bit (bitsandbytes), adafactor and prodigy; for SimpleTuner's "
+                "adamw_bf16 use --optimizer=adamw with --mixed_precision=bf16"),
 )
 
 for _row in UNSUPPORTED:

@@ -10,17 +10,47 @@ from expertune.errors import UnsupportedFeatureError
 
 
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
-    """AdamW from the run's `train` config section (other optimizers arrive with their issue)."""
+    """The optimizer `train.optimizer` names, over the trainable parameters, at `train.learning_rate`.
+
+    The learning-rate schedule is applied on top (build_lr_scheduler) for all of them; Adafactor therefore
+    runs with its own relative-step schedule switched off.
+    """
+    params = [p for p in parameters if p.requires_grad]
     name = train.optimizer
-    if name not in ("adamw", "adamw_torch"):
-        raise UnsupportedFeatureError(f"optimizer {name!r} is not supported yet; use --optimizer=adamw")
-    return torch.optim.AdamW(
-        [p for p in parameters if p.requires_grad],
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        weight_decay=train.adam_weight_decay,
-        eps=train.adam_epsilon,
-    )
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                 weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    if name == "adamw8bit":
+        return _adamw_8bit(params, train)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=train.learning_rate, weight_decay=train.adam_weight_decay,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                       weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
+                       use_bias_correction=True, safeguard_warmup=True)
+    raise UnsupportedFeatureError(f"optimizer {name!r} is not supported; use adamw, adamw8bit, adafactor or prodigy")
+
+
+def _adamw_8bit(params: list[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(
+            params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
+        )
+    except Exception as error:  # ImportError, or a bitsandbytes build without a backend for this device
+        raise UnsupportedFeatureError(
+            f"--optimizer=adamw8bit needs bitsandbytes with a backend for this machine ({type(error).__name__}: "
+            f"{error}). On a CUDA machine: pip install 'expertune[bnb]'. Elsewhere use --optimizer=adafactor, "
+            "the memory-lean choice that needs no extra package"
+        ) from None
+    return optimizer
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: Any, total_steps: int) -> Any:
