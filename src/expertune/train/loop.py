@@ -147,6 +147,7 @@ def _checkpoint_due(config: Any, step: int, epochs_completed_now: bool, epoch: i
 def train(config: Any) -> RunResult:
     """Train one expert as `config` describes and save it as a diffusers pipeline with expert.json."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
@@ -161,6 +162,9 @@ def train(config: Any) -> RunResult:
     checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
     logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
 
+    # accelerate keeps process-wide state; a second run in one process (the demo, a notebook) may use other
+    # precision settings. The process group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=not _has_accelerator(),  # several CPU processes then form a gloo group (MULTI_CPU)
         mixed_precision=config.model.mixed_precision,
