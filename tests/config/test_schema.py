@@ -82,6 +82,9 @@ TEXT_CACHE_DISABLE text_cache_disable
 EXPECTED = {
     "pretrained_model_name_or_path": ("model", str, True, None), "model_family": ("model", str, False, "sdxl"),
     "model_type": ("model", str, False, "full"), "use_dora": ("model", bool, False, False),
+    "lora_rank": ("model", int, False, 16), "lora_alpha": ("model", float, True, None),
+    "lora_dropout": ("model", float, False, 0.0),
+    "lora_target_modules": ("model", str, False, "to_k,to_q,to_v,to_out.0"),
     "layer_freeze_strategy": ("model", str, False, "none"), "lora_type": ("model", str, False, "standard"),
     "base_model_precision": ("model", str, False, "no_change"), "mixed_precision": ("model", str, False, "no"),
     "revision": ("model", str, True, None), "variant": ("model", str, True, None),

@@ -353,7 +353,7 @@ def test_file_options_are_not_allowed_inside_trainer_extra_args(tmp_path):
 
 # One triggering value per row of the UNSUPPORTED table.
 UNSUPPORTED_CASES = {
-    "use_dora": "--use_dora", "model_type": "--model_type=lora", "lora_type": "--lora_type=lycoris",
+    "use_dora": "--use_dora", "lora_type": "--lora_type=lycoris",
     "layer_freeze_strategy": "--layer_freeze_strategy=bitfit",
     "base_model_precision": "--base_model_precision=int8-quanto",
     "optimizer": "--optimizer=adamw_bf16", "resolution_type": "--resolution_type=area",
@@ -387,12 +387,13 @@ def test_optimizer_names_and_aliases(value, name):
     assert load_config([f"--optimizer={value}"])[0].train.optimizer == name
 
 
-def test_lora_message():
-    with pytest.raises(UnsupportedFeatureError, match="LoRA experts are planned; use model_type=full"):
-        load_config(["--model_type=lora"])
+def test_lora_settings():
+    config = load_config(["--model_type=lora", "--lora_rank=8", "--lora_target_modules=to_q,to_v"])[0]
+    assert (config.model.model_type, config.model.lora_rank, config.model.lora_alpha) == ("lora", 8, None)
+    assert config.model.lora_target_modules == "to_q,to_v"
 
 
-@pytest.mark.parametrize("line", ["USE_DORA=true", "USE_BITFIT=true", "MODEL_TYPE=lora",
+@pytest.mark.parametrize("line", ["USE_DORA=true", "USE_BITFIT=true",
                                   'OPTIMIZER="adamw_bf16"'])
 def test_unsupported_features_from_config_env(tmp_path, line):
     with pytest.raises(UnsupportedFeatureError) as info:

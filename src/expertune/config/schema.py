@@ -156,6 +156,11 @@ class ModelConfig:
     layer_freeze_strategy: str = opt("none", "Which UNet weights to freeze.", choices=("none", "bitfit"),
                                      env=("USE_BITFIT",), env_true_value="bitfit")
     lora_type: str = opt("standard", "Kind of LoRA adapter (LoRA training only).", env=("LORA_TYPE",))
+    lora_rank: int = opt(16, "Rank of the LoRA adapters (model_type=lora).", ge=1)
+    lora_alpha: float | None = opt(None, "LoRA scaling alpha (unset: equal to lora_rank, a scale of 1).", gt=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path during training.", ge=0, lt=1)
+    lora_target_modules: str = opt("to_k,to_q,to_v,to_out.0",
+                                   "Comma-separated UNet module names that get LoRA adapters (peft target_modules).")
     base_model_precision: str = opt("no_change", "Quantisation of the frozen base model weights.",
                                     env=("BASE_MODEL_PRECISION",))
     mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32.",

@@ -105,8 +105,6 @@ class Unsupported:
 
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("model_type", "`lora`", lambda v: v == "lora",
-                "LoRA experts are planned; use model_type=full"),
     Unsupported("use_dora", "`true`", lambda v: v is True,
                 "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full)"),
     Unsupported("lora_type", "not `standard`", lambda v: v != "standard",

@@ -33,12 +33,18 @@ class ExpertInfo:
     band: ExpertBand
     description: dict[str, Any]
 
+    @property
+    def is_lora(self) -> bool:
+        return self.description.get("model_type") == "lora"
+
 
 def read_expert(path: str | os.PathLike) -> ExpertInfo:
-    """An expert pipeline dir, or a training output dir holding `pipeline/`."""
+    """An expert dir (a full pipeline, or LoRA adapters), or a training output dir holding one."""
     root = Path(path)
-    if (root / "pipeline" / EXPERT_FILE).is_file():
-        root = root / "pipeline"
+    for kind in ("pipeline", "lora"):
+        if (root / kind / EXPERT_FILE).is_file():
+            root = root / kind
+            break
     info_file = root / EXPERT_FILE
     if not info_file.is_file():
         raise ModelError(f"{path} is not an expertune expert: {info_file} is missing")
@@ -71,6 +77,47 @@ def check_chain(experts: Sequence[ExpertInfo]) -> list[ExpertInfo]:
     return [experts[i] for i in order_chain([e.band for e in experts])]
 
 
+class _Pipelines:
+    """Loads each expert as a text-to-image pipeline; LoRA experts share one loaded base model."""
+
+    def __init__(self, dtype: torch.dtype, device: str) -> None:
+        self.dtype, self.device = dtype, device
+        self.bases: dict[str, Any] = {}
+
+    def _load(self, source: str | Path) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"could not load the SDXL pipeline {source}: {error}") from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(self.device)
+
+    def text_to_image(self, expert: ExpertInfo, index: int) -> Any:
+        if not expert.is_lora:
+            return self._load(expert.path)
+        base = str(expert.description.get("base_model", ""))
+        if base not in self.bases:
+            self.bases[base] = self._load(base)
+        pipe = self.bases[base]
+        name = f"expert_{index}"
+        if name not in pipe.get_list_adapters().get("unet", []):
+            pipe.load_lora_weights(str(expert.path), adapter_name=name)
+        pipe.set_adapters([name])
+        pipe.scheduler = _saved_scheduler(expert.path)
+        return pipe
+
+
+def _saved_scheduler(expert_dir: Path) -> Any:
+    from diffusers import DDPMScheduler
+
+    from expertune.models.sdxl import make_scheduler
+
+    config = dict(DDPMScheduler.load_config(str(expert_dir), subfolder="scheduler"))
+    return make_scheduler(str(config.get("_class_name", "EulerDiscreteScheduler")), config)
+
+
 def generate(
     expert_paths: Sequence[str | os.PathLike],
     prompt: str,
@@ -85,10 +132,15 @@ def generate(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> Any:
-    """Run the chain and return the final PIL image."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    """Run the chain and return the final PIL image.
+
+    Full experts are loaded as their own pipelines; LoRA experts are adapters activated in turn on their
+    shared base model. Each stage runs with the scheduler saved with its expert.
+    """
+    from diffusers import StableDiffusionXLImg2ImgPipeline
 
     chain = check_chain([read_expert(p) for p in expert_paths])
+    pipelines = _Pipelines(dtype, device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     common = dict(
         prompt=prompt,
@@ -100,26 +152,23 @@ def generate(
     )
     latents: Any = None
     for position, expert in enumerate(chain):
-        last = position == len(chain) - 1
-        output_type = "pil" if last else "latent"
+        output_type = "pil" if position == len(chain) - 1 else "latent"
         log.info("expert %d/%d %s: %s", position + 1, len(chain), expert.band, expert.path)
+        pipe = pipelines.text_to_image(expert, position)
         if position == 0:
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(expert.path), dtype=dtype, use_safetensors=True)
-            pipe = pipe.to(device)
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
             latents = pipe(
                 **common, height=height or size, width=width or size,
                 denoising_end=expert.band.denoising_end, output_type=output_type,
             ).images
         else:
-            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                str(expert.path), dtype=dtype, use_safetensors=True
-            ).to(device)
-            latents = pipe(
+            refine = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False,
+                                                      force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)
+            refine.set_progress_bar_config(disable=True)
+            latents = refine(
                 **common, image=latents, denoising_start=expert.band.denoising_start,
                 denoising_end=expert.band.denoising_end, output_type=output_type,
             ).images
-        del pipe
     return latents[0]
 
 

@@ -23,6 +23,7 @@ from expertune.data.batches import MicroBatch, batches_per_epoch, caption_for, c
 from expertune.errors import ConfigError, ExpertuneError, StorageError, TrainingInterrupted
 from expertune.experts import ExpertBand, band_from_settings, expert_summary
 from expertune.io_utils import atomic_write_json
+from expertune.models.lora import add_lora_adapters, save_lora_expert
 from expertune.models.sdxl import load_components, make_scheduler, save_expert_pipeline
 from expertune.schedule import NoiseSchedule
 from expertune.train.checkpoint import (
@@ -46,7 +47,7 @@ from expertune.train.signals import StopRequests
 
 log = logging.getLogger("expertune.train")
 
-RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "checkpoints")
+RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints")
 # What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved).
 REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation")
 
@@ -192,7 +193,12 @@ def train(config: Any) -> RunResult:
 
     unet = components.unet
     unet.train()
-    unet.requires_grad_(True)
+    m = config.model
+    if m.model_type == "lora":
+        count = add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+        log.info("training LoRA adapters (rank %d): %.2fM parameters", m.lora_rank, count / 1e6)
+    else:
+        unet.requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     total_steps = total_optimizer_steps(config, len(prepared.items), accelerator.num_processes)
@@ -200,10 +206,11 @@ def train(config: Any) -> RunResult:
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     trained = accelerator.unwrap_model(unet)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
     ema = None
     if t.use_ema:
         ema_device = "cpu" if t.ema_device == "cpu" else accelerator.device
-        ema = ExponentialMovingAverage(trained.parameters(), t.ema_decay, ema_device)
+        ema = ExponentialMovingAverage(trainable, t.ema_decay, ema_device)
 
     # One generator, the same on every rank: each rank draws the whole global batch's timesteps, noise and
     # caption dropout and takes its own slice (see StepRandomness), so results do not depend on world size.
@@ -265,7 +272,7 @@ def train(config: Any) -> RunResult:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None and step % t.ema_update_interval == 0:
-                ema.update(trained.parameters())
+                ema.update(trainable)
 
             tail = group[-1]
             consumed = state.data.micro_batches_consumed + len(group)
@@ -327,17 +334,22 @@ def train(config: Any) -> RunResult:
         accelerator.wait_for_everyone()
     trained.eval()
     if ema is not None and t.export_ema:
-        ema.copy_to(trained.parameters())
+        ema.copy_to(trainable)
         log.info("exporting the EMA weights (%d updates) as the pipeline's UNet", ema.updates)
     validation_files = validator.run(trained, total_steps)
-    pipeline_dir = output_dir / "pipeline"
+    lora = config.model.model_type == "lora"
+    pipeline_dir = output_dir / ("lora" if lora else "pipeline")
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))
         expert = expert_summary(band, schedule.describe())
         expert["base_model"] = components.source
+        expert["model_type"] = config.model.model_type
         expert["weights"] = "ema" if (ema is not None and t.export_ema) else "trained"
-        save_expert_pipeline(components, trained, scheduler, expert, pipeline_dir)
+        if lora:
+            save_lora_expert(trained, scheduler, expert, pipeline_dir)
+        else:
+            save_expert_pipeline(components, trained, scheduler, expert, pipeline_dir)
         summary = {
             "format_version": 1,
             "expert": expert,

@@ -1,0 +1,62 @@
+"""LoRA experts: peft adapters on the UNet, saved in the form diffusers' `load_lora_weights` reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from expertune.errors import ConfigError
+from expertune.io_utils import atomic_write_json, replace_dir
+from expertune.models.sdxl import EXPERT_FILE
+
+log = logging.getLogger("expertune.models")
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def target_modules(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_lora_adapters(unet: Any, rank: int, alpha: float | None, dropout: float, modules: str) -> int:
+    """Freeze the UNet and add trainable LoRA adapters; returns the number of trainable parameters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    refusal = (f"lora_target_modules={modules!r} matched no UNet module; name attention projections such as "
+               "'to_k,to_q,to_v,to_out.0'")
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout,
+                                    target_modules=target_modules(modules), init_lora_weights=True))
+    except ValueError as error:
+        raise ConfigError(f"{refusal} ({error})") from None
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ConfigError(refusal)
+    return trainable
+
+
+def save_lora_expert(unet: Any, scheduler: Any, expert: dict[str, Any], destination: str | os.PathLike) -> Path:
+    """Write the adapters (diffusers LoRA format), the trained scheduler config and expert.json, atomically."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    target = Path(destination)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staged = scratch / target.name
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True)
+        scheduler.save_pretrained(str(staged / "scheduler"))
+        atomic_write_json(staged / EXPERT_FILE, expert)
+        replace_dir(staged, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("saved LoRA expert to %s", target)
+    return target

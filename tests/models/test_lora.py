@@ -1,0 +1,79 @@
+"""LoRA experts: trained through the same loop, saved for diffusers' load_lora_weights, chained over one base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST_FLAGS, write_stage_env
+from expertune.config import load_config
+from expertune.errors import ConfigError
+from expertune.infer.chain import generate, read_expert
+from expertune.models.lora import LORA_WEIGHTS
+from expertune.train.loop import train
+
+LORA_FLAGS = [*FAST_FLAGS, "--model_type=lora", "--lora_rank=4", "--learning_rate=1e-3", "--report_to=none",
+              "--validation_disable", "--train_batch_size=2", "--checkpoint_step_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def lora_experts(tiny_model_dir: Path, small_dataset: Path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    results = []
+    for stage in (1, 2):
+        env = write_stage_env(root, stage, tiny_model_dir, root / f"stage{stage}", small_dataset)
+        config, _ = load_config(["--env", str(env), *LORA_FLAGS])
+        results.append(train(config))
+    return results
+
+
+def test_lora_expert_is_saved_for_diffusers(lora_experts, tiny_model_dir: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    stage1, stage2 = lora_experts
+    assert stage1.pipeline_dir.name == "lora" and (stage1.pipeline_dir / LORA_WEIGHTS).is_file()
+    expert = json.loads((stage1.pipeline_dir / "expert.json").read_text())
+    assert expert["model_type"] == "lora" and expert["timestep_range"] == [350, 999]
+    assert expert["base_model"] == str(tiny_model_dir)
+    weights = load_file(stage1.pipeline_dir / LORA_WEIGHTS)
+    assert weights and all("lora" in key for key in weights)
+    scheduler = json.loads((stage1.pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    kwargs = dict(prompt="a red circle", num_inference_steps=3, height=64, width=64, output_type="np")
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(stage1.pipeline_dir))
+    adapted = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert not (plain == adapted).all(), "the trained adapters change the model's output"
+
+
+def test_only_adapters_train(lora_experts, tiny_model_dir: Path) -> None:
+    stage1, _ = lora_experts
+    checkpoint = load_file(stage1.output_dir / "checkpoints" / "checkpoint-3" / "unet.safetensors")
+    base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    lora_keys = [k for k in checkpoint if "lora_" in k]
+    assert lora_keys
+    frozen = {k.replace(".base_layer", ""): v for k, v in checkpoint.items() if "lora_" not in k}
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
+
+
+def test_generate_chains_lora_experts_over_a_shared_base(lora_experts, tmp_path: Path) -> None:
+    stage1, stage2 = lora_experts
+    assert read_expert(stage2.output_dir).is_lora
+    image = generate([stage2.output_dir, stage1.output_dir], "a red circle", num_inference_steps=6,
+                     guidance_rescale=0.7, height=64, width=64, seed=3)
+    again = generate([stage1.output_dir, stage2.output_dir], "a red circle", num_inference_steps=6,
+                     guidance_rescale=0.7, height=64, width=64, seed=3)
+    assert image.size == (64, 64) and list(image.getdata()) == list(again.getdata())
+
+
+def test_lora_target_modules_must_match(tiny_model_dir: Path, small_dataset: Path, tmp_path: Path) -> None:
+    env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "out", small_dataset)
+    config, _ = load_config(["--env", str(env), *LORA_FLAGS, "--lora_target_modules=no_such_layer"])
+    with pytest.raises(ConfigError, match="lora_target_modules='no_such_layer' matched no UNet module"):
+        train(config)
