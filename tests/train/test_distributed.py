@@ -57,3 +57,18 @@ def test_launch_command_uses_accelerate(tmp_path: Path) -> None:
     with_file, _ = load_config([f"--accelerate_config={tmp_path / 'fsdp.yaml'}"])
     command = launch_command(with_file, [])
     assert "--config_file" in command and "--multi_gpu" not in command
+
+
+def test_example_accelerate_configs_are_valid_and_launchable() -> None:
+    import yaml
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
+    files = sorted(folder.glob("*.yaml"))
+    assert {f.name for f in files} >= {"multi_gpu.yaml", "multi_node.yaml", "cpu_two_processes.yaml"}
+    for file in files:
+        settings = yaml.safe_load(file.read_text())
+        assert settings["distributed_type"] in ("MULTI_GPU", "MULTI_CPU"), file
+        assert settings["num_processes"] >= 2 and settings["num_machines"] >= 1
+        config, _ = load_config([f"--accelerate_config={file}"])
+        command = launch_command(config, ["--env", "x.env"])
+        assert command[command.index("--config_file") + 1] == str(file)

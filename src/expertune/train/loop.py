@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from expertune.data.batches import MicroBatch, batches_per_epoch, caption_for, collate, drop_captions, epoch_order, micro_batches
-from expertune.errors import ConfigError, ExpertuneError, StorageError, TrainingInterrupted
+from expertune.errors import ConfigError, StorageError, TrainingInterrupted, UnsupportedFeatureError
 from expertune.experts import ExpertBand, band_from_settings, expert_summary
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import add_lora_adapters, save_lora_expert
@@ -172,6 +172,11 @@ def train(config: Any) -> RunResult:
         log_with=None if config.logging.report_to == "none" else config.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise UnsupportedFeatureError(
+            f"accelerate distributed_type {accelerator.distributed_type.value} is not supported yet: expertune's "
+            "checkpoints and export assume every process holds the whole UNet. Use DDP "
+            "(examples/accelerate/multi_gpu.yaml, or --num_processes N)")
     torch.manual_seed(t.seed)
     components = load_components(
         config.model.pretrained_model_name_or_path, revision=config.model.revision, variant=config.model.variant
