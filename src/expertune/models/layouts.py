@@ -5,7 +5,7 @@ Used by benchmarks to check that the trainer handles the real model sizes withou
 
 from __future__ import annotations
 
-from expertune.models.tiny import PipelineLayout, TextEncoderShape
+from expertune.models.tiny import PipelineLayout, TextEncoderShape, tiny_layout, tiny_unet_config
 
 CLIP_L = TextEncoderShape(width=768, layers=12, heads=12, intermediate=3072, projection_dim=768,
                           hidden_act="quick_gelu", vocab_size=49408)
@@ -67,3 +67,11 @@ def ssd1b_layout() -> PipelineLayout:
 
 def sdxl_layout() -> PipelineLayout:
     return PipelineLayout(sdxl_unet_config(), sdxl_vae_config(), CLIP_L, OPEN_CLIP_BIGG)
+
+
+def small_layout() -> PipelineLayout:
+    """The tiny model's layout at benchmark width: a 68M-parameter UNet, tiny text encoders and VAE."""
+    unet = tiny_unet_config(sample_size=32)
+    unet.update(block_out_channels=(128, 256, 384), attention_head_dim=(4, 8, 12), norm_num_groups=32)
+    base = tiny_layout()
+    return PipelineLayout(unet, base.vae, base.text_encoder_1, base.text_encoder_2)
