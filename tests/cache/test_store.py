@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertune.cache.store import CacheStore, cache_key, file_digest, module_fingerprint
+from expertune.cache.store import JOURNAL_NAME, CacheStore, cache_key, file_digest, module_fingerprint
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    """The store's files, less its write journal."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != JOURNAL_NAME)
 
 
 def test_cache_key_is_canonical() -> None:
@@ -34,6 +35,8 @@ def test_roundtrip_with_metadata(tmp_path: Path) -> None:
     assert not store.contains(key) and store.get(key) is None
     store.put(key, tensors, {"caption": "a cat", "source": "/x/y.png"})
     assert _files(store.root) == [f"{key[:2]}/{key}.safetensors"]
+    assert store.journal() == [key]  # every write is journalled: key, pid, host, time
+    assert f" {os.getpid()} " in store.journal_path.read_text()
     assert store.contains(key)
     entry = store.get(key)
     assert entry is not None

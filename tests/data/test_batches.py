@@ -19,7 +19,8 @@ def test_epoch_order_is_a_seeded_permutation() -> None:
 
 def test_every_item_once_per_epoch_and_a_short_last_batch_is_kept() -> None:
     batches = _take(micro_batches(10, 4, seed=0), batches_per_epoch(10, 4))
-    assert [len(b.indices) for b in batches] == [4, 4, 2]
+    assert sorted(len(b.indices) for b in batches) == [2, 4, 4]
+    assert [b.position for b in batches] == [0, len(batches[0].indices), len(batches[0].indices) + len(batches[1].indices)]
     assert sorted(i for b in batches for i in b.indices) == list(range(10))
     assert {b.epoch for b in batches} == {0}
     assert next(micro_batches(10, 4, seed=0, start_epoch=1)).epoch == 1

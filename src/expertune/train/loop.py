@@ -9,6 +9,7 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from expertune.data.batches import (
+    Bucket,
     MicroBatch,
     batches_per_epoch,
     caption_for,
@@ -72,12 +74,12 @@ def expert_band_for(config: Any, num_train_timesteps: int) -> ExpertBand:
         raise ConfigError(f"expert band: {error}") from None
 
 
-def total_optimizer_steps(config: Any, num_items: int, world_size: int) -> int:
+def total_optimizer_steps(config: Any, buckets: int | Sequence[Bucket], world_size: int) -> int:
     t = config.train
     if t.max_train_steps:
         return int(t.max_train_steps)
     epochs = t.num_train_epochs or 1
-    micro = batches_per_epoch(num_items, t.train_batch_size, world_size) * epochs
+    micro = batches_per_epoch(buckets, t.train_batch_size, world_size) * epochs
     return max(1, -(-micro // t.gradient_accumulation_steps))
 
 
@@ -153,7 +155,7 @@ def train(config: Any) -> RunResult:
     unet.requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    total_steps = total_optimizer_steps(config, len(prepared.items), accelerator.num_processes)
+    total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
     optimizer = build_optimizer(unet.parameters(), t)
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -166,7 +168,7 @@ def train(config: Any) -> RunResult:
 
     generator = torch.Generator().manual_seed(t.seed + 7919 * accelerator.process_index)
     stream = micro_batches(
-        len(prepared.items), t.train_batch_size, t.seed,
+        prepared.buckets, t.train_batch_size, t.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     accumulation = t.gradient_accumulation_steps
@@ -249,6 +251,7 @@ def train(config: Any) -> RunResult:
             "final": last_record,
             "cache": prepared.cache_stats,
             "skipped_images": prepared.skipped,
+            "buckets": prepared.bucket_table,
             "validation_images": [str(p) for p in validation_files],
             "seconds": {
                 "total": round(time.monotonic() - started, 3),
