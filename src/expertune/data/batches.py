@@ -15,7 +15,10 @@ How an epoch is laid out (`epoch_batches`):
    `probability`). A dataset with a higher probability is drawn earlier and more densely; none is
    drawn more or less often than once per item per epoch.
 
-With several processes each global batch is split by rank (`rank::world_size`).
+With several processes each global batch is split by rank (`rank::world_size`), and every rank
+must get a share of every global batch: a bucket's last batch with fewer than `world_size` items
+is merged into the one before it, and a bucket smaller than `world_size` repeats its own items —
+the one case where an item is seen twice in an epoch.
 """
 
 from __future__ import annotations
@@ -84,10 +87,12 @@ def as_buckets(buckets: int | Sequence[Bucket]) -> list[Bucket]:
     return [bucket for bucket in buckets if bucket.indices]
 
 
-def epoch_batches(buckets: Sequence[Bucket], global_size: int, seed: int, epoch: int) -> list[tuple[int, ...]]:
+def epoch_batches(
+    buckets: Sequence[Bucket], global_size: int, seed: int, epoch: int, *, world_size: int = 1
+) -> list[tuple[int, ...]]:
     """The global batches of one epoch, in order; each holds items of one bucket (see the module doc)."""
-    if global_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {global_size}")
+    if global_size < 1 or world_size < 1 or global_size % world_size:
+        raise ValueError(f"global batch size {global_size} must be a positive multiple of world_size {world_size}")
     queues: dict[str, list[tuple[int, ...]]] = {}
     weights: dict[str, float] = {}
     for bucket in buckets:
@@ -95,7 +100,11 @@ def epoch_batches(buckets: Sequence[Bucket], global_size: int, seed: int, epoch:
             raise ValueError(f"bucket {bucket.dataset}/{bucket.size}: weight must be > 0, got {bucket.weight}")
         order = torch.randperm(len(bucket.indices), generator=_generator(seed, epoch, bucket.dataset, bucket.size))
         shuffled = [bucket.indices[i] for i in order.tolist()]
+        while len(shuffled) < world_size:  # every rank needs a share: a tiny bucket repeats its items
+            shuffled += shuffled[: world_size - len(shuffled)]
         chunks = [tuple(shuffled[start : start + global_size]) for start in range(0, len(shuffled), global_size)]
+        if len(chunks) > 1 and len(chunks[-1]) < world_size:
+            chunks[-2:] = [chunks[-2] + chunks[-1]]
         queues.setdefault(bucket.dataset, []).extend(chunks)
         weights[bucket.dataset] = float(bucket.weight)
     for dataset, chunks in queues.items():
@@ -145,10 +154,8 @@ def micro_batches(
     global_size = batch_size * world_size
     while True:
         position = 0
-        for chunk in epoch_batches(groups, global_size, seed, epoch):
-            share = chunk[rank::world_size]
-            if share:
-                yield MicroBatch(epoch=epoch, position=position, indices=tuple(share))
+        for chunk in epoch_batches(groups, global_size, seed, epoch, world_size=world_size):
+            yield MicroBatch(epoch=epoch, position=position, indices=tuple(chunk[rank::world_size]))
             position += len(chunk)
         epoch += 1
 
@@ -156,7 +163,12 @@ def micro_batches(
 def batches_per_epoch(buckets: int | Sequence[Bucket], batch_size: int, world_size: int = 1) -> int:
     """Global batches in one epoch: each bucket's items in batches of `batch_size * world_size`."""
     global_size = batch_size * world_size
-    return sum(-(-len(bucket.indices) // global_size) for bucket in as_buckets(buckets))
+    count = 0
+    for bucket in as_buckets(buckets):
+        size = max(len(bucket.indices), world_size)
+        full, tail = divmod(size, global_size)
+        count += full + (1 if tail >= world_size or (tail and not full) else 0)
+    return count
 
 
 def caption_for(item: TrainingItem, epoch: int) -> str:

@@ -112,16 +112,19 @@ def _open_checked(path: str | os.PathLike, max_pixels: int) -> Image.Image:
     """Image.open (header only) that refuses empty files and images over `max_pixels`."""
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty (0 bytes). Replace or remove the file.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
-        image = Image.open(path)
+    guard = ("(expertune.data.transforms.MAX_IMAGE_PIXELS, a guard against decompression bombs). "
+             "Downscale the image or remove it.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice Image.MAX_IMAGE_PIXELS
+        raise DataError(f"{path}: {exc} It is over the limit of {max_pixels:,} pixels {guard}") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
         raise DataError(
-            f"{path}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
-            "(expertune.data.transforms.MAX_IMAGE_PIXELS, a guard against decompression bombs). "
-            "Downscale the image or remove it."
+            f"{path}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} {guard}"
         )
     return image
 
