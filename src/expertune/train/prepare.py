@@ -112,6 +112,7 @@ def prepare_data(
     skipped: list[dict[str, str]] = []
 
     def skip(spec: DatasetSpec, path: Path, reason: str, *, logged: bool = False) -> None:
+        reason = reason.removeprefix(f"{path}: ")  # DataErrors name the file; the entry already does
         if not logged:
             log.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
         skipped.append({"path": str(path), "reason": reason, "dataset": spec.id})
