@@ -53,3 +53,10 @@ def test_tiny_model_verb_writes_a_loadable_pipeline(tmp_path: Path) -> None:
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "tiny"))
     assert pipe.unet.config.addition_embed_type == "text_time"
+
+
+def test_cache_verb_names_the_settings_it_needs(capsys: pytest.CaptureFixture) -> None:
+    assert main(["cache", "--output_dir=unused"]) == 2
+    err = capsys.readouterr().err
+    assert "build the caches needs settings that are unset" in err
+    assert "pretrained_model_name_or_path" in err and "data_backend_config" in err and "output_dir:" not in err

@@ -1,4 +1,4 @@
-"""The `expertune` command: train, generate, demo, tiny-model."""
+"""The `expertune` command: train, cache, generate, demo, tiny-model."""
 
 from __future__ import annotations
 
@@ -46,6 +46,30 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     result = train(config)
     print(f"expert {result.band} saved to {result.pipeline_dir}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.config import load_config
+    from expertune.data.buckets import format_size
+    from expertune.io_utils import atomic_write_json
+    from expertune.train.prepare import cache_only
+
+    config, _warnings = load_config(rest)
+    prepared = cache_only(config)
+    stats = prepared.cache_stats
+    print("cache: " + " ".join(f"{name}={value}" for name, value in stats.items()))
+    for row in prepared.bucket_table:
+        size = format_size((row["height"], row["width"]))
+        print(f"bucket {row['dataset']} {size}: {row['images']} images, {row['samples']} samples per epoch")
+    for entry in prepared.skipped:
+        print(f"skipped {entry['path']}: {entry['reason']}")
+    print(f"{len(prepared.unique_items)} images ready, {len(prepared.skipped)} skipped")
+    if args.stats_json:
+        atomic_write_json(args.stats_json, {
+            "cache": stats, "buckets": prepared.bucket_table, "skipped_images": prepared.skipped,
+            "samples_per_epoch": len(prepared.items),
+        })
     return 0
 
 
@@ -102,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
         "of docs/configuration.md (later sources win: TOML < config.env < flags).",
     )
     train.set_defaults(handler=_cmd_train)
+
+    cache = verbs.add_parser(
+        "cache",
+        help="build every latent and text embedding a run will need, without training",
+        description="Build the caches a `train` of the same settings will read (VAE latents of every "
+        "bucketed image, text embeddings of every caption and validation prompt), loading only the VAE, "
+        "the text encoders and the tokenizers. Takes the options of `train` (--config, --env, --flags); "
+        "needs pretrained_model_name_or_path and data_backend_config. Safe beside other jobs using the "
+        "same caches.",
+        allow_abbrev=False,
+    )
+    cache.add_argument("--stats_json", default=None, metavar="FILE",
+                       help="also write the cache stats, bucket table and skipped images to this JSON file")
+    cache.set_defaults(handler=_cmd_cache)
 
     generate = verbs.add_parser("generate", help="chain trained experts into an image")
     generate.add_argument("--expert", action="append", required=True,

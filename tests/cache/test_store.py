@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertune.cache.store import CacheStore, cache_key, file_digest, module_fingerprint
+from expertune.cache.store import JOURNAL_NAME, CacheStore, cache_key, file_digest, module_fingerprint
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    """The store's files, less its write journal."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != JOURNAL_NAME)
 
 
 def test_cache_key_is_canonical() -> None:
@@ -34,6 +35,8 @@ def test_roundtrip_with_metadata(tmp_path: Path) -> None:
     assert not store.contains(key) and store.get(key) is None
     store.put(key, tensors, {"caption": "a cat", "source": "/x/y.png"})
     assert _files(store.root) == [f"{key[:2]}/{key}.safetensors"]
+    assert store.journal() == [key]  # every write is journalled: key, pid, host, time
+    assert f" {os.getpid()} " in store.journal_path.read_text()
     assert store.contains(key)
     entry = store.get(key)
     assert entry is not None
@@ -130,3 +133,81 @@ def test_file_digest_streams_sha256(tmp_path: Path) -> None:
     data = os.urandom(10_000)
     path.write_bytes(data)
     assert file_digest(path, chunk_size=333) == hashlib.sha256(data).hexdigest() == file_digest(path)
+
+
+def test_entry_lock_is_exclusive_and_its_file_goes_once_the_entry_exists(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path)
+    key = cache_key("test", {"lock": 1})
+    held = store.lock(key)
+    assert held is not None and held.path == store.path_for(key).with_suffix(".lock")
+    assert store.lock(key, blocking=False) is None  # another holder (even in this process) must wait
+    held.release(done=False)  # nothing written: the lock file stays for the next writer
+    again = store.lock(key, blocking=False)
+    assert again is not None and again.path.exists()
+    store.put(key, {"x": torch.zeros(1)}, {})
+    again.release(done=True)
+    assert not again.path.exists() and _files(tmp_path) == [f"{key[:2]}/{key}.safetensors"]
+
+
+def _fill_around_a_holder(tmp_path: Path, holder_writes: bool) -> tuple[object, list[list[str]], CacheStore, list[str]]:
+    """fill_entries over three keys while a thread holds the first one's lock for 0.4 s."""
+    import threading
+    import time
+
+    from expertune.cache.store import Pending, fill_entries
+
+    store = CacheStore(tmp_path)
+    keys = [cache_key("test", {"fill": n}) for n in range(3)]
+    held = store.lock(keys[0])
+    assert held is not None
+
+    def holder() -> None:
+        time.sleep(0.4)
+        if holder_writes:
+            store.put(keys[0], {"x": torch.full((2,), -1.0)}, {"by": "holder"})
+        held.release(done=holder_writes)
+
+    batches: list[list[str]] = []
+
+    def encode(items: list[str]):
+        batches.append(list(items))
+        return [({"x": torch.full((2,), float(len(item)))}, {"by": "fill"}) for item in items]
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        result = fill_entries([Pending(key, (store,), f"item-{n}") for n, key in enumerate(keys)],
+                              batch_size=8, encode=encode)
+    finally:
+        thread.join()
+    return result, batches, store, keys
+
+
+def test_fill_leaves_a_locked_entry_to_its_holder_and_reads_it_after(tmp_path: Path) -> None:
+    result, batches, store, keys = _fill_around_a_holder(tmp_path, holder_writes=True)
+    assert batches == [["item-1", "item-2"]]  # the held entry is never encoded here
+    assert (result.written, result.found, result.failed) == (2, 1, [])
+    assert sorted(store.journal()) == sorted(keys)  # each entry written exactly once
+    assert store.get(keys[0])[1] == {"by": "holder"}  # type: ignore[index]
+    assert not list(tmp_path.rglob("*.lock"))
+
+
+def test_fill_writes_an_entry_whose_holder_gave_up(tmp_path: Path) -> None:
+    result, batches, store, keys = _fill_around_a_holder(tmp_path, holder_writes=False)
+    assert batches == [["item-1", "item-2"], ["item-0"]]  # waited for the holder, then made it itself
+    assert (result.written, result.found) == (3, 0)
+    assert sorted(store.journal()) == sorted(keys)
+
+
+def test_fill_records_items_that_cannot_be_encoded(tmp_path: Path) -> None:
+    from expertune.cache.store import Pending, fill_entries
+
+    store = CacheStore(tmp_path)
+    keys = [cache_key("test", {"bad": n}) for n in range(3)]
+
+    def encode(items: list[int]):
+        return ["cannot decode" if item == 1 else ({"x": torch.zeros(1)}, {}) for item in items]
+
+    result = fill_entries([Pending(k, (store,), n) for n, k in enumerate(keys)], batch_size=2, encode=encode)
+    assert (result.written, result.failed) == (2, [(1, "cannot decode")])
+    assert store.contains(keys[0]) and not store.contains(keys[1]) and store.contains(keys[2])

@@ -88,8 +88,8 @@ EXPECTED = {
     "layer_freeze_strategy": ("model", str, False, "none"), "lora_type": ("model", str, False, "standard"),
     "base_model_precision": ("model", str, False, "no_change"), "mixed_precision": ("model", str, False, "no"),
     "revision": ("model", str, True, None), "variant": ("model", str, True, None),
-    "data_backend_config": ("data", str, True, None), "resolution": ("data", int, False, 1024),
-    "resolution_type": ("data", str, False, "pixel"), "minimum_image_size": ("data", int, True, None),
+    "data_backend_config": ("data", str, True, None), "resolution": ("data", float, False, 1024),
+    "resolution_type": ("data", str, False, "pixel"), "minimum_image_size": ("data", float, True, None),
     "aspect_bucket_rounding": ("data", int, True, None),
     "caption_dropout_probability": ("data", float, False, 0.0), "vae_batch_size": ("data", int, False, 4),
     "text_encoder_batch_size": ("data", int, False, 8), "read_batch_size": ("data", int, True, None),
@@ -246,7 +246,7 @@ def test_require_for_training_names_missing_fields_and_how_to_set_them():
 def test_allowed_text():
     assert FIELDS["refiner_training_strength"].allowed_text() == "number in (0, 1)"
     assert FIELDS["caption_dropout_probability"].allowed_text() == "number in [0, 1]"
-    assert FIELDS["resolution"].allowed_text() == "integer >= 8"
+    assert FIELDS["resolution"].allowed_text() == "number > 0"
     assert FIELDS["learning_rate"].allowed_text() == "number > 0"
     assert FIELDS["max_train_steps"].allowed_text() == "integer >= 1; 0 means unset"
     assert FIELDS["use_ema"].allowed_text() == "true or false"

@@ -291,8 +291,10 @@ def test_value_forms_and_conversions(tmp_path):
     (["--mixed_precision=bf61"], ["mixed_precision", "'bf61'", "no, bf16, fp16", "did you mean 'bf16'"]),
     (["--prediction_type=v-prediction"], ["prediction_type", "'v-prediction'", "v_prediction"]),
     (["--model_family=sd15"], ["model_family", "'sd15'", "one of: sdxl"]),
-    (["--resolution=big"], ["resolution", "'big'", "integer >= 8"]),
-    (["--resolution=4"], ["resolution", "'4'", "integer >= 8"]),
+    (["--resolution=big"], ["resolution", "'big'", "number > 0"]),
+    (["--resolution=4"], ["resolution=4", "command line", "whole number of pixels >= 8"]),
+    (["--resolution=1000.5"], ["resolution=1000.5", "whole number of pixels"]),
+    (["--resolution_type=area"], ["resolution=1024", "defaults", "megapixels", "pixel_area"]),
     (["--train_batch_size=1.5"], ["train_batch_size", "'1.5'", "integer"]),
     (["--learning_rate=0"], ["learning_rate", "'0'", "number > 0"]),
     (["--learning_rate=nan"], ["learning_rate", "'nan'"]),
@@ -356,7 +358,7 @@ UNSUPPORTED_CASES = {
     "use_dora": "--use_dora", "lora_type": "--lora_type=lycoris",
     "layer_freeze_strategy": "--layer_freeze_strategy=bitfit",
     "base_model_precision": "--base_model_precision=int8-quanto",
-    "optimizer": "--optimizer=adamw_bf16", "resolution_type": "--resolution_type=area",
+    "optimizer": "--optimizer=adamw_bf16",
     "validation_input": "--validation_input=inputs/",
     "read_batch_size": "--read_batch_size=8", "write_batch_size": "--write_batch_size=8",
     "text_cache_ondemand": "--text_cache_ondemand", "text_cache_disable": "--text_cache_disable",
@@ -429,3 +431,10 @@ def test_timestep_range_excludes_refiner_training():
         load_config(["--timestep_range=0,349", "--refiner_training"])
     config, _ = load_config(["--timestep_range=0,349"])
     assert config.timestep_bounds == (0, 349)
+
+
+def test_resolution_is_read_in_the_unit_of_resolution_type():
+    config, _ = load_config(["--resolution_type=area", "--resolution=1.0", "--minimum_image_size=0.25"])
+    assert (config.data.resolution, config.data.resolution_type, config.data.minimum_image_size) == (1.0, "area", 0.25)
+    config, _ = load_config(["--resolution_type=pixel_area", "--resolution=768", "--aspect_bucket_rounding=2"])
+    assert config.data.resolution == 768 and config.data.aspect_bucket_rounding == 2

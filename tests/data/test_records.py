@@ -72,7 +72,8 @@ def three_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 "crop_aspect": "square",
                 "cache_dir_vae": "cache/vae/photos",
                 "repeats": 2,
-                "probability": 1.0,
+                "probability": 0.5,
+                "skip_file_discovery": "",
             },
             {"id": "by-name", "type": "local", "instance_data_dir": str(filename), "caption_strategy": "filename"},
             {
@@ -106,6 +107,7 @@ def test_happy_path_all_caption_strategies(three_datasets: Path, tmp_path: Path,
         cache_dir_vae=tmp_path / "cache/vae/photos",
         repeats=2,
         disable_validation=False,
+        probability=0.5,
     )
     # Defaults: resolution, crop style, cache dir, repeats.
     assert (by_name.resolution, by_name.crop_style, by_name.repeats) == (64, "center", 0)
@@ -114,7 +116,10 @@ def test_happy_path_all_caption_strategies(three_datasets: Path, tmp_path: Path,
     assert config.text_embeds.id == "text-embeds"
     assert config.text_embeds.cache_dir == tmp_path / "cache/text"
     # The unknown SimpleTuner field is named with its entry, not silently dropped.
-    assert any("'probability'" in r.getMessage() and "'photos'" in r.getMessage() for r in caplog.records)
+    assert any("'skip_file_discovery'" in r.getMessage() and "'photos'" in r.getMessage() for r in caplog.records)
+    # Bucket defaults: pixel squares, 64-pixel alignment, every image kept, weight 1.
+    assert (by_name.resolution_type, by_name.crop, by_name.crop_aspect, by_name.alignment) == ("pixel", True, "square", 64)
+    assert (by_name.minimum_image_size, by_name.maximum_image_size, by_name.probability) == (None, None, 1.0)
 
     records, skipped = discover_records(photos)
     assert [(r.path.relative_to(tmp_path).as_posix(), r.captions) for r in records] == [
@@ -157,12 +162,13 @@ def test_defaults_without_text_embeds_entry(tmp_path: Path) -> None:
     assert config.datasets[0].caption_strategy == "filename"
 
 
-def test_dataset_without_usable_images_names_the_directory(tmp_path: Path) -> None:
+def test_dataset_without_usable_images_names_the_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _png(tmp_path / "imgs" / "x.png")  # textfile strategy but no caption file
     spec = DatasetSpec("d", tmp_path / "imgs", "textfile", None, 32, "center", tmp_path / "c", 0, False)
-    with pytest.raises(DataError, match="x.txt") as info:
-        discover_records(spec)
-    assert str(tmp_path / "imgs") in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="expertune.data"):
+        records, skipped = discover_records(spec)  # the run may go on with other datasets
+    assert records == [] and [path.name for path, _ in skipped] == ["x.png"]
+    assert any("all 1 images" in r.getMessage() and str(tmp_path / "imgs") in r.getMessage() for r in caplog.records)
     empty = DatasetSpec("e", tmp_path, "filename", None, 32, "center", tmp_path / "c", 0, False)
     (tmp_path / "imgs" / "x.png").unlink()
     with pytest.raises(DataError, match="no image files") as info:
@@ -201,9 +207,17 @@ _BAD_ENTRIES: list[tuple[str, dict[str, Any], str, str]] = [
     ("bad strategy", {"id": "bad", "instance_data_dir": "{dir}", "caption_strategy": "parquet"}, "caption_strategy", "textfile"),
     ("prompt missing", {"id": "bad", "instance_data_dir": "{dir}", "caption_strategy": "instanceprompt"}, "instance_prompt", "Add"),
     ("duplicate id", {"id": "good", "instance_data_dir": "{dir}"}, "id", "unique"),
-    ("area", {"id": "bad", "instance_data_dir": "{dir}", "resolution_type": "area"}, "resolution_type", "aspect buckets"),
-    ("no crop", {"id": "bad", "instance_data_dir": "{dir}", "crop": False}, "crop", "uncropped aspect buckets"),
-    ("crop aspect", {"id": "bad", "instance_data_dir": "{dir}", "crop_aspect": "preserve"}, "crop_aspect", "aspect buckets"),
+    ("resolution type", {"id": "bad", "instance_data_dir": "{dir}", "resolution_type": "megapixel"}, "resolution_type", "pixel_area"),
+    ("area in pixels", {"id": "bad", "instance_data_dir": "{dir}", "resolution_type": "area", "resolution": 1024}, "resolution", "megapixels"),
+    ("area default", {"id": "bad", "instance_data_dir": "{dir}", "resolution_type": "area"}, "resolution", "the run's --resolution"),
+    ("pixel fraction", {"id": "bad", "instance_data_dir": "{dir}", "resolution_type": "pixel_area", "resolution": 1.5}, "resolution", "whole number"),
+    ("crop", {"id": "bad", "instance_data_dir": "{dir}", "crop": "yes"}, "crop", "true or false"),
+    ("crop aspect", {"id": "bad", "instance_data_dir": "{dir}", "crop_aspect": "closest"}, "crop_aspect", "preserve"),
+    ("alignment", {"id": "bad", "instance_data_dir": "{dir}", "aspect_bucket_alignment": 48}, "aspect_bucket_alignment", "64"),
+    ("minimum", {"id": "bad", "instance_data_dir": "{dir}", "minimum_image_size": -1}, "minimum_image_size", "number >= 0"),
+    ("maximum below minimum", {"id": "bad", "instance_data_dir": "{dir}", "minimum_image_size": 512, "maximum_image_size": 256}, "maximum_image_size", "below"),
+    ("area minimum in pixels", {"id": "bad", "instance_data_dir": "{dir}", "resolution_type": "area", "resolution": 1.0, "minimum_image_size": 512}, "minimum_image_size", "megapixels"),
+    ("probability", {"id": "bad", "instance_data_dir": "{dir}", "probability": 0}, "probability", "number > 0"),
     ("remote", {"id": "bad", "type": "aws", "instance_data_dir": "{dir}"}, "type", "local"),
     ("crop style", {"id": "bad", "instance_data_dir": "{dir}", "crop_style": "face"}, "crop_style", "center"),
     ("resolution", {"id": "bad", "instance_data_dir": "{dir}", "resolution": 30}, "resolution", "multiple of 8"),

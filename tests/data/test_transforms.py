@@ -98,3 +98,80 @@ def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
     truncated.write_bytes(truncated.read_bytes()[:300])
     with pytest.raises(DataError, match="truncated.jpg"):
         load_image(truncated)
+
+
+def _png_header_claiming(path: Path, width: int, height: int) -> Path:
+    """A 57-byte PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("case, words", [
+    ("zero-byte", "empty (0 bytes)"),
+    ("not an image", "cannot read the image"),
+    ("truncated png", "truncated"),
+])
+def test_bad_files_are_refused_naming_file_and_reason(tmp_path: Path, case: str, words: str) -> None:
+    path = tmp_path / f"{case.replace(' ', '_')}.png"
+    if case == "zero-byte":
+        path.write_bytes(b"")
+    elif case == "not an image":
+        path.write_text("<html>a web page saved under an image name</html>")
+    else:
+        Image.effect_noise((64, 64), 50).convert("RGB").save(path)
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(DataError) as info:
+        load_image(path)
+        image_size(path)  # the header alone already fails for the first two
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_pixel_limit_refuses_bombs_from_the_header(tmp_path: Path) -> None:
+    from expertune.data.transforms import MAX_IMAGE_PIXELS
+
+    bomb = _png_header_claiming(tmp_path / "bomb.png", 100_000, 100_000)  # 10 gigapixels in 57 bytes
+    for read in (image_size, load_image):
+        with pytest.raises(DataError, match=r"10000000000 pixels.*over the limit of 134,217,728") as info:
+            read(bomb)
+        assert str(bomb) in str(info.value) and "decompression bombs" in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == MAX_IMAGE_PIXELS == 2**27  # PIL's own guard set to the same value
+    merely_big = _png_header_claiming(tmp_path / "big.png", 16_384, 8_193)  # above the limit, below PIL's error
+    with pytest.raises(DataError, match=r"16384x8193 = 134,234,112 pixels is over the limit of 134,217,728"):
+        image_size(merely_big)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(small)
+    assert image_size(small, max_pixels=1200) == (30, 40)
+    with pytest.raises(DataError, match="over the limit of 1,199"):
+        load_image(small, max_pixels=1199)
+
+
+def test_unusual_modes_are_converted_correctly(tmp_path: Path) -> None:
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(cmyk, quality=100)  # pure cyan ink
+    red, green, blue = load_image(cmyk).getpixel((4, 4))
+    assert red < 10 and green > 245 and blue > 245
+
+    sixteen = tmp_path / "grey16.png"
+    Image.fromarray(np.full((6, 6), 40000, dtype=np.uint16)).save(sixteen)
+    with Image.open(sixteen) as raw:
+        assert raw.mode.startswith("I")  # PIL's plain convert("RGB") would clip this to white
+    assert load_image(sixteen).getpixel((0, 0)) == (156, 156, 156)  # 40000 / 257 = 155.6
+
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([220, 20, 20, 0, 0, 0] + [0] * 762)  # index 0 red, index 1 black (transparent)
+    palette.putpixel((0, 0), 1)
+    keyed = tmp_path / "palette.png"
+    palette.save(keyed, transparency=1)
+    decoded = load_image(keyed)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255) and decoded.getpixel((3, 3)) == (220, 20, 20)
+
+    colour_key = tmp_path / "rgb_trns.png"
+    Image.new("RGB", (4, 4), (0, 0, 0)).save(colour_key, transparency=(0, 0, 0))
+    assert load_image(colour_key).getpixel((1, 1)) == (255, 255, 255)

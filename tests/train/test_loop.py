@@ -127,3 +127,35 @@ def test_precision_and_optimizer_choices_train(flags, tiny_model_dir: Path, smal
     base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     assert trained["conv_in.weight"].dtype == torch.float32  # mixed precision keeps fp32 master weights
+
+
+def test_cache_verb_then_train_on_buckets_lists_buckets_and_skipped_images(
+        tiny_model_dir: Path, messy_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import MESSY_SKIPPED
+    from expertune.cli import main
+
+    flags = [f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_backend_config={messy_dataset}",
+             f"--output_dir={tmp_path / 'out'}", "--max_train_steps=2", "--train_batch_size=2",
+             "--learning_rate=1e-4", "--validation_disable", "--report_to=none", "--timestep_range=0,999"]
+    assert main(["cache", "--stats_json", str(tmp_path / "cache.json"), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "cache: latents_encoded=12 latents_reused=0 embeds_encoded=13 embeds_reused=0" in printed
+    assert "bucket photos 96x64: 2 images" in printed and "skipped " in printed
+    assert not (tmp_path / "out").exists()  # caching trains nothing and writes no run
+
+    config, _ = load_config(flags)
+    result = train(config)
+    run = json.loads((result.output_dir / "run.json").read_text())
+    assert run["cache"] == {"latents_encoded": 0, "latents_reused": 12, "embeds_encoded": 0, "embeds_reused": 13}
+    cached = json.loads((tmp_path / "cache.json").read_text())
+    assert cached["cache"]["latents_encoded"] == 12 and cached["buckets"] == run["buckets"]
+    assert cached["skipped_images"] == run["skipped_images"]
+    assert [(b["dataset"], b["width"], b["height"], b["samples"]) for b in run["buckets"]] == [
+        ("photos", 64, 64, 6), ("photos", 96, 64, 2), ("photos", 64, 96, 1), ("names", 64, 64, 4),
+        ("subject", 64, 64, 1)]
+    skipped = {Path(entry["path"]).name: entry for entry in run["skipped_images"]}
+    assert set(skipped) == set(MESSY_SKIPPED)
+    assert all(words in skipped[name]["reason"] and skipped[name]["dataset"] == "photos"
+               for name, words in MESSY_SKIPPED.items())
+    assert run["samples_per_epoch"] == 14
+    assert [r["samples"] for r in read_metrics(result.output_dir / "metrics.jsonl")] in ([2, 2], [2, 1], [1, 2], [1, 1])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from expertune.cache.store import CacheStats, CacheStore, cache_key, module_fingerprint
+from expertune.cache.store import CacheStats, CacheStore, Encoded, Pending, cache_key, fill_entries, module_fingerprint
 from expertune.errors import DataError
 
 if TYPE_CHECKING:
@@ -132,23 +132,27 @@ class EmbedCache:
             self._keys[caption] = cache_key(EMBED_KIND, {**self._parts, "caption": caption})
         return self._keys[caption]
 
-    def ensure(self, captions: Iterable[str]) -> CacheStats:
-        """Encode the distinct captions missing from the store, `batch_size` at a time."""
+    def ensure(self, captions: Iterable[str], *, progress: bool = True) -> CacheStats:
+        """Encode the distinct captions missing from the store, `batch_size` at a time.
+
+        Safe beside other processes filling the same store (see `expertune.cache.store`).
+        """
         distinct = list(dict.fromkeys(captions))
         missing = [caption for caption in distinct if not self.store.contains(self.key_for(caption))]
+        written = found = 0
         if missing:
-            with tqdm(total=len(missing), desc="caching text embeddings", unit="caption") as progress:
-                for start in range(0, len(missing), self.batch_size):
-                    batch = missing[start : start + self.batch_size]
-                    embeds, pooled = encode_prompts(self.tokenizers, self.text_encoders, batch)
-                    for caption, embed, pool in zip(batch, embeds, pooled):
-                        self.store.put(
-                            self.key_for(caption),
-                            {"prompt_embeds": embed, "pooled_prompt_embeds": pool},
-                            {"caption": caption, "kind": EMBED_KIND},
-                        )
-                    progress.update(len(batch))
-        return CacheStats(encoded=len(missing), reused=len(distinct) - len(missing))
+            pending = [Pending(self.key_for(caption), (self.store,), caption) for caption in missing]
+            with tqdm(total=len(missing), desc="caching text embeddings", unit="caption", disable=not progress) as bar:
+                result = fill_entries(pending, batch_size=self.batch_size, encode=self._encode_batch, progress=bar)
+            written, found = result.written, result.found
+        return CacheStats(encoded=written, reused=len(distinct) - len(missing) + found)
+
+    def _encode_batch(self, batch: list[str]) -> list[Encoded | str]:
+        embeds, pooled = encode_prompts(self.tokenizers, self.text_encoders, batch)
+        return [
+            ({"prompt_embeds": embed, "pooled_prompt_embeds": pool}, {"caption": caption, "kind": EMBED_KIND})
+            for caption, embed, pool in zip(batch, embeds, pooled)
+        ]
 
     def load(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds [77, d1 + d2], pooled [d_pool]) of a cached caption, as float32."""

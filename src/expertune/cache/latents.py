@@ -1,9 +1,11 @@
-"""The VAE latent cache: one entry per (image bytes, crop, VAE weights, VAE dtype).
+"""The VAE latent cache: one entry per (image bytes, crop plan, VAE weights, VAE dtype).
 
 A latent is `vae.encode(x).latent_dist.mean * vae.config.scaling_factor`: the distribution's mean,
 not a sample, so an entry is a pure function of its key and two jobs sharing the cache agree
 bit for bit. (Sampling at train time would need the cached std as well; not done.) The crop that
-produced the latent is stored with it as SDXL time ids.
+produced the latent is stored with it as SDXL time ids. Which size and crop an image gets is its
+dataset's `BucketRule`; the key covers the resulting plan, not the settings that led to it, so two
+datasets (or jobs) that crop an image the same way share its entry.
 """
 
 from __future__ import annotations
@@ -17,9 +19,26 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from expertune.cache.store import CacheStats, CacheStore, cache_key, file_digest, module_fingerprint
+from expertune.cache.store import (
+    CacheStats,
+    CacheStore,
+    Encoded,
+    Pending,
+    cache_key,
+    file_digest,
+    fill_entries,
+    module_fingerprint,
+)
 from expertune.data.records import DatasetSpec, ImageRecord
-from expertune.data.transforms import RESAMPLE_NAME, CropPlan, image_size, image_to_tensor, load_image, plan_crop
+from expertune.data.transforms import (
+    DECODE_VERSION,
+    MAX_IMAGE_PIXELS,
+    RESAMPLE_NAME,
+    CropPlan,
+    image_size,
+    image_to_tensor,
+    load_image,
+)
 from expertune.errors import DataError
 
 if TYPE_CHECKING:
@@ -30,7 +49,17 @@ LATENT_STATISTIC = "mean"
 
 
 @dataclass(frozen=True)
-class _Planned:
+class ImageInfo:
+    """What the cache knows of an image file without decoding it: its content hash and its size."""
+
+    digest: str  # SHA-256 of the file's bytes
+    original_size: tuple[int, int]  # (h, w) as decoded, EXIF orientation applied
+
+
+@dataclass(frozen=True)
+class LatentPlan:
+    """An image's cache key, content hash and crop plan (its bucket is `plan.target_size`)."""
+
     key: str
     digest: str
     plan: CropPlan
@@ -39,16 +68,19 @@ class _Planned:
 class LatentCache:
     """Encodes images into per-dataset stores (`spec.cache_dir_vae`) and reads them back."""
 
-    def __init__(self, vae: AutoencoderKL, *, seed: int, batch_size: int) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, *, seed: int, batch_size: int, max_pixels: int = MAX_IMAGE_PIXELS
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.vae = vae
         self.seed = int(seed)
         self.batch_size = int(batch_size)
+        self.max_pixels = int(max_pixels)
         self.dtype = next(vae.parameters()).dtype
         self.fingerprint = module_fingerprint(vae)
         self._stores: dict[Path, CacheStore] = {}
-        self._digests: dict[tuple[Path, int, int], tuple[str, tuple[int, int]]] = {}
+        self._infos: dict[tuple[Path, int, int], ImageInfo] = {}
 
     def store_for(self, spec: DatasetSpec) -> CacheStore:
         root = Path(spec.cache_dir_vae)
@@ -56,46 +88,62 @@ class LatentCache:
             self._stores[root] = CacheStore(root)
         return self._stores[root]
 
-    def _planned(self, record: ImageRecord, spec: DatasetSpec) -> _Planned:
-        path = Path(record.path)
+    def inspect(self, path: str | os.PathLike) -> ImageInfo:
+        """Content hash and size of an image file (header only); DataError when it is unusable.
+
+        Memoised per (path, size, mtime): one run hashes each file once, an edited file again.
+        """
+        path = Path(path)
         try:
             stat = path.stat()
         except OSError as exc:
             raise DataError(
                 f"{path}: cannot read the image ({exc.strerror or exc}). Replace or remove the file."
             ) from exc
-        # Memo per (path, size, mtime): one run hashes each file once, an edited file is hashed again.
         memo_key = (path, stat.st_size, stat.st_mtime_ns)
-        if memo_key not in self._digests:
-            self._digests[memo_key] = (file_digest(path), image_size(path))
-        digest, original_size = self._digests[memo_key]
+        if memo_key not in self._infos:
+            size = image_size(path, max_pixels=self.max_pixels)
+            self._infos[memo_key] = ImageInfo(digest=file_digest(path), original_size=size)
+        return self._infos[memo_key]
+
+    def planned(self, record: ImageRecord, spec: DatasetSpec) -> LatentPlan:
+        info = self.inspect(record.path)
         # The random crop is drawn from the image *content*, so moving a dataset keeps its crops and cache.
-        plan = plan_crop(original_size, spec.resolution, spec.crop_style, self.seed, image_key=digest)
+        plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
         parts = {
-            "image_sha256": digest,
-            "resolution": spec.resolution,
-            "crop_style": spec.crop_style,
+            "image_sha256": info.digest,
+            "decode": DECODE_VERSION,
             "original_size": plan.original_size,
             "resized_size": plan.resized_size,
             "crop_top_left": plan.crop_top_left,
             "target_size": plan.target_size,
             "resample": RESAMPLE_NAME,
+            "flip": False,
             "vae": self.fingerprint,
             "vae_dtype": str(self.dtype),
             "statistic": LATENT_STATISTIC,
         }
-        return _Planned(key=cache_key(LATENT_KIND, parts), digest=digest, plan=plan)
+        return LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
 
     def key_for(self, record: ImageRecord, spec: DatasetSpec) -> str:
-        return self._planned(record, spec).key
+        return self.planned(record, spec).key
 
-    def ensure(self, items: Sequence[tuple[ImageRecord, DatasetSpec]]) -> CacheStats:
-        """Encode every entry missing from its dataset's store; counts are over distinct entries."""
-        missing: dict[str, tuple[ImageRecord, _Planned, list[CacheStore]]] = {}
+    def ensure(self, items: Sequence[tuple[ImageRecord, DatasetSpec]], *, progress: bool = True) -> CacheStats:
+        """Encode every entry missing from its dataset's store; counts are over distinct (store, key) entries.
+
+        Safe beside other processes filling the same stores (see `expertune.cache.store`). An image
+        that cannot be read or decoded is not encoded: it is returned in `failed` with the reason.
+        """
+        missing: dict[str, Pending[tuple[ImageRecord, LatentPlan]]] = {}
         seen: set[tuple[Path, str]] = set()
+        failed: dict[str, str] = {}
         reused = 0
         for record, spec in items:
-            planned = self._planned(record, spec)
+            try:
+                planned = self.planned(record, spec)
+            except DataError as error:
+                failed.setdefault(str(record.path), str(error))
+                continue
             store = self.store_for(spec)
             if (store.root, planned.key) in seen:
                 continue
@@ -103,56 +151,60 @@ class LatentCache:
             if store.contains(planned.key):
                 reused += 1
             elif planned.key in missing:
-                missing[planned.key][2].append(store)
+                entry = missing[planned.key]
+                entry.stores = (*entry.stores, store)
             else:
-                missing[planned.key] = (record, planned, [store])
+                missing[planned.key] = Pending(planned.key, (store,), (record, planned), planned.plan.target_size)
 
         # Same target size in one batch; a fixed order so batches (and their numerics) are reproducible.
-        order = sorted(missing.values(), key=lambda item: (item[1].plan.target_size, str(item[0].path)))
+        order = sorted(missing.values(), key=lambda e: (e.group, str(e.item[0].path)))
         written = 0
         if order:
-            with tqdm(total=len(order), desc="caching latents", unit="img") as progress:
-                start = 0
-                while start < len(order):
-                    size = order[start][1].plan.target_size
-                    stop = start
-                    while (
-                        stop < len(order)
-                        and stop - start < self.batch_size
-                        and order[stop][1].plan.target_size == size
-                    ):
-                        stop += 1
-                    written += self._encode_batch(order[start:stop])
-                    progress.update(stop - start)
-                    start = stop
-        return CacheStats(encoded=written, reused=reused)
+            with tqdm(total=len(order), desc="caching latents", unit="img", disable=not progress) as bar:
+                result = fill_entries(order, batch_size=self.batch_size, encode=self._encode_batch, progress=bar)
+            written, reused = result.written, reused + result.found
+            for (record, _), reason in result.failed:
+                failed.setdefault(str(record.path), reason)
+        return CacheStats(encoded=written, reused=reused, failed=tuple(failed.items()))
 
-    def _encode_batch(self, batch: Sequence[tuple[ImageRecord, _Planned, list[CacheStore]]]) -> int:
-        pixels = torch.stack([image_to_tensor(load_image(record.path), planned.plan) for record, planned, _ in batch])
-        device = next(self.vae.parameters()).device
-        with torch.no_grad():
-            posterior = self.vae.encode(pixels.to(device=device, dtype=self.dtype)).latent_dist
-            latents = posterior.mean * self.vae.config.scaling_factor
-        written = 0
-        for (record, planned, stores), latent in zip(batch, latents):
+    def _encode_batch(self, batch: list[tuple[ImageRecord, LatentPlan]]) -> list[Encoded | str]:
+        loaded: list[torch.Tensor | str] = []
+        for record, planned in batch:
+            try:
+                loaded.append(image_to_tensor(load_image(record.path, max_pixels=self.max_pixels), planned.plan))
+            except DataError as error:  # truncated, undecodable: reported by the caller, the batch goes on
+                loaded.append(str(error))
+        good = [pixels for pixels in loaded if isinstance(pixels, torch.Tensor)]
+        latents = iter(self.encode_pixels(torch.stack(good)) if good else ())
+        outputs: list[Encoded | str] = []
+        for (record, planned), pixels in zip(batch, loaded):
+            if isinstance(pixels, str):
+                outputs.append(pixels)
+                continue
             time_ids = torch.tensor(planned.plan.time_ids(), dtype=torch.int64)
             metadata = {
                 "source": os.fspath(record.path),
                 "image_sha256": planned.digest,
                 "time_ids": ",".join(str(v) for v in planned.plan.time_ids()),
                 "resized_size": ",".join(str(v) for v in planned.plan.resized_size),
+                "decode": DECODE_VERSION,
                 "vae_fingerprint": self.fingerprint,
                 "vae_dtype": str(self.dtype),
                 "statistic": LATENT_STATISTIC,
             }
-            for store in stores:
-                store.put(planned.key, {"latent": latent, "time_ids": time_ids}, metadata)
-                written += 1
-        return written
+            outputs.append(({"latent": next(latents), "time_ids": time_ids}, metadata))
+        return outputs
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled latent means of a [B, 3, H, W] batch in [-1, 1], computed in the VAE's dtype, on its device."""
+        device = next(self.vae.parameters()).device
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels.to(device=device, dtype=self.dtype)).latent_dist
+            return posterior.mean * self.vae.config.scaling_factor
 
     def load(self, record: ImageRecord, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent [4, h, w] float32, already scaled; time_ids [6] float32) of a cached image."""
-        planned = self._planned(record, spec)
+        planned = self.planned(record, spec)
         store = self.store_for(spec)
         entry = store.get(planned.key)
         tensors = entry[0] if entry is not None else {}
@@ -160,6 +212,6 @@ class LatentCache:
         if latent is None or time_ids is None or latent.ndim != 3 or tuple(time_ids.shape) != (6,):
             raise DataError(
                 f"{record.path}: no usable cached latent in {store.root} (key {planned.key}). "
-                "Run the latent caching step (LatentCache.ensure) for this dataset first."
+                "Run the latent caching step (`expertune cache`, or LatentCache.ensure) for this dataset first."
             )
         return latent.to(torch.float32), time_ids.to(torch.float32)

@@ -1,23 +1,42 @@
-"""A content-addressed store of tensors: one safetensors file per key, written atomically.
+"""A content-addressed store of tensors: one safetensors file per key, written atomically, shared safely.
 
 A key is the SHA-256 of everything that determines the entry's content (`cache_key`), so two jobs
 that would compute the same tensors — stage 1 and stage 2 on one dataset — find the same file, and
 anything that changes the content (image bytes, crop, model weights, dtype) gives a new key instead
 of a stale hit. Files hold no pickle: tensors and a str->str metadata header only.
+
+Several processes may fill one store at once (stage 2 started while stage 1 is still caching,
+`expertune cache` beside a training job, the ranks of one job). Three rules make that safe:
+
+- *atomic entries*: an entry is written under a temporary name and renamed into place, so a reader
+  sees a whole entry or none, and a crash leaves no half entry behind;
+- *one writer per entry*: before encoding a missing entry a process takes an exclusive `flock` on
+  `<key>.lock` beside it and checks again; a process that cannot take the lock at once leaves that
+  entry for later and goes on with others, then waits for it — holding no other lock while it waits,
+  so two jobs never deadlock — and finds it written (or, if its writer died, writes it itself). The
+  kernel drops a dead process's locks, so a crash never leaves a stale lock. The lock file is
+  removed once the entry exists; anyone who locked the removed file re-checks and sees the entry;
+- *a journal*: every write appends one line `<key> <pid> <host> <unix time>` to `<root>/writes.log`
+  (one `O_APPEND` write), so "who encoded what, and how often" is on disk for people and tests.
+
+`flock` needs a local file system or NFS with working locks (Linux: NFSv4 or lockd).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,12 +59,17 @@ _CONFIG_KEYS_IGNORED = frozenset(
 )
 
 
+JOURNAL_NAME = "writes.log"
+
+
 @dataclass(frozen=True)
 class CacheStats:
-    """What one `ensure` did: distinct entries written (`encoded`) and found intact (`reused`)."""
+    """What one `ensure` did: distinct entries written (`encoded`), found intact (`reused`), and the
+    inputs that could not be encoded, with the reason (`failed`: (path or caption, reason) pairs)."""
 
     encoded: int
     reused: int
+    failed: tuple[tuple[str, str], ...] = ()
 
 
 def _canonical_json(value: Any) -> str:
@@ -159,9 +183,189 @@ class CacheStore:
         return tensors, metadata
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """Write the entry atomically (a temporary file in the same folder, then os.replace)."""
+        """Write the entry atomically (a temporary file in the same folder, then os.replace) and journal it.
+
+        To avoid encoding twice what another process is encoding, hold the entry's `lock` around
+        the check, the encoding and the put (`fill_entries` does).
+        """
         path = self.path_for(key)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("cache entry metadata must map str to str")
         own = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
         atomic_write_bytes(path, save_safetensors(own, metadata=dict(metadata)))
+        self._journal(key)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / JOURNAL_NAME
+
+    def _journal(self, key: str) -> None:
+        line = f"{key} {os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode()
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one short O_APPEND write: lines of concurrent writers never interleave
+        finally:
+            os.close(fd)
+
+    def journal(self) -> list[str]:
+        """The keys written to this store, one per write, oldest first (see the module doc)."""
+        try:
+            text = self.journal_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [line.split(" ", 1)[0] for line in text.splitlines() if line.strip()]
+
+    def lock(self, key: str, *, blocking: bool = True) -> EntryLock | None:
+        """Exclusive lock of one entry (`<key>.lock` beside it); None when `blocking` is False and it is held."""
+        path = self.path_for(key).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return EntryLock(path, fd)
+
+
+class EntryLock:
+    """A held entry lock. `release(done=True)` once the entry exists also removes the lock file."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def release(self, *, done: bool) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if done:  # remove our lock file, unless another process already replaced it by a new one
+                try:
+                    if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                        os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+# --------------------------------------------------------------------------------------------------
+# Filling missing entries, several processes at once
+
+T = TypeVar("T")
+Encoded = tuple[dict[str, torch.Tensor], dict[str, str]]
+
+
+@dataclass
+class Pending(Generic[T]):
+    """One entry to make: its key, the stores that lack it, what to encode, and a batching group."""
+
+    key: str
+    stores: tuple[CacheStore, ...]
+    item: T
+    group: Any = None  # only items of one group are encoded in one batch (e.g. one latent size)
+
+
+@dataclass
+class FillResult(Generic[T]):
+    written: int = 0  # (store, key) entries written by this call
+    found: int = 0  # (store, key) entries another process wrote while this one waited
+    failed: list[tuple[T, str]] = field(default_factory=list)
+
+
+def fill_entries(
+    pending: Sequence[Pending[T]],
+    *,
+    batch_size: int,
+    encode: Callable[[list[T]], list[Encoded | str]],
+    progress: Any = None,
+) -> FillResult[T]:
+    """Encode and store every pending entry exactly once across all processes sharing the stores.
+
+    `encode` gets up to `batch_size` items of one group and returns, per item, (tensors, metadata)
+    or a string saying why that item cannot be encoded (recorded in `failed`, nothing written).
+    Entries locked by another process are skipped at first and waited for at the end, without
+    holding any lock while waiting. `progress` (a tqdm bar or None) advances by one per entry.
+    """
+    result: FillResult[T] = FillResult()
+    batch: list[tuple[Pending[T], list[EntryLock]]] = []
+
+    def advance() -> None:
+        if progress is not None:
+            progress.update(1)
+
+    def release_all(locks: list[EntryLock], done: bool) -> None:
+        for held in locks:
+            held.release(done=done)
+
+    def claimed(entry: Pending[T], locks: list[EntryLock]) -> None:
+        """With every lock of `entry` held: count it as found, or queue it for encoding."""
+        lacking = tuple(store for store in entry.stores if not store.contains(entry.key))
+        result.found += len(entry.stores) - len(lacking)
+        if not lacking:
+            release_all(locks, done=True)
+            advance()
+            return
+        if batch and (len(batch) >= batch_size or batch[0][0].group != entry.group):
+            flush()
+        batch.append((Pending(entry.key, lacking, entry.item, entry.group), locks))
+
+    def flush() -> None:
+        if not batch:
+            return
+        taken = list(batch)
+        batch.clear()
+        try:
+            outputs = encode([entry.item for entry, _ in taken])
+            if len(outputs) != len(taken):
+                raise RuntimeError(f"encode returned {len(outputs)} results for {len(taken)} items")
+            for (entry, locks), output in zip(taken, outputs):
+                if isinstance(output, str):
+                    result.failed.append((entry.item, output))
+                    release_all(locks, done=False)
+                else:
+                    tensors, metadata = output
+                    for store in entry.stores:
+                        store.put(entry.key, tensors, metadata)
+                        result.written += 1
+                    release_all(locks, done=True)
+                advance()
+        finally:
+            for _, locks in taken:
+                release_all(locks, done=False)  # no-op for the ones released above
+
+    def try_lock(entry: Pending[T]) -> list[EntryLock] | None:
+        locks: list[EntryLock] = []
+        for store in entry.stores:
+            held = store.lock(entry.key, blocking=False)
+            if held is None:
+                release_all(locks, done=False)
+                return None
+            locks.append(held)
+        return locks
+
+    todo = [Pending(e.key, tuple(sorted(e.stores, key=lambda s: str(s.root))), e.item, e.group) for e in pending]
+    try:
+        while todo:
+            waiting: list[Pending[T]] = []
+            for entry in todo:
+                locks = try_lock(entry)
+                if locks is None:
+                    waiting.append(entry)
+                else:
+                    claimed(entry, locks)
+            flush()
+            if waiting and len(waiting) == len(todo):
+                # Every remaining entry is being made by someone else: wait for one, holding nothing.
+                first, waiting = waiting[0], waiting[1:]
+                claimed(first, [store.lock(first.key) for store in first.stores])
+                flush()
+            todo = waiting
+    finally:
+        for _, locks in batch:
+            release_all(locks, done=False)
+    return result

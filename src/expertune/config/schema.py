@@ -175,11 +175,14 @@ class DataConfig:
 
     data_backend_config: str | None = opt(None, "Path of the dataloader JSON file (list of datasets).",
                                           env=("DATALOADER_CONFIG",))
-    resolution: int = opt(1024, "Training resolution in pixels (shorter image edge).", ge=8, env=("RESOLUTION",))
-    resolution_type: str = opt("pixel", "How resolution is measured.", choices=("pixel", "area", "pixel_area"),
-                               env=("RESOLUTION_TYPE",))
-    minimum_image_size: int | None = opt(None, "Skip images whose shorter edge is below this many pixels.",
-                                         ge=0, env=("MINIMUM_RESOLUTION",))
+    resolution: float = opt(1024, "Training resolution of datasets that set none: pixels of the shorter edge "
+                                  "(pixel), megapixels (area) or pixels of an equal-area square's edge "
+                                  "(pixel_area).", gt=0, env=("RESOLUTION",))
+    resolution_type: str = opt("pixel", "How resolution is measured, for datasets that set none.",
+                               choices=("pixel", "area", "pixel_area"), env=("RESOLUTION_TYPE",))
+    minimum_image_size: float | None = opt(None, "Skip images smaller than this, in the unit of resolution_type "
+                                                 "(datasets that set none; 0 or unset: no minimum).",
+                                           ge=0, env=("MINIMUM_RESOLUTION",))
     aspect_bucket_rounding: int | None = opt(None, "Decimal places the aspect-bucket ratios are rounded to.",
                                              ge=0, env=("ASPECT_BUCKET_ROUNDING",))
     caption_dropout_probability: float = opt(0.0, "Probability of training a sample with an empty caption.",
@@ -305,7 +308,7 @@ class ValidationConfig:
                                      env=("VALIDATION_GUIDANCE",))
     validation_guidance_rescale: float = opt(0.0, "Guidance rescale of the validation images.", ge=0, le=1,
                                              env=("VALIDATION_GUIDANCE_RESCALE",))
-    validation_resolution: int | None = opt(None, "Resolution of the validation images (unset: resolution).",
+    validation_resolution: int | None = opt(None, "Edge of the square validation images in pixels (unset: the square bucket of resolution).",
                                             ge=8, env=("VALIDATION_RESOLUTION",))
     validation_seed: int | None = opt(None, "Seed of the validation images (unset: seed).", ge=0,
                                       env=("VALIDATION_SEED",))
@@ -416,8 +419,12 @@ class Config:
 
     def require_for_training(self) -> None:
         """Raise ConfigError naming every unset setting that training needs and how to set it."""
+        self.require("training", REQUIRED_FOR_TRAINING)
+
+    def require(self, purpose: str, names: tuple[str, ...]) -> None:
+        """Raise ConfigError naming every unset setting of `names` that `purpose` needs, and how to set it."""
         flat = self.flat()
-        missing = [n for n in REQUIRED_FOR_TRAINING if flat[n] is None]
+        missing = [n for n in names if flat[n] is None]
         if not missing:
             return
         lines = []
@@ -425,7 +432,7 @@ class Config:
             env = " or ".join(FIELDS[name].env)
             how = f"--{name}, `{name} = ...` in the --config TOML" + (f", or {env} in the --env file" if env else "")
             lines.append(f"  {name}: set {how}")
-        raise ConfigError("training needs settings that are unset:\n" + "\n".join(lines))
+        raise ConfigError(f"{purpose} needs settings that are unset:\n" + "\n".join(lines))
 
 
 def render_markdown_reference() -> str:

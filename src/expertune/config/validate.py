@@ -115,8 +115,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("base_model_precision", "not `no_change`", lambda v: v != "no_change",
                 "quantised base models are not supported; use base_model_precision=no_change "
                 "(with --mixed_precision=bf16 or fp16 to save memory)"),
-    Unsupported("resolution_type", "not `pixel`", lambda v: v != "pixel",
-                "only resolution_type=pixel is supported (resolution is the shorter image edge in pixels)"),
     Unsupported("read_batch_size", "set", lambda v: v is not None,
                 "cache I/O batch sizes are not configurable; remove it (vae_batch_size and "
                 "text_encoder_batch_size set the encoding batch sizes)"),
@@ -163,6 +161,17 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             f"refiner_training_invert_schedule (from {src('refiner_training_invert_schedule')}) needs "
             "refiner_training: add --refiner_training (the inverted schedule trains the base expert's "
             "high-noise band of a refiner_training split)")
+    resolution, resolution_type = values["resolution"], values["resolution_type"]
+    if resolution_type == "area" and resolution > 16:
+        raise ConfigError(
+            f"resolution={show(resolution)} (from {src('resolution')}) with resolution_type=area "
+            f"(from {src('resolution_type')}) means {show(resolution)} megapixels; give megapixels "
+            "(1.0 is about 1024 x 1024) or use resolution_type=pixel_area for an edge in pixels")
+    if resolution_type != "area" and (not float(resolution).is_integer() or resolution < 8):
+        raise ConfigError(
+            f"resolution={show(resolution)} (from {src('resolution')}) is not a whole number of pixels >= 8 "
+            f"as resolution_type={resolution_type} (from {src('resolution_type')}) needs; give pixels, or "
+            "use resolution_type=area for megapixels")
     if values["timestep_range"] is not None and values["refiner_training"]:
         raise ConfigError(
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "

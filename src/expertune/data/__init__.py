@@ -1,7 +1,9 @@
-"""Datasets: the dataloader JSON, image records with captions, and square crops with SDXL time ids."""
+"""Datasets: the dataloader JSON, image records with captions, aspect buckets, crops with SDXL time ids."""
 
+from expertune.data.buckets import BucketRule, format_size, megapixel_edge
 from expertune.data.records import (
     DataloaderConfig,
+    DatasetDefaults,
     DatasetSpec,
     Discovery,
     ImageRecord,
@@ -10,20 +12,32 @@ from expertune.data.records import (
     discover_records,
     load_dataloader_config,
 )
-from expertune.data.transforms import CropPlan, image_size, image_to_tensor, load_image, plan_crop
+from expertune.data.transforms import (
+    MAX_IMAGE_PIXELS,
+    CropPlan,
+    image_size,
+    image_to_tensor,
+    load_image,
+    plan_crop,
+)
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
+    "BucketRule",
     "CropPlan",
     "DataloaderConfig",
+    "DatasetDefaults",
     "DatasetSpec",
     "Discovery",
     "ImageRecord",
     "SkippedImage",
     "TextEmbedsSpec",
     "discover_records",
+    "format_size",
     "image_size",
     "image_to_tensor",
     "load_dataloader_config",
     "load_image",
+    "megapixel_edge",
     "plan_crop",
 ]

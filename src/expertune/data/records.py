@@ -2,7 +2,8 @@
 
 `load_dataloader_config` turns the JSON list into typed specs, rejecting what expertune cannot honour
 with a message that names the file, the entry, the field and the fix. `discover_records` walks one
-dataset's directory and pairs every image with its captions. See docs/datasets.md.
+dataset's directory and pairs every image with its captions. How each dataset sizes its images is
+its `BucketRule` (`expertune.data.buckets`). See docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from expertune.data.buckets import ALIGNMENTS, CROP_ASPECTS, CROP_STYLES, DEFAULT_ALIGNMENT, RESOLUTION_TYPES, BucketRule
 from expertune.errors import ConfigError, DataError
 
 logger = logging.getLogger("expertune.data")
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
-CROP_STYLES = ("center", "random", "corner")
 DEFAULT_CAPTION_STRATEGY = "filename"  # SimpleTuner's default for `--caption_strategy`
 
 # Fields read from an image entry / a text_embeds entry. Anything else is logged and ignored.
@@ -29,7 +30,8 @@ _IMAGE_FIELDS = frozenset(
     {
         "id", "type", "dataset_type", "disabled", "disable", "instance_data_dir", "caption_strategy",
         "instance_prompt", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
-        "cache_dir_vae", "repeats", "disable_validation",
+        "cache_dir_vae", "repeats", "disable_validation", "probability", "minimum_image_size",
+        "maximum_image_size", "target_downsample_size", "aspect_bucket_alignment",
     }
 )
 _TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disable", "default", "cache_dir"})
@@ -43,11 +45,34 @@ class DatasetSpec:
     instance_data_dir: Path
     caption_strategy: str  # textfile | filename | instanceprompt
     instance_prompt: str | None
-    resolution: int  # side of the square training crop, in pixels
+    resolution: float  # pixels (pixel, pixel_area) or megapixels (area): see expertune.data.buckets
     crop_style: str  # center | random | corner
     cache_dir_vae: Path
     repeats: int  # extra passes over the dataset per epoch (SimpleTuner meaning): 0 = seen once
     disable_validation: bool
+    resolution_type: str = "pixel"  # pixel | area | pixel_area
+    crop: bool = True
+    crop_aspect: str = "square"  # square | preserve
+    alignment: int = DEFAULT_ALIGNMENT  # bucket edges are multiples of this
+    minimum_image_size: float | None = None  # smaller images are skipped (unit of resolution_type)
+    maximum_image_size: float | None = None  # larger images are skipped (unit of resolution_type)
+    probability: float = 1.0  # relative weight of this dataset when batches are interleaved
+    aspect_rounding: int | None = None  # decimal places of aspect ratios (--aspect_bucket_rounding)
+
+    @property
+    def rule(self) -> BucketRule:
+        """How this dataset's images are bucketed and cropped."""
+        return BucketRule(
+            resolution=self.resolution,
+            resolution_type=self.resolution_type,
+            crop=self.crop,
+            crop_aspect=self.crop_aspect,
+            crop_style=self.crop_style,
+            alignment=self.alignment,
+            minimum_image_size=self.minimum_image_size,
+            maximum_image_size=self.maximum_image_size,
+            aspect_rounding=self.aspect_rounding,
+        )
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,26 @@ class _Entry:
             )
         return value
 
+    def number(self, field: str, *, default: float | None, minimum: float, strict: bool = False) -> float | None:
+        """A JSON number >= minimum (> minimum when `strict`); whole numbers come back as int."""
+        if not self.has(field):
+            return default
+        value = self.raw[field]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        if ok:
+            ok = value > minimum if strict else value >= minimum
+        if not ok:
+            relation = ">" if strict else ">="
+            raise self.error(field, f"must be a number {relation} {minimum:g}, got {value!r}", f"Set \"{field}\" to a number.")
+        return int(value) if float(value).is_integer() else float(value)
+
+    def choice(self, field: str, choices: tuple[str, ...], *, default: str, hint: str = "") -> str:
+        value = self.string(field, default=default)
+        assert value is not None
+        if value not in choices:
+            raise self.error(field, f"{value!r} is not supported{hint}", f"Use one of {', '.join(choices)}.")
+        return value
+
     def boolean(self, field: str, *, default: bool) -> bool:
         if not self.has(field):
             return default
@@ -153,10 +198,36 @@ def _resolve(value: str) -> Path:
     return path if path.is_absolute() else Path.cwd() / path
 
 
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """What an image entry gets for the fields it leaves out: the run's own settings."""
+
+    resolution: float = 1024
+    resolution_type: str = "pixel"
+    minimum_image_size: float | None = None
+    aspect_bucket_rounding: int | None = None
+
+
 def load_dataloader_config(
-    path: str | os.PathLike, *, default_resolution: int, default_cache_dir: Path
+    path: str | os.PathLike,
+    *,
+    default_resolution: float,
+    default_cache_dir: Path,
+    defaults: DatasetDefaults | None = None,
 ) -> DataloaderConfig:
-    """Read and validate a SimpleTuner-style dataloader JSON; raise ConfigError on anything unusable."""
+    """Read and validate a SimpleTuner-style dataloader JSON; raise ConfigError on anything unusable.
+
+    Entries that leave out `resolution`, `resolution_type` or `minimum_image_size` take them from
+    `defaults` (the run's --resolution, --resolution_type, --minimum_image_size); `default_resolution`
+    wins over `defaults.resolution`.
+    """
+    base = defaults or DatasetDefaults()
+    defaults = DatasetDefaults(
+        resolution=default_resolution,
+        resolution_type=base.resolution_type,
+        minimum_image_size=base.minimum_image_size,
+        aspect_bucket_rounding=base.aspect_bucket_rounding,
+    )
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")
@@ -212,7 +283,7 @@ def load_dataloader_config(
             embeds.append((entry, entry.boolean("default", default=False)))
         elif kind == "image":
             entry.warn_unknown(_IMAGE_FIELDS)
-            images.append(_image_spec(entry, entry_id, default_resolution, default_cache_dir))
+            images.append(_image_spec(entry, entry_id, defaults, default_cache_dir))
         else:
             raise entry.error(
                 "dataset_type",
@@ -230,7 +301,7 @@ def load_dataloader_config(
     )
 
 
-def _image_spec(entry: _Entry, entry_id: str, default_resolution: int, default_cache_dir: Path) -> DatasetSpec:
+def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default_cache_dir: Path) -> DatasetSpec:
     directory = entry.path("instance_data_dir")
     if directory is None:
         raise entry.error(
@@ -243,11 +314,7 @@ def _image_spec(entry: _Entry, entry_id: str, default_resolution: int, default_c
             "Create it or fix the path (relative paths are resolved against the current directory).",
         )
 
-    strategy = entry.string("caption_strategy", default=DEFAULT_CAPTION_STRATEGY)
-    if strategy not in CAPTION_STRATEGIES:
-        raise entry.error(
-            "caption_strategy", f"{strategy!r} is not supported", f"Use one of {', '.join(CAPTION_STRATEGIES)}."
-        )
+    strategy = entry.choice("caption_strategy", CAPTION_STRATEGIES, default=DEFAULT_CAPTION_STRATEGY)
     instance_prompt = entry.string("instance_prompt")
     if strategy == "instanceprompt" and instance_prompt is None:
         raise entry.error(
@@ -256,37 +323,47 @@ def _image_spec(entry: _Entry, entry_id: str, default_resolution: int, default_c
             "Add \"instance_prompt\": \"...\" or choose another caption_strategy.",
         )
 
-    resolution_type = entry.string("resolution_type", default="pixel")
-    if resolution_type != "pixel":
+    resolution_type = entry.choice("resolution_type", RESOLUTION_TYPES, default=defaults.resolution_type)
+    alignment = entry.integer("aspect_bucket_alignment", default=DEFAULT_ALIGNMENT, minimum=8)
+    if alignment not in ALIGNMENTS:
         raise entry.error(
-            "resolution_type",
-            f"{resolution_type!r} arrives with aspect buckets and is not supported yet",
-            "Use \"resolution_type\": \"pixel\" with \"resolution\" in pixels.",
+            "aspect_bucket_alignment", f"{alignment} is not supported", f"Use one of {', '.join(map(str, ALIGNMENTS))}."
         )
-    resolution = entry.integer("resolution", default=default_resolution, minimum=8)
-    if resolution % 8:
-        raise entry.error(
-            "resolution",
-            f"{resolution} is not a multiple of 8 (the VAE downsamples by 8)",
-            f"Use {resolution - resolution % 8} or {resolution - resolution % 8 + 8}.",
+    resolution = _resolution(entry, resolution_type, defaults.resolution)
+    crop = entry.boolean("crop", default=True)
+    crop_aspect = entry.choice("crop_aspect", CROP_ASPECTS, default="square",
+                               hint=" (square crops, or aspect buckets that keep each image's shape)")
+    crop_style = entry.choice("crop_style", CROP_STYLES, default="center")
+    minimum = entry.number("minimum_image_size", default=defaults.minimum_image_size, minimum=0)
+    maximum = entry.number("maximum_image_size", default=None, minimum=0, strict=True)
+    if resolution_type == "area":
+        for field, value in (("minimum_image_size", minimum), ("maximum_image_size", maximum)):
+            if value is not None and value > 16:
+                raise entry.error(
+                    field,
+                    f"{value:g} megapixels is implausible with \"resolution_type\": \"area\"",
+                    "Give it in megapixels (e.g. 0.25), or use \"resolution_type\": \"pixel_area\" for pixels.",
+                )
+    if minimum and maximum is not None and maximum < minimum:
+        raise entry.error("maximum_image_size", f"{maximum:g} is below minimum_image_size {minimum:g}",
+                          "Raise maximum_image_size or lower minimum_image_size.")
+    downsample = entry.number("target_downsample_size", default=None, minimum=0, strict=True)
+    if maximum is not None and downsample is not None:
+        # SimpleTuner's pair: "downsample larger images to target_downsample_size before cropping". expertune
+        # always scales an image to its bucket before cutting, so large images are kept and downsampled anyway.
+        logger.info(
+            "%s: %s: maximum_image_size with target_downsample_size: larger images are downsampled to their "
+            "bucket (expertune always scales to the bucket), not skipped", entry.source, entry.label,
         )
-    if not entry.boolean("crop", default=True):
-        raise entry.error(
-            "crop",
-            "false asks for uncropped aspect buckets, which are not supported yet",
-            "Set \"crop\": true (images are cropped to a resolution x resolution square).",
+        maximum = None
+    elif downsample is not None:
+        logger.warning(
+            "%s: %s: field 'target_downsample_size' has no effect without maximum_image_size and is ignored",
+            entry.source, entry.label,
         )
-    crop_aspect = entry.string("crop_aspect", default="square")
-    if crop_aspect != "square":
-        raise entry.error(
-            "crop_aspect",
-            f"{crop_aspect!r} arrives with aspect buckets and is not supported yet",
-            "Use \"crop_aspect\": \"square\" or leave it out.",
-        )
-    crop_style = entry.string("crop_style", default="center")
-    if crop_style not in CROP_STYLES:
-        raise entry.error("crop_style", f"{crop_style!r} is not supported", f"Use one of {', '.join(CROP_STYLES)}.")
 
+    probability = entry.number("probability", default=1.0, minimum=0, strict=True)
+    assert probability is not None
     cache_dir_vae = entry.path("cache_dir_vae", default=default_cache_dir / "latents")
     assert cache_dir_vae is not None
     return DatasetSpec(
@@ -299,7 +376,43 @@ def _image_spec(entry: _Entry, entry_id: str, default_resolution: int, default_c
         cache_dir_vae=cache_dir_vae,
         repeats=entry.integer("repeats", default=0, minimum=0),
         disable_validation=entry.boolean("disable_validation", default=False),
+        resolution_type=resolution_type,
+        crop=crop,
+        crop_aspect=crop_aspect,
+        alignment=alignment,
+        minimum_image_size=minimum or None,
+        maximum_image_size=maximum,
+        probability=float(probability),
+        aspect_rounding=defaults.aspect_bucket_rounding,
     )
+
+
+def _resolution(entry: _Entry, resolution_type: str, default: float) -> float:
+    resolution = entry.number("resolution", default=default, minimum=0, strict=True)
+    assert resolution is not None
+    source = "" if entry.has("resolution") else " (the run's --resolution, which this entry does not override)"
+    if resolution_type == "area":
+        if resolution > 16:
+            raise entry.error(
+                "resolution",
+                f"{resolution:g}{source} with \"resolution_type\": \"area\" means {resolution:g} megapixels",
+                "Give megapixels (1.0 is about 1024 x 1024), or use \"resolution_type\": \"pixel_area\" for an edge in pixels.",
+            )
+        return float(resolution)
+    if not float(resolution).is_integer() or resolution < 8:
+        raise entry.error(
+            "resolution",
+            f"{resolution!r}{source} is not a whole number of pixels >= 8 (resolution_type {resolution_type})",
+            "Give pixels (e.g. 1024), or use \"resolution_type\": \"area\" for megapixels.",
+        )
+    resolution = int(resolution)
+    if resolution_type == "pixel" and resolution % 8:
+        raise entry.error(
+            "resolution",
+            f"{resolution}{source} is not a multiple of 8 (the VAE downsamples by 8)",
+            f"Use {resolution - resolution % 8} or {resolution - resolution % 8 + 8}.",
+        )
+    return resolution
 
 
 def _text_embeds_spec(source: Path, embeds: list[tuple[_Entry, bool]], default_cache_dir: Path) -> TextEmbedsSpec:
@@ -370,9 +483,11 @@ def _captions_from_textfile(path: Path) -> tuple[tuple[str, ...], str | None]:
 
 
 def discover_records(spec: DatasetSpec) -> Discovery:
-    """Every usable image of `spec`, sorted by path, with its captions; skipped images and why.
+    """Every image of `spec` that has a caption, sorted by path; skipped images and why.
 
-    Raises DataError when the dataset has no usable image at all.
+    Raises DataError when the directory holds no image file at all (a wrong `instance_data_dir`). A
+    dataset whose every image is skipped is returned empty, with a warning: the run goes on while
+    another dataset has usable images (`prepare_data` stops when none has).
     """
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
@@ -399,13 +514,14 @@ def discover_records(spec: DatasetSpec) -> Discovery:
         else:
             records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id))
 
-    if not records:
-        if not paths:
-            detail = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found"
-        else:
-            detail = f"all {len(paths)} images were skipped (first: {skipped[0].path}: {skipped[0].reason})"
+    if not paths:
         raise DataError(
-            f"dataset {spec.id!r}: {spec.instance_data_dir} has no usable image: {detail}. "
-            "Add images (and their captions) or fix instance_data_dir."
+            f"dataset {spec.id!r}: {spec.instance_data_dir} has no usable image: no image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) found. Add images or fix instance_data_dir."
+        )
+    if not records:
+        logger.warning(
+            "dataset %r: all %d images in %s were skipped (first: %s: %s)",
+            spec.id, len(paths), spec.instance_data_dir, skipped[0].path, skipped[0].reason,
         )
     return Discovery(records=records, skipped=skipped)

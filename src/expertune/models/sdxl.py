@@ -84,10 +84,32 @@ def check_sdxl_layout(unet_config: Any, text_width_1: int, text_width_2: int, po
         raise ModelError(f"model {source!r} is not an SDXL-layout model: " + "; ".join(problems))
 
 
+class _ConfigOnly:
+    """`from_pretrained` stand-in that reads only a component's config (for `with_unet=False`)."""
+
+    def __init__(self, cls: Any) -> None:
+        self.cls = cls
+
+    def from_pretrained(self, source: str, subfolder: str, **kwargs: Any) -> Any:
+        import types
+
+        config = self.cls.load_config(source, subfolder=subfolder, revision=kwargs.get("revision"))
+        return types.SimpleNamespace(config=types.SimpleNamespace(**dict(config)))
+
+
 def load_components(
-    source: str, *, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
+    source: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    with_unet: bool = True,
 ) -> SDXLComponents:
-    """Load an SDXL-layout model's components from a local directory or hub id (safetensors only)."""
+    """Load an SDXL-layout model's components from a local directory or hub id (safetensors only).
+
+    `with_unet=False` reads only the UNet's config (to check the layout) and leaves `unet` None:
+    what building the caches needs (`expertune cache`), without the UNet's gigabytes.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -95,7 +117,8 @@ def load_components(
     weights: dict[str, Any] = {**common, "variant": variant, "use_safetensors": True}
     text_1 = _load(CLIPTextModel, source, "text_encoder", **weights, dtype=dtype)
     text_2 = _load(CLIPTextModelWithProjection, source, "text_encoder_2", **weights, dtype=dtype)
-    unet = _load(UNet2DConditionModel, source, "unet", **weights, torch_dtype=dtype)
+    unet_loader = UNet2DConditionModel if with_unet else _ConfigOnly(UNet2DConditionModel)
+    unet = _load(unet_loader, source, "unet", **weights, torch_dtype=dtype)
     check_sdxl_layout(unet.config, text_1.config.hidden_size, text_2.config.hidden_size,
                       text_2.config.projection_dim, source)
     vae = _load(AutoencoderKL, source, "vae", **weights, torch_dtype=dtype)
@@ -110,7 +133,7 @@ def load_components(
         module.eval()
     return SDXLComponents(
         source=source,
-        unet=unet,
+        unet=unet if with_unet else None,
         vae=vae,
         tokenizer_1=tokenizer_1,
         tokenizer_2=tokenizer_2,

@@ -13,13 +13,23 @@ import logging
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from expertune.data.batches import MicroBatch, batches_per_epoch, caption_for, collate, drop_captions, epoch_order, micro_batches
+from expertune.data.batches import (
+    Bucket,
+    MicroBatch,
+    batches_per_epoch,
+    caption_for,
+    collate,
+    drop_captions,
+    epoch_batches,
+    micro_batches,
+)
 from expertune.errors import ConfigError, StorageError, TrainingInterrupted, UnsupportedFeatureError
 from expertune.experts import ExpertBand, band_from_settings, expert_summary
 from expertune.io_utils import atomic_write_json
@@ -86,12 +96,12 @@ def expert_band_for(config: Any, num_train_timesteps: int) -> ExpertBand:
         raise ConfigError(f"expert band: {error}") from None
 
 
-def total_optimizer_steps(config: Any, num_items: int, world_size: int) -> int:
+def total_optimizer_steps(config: Any, buckets: int | Sequence[Bucket], world_size: int) -> int:
     t = config.train
     if t.max_train_steps:
         return int(t.max_train_steps)
     epochs = t.num_train_epochs or 1
-    micro = batches_per_epoch(num_items, t.train_batch_size, world_size) * epochs
+    micro = batches_per_epoch(buckets, t.train_batch_size, world_size) * epochs
     return max(1, -(-micro // t.gradient_accumulation_steps))
 
 
@@ -206,7 +216,7 @@ def train(config: Any) -> RunResult:
         unet.requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    total_steps = total_optimizer_steps(config, len(prepared.items), accelerator.num_processes)
+    total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
     optimizer = build_optimizer(unet.parameters(), t)
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -227,7 +237,7 @@ def train(config: Any) -> RunResult:
         document = read_checkpoint_document(checkpoint_path)
         check_resume_compatible(document, config_snapshot, identity, t.allow_config_change, checkpoint_path)
         load_checkpoint(checkpoint_path, state)
-        if state.epoch_order and state.epoch_order != epoch_order(len(prepared.items), t.seed, state.data.epoch):
+        if state.epoch_order and state.epoch_order != _epoch_layout(config, prepared, accelerator, state.data.epoch):
             raise ConfigError(f"the data order stored in {checkpoint_path} does not match the datasets any more")
         log.info("resumed from %s at step %d (epoch %d)", checkpoint_path, state.step, state.data.epoch)
     if accelerator.is_main_process:
@@ -249,6 +259,7 @@ def train(config: Any) -> RunResult:
     first_step_at: float | None = None
     last_record: dict[str, Any] = {}
     last_saved = state.step if checkpoint_path is not None else None
+    layout_epoch = state.data.epoch if state.epoch_order else None
     with StopRequests() as stop:
         for step in range(state.step + 1, total_steps + 1):
             step_started = time.monotonic()
@@ -281,10 +292,12 @@ def train(config: Any) -> RunResult:
 
             tail = group[-1]
             consumed = state.data.micro_batches_consumed + len(group)
-            epoch_done = tail.position + t.train_batch_size * accelerator.num_processes >= len(prepared.items)
+            epoch_done = tail.epoch_end
             state.step = step
             state.data = DataPosition(consumed, tail.epoch, tail.position)
-            state.epoch_order = epoch_order(len(prepared.items), t.seed, tail.epoch)
+            if tail.epoch != layout_epoch:  # recomputed once per epoch, not per step
+                state.epoch_order = _epoch_layout(config, prepared, accelerator, tail.epoch)
+                layout_epoch = tail.epoch
 
             timesteps = torch.cat(step_timesteps)
             if accelerator.num_processes > 1:
@@ -365,6 +378,7 @@ def train(config: Any) -> RunResult:
             "final": last_record,
             "cache": prepared.cache_stats,
             "skipped_images": prepared.skipped,
+            "buckets": prepared.bucket_table,
             "validation_images": [str(p) for p in validation_files],
             "seconds": {
                 "total": round(time.monotonic() - started, 3),
@@ -393,9 +407,17 @@ def _agreed(accelerator: Any, flag: bool) -> bool:
     return bool(total.item() > 0)
 
 
+def _epoch_layout(config: Any, prepared: PreparedData, accelerator: Any, epoch: int) -> list[int]:
+    """The epoch's order of items (its global batches, flattened): what a checkpoint records and checks."""
+    global_size = config.train.train_batch_size * accelerator.num_processes
+    batches = epoch_batches(prepared.buckets, global_size, config.train.seed, epoch,
+                            world_size=accelerator.num_processes)
+    return [index for batch in batches for index in batch]
+
+
 def _resumed_stream(config: Any, prepared: PreparedData, accelerator: Any, consumed: int) -> Iterator[MicroBatch]:
     """The run's micro-batch stream, advanced past the `consumed` micro-batches of earlier steps."""
-    stream = micro_batches(len(prepared.items), config.train.train_batch_size, config.train.seed,
+    stream = micro_batches(prepared.buckets, config.train.train_batch_size, config.train.seed,
                            rank=accelerator.process_index, world_size=accelerator.num_processes)
     for _ in range(consumed):
         next(stream)

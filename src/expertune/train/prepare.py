@@ -1,4 +1,19 @@
-"""Everything a run needs before its first step: datasets discovered, caches complete."""
+"""Everything a run needs before its first step: datasets discovered, images bucketed, caches complete.
+
+`prepare_data` is the one path that both `expertune train` and `expertune cache` take, so the cache
+verb builds exactly the entries a run of the same config will look up, and prints the same stats:
+
+1. read the dataloader JSON and find every captioned image (`discover_records`);
+2. read each image's header and hash its bytes; skip what cannot be read, what is over the pixel
+   limit, and what `minimum_image_size` / `maximum_image_size` leave out; plan each image's bucket
+   and crop (`BucketRule`);
+3. encode the missing latents (an image that fails to decode is skipped), then the missing text
+   embeddings of every caption and validation prompt;
+4. group the items into buckets (one dataset, one size) and log the bucket table.
+
+Every image left out is logged with its file and reason and returned in `skipped` (run.json lists
+them); the run goes on while at least one image is usable and stops with a DataError when none is.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from expertune.cache.embeds import EmbedCache
-from expertune.cache.latents import LatentCache
+from expertune.cache.latents import LatentCache, LatentPlan
 from expertune.cache.store import CacheStore
-from expertune.data.batches import TrainingItem
-from expertune.data.records import DataloaderConfig, discover_records, load_dataloader_config
+from expertune.data.batches import Bucket, TrainingItem
+from expertune.data.buckets import format_size
+from expertune.data.records import (
+    DataloaderConfig,
+    DatasetDefaults,
+    DatasetSpec,
+    ImageRecord,
+    discover_records,
+    load_dataloader_config,
+)
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
 
@@ -26,6 +52,7 @@ class PreparedData:
     embed_cache: EmbedCache
     cache_stats: dict[str, int]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    buckets: list[Bucket] = field(default_factory=list)
 
     @property
     def unique_items(self) -> list[TrainingItem]:
@@ -35,32 +62,101 @@ class PreparedData:
             seen.setdefault((item.spec.id, item.record.path), item)
         return list(seen.values())
 
+    @property
+    def bucket_table(self) -> list[dict[str, Any]]:
+        """One row per bucket: dataset, width, height, distinct images, samples per epoch (with repeats)."""
+        rows = []
+        for bucket in self.buckets:
+            images = {self.items[index].record.path for index in bucket.indices}
+            rows.append({
+                "dataset": bucket.dataset,
+                "width": bucket.size[1],
+                "height": bucket.size[0],
+                "images": len(images),
+                "samples": len(bucket.indices),
+            })
+        return rows
 
-def prepare_data(config: Any, components: SDXLComponents, extra_prompts: list[str] | None = None) -> PreparedData:
-    """Read the dataloader JSON, find the images, and make sure every latent and embedding is cached.
+
+def validation_prompts(config: Any) -> list[str]:
+    """The prompts validation will look up in the embedding cache (cached with the captions)."""
+    v = config.validation
+    return [p for p in (v.validation_prompt, v.validation_negative_prompt) if p]
+
+
+def load_datasets(config: Any) -> DataloaderConfig:
+    """The dataloader JSON of `config`, with the run's settings as defaults for every entry."""
+    d = config.data
+    cache_root = config.resolved_cache_dir()
+    defaults = DatasetDefaults(
+        resolution=d.resolution,
+        resolution_type=d.resolution_type,
+        minimum_image_size=d.minimum_image_size,
+        aspect_bucket_rounding=d.aspect_bucket_rounding,
+    )
+    return load_dataloader_config(
+        d.data_backend_config, default_resolution=d.resolution, default_cache_dir=cache_root, defaults=defaults
+    )
+
+
+def prepare_data(
+    config: Any, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
+) -> PreparedData:
+    """Read the datasets, bucket the images, and make sure every latent and embedding is cached.
 
     `extra_prompts` (validation prompts) are cached too, so the text encoders can be released after.
+    Only the VAE, the text encoders and the tokenizers of `components` are used.
     """
-    from expertune.config.schema import default_cache_dir
-
-    cache_root = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-    dataloader = load_dataloader_config(
-        config.data.data_backend_config, default_resolution=config.data.resolution, default_cache_dir=cache_root
-    )
-    items: list[TrainingItem] = []
+    dataloader = load_datasets(config)
+    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
     skipped: list[dict[str, str]] = []
+
+    def skip(spec: DatasetSpec, path: Path, reason: str, *, logged: bool = False) -> None:
+        reason = reason.removeprefix(f"{path}: ")  # DataErrors name the file; the entry already does
+        if not logged:
+            log.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
+        skipped.append({"path": str(path), "reason": reason, "dataset": spec.id})
+
+    # 1-2. Records with captions, then each image's header, hash, size limits and crop plan.
+    found: list[tuple[DatasetSpec, list[ImageRecord]]] = []
     for spec in dataloader.datasets:
         records, left_out = discover_records(spec)
-        skipped.extend({"path": str(path), "reason": reason, "dataset": spec.id} for path, reason in left_out)
-        log.info("dataset %r: %d images (%d repeats), %d skipped", spec.id, len(records), spec.repeats, len(left_out))
-        for record in records:
-            items.extend(TrainingItem(record, spec) for _ in range(1 + spec.repeats))
-    if not items:
-        raise DataError(f"no usable images in the datasets of {dataloader.source}")
+        for path, reason in left_out:
+            skip(spec, path, reason, logged=True)  # discover_records logged it
+        found.append((spec, records))
+    planned: dict[tuple[str, Path], LatentPlan] = {}
+    total = sum(len(records) for _, records in found)
+    with tqdm(total=total, desc="reading images", unit="img", disable=not progress or total == 0) as bar:
+        for spec, records in found:
+            rule = spec.rule
+            for record in records:
+                bar.update(1)
+                try:
+                    plan = latent_cache.planned(record, spec)
+                except DataError as error:  # empty, not an image, over the pixel limit
+                    skip(spec, record.path, str(error))
+                    continue
+                problem = rule.size_problem(plan.plan.original_size)
+                if problem is not None:
+                    skip(spec, record.path, problem)
+                    continue
+                planned[(spec.id, record.path)] = plan
 
-    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
-    unique = {(item.spec.id, item.record.path): item for item in items}
-    latent_stats = latent_cache.ensure([(item.record, item.spec) for item in unique.values()])
+    # 3. Latents (an image that fails to decode is left out), then text embeddings.
+    kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
+    latent_stats = latent_cache.ensure(kept, progress=progress)
+    failed = dict(latent_stats.failed)
+    for record, spec in kept:
+        if str(record.path) in failed:
+            skip(spec, record.path, failed[str(record.path)])
+    usable = [(record, spec) for record, spec in kept if str(record.path) not in failed]
+    if not usable:
+        raise DataError(_nothing_usable(dataloader, skipped))
+
+    items: list[TrainingItem] = []
+    for record, spec in usable:
+        items.extend(TrainingItem(record, spec) for _ in range(1 + spec.repeats))
+    buckets = _buckets(items, planned)
 
     if components.text_encoder_1 is None or components.text_encoder_2 is None:
         raise RuntimeError("text encoders were released before the embedding cache was built")
@@ -70,13 +166,80 @@ def prepare_data(config: Any, components: SDXLComponents, extra_prompts: list[st
         store=CacheStore(dataloader.text_embeds.cache_dir),
         batch_size=config.data.text_encoder_batch_size,
     )
-    captions = sorted({caption for item in unique.values() for caption in item.captions} | set(extra_prompts or []))
-    embed_stats = embed_cache.ensure(captions)
+    captions = sorted({caption for record, _ in usable for caption in record.captions} | set(extra_prompts or []))
+    embed_stats = embed_cache.ensure(captions, progress=progress)
     stats = {
         "latents_encoded": latent_stats.encoded,
         "latents_reused": latent_stats.reused,
         "embeds_encoded": embed_stats.encoded,
         "embeds_reused": embed_stats.reused,
     }
+    prepared = PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped, buckets)
+    for spec in dataloader.datasets:
+        count = sum(1 for _, s in usable if s.id == spec.id)
+        left = sum(1 for entry in skipped if entry["dataset"] == spec.id)
+        log.info("dataset %r: %d images (%d repeats), %d skipped", spec.id, count, spec.repeats, left)
+    _log_bucket_table(prepared, config.train.train_batch_size * config.train.num_processes)
     log.info("cache: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-    return PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped)
+    return prepared
+
+
+def _buckets(items: list[TrainingItem], planned: dict[tuple[str, Path], LatentPlan]) -> list[Bucket]:
+    """Item indices grouped by (dataset, training size), datasets in file order, sizes sorted."""
+    order = {item.spec.id: position for position, item in reversed(list(enumerate(items)))}
+    groups: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    weights: dict[str, float] = {}
+    for index, item in enumerate(items):
+        size = planned[(item.spec.id, item.record.path)].plan.target_size
+        groups.setdefault((item.spec.id, size), []).append(index)
+        weights[item.spec.id] = item.spec.probability
+    keys = sorted(groups, key=lambda key: (order[key[0]], key[1]))
+    return [Bucket(dataset, size, tuple(groups[(dataset, size)]), weights[dataset]) for dataset, size in keys]
+
+
+def _log_bucket_table(prepared: PreparedData, global_batch: int) -> None:
+    rows = prepared.bucket_table
+    width = max([len("dataset"), *(len(row["dataset"]) for row in rows)])
+    lines = [f"  {'dataset':<{width}}  {'bucket (w x h)':>14}  {'images':>7}  {'samples':>7}"]
+    small = []
+    for row in rows:
+        size = format_size((row["height"], row["width"]))
+        lines.append(f"  {row['dataset']:<{width}}  {size:>14}  {row['images']:>7}  {row['samples']:>7}")
+        if row["samples"] < global_batch:
+            small.append(f"{row['dataset']} {size} ({row['samples']})")
+    log.info("aspect buckets (%d):\n%s", len(rows), "\n".join(lines))
+    if small:
+        log.info(
+            "%d bucket(s) hold fewer samples than a batch of %d and are served as smaller batches: %s",
+            len(small), global_batch, ", ".join(small),
+        )
+
+
+def _nothing_usable(dataloader: DataloaderConfig, skipped: list[dict[str, str]]) -> str:
+    shown = "; ".join(f"{entry['path']}: {entry['reason']}" for entry in skipped[:3])
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    return (
+        f"no usable image in the datasets of {dataloader.source}: all {len(skipped)} images were skipped: "
+        f"{shown}{more}. Fix or replace the files (each is named in the log above)."
+    )
+
+
+def cache_only(config: Any, *, progress: bool = True) -> PreparedData:
+    """What `expertune cache` does: load only the VAE, text encoders and tokenizers, and prepare the data.
+
+    The same `prepare_data` as training, with the same validation prompts, so a later `train` of
+    the same config encodes nothing.
+    """
+    from expertune.models.sdxl import load_components
+
+    config.require("build the caches", ("pretrained_model_name_or_path", "data_backend_config"))
+    components = load_components(
+        config.model.pretrained_model_name_or_path,
+        revision=config.model.revision,
+        variant=config.model.variant,
+        with_unet=False,
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
+        frozen.to(device)
+    return prepare_data(config, components, extra_prompts=validation_prompts(config), progress=progress)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from expertune.data.buckets import BucketRule
 from expertune.experts import ExpertBand
 from expertune.io_utils import atomic_write_bytes
 from expertune.models.sdxl import SDXLComponents, make_scheduler
@@ -151,7 +152,8 @@ class Validator:
             unet=unet, scheduler=self._scheduler(),
         )
         pipe.set_progress_bar_config(disable=True)
-        size = self.v.validation_resolution or self.config.data.resolution
+        size = self.v.validation_resolution or BucketRule(self.config.data.resolution,
+                                                          self.config.data.resolution_type).square_edge()
         result = []
         for index, prompt in enumerate(prompts):
             image = pipe(
