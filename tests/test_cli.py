@@ -53,3 +53,12 @@ def test_tiny_model_verb_writes_a_loadable_pipeline(tmp_path: Path) -> None:
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "tiny"))
     assert pipe.unet.config.addition_embed_type == "text_time"
+
+
+def test_tiny_clip_verb_writes_a_clip_that_loads_offline(tmp_path: Path) -> None:
+    assert main(["tiny-clip", str(tmp_path / "clip")]) == 0
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(str(tmp_path / "clip"))
+    processor = CLIPProcessor.from_pretrained(str(tmp_path / "clip"))
+    assert model.config.projection_dim == 16 and processor.tokenizer("a cat")["input_ids"]
