@@ -363,7 +363,6 @@ UNSUPPORTED_CASES = {
     "accelerate_extra_args": "--accelerate_extra_args=--foo",
     "base_model_precision": "--base_model_precision=int8-quanto",
     "optimizer": "--optimizer=adamw_bf16", "resolution_type": "--resolution_type=area",
-    "validation_input": "--validation_input=inputs/",
     "read_batch_size": "--read_batch_size=8", "write_batch_size": "--write_batch_size=8",
     "text_cache_ondemand": "--text_cache_ondemand", "text_cache_disable": "--text_cache_disable",
 }
@@ -428,3 +427,12 @@ def test_timestep_range_excludes_refiner_training():
         load_config(["--timestep_range=0,349", "--refiner_training"])
     config, _ = load_config(["--timestep_range=0,349"])
     assert config.timestep_bounds == (0, 349)
+
+
+def test_held_out_images_are_chosen_one_way():
+    with pytest.raises(ConfigError, match="eval_dataset_id='faces'.*eval_holdout_fraction=0.1.*use one"):
+        load_config(["--eval_dataset_id=faces", "--eval_holdout_fraction=0.1"])
+    config, _ = load_config(["--eval_holdout_fraction=0.25", "--evaluation_type=clip"])
+    assert config.validation.eval_holdout_fraction == 0.25 and config.validation.evaluation_type == "clip"
+    with pytest.raises(ConfigError, match="eval_holdout_fraction"):
+        load_config(["--eval_holdout_fraction=1"])

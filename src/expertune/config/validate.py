@@ -145,9 +145,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 f"accelerate launch configs are not used; {_ONE_GPU}: remove it"),
     Unsupported("accelerate_extra_args", "set", lambda v: v is not None,
                 f"accelerate launch arguments are not used; {_ONE_GPU}: remove it"),
-    Unsupported("validation_input", "set", lambda v: v is not None,
-                "explicit validation input images are not supported yet; stage-2 validation uses dataset "
-                "images (--validation_using_datasets)"),
     Unsupported("optimizer", "not `adamw`", lambda v: v != "adamw",
                 "only AdamW (torch.optim.AdamW) is supported; use --optimizer=adamw"),
 )
@@ -183,6 +180,11 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
         raise ConfigError(
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
             f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
+    if values["eval_dataset_id"] is not None and values["eval_holdout_fraction"] is not None:
+        raise ConfigError(
+            f"eval_dataset_id={show(values['eval_dataset_id'])} (from {src('eval_dataset_id')}) and "
+            f"eval_holdout_fraction={show(values['eval_holdout_fraction'])} (from {src('eval_holdout_fraction')}) "
+            "both choose the held-out images; use one")
 
 
 def validate_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:

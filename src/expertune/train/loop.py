@@ -117,6 +117,7 @@ def train(config: Any) -> RunResult:
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
+    from expertune.validate.plan import build_plan
     from expertune.validate.samples import Validator
 
     config.require_for_training()
@@ -142,10 +143,10 @@ def train(config: Any) -> RunResult:
     log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
              band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
 
-    prompts = [p for p in (v.validation_prompt, v.validation_negative_prompt) if p]
+    plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(accelerator.device)
-    prepared = prepare_data(config, components, extra_prompts=prompts)
+    prepared = prepare_data(config, components, extra_prompts=plan.prompts_to_cache)
     components.release_text_encoders()
 
     unet = components.unet
@@ -161,8 +162,10 @@ def train(config: Any) -> RunResult:
     if accelerator.is_main_process and config.logging.report_to != "none":
         run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
         accelerator.init_trackers(run_name, config=_tracker_config(config))
-    validator = Validator(config, components, schedule, band, prepared, accelerator, output_dir)
     metrics = MetricsLog(output_dir / "metrics.jsonl")
+    validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir, metrics)
+    if v.validation_on_startup:
+        validator.run(accelerator.unwrap_model(unet), 0)
 
     generator = torch.Generator().manual_seed(t.seed + 7919 * accelerator.process_index)
     stream = micro_batches(
@@ -227,12 +230,12 @@ def train(config: Any) -> RunResult:
         if v.validation_step_interval and step % v.validation_step_interval == 0 and step < total_steps:
             validator.run(accelerator.unwrap_model(unet), step)
     progress.close()
-    metrics.close()
 
     accelerator.wait_for_everyone()
     final_unet = accelerator.unwrap_model(unet)
     final_unet.eval()
     validation_files = validator.run(final_unet, total_steps)
+    metrics.close()
     pipeline_dir = output_dir / "pipeline"
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:

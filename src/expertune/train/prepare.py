@@ -11,6 +11,7 @@ from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache
 from expertune.cache.store import CacheStore
 from expertune.data.batches import TrainingItem
+from expertune.data.holdout import split_holdout
 from expertune.data.records import DataloaderConfig, discover_records, load_dataloader_config
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
@@ -26,6 +27,7 @@ class PreparedData:
     embed_cache: EmbedCache
     cache_stats: dict[str, int]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    eval_items: list[TrainingItem] = field(default_factory=list)  # held out from `items`, each image once
 
     @property
     def unique_items(self) -> list[TrainingItem]:
@@ -40,6 +42,8 @@ def prepare_data(config: Any, components: SDXLComponents, extra_prompts: list[st
     """Read the dataloader JSON, find the images, and make sure every latent and embedding is cached.
 
     `extra_prompts` (validation prompts) are cached too, so the text encoders can be released after.
+    Images held out for evaluation (`eval_dataset_id` / `eval_holdout_fraction`) are cached but left out
+    of `items`; they are `eval_items`.
     """
     from expertune.config.schema import default_cache_dir
 
@@ -57,6 +61,13 @@ def prepare_data(config: Any, components: SDXLComponents, extra_prompts: list[st
             items.extend(TrainingItem(record, spec) for _ in range(1 + spec.repeats))
     if not items:
         raise DataError(f"no usable images in the datasets of {dataloader.source}")
+    v = config.validation
+    training_items, eval_items = split_holdout(
+        items, eval_dataset_id=v.eval_dataset_id, fraction=v.eval_holdout_fraction, seed=config.train.seed,
+        dataset_ids=[spec.id for spec in dataloader.datasets],
+    )
+    if eval_items:
+        log.info("%d images held out of training for the per-band validation loss", len(eval_items))
 
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
     unique = {(item.spec.id, item.record.path): item for item in items}
@@ -79,4 +90,4 @@ def prepare_data(config: Any, components: SDXLComponents, extra_prompts: list[st
         "embeds_reused": embed_stats.reused,
     }
     log.info("cache: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-    return PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped)
+    return PreparedData(dataloader, training_items, latent_cache, embed_cache, stats, skipped, eval_items)
