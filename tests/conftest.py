@@ -20,6 +20,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random CLIPModel + CLIPProcessor directory (seed 0), built offline. Treat as read-only."""
+    from expertune.models.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test's default cache directory out of the user's home."""
@@ -58,17 +66,33 @@ def write_stage_env(folder: Path, stage: int, model: Path, output: Path, dataloa
     return path
 
 
+def evaluation_flags(clip_dir: Path) -> list[str]:
+    """CLIP score with the tiny local CLIP, and the per-band loss on one held-out image of six."""
+    return ["--evaluation_type=clip", f"--pretrained_evaluation_model_name_or_path={clip_dir}",
+            "--eval_holdout_fraction=0.17", "--eval_timesteps_per_subband=2"]
+
+
 @pytest.fixture(scope="session")
-def trained_experts(tiny_model_dir: Path, small_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Stage 1 then stage 2 trained from the recipe's own config.env (3 steps each), sharing caches."""
+def trained_experts(tiny_model_dir: Path, small_dataset: Path, tiny_clip_dir: Path,
+                    tmp_path_factory: pytest.TempPathFactory):
+    """Stage 1 then stage 2 trained from the recipe's own config.env (3 steps each), sharing caches.
+
+    Both are evaluated (CLIP score, per-band held-out loss); stage 2 also validates the chain through stage 1.
+    """
     from expertune.config import load_config
     from expertune.train.loop import train
 
+    from expertune.demo.dataset import write_dataloader_config
+
     root = tmp_path_factory.mktemp("experts")
+    # Its own caches, so the encoded/reused counts do not depend on which tests ran before.
+    dataloader = write_dataloader_config(root / "dataloader.json", small_dataset.parent / "images", root / "cache",
+                                         resolution=64)
     results = []
     for stage in (1, 2):
-        env = write_stage_env(root, stage, tiny_model_dir, root / f"stage{stage}", small_dataset)
-        config, _ = load_config(["--env", str(env), *FAST_FLAGS])
+        env = write_stage_env(root, stage, tiny_model_dir, root / f"stage{stage}", dataloader)
+        peer = [f"--validation_peer_expert={results[0].output_dir}"] if stage == 2 else []
+        config, _ = load_config(["--env", str(env), *FAST_FLAGS, *evaluation_flags(tiny_clip_dir), *peer])
         results.append(train(config))
     return results[0], results[1]
 

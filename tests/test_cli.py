@@ -60,3 +60,12 @@ def test_cache_verb_names_the_settings_it_needs(capsys: pytest.CaptureFixture) -
     err = capsys.readouterr().err
     assert "build the caches needs settings that are unset" in err
     assert "pretrained_model_name_or_path" in err and "data_backend_config" in err and "output_dir:" not in err
+
+
+def test_tiny_clip_verb_writes_a_clip_that_loads_offline(tmp_path: Path) -> None:
+    assert main(["tiny-clip", str(tmp_path / "clip")]) == 0
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(str(tmp_path / "clip"))
+    processor = CLIPProcessor.from_pretrained(str(tmp_path / "clip"))
+    assert model.config.projection_dim == 16 and processor.tokenizer("a cat")["input_ids"]

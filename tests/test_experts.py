@@ -7,9 +7,11 @@ from expertune.experts import (
     ExpertBand,
     band_from_settings,
     boundary_from_strength,
+    fixed_timesteps,
     order_chain,
     partition_problems,
     parse_timestep_range,
+    sub_bands,
 )
 from expertune.schedule import inference_timesteps
 
@@ -100,3 +102,48 @@ def test_chain_order_and_partition_problems() -> None:
     assert "gap [300, 349]" in partition_problems([ExpertBand(0, 299), ExpertBand(350, 999)])[0]
     assert "overlap" in partition_problems([ExpertBand(0, 400), ExpertBand(350, 999)])[0]
     assert "t = 0" in partition_problems([ExpertBand(350, 999)])[0]
+
+
+# ---- sub-bands and fixed timesteps of the per-band validation loss ----------------------------------
+
+@pytest.mark.parametrize("band, count, expected", [
+    (ExpertBand(350, 999), 4, [(350, 511), (512, 674), (675, 836), (837, 999)]),
+    (ExpertBand(0, 349), 4, [(0, 86), (87, 174), (175, 261), (262, 349)]),
+    (ExpertBand(0, 349), 1, [(0, 349)]),
+    (ExpertBand(0, 999), 3, [(0, 332), (333, 665), (666, 999)]),
+    (ExpertBand(10, 13), 4, [(10, 10), (11, 11), (12, 12), (13, 13)]),
+])
+def test_sub_bands_follow_the_formula(band, count, expected) -> None:
+    parts = sub_bands(band, count)
+    assert [(p.lo, p.hi) for p in parts] == expected
+    cuts = [band.lo + (k * band.size) // count for k in range(count + 1)]  # lo + floor(k * size / count)
+    assert [p.lo for p in parts] == cuts[:-1] and [p.hi + 1 for p in parts] == cuts[1:]
+
+
+@pytest.mark.parametrize("band", [ExpertBand(350, 999), ExpertBand(0, 349), ExpertBand(0, 999), ExpertBand(5, 5)])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_sub_bands_tile_the_band_in_near_equal_parts(band, count) -> None:
+    if count > band.size:
+        with pytest.raises(ValueError, match="sub-bands"):
+            sub_bands(band, count)
+        return
+    parts = sub_bands(band, count)
+    assert parts[0].lo == band.lo and parts[-1].hi == band.hi
+    assert partition_problems(parts + ([ExpertBand(0, band.lo - 1)] if band.lo else [])
+                              + ([ExpertBand(band.hi + 1, 999)] if band.hi < 999 else [])) == []
+    assert max(p.size for p in parts) - min(p.size for p in parts) <= 1
+    assert all(p.num_train_timesteps == band.num_train_timesteps for p in parts)
+
+
+def test_fixed_timesteps_are_stratum_midpoints_inside_the_band() -> None:
+    assert fixed_timesteps(ExpertBand(350, 511), 4) == [370, 410, 451, 491]  # 350 + floor((2j+1) * 162 / 8)
+    assert fixed_timesteps(ExpertBand(0, 349), 1) == [175]
+    assert fixed_timesteps(ExpertBand(7, 7), 3) == [7, 7, 7]
+    for band in (ExpertBand(0, 86), ExpertBand(837, 999), ExpertBand(0, 999)):
+        for count in (1, 2, 4, 5):
+            values = fixed_timesteps(band, count)
+            assert values == sorted(values) and len(set(values)) == count
+            assert all(band.lo <= t <= band.hi for t in values)
+            assert values == [band.lo + ((2 * j + 1) * band.size) // (2 * count) for j in range(count)]
+    with pytest.raises(ValueError):
+        fixed_timesteps(ExpertBand(0, 10), 0)

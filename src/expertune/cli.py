@@ -1,4 +1,4 @@
-"""The `expertune` command: train, cache, generate, demo, tiny-model."""
+"""The `expertune` command: train, cache, generate, demo, tiny-model, tiny-clip."""
 
 from __future__ import annotations
 
@@ -74,23 +74,35 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from expertune.infer.chain import generate, save_png
+    from expertune.infer.chain import generate_images, save_images
 
     if rest:
         raise ExpertuneError(f"generate: unknown arguments {' '.join(rest)}; see `expertune generate --help`")
-    image = generate(
+    images = generate_images(
         args.expert,
         args.prompt,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale,
+        guidance_scale=args.guidance or [7.5],
+        guidance_rescale=args.guidance_rescale or [0.0],
+        scheduler=args.scheduler,
+        num_images=args.num_images,
         seed=args.seed,
         height=args.height,
         width=args.width,
     )
-    path = save_png(image, args.out)
-    print(f"wrote {path}")
+    for path in save_images(images, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.models.tiny import build_tiny_clip
+
+    if rest:
+        raise ExpertuneError(f"tiny-clip: unknown arguments {' '.join(rest)}")
+    path = build_tiny_clip(args.directory, seed=args.seed)
+    print(f"wrote a tiny random CLIP model to {path}")
     return 0
 
 
@@ -115,6 +127,8 @@ def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from expertune.infer.schedulers import SCHEDULER_CLASSES
+
     parser = argparse.ArgumentParser(prog="expertune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -141,18 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the cache stats, bucket table and skipped images to this JSON file")
     cache.set_defaults(handler=_cmd_cache)
 
-    generate = verbs.add_parser("generate", help="chain trained experts into an image")
+    generate = verbs.add_parser("generate", help="chain trained experts into images")
     generate.add_argument("--expert", action="append", required=True,
                           help="an expert pipeline dir (or a training output dir); repeat, any order")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--negative_prompt", default=None)
     generate.add_argument("--steps", type=int, default=30, help="inference steps of the whole chain")
-    generate.add_argument("--guidance", type=float, default=7.5)
-    generate.add_argument("--guidance_rescale", type=float, default=0.0, help="0.7 recommended with zero-terminal SNR")
+    generate.add_argument("--guidance", type=float, action="append",
+                          help="CFG scale (default 7.5): once for every expert, or once per --expert, same order")
+    generate.add_argument("--guidance_rescale", type=float, action="append",
+                          help="CFG rescale (default 0): once, or once per --expert; 0.7 recommended with "
+                          "zero-terminal SNR")
+    generate.add_argument("--scheduler", default="saved", choices=("saved", *SCHEDULER_CLASSES),
+                          help="sampler; built from each expert's saved scheduler config (default: that "
+                          "scheduler itself)")
+    generate.add_argument("--num_images", type=int, default=1,
+                          help="images to make; image i uses seed S+i; several also write a grid")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--width", type=int, default=None)
-    generate.add_argument("--out", default="expertune.png", help="PNG file to write")
+    generate.add_argument("--out", default="expertune.png",
+                          help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)
 
     demo = verbs.add_parser("demo", help="build a tiny model and data, train both experts, chain them")
@@ -164,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_cmd_tiny_model)
+
+    clip = verbs.add_parser("tiny-clip", help="write a tiny random CLIP model and processor (offline)")
+    clip.add_argument("directory")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.set_defaults(handler=_cmd_tiny_clip)
     return parser
 
 

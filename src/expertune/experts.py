@@ -168,3 +168,27 @@ def expert_summary(band: ExpertBand, parameterisation: dict[str, Any]) -> dict[s
         "denoising_end": band.denoising_end,
         **parameterisation,
     }
+
+
+def sub_bands(band: ExpertBand, count: int) -> list[ExpertBand]:
+    """`band` cut into `count` contiguous sub-bands of (nearly) equal size, lowest first.
+
+    Cut points are `lo + floor(k * size / count)` for k = 0..count, so the sub-bands tile the band exactly
+    and their sizes differ by at most one: [350, 999] in four is [350, 511], [512, 674], [675, 836],
+    [837, 999]; [0, 349] in four is [0, 86], [87, 174], [175, 261], [262, 349].
+    """
+    if not 1 <= count <= band.size:
+        raise ValueError(f"cannot cut band {band} ({band.size} timesteps) into {count} sub-bands")
+    cuts = [band.lo + (k * band.size) // count for k in range(count + 1)]
+    return [ExpertBand(cuts[k], cuts[k + 1] - 1, band.num_train_timesteps) for k in range(count)]
+
+
+def fixed_timesteps(band: ExpertBand, count: int) -> list[int]:
+    """`count` evenly spread timesteps inside `band`: the midpoints of `count` equal strata, ascending.
+
+    Deterministic (no generator), so a held-out loss measured at these timesteps is comparable from one
+    validation to the next. Repeats appear only when `count` exceeds the band's size.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    return [band.lo + ((2 * j + 1) * band.size) // (2 * count) for j in range(count)]

@@ -127,6 +127,15 @@ EXPECTED = {
     "validation_resolution": ("validation", int, True, None), "validation_seed": ("validation", int, True, None),
     "validation_using_datasets": ("validation", bool, False, False),
     "validation_input": ("validation", str, True, None),
+    "validation_prompt_library": ("validation", str, True, None),
+    "validation_on_startup": ("validation", bool, False, False),
+    "validation_peer_expert": ("validation", str, True, None),
+    "evaluation_type": ("validation", str, False, "none"),
+    "pretrained_evaluation_model_name_or_path": ("validation", str, False, "openai/clip-vit-large-patch14"),
+    "eval_dataset_id": ("validation", str, True, None),
+    "eval_holdout_fraction": ("validation", float, True, None),
+    "eval_subbands": ("validation", int, False, 4),
+    "eval_timesteps_per_subband": ("validation", int, False, 4),
     "report_to": ("logging", str, False, "tensorboard"), "tracker_project_name": ("logging", str, False, "expertune"),
     "tracker_run_name": ("logging", str, True, None), "logging_dir": ("logging", str, True, None),
 }
@@ -152,6 +161,7 @@ def test_choices():
     assert FIELDS["lr_scheduler"].choices == ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
     assert FIELDS["report_to"].choices == ("tensorboard", "none")
     assert FIELDS["timestep_sampling"].choices == ("uniform", "stratified")
+    assert FIELDS["evaluation_type"].choices == ("none", "clip")
 
 
 def test_every_simpletuner_env_variable_maps_to_its_flag():

@@ -359,7 +359,6 @@ UNSUPPORTED_CASES = {
     "layer_freeze_strategy": "--layer_freeze_strategy=bitfit",
     "base_model_precision": "--base_model_precision=int8-quanto",
     "optimizer": "--optimizer=adamw_bf16",
-    "validation_input": "--validation_input=inputs/",
     "read_batch_size": "--read_batch_size=8", "write_batch_size": "--write_batch_size=8",
     "text_cache_ondemand": "--text_cache_ondemand", "text_cache_disable": "--text_cache_disable",
 }
@@ -438,3 +437,12 @@ def test_resolution_is_read_in_the_unit_of_resolution_type():
     assert (config.data.resolution, config.data.resolution_type, config.data.minimum_image_size) == (1.0, "area", 0.25)
     config, _ = load_config(["--resolution_type=pixel_area", "--resolution=768", "--aspect_bucket_rounding=2"])
     assert config.data.resolution == 768 and config.data.aspect_bucket_rounding == 2
+
+
+def test_held_out_images_are_chosen_one_way():
+    with pytest.raises(ConfigError, match="eval_dataset_id='faces'.*eval_holdout_fraction=0.1.*use one"):
+        load_config(["--eval_dataset_id=faces", "--eval_holdout_fraction=0.1"])
+    config, _ = load_config(["--eval_holdout_fraction=0.25", "--evaluation_type=clip"])
+    assert config.validation.eval_holdout_fraction == 0.25 and config.validation.evaluation_type == "clip"
+    with pytest.raises(ConfigError, match="eval_holdout_fraction"):
+        load_config(["--eval_holdout_fraction=1"])

@@ -20,6 +20,18 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert (out / "sample.png").stat().st_size > 0
     assert list((out / "stage1" / "validation").rglob("text_to_image_*.png"))
     assert list((out / "stage2" / "validation").rglob("partial_denoise_*.png"))
+    assert list((out / "stage2" / "validation").rglob("chain_*.png"))  # through the stage 1 expert
+    # The demo's TensorBoard event files hold the validation images and every scalar.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage, lo in (("stage1", 350), ("stage2", 0)):
+        scalars, images = set(), set()
+        for event_file in (out / stage / "logs").rglob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0}).Reload()
+            scalars |= set(acc.Tags()["scalars"])
+            images |= set(acc.Tags()["images"])
+        assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "clip/mean"} <= scalars, stage
+        assert any(s.startswith(f"eval/loss_{lo}_") for s in scalars) and images, stage
     # The demo trains from the recipe's own config.env files, which it leaves for the user to read.
     assert "--refiner_training_invert_schedule" in (out / "stage1.env").read_text()
     # A second run replaces the first (the demo owns its folder) and encodes nothing new.

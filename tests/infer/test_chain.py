@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ def _copy_with(expert_dir: Path, destination: Path, **changes) -> Path:
     return destination
 
 
-def test_chain_guard_refuses_gaps_and_mixed_parameterisations(trained_experts, tmp_path: Path) -> None:
+def test_chain_guard_refuses_gaps_and_mixed_parameterisations(trained_experts, tmp_path: Path, capsys) -> None:
     stage1, stage2 = trained_experts
     low = _copy_with(stage2.pipeline_dir, tmp_path / "low", timestep_range=[0, 299])
     with pytest.raises(ConfigError, match=r"gap \[300, 349\]"):
@@ -83,3 +84,49 @@ def test_chain_guard_refuses_gaps_and_mixed_parameterisations(trained_experts, t
     code = main(["generate", "--expert", str(stage1.pipeline_dir), "--expert", str(low), "--prompt", "x",
                  "--out", str(tmp_path / "never.png")])
     assert code == 2 and not (tmp_path / "never.png").exists()
+    assert "bands [0, 299] and [350, 999] leave a gap [300, 349]" in capsys.readouterr().err
+    code = main(["generate", "--expert", str(stage1.pipeline_dir), "--expert", str(epsilon), "--prompt", "x",
+                 "--out", str(tmp_path / "never.png")])
+    error = capsys.readouterr().err
+    assert code == 2 and "prediction_type" in error and "'v_prediction'" in error and "'epsilon'" in error
+
+
+def test_generate_several_images_with_guidance_per_expert_and_a_chosen_scheduler(trained_experts,
+                                                                                 tmp_path: Path) -> None:
+    from PIL import Image
+
+    stage1, stage2 = trained_experts
+    out = tmp_path / "many.png"
+    code = main(["generate", "--expert", str(stage2.output_dir), "--expert", str(stage1.output_dir),
+                 "--prompt", "a red circle", "--negative_prompt", "blurry", "--steps", "6",
+                 "--guidance", "2", "--guidance", "6", "--guidance_rescale", "0.7", "--scheduler", "dpm++",
+                 "--num_images", "3", "--seed", "4", "--height", "64", "--width", "64", "--out", str(out)])
+    assert code == 0
+    singles = [Image.open(tmp_path / f"many_{i:02d}.png") for i in range(3)]
+    assert all(image.size == (64, 64) for image in singles)
+    assert Image.open(out).size == (128, 128)  # a 2 x 2 grid of three
+    assert np.array_equal(np.asarray(Image.open(out).crop((64, 0, 128, 64))), np.asarray(singles[1]))
+    # Image i starts from the noise of seed S + i; guidance is given in --expert order (stage 2: 2, stage 1: 6).
+    alone = generate([stage2.output_dir, stage1.output_dir], "a red circle", negative_prompt="blurry",
+                     num_inference_steps=6, guidance_scale=[2, 6], guidance_rescale=0.7, scheduler="dpm++",
+                     seed=5, height=64, width=64)
+    difference = np.abs(np.asarray(alone, dtype=float) - np.asarray(singles[1], dtype=float))
+    assert difference.mean() < 1.0
+    swapped = generate([stage2.output_dir, stage1.output_dir], "a red circle", negative_prompt="blurry",
+                       num_inference_steps=6, guidance_scale=[6, 2], guidance_rescale=0.7, scheduler="dpm++",
+                       seed=5, height=64, width=64)
+    assert not np.array_equal(np.asarray(swapped), np.asarray(alone))
+    euler = generate([stage2.output_dir, stage1.output_dir], "a red circle", negative_prompt="blurry",
+                     num_inference_steps=6, guidance_scale=[2, 6], guidance_rescale=0.7, scheduler="euler",
+                     seed=5, height=64, width=64)
+    assert not np.array_equal(np.asarray(euler), np.asarray(alone))
+
+
+def test_generate_refuses_guidance_counts_that_do_not_match_the_experts(trained_experts, tmp_path: Path,
+                                                                        capsys) -> None:
+    stage1, stage2 = trained_experts
+    code = main(["generate", "--expert", str(stage1.output_dir), "--expert", str(stage2.output_dir),
+                 "--prompt", "x", "--guidance", "1", "--guidance", "2", "--guidance", "3",
+                 "--out", str(tmp_path / "never.png")])
+    assert code == 2 and "--guidance was given 3 times for 2 experts" in capsys.readouterr().err
+    assert not (tmp_path / "never.png").exists()

@@ -72,7 +72,7 @@ def test_validation_images_and_tensorboard(trained_experts) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     stage1, stage2 = trained_experts
-    assert (stage1.output_dir / "validation" / "step_000003" / "text_to_image_00.png").is_file()
+    assert (stage1.output_dir / "validation" / "step_000003" / "text_to_image_prompt.png").is_file()
     grids = sorted((stage2.output_dir / "validation" / "step_000003").glob("partial_denoise_*.png"))
     assert grids, "stage 2 validates by partially denoising dataset images"
     from PIL import Image
@@ -87,7 +87,7 @@ def test_validation_images_and_tensorboard(trained_experts) -> None:
         found_scalars |= set(acc.Tags()["scalars"])
         found_images |= set(acc.Tags()["images"])
     assert {"train/loss", "train/lr", "train/grad_norm"} <= found_scalars
-    assert "validation/text_to_image_00" in found_images
+    assert "validation/text_to_image_prompt" in found_images
     del events
 
 

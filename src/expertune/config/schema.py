@@ -294,28 +294,54 @@ class TrainConfig:
 class ValidationConfig:
     """Sample images made during training."""
 
-    validation_disable: bool = opt(False, "Make no validation images at all (e.g. for benchmarks).")
-    validation_prompt: str | None = opt(None, "Prompt of the validation images (unset: the captions of a seeded choice of dataset images).",
+    validation_disable: bool = opt(False, "Make no validation images and no evaluation metrics at all (e.g. for "
+                                          "benchmarks).")
+    validation_prompt: str | None = opt(None, "Prompt of the validation images (unset, with no prompt library: the "
+                                              "captions of a seeded choice of dataset images).",
                                         env=("VALIDATION_PROMPT",))
+    validation_prompt_library: str | None = opt(
+        None, "File of more validation prompts: a .json object {name: prompt}, or any other file with one prompt "
+              "per line (named line_NN after its line number; blank and # lines skipped).")
     validation_negative_prompt: str = opt("", "Negative prompt of the validation images.",
                                           env=("VALIDATION_NEGATIVE_PROMPT",))
-    validation_step_interval: int | None = opt(None, "Make validation images every this many steps (unset: "
-                                                     "only at the end).", ge=1,
-                                               env=("VALIDATION_STEPS", "VALIDATION_STEP_INTERVAL"))
-    validation_num_inference_steps: int = opt(20, "Denoising steps per validation image.", ge=1,
+    validation_step_interval: int | None = opt(None, "Validate every this many steps (unset: only at the end).",
+                                               ge=1, env=("VALIDATION_STEPS", "VALIDATION_STEP_INTERVAL"))
+    validation_on_startup: bool = opt(False, "Also validate before the first training step (step 0).")
+    validation_num_inference_steps: int = opt(20, "Denoising steps of the whole schedule per validation image (the "
+                                                  "expert runs the ones inside its band).", ge=1,
                                               env=("VALIDATION_NUM_INFERENCE_STEPS",))
     validation_guidance: float = opt(7.5, "Classifier-free guidance scale of the validation images.", ge=0,
                                      env=("VALIDATION_GUIDANCE",))
-    validation_guidance_rescale: float = opt(0.0, "Guidance rescale of the validation images.", ge=0, le=1,
+    validation_guidance_rescale: float = opt(0.0, "Guidance rescale (Lin et al.) of the validation images; 0.7 is "
+                                                  "recommended with zero-terminal SNR.", ge=0, le=1,
                                              env=("VALIDATION_GUIDANCE_RESCALE",))
-    validation_resolution: int | None = opt(None, "Edge of the square validation images in pixels (unset: the square bucket of resolution).",
+    validation_resolution: int | None = opt(None, "Size in pixels of text-to-image validation images and of "
+                                                  "encoded validation_input images (unset: the square bucket "
+                                                  "of resolution).",
                                             ge=8, env=("VALIDATION_RESOLUTION",))
     validation_seed: int | None = opt(None, "Seed of the validation images (unset: seed).", ge=0,
                                       env=("VALIDATION_SEED",))
-    validation_using_datasets: bool = opt(False, "Validate by partially denoising training-set images "
-                                                 "(for the refiner expert).")
-    validation_input: str | None = opt(None, "Image or directory of images used as validation inputs.",
-                                       env=("VALIDATION_INPUT",))
+    validation_using_datasets: bool = opt(False, "Validate a low-noise expert by partially denoising a seeded "
+                                                 "choice of dataset images (datasets with disable_validation "
+                                                 "excluded).")
+    validation_input: str | None = opt(None, "Image or directory of images a low-noise expert partially denoises "
+                                             "at each validation (a caption in a same-named .txt file is used as "
+                                             "its prompt).", env=("VALIDATION_INPUT",))
+    validation_peer_expert: str | None = opt(
+        None, "The other expert of the chain (a saved expert pipeline, or a training output_dir holding "
+              "pipeline/): validation also runs the full chain through it.")
+    evaluation_type: str = opt("none", "Score validation images against their prompts: clip = CLIP score "
+                                       "(torchmetrics, 0-100).", choices=("none", "clip"))
+    pretrained_evaluation_model_name_or_path: str = opt(
+        "openai/clip-vit-large-patch14", "CLIP model of the CLIP score: a local directory (CLIPModel + "
+                                          "CLIPProcessor) or a Hugging Face hub id.")
+    eval_dataset_id: str | None = opt(None, "Id of a dataset of the dataloader JSON held out from training for "
+                                            "the per-band validation loss.")
+    eval_holdout_fraction: float | None = opt(None, "Fraction of the images (a seeded choice) held out from "
+                                                    "training for the per-band validation loss.", gt=0, lt=1)
+    eval_subbands: int = opt(4, "Equal sub-bands of the expert's band the held-out loss is reported for.", ge=1)
+    eval_timesteps_per_subband: int = opt(4, "Fixed timesteps per sub-band at which each held-out image is "
+                                             "scored.", ge=1)
 
 
 @dataclass(frozen=True)

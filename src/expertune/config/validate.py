@@ -125,9 +125,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("text_cache_disable", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("validation_input", "set", lambda v: v is not None,
-                "explicit validation input images are not supported yet; stage-2 validation uses dataset "
-                "images (--validation_using_datasets)"),
     Unsupported("optimizer", "not one of adamw, adamw8bit, adafactor, prodigy",
                 lambda v: v not in ("adamw", "adamw8bit", "adafactor", "prodigy"),
                 "supported optimizers are adamw, adamw8bit (bitsandbytes), adafactor and prodigy; for SimpleTuner's "
@@ -179,6 +176,11 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
     if values["export_ema"] and not values["use_ema"]:
         raise ConfigError(
             f"export_ema (from {src('export_ema')}) needs use_ema: add --use_ema, or drop --export_ema")
+    if values["eval_dataset_id"] is not None and values["eval_holdout_fraction"] is not None:
+        raise ConfigError(
+            f"eval_dataset_id={show(values['eval_dataset_id'])} (from {src('eval_dataset_id')}) and "
+            f"eval_holdout_fraction={show(values['eval_holdout_fraction'])} (from {src('eval_holdout_fraction')}) "
+            "both choose the held-out images; use one")
 
 
 def validate_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:

@@ -2,7 +2,9 @@
 
 It builds the tiny SDXL-layout model and the demo dataset, writes the recipe's own config.env for
 stage 1 and stage 2 (word for word, with local paths), trains both experts sharing one cache, and
-chains them into a sample image — the journey a user takes with a real model.
+chains them into a sample image — the journey a user takes with a real model. Each expert is validated
+the way it is used (stage 2 also through the chain with stage 1), with the per-band held-out loss and the
+CLIP score of a tiny random CLIP model in metrics.jsonl and TensorBoard.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from expertune.demo.dataset import write_dataloader_config, write_demo_dataset
 from expertune.demo.recipe import recipe_env
 from expertune.io_utils import atomic_write_bytes
-from expertune.models.tiny import build_tiny_pipeline
+from expertune.models.tiny import build_tiny_clip, build_tiny_pipeline
 
 log = logging.getLogger("expertune.demo")
 
@@ -28,9 +30,16 @@ class DemoResult:
     sample: Path
 
 
-def demo_overrides(steps: int) -> list[str]:
-    """CLI flags layered over the recipe's env: a tiny model learns at a far higher rate, in fewer steps."""
+def demo_overrides(steps: int, clip: Path | None = None) -> list[str]:
+    """CLI flags layered over the recipe's env: a tiny model learns at a far higher rate, in fewer steps.
+
+    Each validation also measures the per-band loss on two held-out images and, given `clip` (a tiny random
+    CLIP, so the numbers only show the machinery), the CLIP score.
+    """
+    evaluation = ["--evaluation_type=clip", f"--pretrained_evaluation_model_name_or_path={clip}"] if clip else []
     return [
+        *evaluation,
+        "--eval_holdout_fraction=0.125",
         "--learning_rate=3e-4",
         "--lr_scheduler=cosine",
         "--lr_warmup_steps=10",
@@ -59,13 +68,19 @@ def run_demo(out: str | os.PathLike = "outputs/demo", steps: int = 150) -> DemoR
     images = write_demo_dataset(root / "data")
     dataloader = write_dataloader_config(root / "dataloader.json", images, root / "cache", DEMO_RESOLUTION)
 
-    stage_dirs = []
+    clip = root / "clip"
+    if not (clip / "config.json").is_file():
+        build_tiny_clip(clip, seed=0)
+
+    stage_dirs: list[Path] = []
     for number in (1, 2):
         output = root / f"stage{number}"
         env_file = root / f"stage{number}.env"
         atomic_write_bytes(env_file, recipe_env(number, model, output, dataloader).encode("utf-8"))
         log.info("stage %d: training with %s", number, env_file)
-        config, _warnings = load_config(["--env", str(env_file), *demo_overrides(steps)])
+        # Stage 2 also validates the whole chain through the stage 1 expert just trained.
+        peer = [f"--validation_peer_expert={stage_dirs[0]}"] if stage_dirs else []
+        config, _warnings = load_config(["--env", str(env_file), *demo_overrides(steps, clip), *peer])
         train(config)
         stage_dirs.append(output)
 

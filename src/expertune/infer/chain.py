@@ -3,6 +3,9 @@
 Each expert is a plain diffusers SDXL pipeline directory holding `expert.json`; the first runs as
 `StableDiffusionXLPipeline(..., denoising_end=...)`, the others as
 `StableDiffusionXLImg2ImgPipeline(..., denoising_start=..., denoising_end=...)` — the recipe's snippet.
+`denoise_chain` is that loop over in-memory components: `expertune generate` feeds it pipelines loaded
+from disk, validation feeds it the UNet being trained (and a peer expert's) with cached text embeddings.
+`check_chain` is the one guard both use: same parameterisation, bands that tile the schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,11 @@ class ExpertInfo:
     path: Path
     band: ExpertBand
     description: dict[str, Any]
+    label: str | None = None  # how errors name the expert (default: its path)
+
+    @property
+    def name(self) -> str:
+        return self.label or str(self.path)
 
     @property
     def is_lora(self) -> bool:
@@ -58,7 +67,10 @@ def read_expert(path: str | os.PathLike) -> ExpertInfo:
 
 
 def check_chain(experts: Sequence[ExpertInfo]) -> list[ExpertInfo]:
-    """Order experts by band (highest noise first); refuse gaps, overlaps and mixed parameterisations."""
+    """Order experts by band (highest noise first); refuse gaps, overlaps and mixed parameterisations.
+
+    Every error names the experts and both values that disagree.
+    """
     if not experts:
         raise ConfigError("generate needs at least one --expert")
     first = experts[0]
@@ -66,47 +78,118 @@ def check_chain(experts: Sequence[ExpertInfo]) -> list[ExpertInfo]:
         for key in PARAMETERISATION_KEYS:
             if first.description.get(key) != other.description.get(key):
                 raise ConfigError(
-                    f"experts disagree on {key}: {first.path} has {first.description.get(key)!r}, "
-                    f"{other.path} has {other.description.get(key)!r}; chain experts trained with the same "
+                    f"experts disagree on {key}: {first.name} has {first.description.get(key)!r}, "
+                    f"{other.name} has {other.description.get(key)!r}; chain experts trained with the same "
                     "parameterisation"
                 )
     problems = partition_problems([e.band for e in experts])
     if problems:
-        listed = ", ".join(f"{e.path} {e.band}" for e in experts)
+        listed = ", ".join(f"{e.name} {e.band}" for e in experts)
         raise ConfigError(f"experts do not tile the schedule ({'; '.join(problems)}): {listed}")
     return [experts[i] for i in order_chain([e.band for e in experts])]
 
 
-class _Pipelines:
-    """Loads each expert as a text-to-image pipeline; LoRA experts share one loaded base model."""
+@dataclass
+class ChainStage:
+    """One expert of a chain: pipeline components (`unet` and `scheduler` its own), band and guidance."""
+
+    components: dict[str, Any]  # vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler
+    band: ExpertBand
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    adapter: str | None = None  # a LoRA expert: the adapter to activate on the shared base UNet
+
+
+def denoise_chain(
+    stages: Sequence[ChainStage],
+    conditioning: dict[str, Any],
+    *,
+    num_inference_steps: int,
+    generator: torch.Generator | list[torch.Generator],
+    height: int | None = None,
+    width: int | None = None,
+    latents: torch.Tensor | None = None,
+    num_images_per_prompt: int = 1,
+    output_type: str = "pil",
+) -> Any:
+    """Run `stages` in order; return the last pipeline's `.images` (PIL list, or latents for "latent").
+
+    `conditioning` is what every pipeline call gets for the text: `prompt=`/`negative_prompt=` strings
+    (each expert encodes them with its own text encoders) or precomputed `prompt_embeds=` etc.
+    Without `latents` the first stage starts from pure noise (text-to-image); with `latents` — already
+    noised to the first stage's top, as `denoising_start` expects (REFERENCE.md §4) — every stage runs
+    img2img. A stage that is not the last hands over latents.
+    """
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    images: Any = latents
+    for position, stage in enumerate(stages):
+        last = position == len(stages) - 1
+        common = dict(
+            **conditioning,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=stage.guidance_scale,
+            guidance_rescale=stage.guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            denoising_end=stage.band.denoising_end,
+            output_type=output_type if last else "latent",
+        )
+        if stage.adapter is not None:
+            stage.components["unet"].set_adapters([stage.adapter])
+        if images is None:
+            pipe = StableDiffusionXLPipeline(**stage.components)
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(**common, height=height, width=width).images
+        else:
+            pipe = StableDiffusionXLImg2ImgPipeline(**stage.components, requires_aesthetics_score=False)
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(**common, image=images, denoising_start=stage.band.denoising_start).images
+        del pipe
+    return images
+
+
+def _per_expert(values: float | Sequence[float], count: int, flag: str) -> list[float]:
+    """One value for every expert, or exactly one per expert."""
+    listed = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    if len(listed) == 1:
+        return listed * count
+    if len(listed) != count:
+        raise ConfigError(
+            f"{flag} was given {len(listed)} times for {count} experts; give it once (all experts) or once "
+            "per --expert, in the same order"
+        )
+    return listed
+
+
+class _PipelineLoader:
+    """Full experts load as their own pipelines; LoRA experts are adapters on one loaded base per model."""
 
     def __init__(self, dtype: torch.dtype, device: str) -> None:
         self.dtype, self.device = dtype, device
         self.bases: dict[str, Any] = {}
 
-    def _load(self, source: str | Path) -> Any:
+    def _pipeline(self, source: str | Path) -> Any:
         from diffusers import StableDiffusionXLPipeline
 
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise ModelError(f"could not load the SDXL pipeline {source}: {error}") from None
-        pipe.set_progress_bar_config(disable=True)
         return pipe.to(self.device)
 
-    def text_to_image(self, expert: ExpertInfo, index: int) -> Any:
+    def load(self, expert: ExpertInfo, index: int) -> tuple[Any, Any, str | None]:
+        """(pipeline, the expert's saved scheduler, LoRA adapter name or None)."""
         if not expert.is_lora:
-            return self._load(expert.path)
+            pipe = self._pipeline(expert.path)
+            return pipe, pipe.scheduler, None
         base = str(expert.description.get("base_model", ""))
         if base not in self.bases:
-            self.bases[base] = self._load(base)
+            self.bases[base] = self._pipeline(base)
         pipe = self.bases[base]
         name = f"expert_{index}"
-        if name not in pipe.get_list_adapters().get("unet", []):
-            pipe.load_lora_weights(str(expert.path), adapter_name=name)
-        pipe.set_adapters([name])
-        pipe.scheduler = _saved_scheduler(expert.path)
-        return pipe
+        pipe.load_lora_weights(str(expert.path), adapter_name=name)
+        return pipe, _saved_scheduler(expert.path), name
 
 
 def _saved_scheduler(expert_dir: Path) -> Any:
@@ -118,62 +201,99 @@ def _saved_scheduler(expert_dir: Path) -> Any:
     return make_scheduler(str(config.get("_class_name", "EulerDiscreteScheduler")), config)
 
 
-def generate(
+def generate_images(
     expert_paths: Sequence[str | os.PathLike],
     prompt: str,
     *,
     negative_prompt: str | None = None,
     num_inference_steps: int = 30,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
+    guidance_scale: float | Sequence[float] = 7.5,
+    guidance_rescale: float | Sequence[float] = 0.0,
+    scheduler: str = "saved",
+    num_images: int = 1,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-) -> Any:
-    """Run the chain and return the final PIL image.
+) -> list[Any]:
+    """Run the chain and return `num_images` PIL images; image i starts from the noise of seed `seed + i`.
 
-    Full experts are loaded as their own pipelines; LoRA experts are adapters activated in turn on their
-    shared base model. Each stage runs with the scheduler saved with its expert.
+    `guidance_scale` and `guidance_rescale` are one value for all experts or one per entry of
+    `expert_paths`, in that order (the chain itself runs in band order). `scheduler` is "saved" (each
+    expert's own) or a key of `SCHEDULER_CLASSES`, built from each expert's saved scheduler config.
     """
-    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from expertune.infer.schedulers import scheduler_from_saved
 
-    chain = check_chain([read_expert(p) for p in expert_paths])
-    pipelines = _Pipelines(dtype, device)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    common = dict(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
+    if num_images < 1:
+        raise ConfigError(f"--num_images must be >= 1, got {num_images}")
+    experts = [read_expert(p) for p in expert_paths]
+    scales = dict(zip((e.path for e in experts), _per_expert(guidance_scale, len(experts), "--guidance")))
+    rescales = dict(zip((e.path for e in experts),
+                        _per_expert(guidance_rescale, len(experts), "--guidance_rescale")))
+    chain = check_chain(experts)
+    loader = _PipelineLoader(dtype, device)
+    stages = []
+    for index, expert in enumerate(chain):
+        pipe, saved_scheduler, adapter = loader.load(expert, index)
+        components = dict(pipe.components)
+        components["scheduler"] = scheduler_from_saved(scheduler, saved_scheduler, str(expert.path))
+        for optional in ("image_encoder", "feature_extractor"):
+            components.pop(optional, None)
+        stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter))
+        log.info("expert %d/%d %s: %s (guidance %g, rescale %g, %s)", len(stages), len(chain), expert.band,
+                 expert.path, scales[expert.path], rescales[expert.path], type(components["scheduler"]).__name__)
+    first = stages[0].components
+    size = first["unet"].config.sample_size * 2 ** (len(first["vae"].config.block_out_channels) - 1)
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
+    return list(denoise_chain(
+        stages,
+        {"prompt": prompt, "negative_prompt": negative_prompt},
         num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale,
-        generator=generator,
-    )
-    latents: Any = None
-    for position, expert in enumerate(chain):
-        output_type = "pil" if position == len(chain) - 1 else "latent"
-        log.info("expert %d/%d %s: %s", position + 1, len(chain), expert.band, expert.path)
-        pipe = pipelines.text_to_image(expert, position)
-        if position == 0:
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            latents = pipe(
-                **common, height=height or size, width=width or size,
-                denoising_end=expert.band.denoising_end, output_type=output_type,
-            ).images
-        else:
-            refine = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False,
-                                                      force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)
-            refine.set_progress_bar_config(disable=True)
-            latents = refine(
-                **common, image=latents, denoising_start=expert.band.denoising_start,
-                denoising_end=expert.band.denoising_end, output_type=output_type,
-            ).images
-    return latents[0]
+        generator=generators,
+        height=height or size,
+        width=width or size,
+        num_images_per_prompt=num_images,
+    ))
+
+
+def generate(expert_paths: Sequence[str | os.PathLike], prompt: str, **options: Any) -> Any:
+    """Run the chain and return one PIL image (see `generate_images` for the options)."""
+    return generate_images(expert_paths, prompt, **options, num_images=1)[0]
+
+
+def image_grid(images: Sequence[Any], columns: int | None = None) -> Any:
+    """Images pasted left to right, top to bottom; `columns` defaults to ceil(sqrt(count))."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images for a grid")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    canvas = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        canvas.paste(image, ((index % columns) * width, (index // columns) * height))
+    return canvas
+
+
+def png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_png(image: Any, path: str | os.PathLike) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(image))
     return Path(path)
+
+
+def save_images(images: Sequence[Any], path: str | os.PathLike) -> list[Path]:
+    """One image: `path`. Several: `STEM_00.png`, `STEM_01.png`, ... beside `path`, and their grid at `path`."""
+    target = Path(path)
+    if len(images) == 1:
+        return [save_png(images[0], target)]
+    written = [save_png(image, target.with_name(f"{target.stem}_{i:02d}{target.suffix or '.png'}"))
+               for i, image in enumerate(images)]
+    written.append(save_png(image_grid(images), target))
+    return written

@@ -218,3 +218,40 @@ def build_random_pipeline(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+TINY_CLIP_IMAGE_SIZE = 32
+
+
+def build_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random `CLIPModel` with its `CLIPProcessor` (byte-level tokenizer, PIL image processor).
+
+    It loads with `CLIPModel.from_pretrained` / `CLIPProcessor.from_pretrained` offline and without
+    torchvision: a stand-in for real CLIP weights in tests and the demo (its scores mean nothing).
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staged = scratch / "clip"
+        token_ids = _write_tokenizer(scratch / "tokenizer", pad_token="<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(str(scratch / "tokenizer"))
+        text = _text_encoder_config(TextEncoderShape(32, 2, 2, 64, 16), token_ids).to_dict()
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=TINY_CLIP_IMAGE_SIZE, patch_size=8, projection_dim=16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
+            crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
+        )
+        model.save_pretrained(str(staged), safe_serialization=True)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(staged))
+        replace_dir(staged, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target

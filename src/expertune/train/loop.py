@@ -162,6 +162,7 @@ def train(config: Any) -> RunResult:
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
+    from expertune.validate.plan import build_plan
     from expertune.validate.samples import Validator
 
     config.require_for_training()
@@ -198,11 +199,11 @@ def train(config: Any) -> RunResult:
     log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
              band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
 
-    prompts = [p for p in (v.validation_prompt, v.validation_negative_prompt) if p]
+    plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(accelerator.device)
     with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
-        prepared = prepare_data(config, components, extra_prompts=prompts)
+        prepared = prepare_data(config, components, extra_prompts=plan.prompts_to_cache)
     components.release_text_encoders()
     identity = run_identity(prepared, components.source)
 
@@ -247,8 +248,10 @@ def train(config: Any) -> RunResult:
     if accelerator.is_main_process and config.logging.report_to != "none":
         run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
         accelerator.init_trackers(run_name, config=_tracker_config(config))
-    validator = Validator(config, components, schedule, band, prepared, accelerator, output_dir)
     metrics = MetricsLog(output_dir / "metrics.jsonl")
+    validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir, metrics)
+    if v.validation_on_startup:
+        validator.run(trained, state.step)
     stream = _resumed_stream(config, prepared, accelerator, state.data.micro_batches_consumed)
 
     accumulation = t.gradient_accumulation_steps
@@ -342,7 +345,6 @@ def train(config: Any) -> RunResult:
             if v.validation_step_interval and step % v.validation_step_interval == 0 and step < total_steps:
                 validator.run(trained, step)
     progress.close()
-    metrics.close()
 
     accelerator.wait_for_everyone()
     if checkpointing and last_saved != total_steps:
@@ -355,6 +357,7 @@ def train(config: Any) -> RunResult:
         ema.copy_to(trainable)
         log.info("exporting the EMA weights (%d updates) as the pipeline's UNet", ema.updates)
     validation_files = validator.run(trained, total_steps)
+    metrics.close()
     lora = config.model.model_type == "lora"
     pipeline_dir = output_dir / ("lora" if lora else "pipeline")
     summary: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Where a run's numbers go: metrics.jsonl (one object per optimizer step) and TensorBoard."""
+"""Where a run's numbers go: metrics.jsonl (one object per optimizer step, one per validation) and TensorBoard."""
 
 from __future__ import annotations
 
@@ -26,14 +26,20 @@ class MetricsLog:
         self._stream.close()
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete line of a metrics.jsonl; a torn last line (a crash mid-write) is ignored."""
+def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict[str, Any]]:
+    """The complete lines of a metrics.jsonl of one kind; a torn last line (a crash mid-write) is ignored.
+
+    `kind` "train": one object per optimizer step (lines without a "kind"); "validation": one object per
+    validation (`"kind": "validation"`, with `eval/...` and `clip/...` numbers); "all": every line.
+    """
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if kind == "all" or record.get("kind", "train") == kind:
+            records.append(record)
     return records
 
 
@@ -47,5 +53,6 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
     target = Path(path)
     if not target.exists():
         return
-    kept = [json.dumps(r, sort_keys=True) for r in read_metrics(target) if int(r.get("step", 0)) <= last_step]
+    kept = [json.dumps(r, sort_keys=True) for r in read_metrics(target, kind="all")
+            if int(r.get("step", 0)) <= last_step]
     atomic_write_bytes(target, ("\n".join(kept) + "\n" if kept else "").encode("utf-8"))

@@ -29,6 +29,7 @@ from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache, LatentPlan
 from expertune.cache.store import CacheStore
 from expertune.data.batches import Bucket, TrainingItem
+from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
 from expertune.data.records import (
     DataloaderConfig,
@@ -53,6 +54,7 @@ class PreparedData:
     cache_stats: dict[str, int]
     skipped: list[dict[str, str]] = field(default_factory=list)
     buckets: list[Bucket] = field(default_factory=list)
+    eval_items: list[TrainingItem] = field(default_factory=list)  # held out from `items`, each image once
 
     @property
     def unique_items(self) -> list[TrainingItem]:
@@ -80,8 +82,9 @@ class PreparedData:
 
 def validation_prompts(config: Any) -> list[str]:
     """The prompts validation will look up in the embedding cache (cached with the captions)."""
-    v = config.validation
-    return [p for p in (v.validation_prompt, v.validation_negative_prompt) if p]
+    from expertune.validate.plan import prompt_texts
+
+    return prompt_texts(config)
 
 
 def load_datasets(config: Any) -> DataloaderConfig:
@@ -105,7 +108,9 @@ def prepare_data(
     """Read the datasets, bucket the images, and make sure every latent and embedding is cached.
 
     `extra_prompts` (validation prompts) are cached too, so the text encoders can be released after.
-    Only the VAE, the text encoders and the tokenizers of `components` are used.
+    Only the VAE, the text encoders and the tokenizers of `components` are used. Images held out for
+    evaluation (`eval_dataset_id` / `eval_holdout_fraction`) are cached but left out of `items`; they
+    are `eval_items`.
     """
     dataloader = load_datasets(config)
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
@@ -156,6 +161,13 @@ def prepare_data(
     items: list[TrainingItem] = []
     for record, spec in usable:
         items.extend(TrainingItem(record, spec) for _ in range(1 + spec.repeats))
+    v = config.validation
+    items, eval_items = split_holdout(
+        items, eval_dataset_id=v.eval_dataset_id, fraction=v.eval_holdout_fraction, seed=config.train.seed,
+        dataset_ids=[spec.id for spec in dataloader.datasets],
+    )
+    if eval_items:
+        log.info("%d images held out of training for the per-band validation loss", len(eval_items))
     buckets = _buckets(items, planned)
 
     if components.text_encoder_1 is None or components.text_encoder_2 is None:
@@ -174,7 +186,7 @@ def prepare_data(
         "embeds_encoded": embed_stats.encoded,
         "embeds_reused": embed_stats.reused,
     }
-    prepared = PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped, buckets)
+    prepared = PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped, buckets, eval_items)
     for spec in dataloader.datasets:
         count = sum(1 for _, s in usable if s.id == spec.id)
         left = sum(1 for entry in skipped if entry["dataset"] == spec.id)

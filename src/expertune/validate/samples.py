@@ -1,31 +1,65 @@
-"""Stage-aware validation images.
+"""Stage-aware validation: each expert is validated the way it will be used.
 
 - A band that holds t = N-1 (stage 1) is validated by text-to-image that stops at the band's hand-off
-  (`denoising_end`), decoded, so the user sees exactly what this expert hands over.
-- A band that does not (stage 2) is validated on real dataset images: the cached latent is noised to the
-  first inference timestep below the band's top, then denoised from there (img2img with
-  `denoising_start`, which adds no noise itself). Saved as a grid: input | noised | output.
+  (`denoising_end`), decoded, so the user sees exactly what this expert hands over (`text_to_image_<name>`).
+- Any other band (stage 2) continues from real images: dataset images (`--validation_using_datasets`, a
+  seeded choice, from the latent cache) and `--validation_input` images (encoded with the VAE at validation
+  time) are noised to the first inference timestep the band runs, then denoised from there (img2img with
+  `denoising_start`, which adds no noise itself; REFERENCE.md §4). Saved as grids input | noised | output
+  (`partial_denoise_NN`, `partial_denoise_input_<name>`).
+- With `--validation_peer_expert`, the full chain through both experts as well (`chain_<name>`).
+
+Each validation then measures the held-out loss per sub-band and, with `--evaluation_type clip`, the CLIP
+score of every output against its prompt (`validate/metrics.py`). Images go to
+`<output_dir>/validation/step_NNNNNN/`, images and numbers to TensorBoard, numbers to metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from expertune.data.buckets import BucketRule
+from expertune.data.transforms import image_to_tensor, load_image, plan_crop
 from expertune.experts import ExpertBand
+from expertune.infer.chain import ChainStage, denoise_chain, png_bytes
 from expertune.io_utils import atomic_write_bytes
 from expertune.models.sdxl import SDXLComponents, make_scheduler
-from expertune.schedule import NoiseSchedule
+from expertune.schedule import NoiseSchedule, add_noise
+from expertune.validate.metrics import HeldOutLoss, HeldOutSample
+from expertune.validate.plan import ValidationPlan, ValidationPrompt
 
 log = logging.getLogger("expertune.validate")
 
 MAX_DATASET_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    seed: int
+
+
+@dataclass
+class ValidationImage:
+    name: str  # file stem, TensorBoard tag and CLIP-score key
+    image: Image.Image  # what is saved (a grid for partial denoising)
+    output: Image.Image  # what the expert made (scored against `prompt`)
+    prompt: str
+
+
+def validation_scheduler(scheduler_class: str, pretrained_config: dict[str, Any], schedule: NoiseSchedule) -> Any:
+    """The sampler of validation images: the model's scheduler class with the trained parameterisation."""
+    return make_scheduler(scheduler_class, schedule.scheduler_config(pretrained_config))
 
 
 def first_timestep_below(scheduler: Any, num_inference_steps: int, band: ExpertBand) -> torch.Tensor:
@@ -35,22 +69,39 @@ def first_timestep_below(scheduler: Any, num_inference_steps: int, band: ExpertB
     if band.denoising_start is None:
         return timesteps[:1]
     cutoff = int(round(band.num_train_timesteps - band.denoising_start * band.num_train_timesteps))
-    below = timesteps[timesteps < cutoff]
-    return below[:1]
+    return timesteps[timesteps < cutoff][:1]
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    import io
+def partial_denoise(
+    stage: ChainStage, x0: torch.Tensor, conditioning: dict[str, torch.Tensor], settings: SamplerSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise clean latents `x0` [B, 4, h, w] to the band's first inference timestep, denoise with the stage.
 
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    Returns (noise ε, timestep t, output latents). The noised input is `scheduler.add_noise(x0, ε, t)`, the
+    form the scheduler's own latents take (x0 + σε for Euler-type samplers).
+    """
+    scheduler = stage.components["scheduler"]
+    start = first_timestep_below(scheduler, settings.num_inference_steps, stage.band)
+    if start.numel() == 0:
+        raise ValueError(f"no inference timestep of {settings.num_inference_steps} steps falls in band {stage.band}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    noised = scheduler.add_noise(x0, noise, start.repeat(x0.shape[0]))
+    output = denoise_chain([stage], conditioning, num_inference_steps=settings.num_inference_steps,
+                           generator=generator, latents=noised, output_type="latent")
+    return noise, start, output
 
 
-def _grid(images: list[Image.Image]) -> Image.Image:
-    width = sum(i.width for i in images)
-    height = max(i.height for i in images)
-    canvas = Image.new("RGB", (width, height))
+def decode(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (scaled) → PIL images, as the pipelines' default post-processing does."""
+    images = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
+    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in arrays]
+
+
+def grid(images: Sequence[Image.Image]) -> Image.Image:
+    """Images side by side, left to right."""
+    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
     x = 0
     for image in images:
         canvas.paste(image, (x, 0))
@@ -59,73 +110,176 @@ def _grid(images: list[Image.Image]) -> Image.Image:
 
 
 class Validator:
-    """Makes validation images for one expert at chosen steps; main process only."""
+    """Validation images and metrics for one expert at chosen steps; main process only."""
 
-    def __init__(self, config: Any, components: SDXLComponents, schedule: NoiseSchedule, band: ExpertBand,
-                 prepared: Any, accelerator: Any, output_dir: Path) -> None:
+    def __init__(self, config: Any, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
+                 band: ExpertBand, prepared: Any, accelerator: Any, output_dir: Path,
+                 metrics: Any | None = None) -> None:
         self.config = config
         self.v = config.validation
+        self.plan = plan
         self.components = components
         self.schedule = schedule
         self.band = band
         self.prepared = prepared
         self.accelerator = accelerator
         self.output_dir = output_dir
+        self.metrics = metrics  # a MetricsLog for metrics.jsonl, or None
+        seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
+        self.settings = SamplerSettings(self.v.validation_num_inference_steps, self.v.validation_guidance,
+                                        self.v.validation_guidance_rescale, seed)
+        self.resolution = self.v.validation_resolution or BucketRule(
+            config.data.resolution, config.data.resolution_type).square_edge()
+        self.held_out = self._held_out_loss() if prepared.eval_items and not self.v.validation_disable else None
+        sources = self.v.validation_using_datasets or plan.inputs or plan.peer
+        if not band.holds_start and not sources and not self.v.validation_disable:
+            log.warning("expert %s continues from noised images but has none to validate on: set "
+                        "--validation_using_datasets or --validation_input (or --validation_peer_expert)", band)
 
-    def _scheduler(self) -> Any:
-        return make_scheduler(
-            self.components.scheduler_class, self.schedule.scheduler_config(self.components.scheduler_config)
-        )
+    # ---- inputs --------------------------------------------------------------------------------
 
-    def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Cached embeddings of the prompts; the negative branch is the negative prompt's, or zeros as
-        SDXL pipelines use for an empty negative prompt (and caption dropout trains)."""
-        embeds = [self.prepared.embed_cache.load(p) for p in prompts]
-        prompt_embeds = torch.stack([e[0] for e in embeds])
-        pooled = torch.stack([e[1] for e in embeds])
-        if self.v.validation_negative_prompt:
-            negative, negative_pooled = self.prepared.embed_cache.load(self.v.validation_negative_prompt)
-            negative = negative.expand_as(prompt_embeds)
-            negative_pooled = negative_pooled.expand_as(pooled)
+    def scheduler(self) -> Any:
+        return validation_scheduler(self.components.scheduler_class, self.components.scheduler_config,
+                                    self.schedule)
+
+    def _held_out_loss(self) -> HeldOutLoss:
+        samples = []
+        for item in self.prepared.eval_items:
+            latent, time_ids = self.prepared.latent_cache.load(item.record, item.spec)
+            embeds, pooled = self.prepared.embed_cache.load(item.captions[0])
+            samples.append(HeldOutSample(latent, time_ids, embeds, pooled))
+        return HeldOutLoss(samples, self.band, self.schedule, subbands=self.v.eval_subbands,
+                           timesteps_per_subband=self.v.eval_timesteps_per_subband, seed=self.settings.seed)
+
+    def _conditioning(self, prompt: str) -> dict[str, torch.Tensor]:
+        """Cached embeddings of the prompt; the negative branch is the negative prompt's, or zeros as SDXL
+        pipelines use for an empty negative prompt (and caption dropout trains)."""
+        embeds, pooled = (t.unsqueeze(0) for t in self.prepared.embed_cache.load(prompt))
+        if self.plan.negative_prompt:
+            negative, negative_pooled = (t.unsqueeze(0) for t in
+                                         self.prepared.embed_cache.load(self.plan.negative_prompt))
         else:
-            negative, negative_pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+            negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         device = self.accelerator.device
-        return {
-            "prompt_embeds": prompt_embeds.to(device),
-            "pooled_prompt_embeds": pooled.to(device),
-            "negative_prompt_embeds": negative.to(device),
-            "negative_pooled_prompt_embeds": negative_pooled.to(device),
-        }
+        return {"prompt_embeds": embeds.to(device), "pooled_prompt_embeds": pooled.to(device),
+                "negative_prompt_embeds": negative.to(device),
+                "negative_pooled_prompt_embeds": negative_pooled.to(device)}
 
-    def _validation_items(self) -> list[Any]:
+    def _dataset_items(self) -> list[Any]:
         candidates = [item for item in self.prepared.unique_items if not item.spec.disable_validation]
-        if not candidates:
-            return []
-        seed = self.v.validation_seed if self.v.validation_seed is not None else self.config.train.seed
-        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(self.settings.seed)).tolist()
         return [candidates[i] for i in order[:MAX_DATASET_IMAGES]]
 
+    def prompts(self) -> list[ValidationPrompt]:
+        """The plan's prompts, or the captions of a seeded choice of dataset images."""
+        if self.plan.prompts:
+            return self.plan.prompts
+        return [ValidationPrompt(f"caption_{i:02d}", item.captions[0]) for i, item in enumerate(self._dataset_items())]
+
+    def _stage(self, unet: Any, band: ExpertBand, scheduler: Any) -> ChainStage:
+        c = self.components
+        parts = dict(vae=c.vae, text_encoder=None, text_encoder_2=None, tokenizer=c.tokenizer_1,
+                     tokenizer_2=c.tokenizer_2, unet=unet, scheduler=scheduler)
+        return ChainStage(parts, band, self.settings.guidance_scale, self.settings.guidance_rescale)
+
+    def _encode_input(self, path: Path) -> torch.Tensor:
+        image = load_image(path)
+        plan = plan_crop((image.height, image.width), self.resolution, "center", 0, str(path))
+        pixels = image_to_tensor(image, plan).unsqueeze(0)
+        vae = self.components.vae
+        pixels = pixels.to(self.accelerator.device, next(vae.parameters()).dtype)
+        return vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+
+    # ---- images --------------------------------------------------------------------------------
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.settings.seed)
+
+    def text_to_image(self, unet: Any) -> list[ValidationImage]:
+        stage = self._stage(unet, self.band, self.scheduler())
+        result = []
+        for prompt in self.prompts():
+            image = denoise_chain([stage], self._conditioning(prompt.text), generator=self._generator(),
+                                  num_inference_steps=self.settings.num_inference_steps,
+                                  height=self.resolution, width=self.resolution)[0]
+            result.append(ValidationImage(f"text_to_image_{prompt.name}", image, image, prompt.text))
+        return result
+
+    def partial_denoise_images(self, unet: Any) -> list[ValidationImage]:
+        sources: list[tuple[str, torch.Tensor, str]] = []
+        if self.v.validation_using_datasets:
+            for index, item in enumerate(self._dataset_items()):
+                latent, _ = self.prepared.latent_cache.load(item.record, item.spec)
+                sources.append((f"partial_denoise_{index:02d}", latent.unsqueeze(0), item.captions[0]))
+        for entry in self.plan.inputs:
+            sources.append((f"partial_denoise_input_{entry.name}", self._encode_input(entry.path), entry.prompt))
+        result = []
+        for name, x0, prompt in sources:
+            x0 = x0.to(self.accelerator.device)
+            stage = self._stage(unet, self.band, self.scheduler())
+            noise, start, output = partial_denoise(stage, x0, self._conditioning(prompt), self.settings)
+            # Shown in the DDPM form sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε, whatever form the sampler's latents take.
+            viewable = add_noise(x0, noise, start.round().long().to(x0.device), self.schedule.alphas_cumprod)
+            clean, noised, made = (decode(self.components.vae, x)[0] for x in (x0, viewable, output))
+            result.append(ValidationImage(name, grid([clean, noised, made]), made, prompt))
+        return result
+
+    def chain_images(self, unet: Any) -> list[ValidationImage]:
+        """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        peer = self.plan.peer
+        assert peer is not None
+        dtype = next(unet.parameters()).dtype
+        peer_unet = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
+        peer_unet = peer_unet.to(self.accelerator.device).eval()
+        peer_config = dict(DDPMScheduler.load_config(str(peer.path), subfolder="scheduler"))
+        result = []
+        try:
+            for prompt in self.prompts():
+                stages = [self._stage(peer_unet, e.band, make_scheduler(peer_config["_class_name"], peer_config))
+                          if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
+                image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
+                                      num_inference_steps=self.settings.num_inference_steps,
+                                      height=self.resolution, width=self.resolution)[0]
+                result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
+        finally:
+            del peer_unet
+        return result
+
+    # ---- one validation ------------------------------------------------------------------------
+
     def run(self, unet: Any, step: int) -> list[Path]:
+        """Make and save the images, measure and log the metrics; returns the image files written."""
         if self.v.validation_disable or not self.accelerator.is_main_process:
             return []
+        started = time.monotonic()
         was_training = unet.training
         unet.eval()
         try:
             with torch.no_grad():
-                if self.band.holds_start:
-                    images = self._text_to_image(unet)
-                else:
-                    images = self._partial_denoise(unet)
+                images = self.text_to_image(unet) if self.band.holds_start else self.partial_denoise_images(unet)
+                if self.plan.peer is not None:
+                    images += self.chain_images(unet)
+                values = self.held_out(unet, self.accelerator.device) if self.held_out else {}
+                if self.plan.clip is not None:
+                    values.update(self.plan.clip.scores([(i.name, i.output, i.prompt) for i in images]))
         finally:
             unet.train(was_training)
-        written = []
         folder = self.output_dir / "validation" / f"step_{step:06d}"
-        for name, image in images:
-            path = folder / f"{name}.png"
-            atomic_write_bytes(path, _png_bytes(image))
+        written = []
+        for item in images:
+            path = folder / f"{item.name}.png"
+            atomic_write_bytes(path, png_bytes(item.image))
             written.append(path)
-            self._log_image(name, image, step)
-        log.info("validation at step %d: %d images in %s", step, len(written), folder)
+            self._log_image(item.name, item.image, step)
+        if values:
+            self.accelerator.log(values, step=step)
+        if self.metrics is not None:
+            self.metrics.write({"step": step, "kind": "validation", **values,
+                                "seconds": round(time.monotonic() - started, 4)})
+        log.info("validation at step %d: %d images in %s%s", step, len(written), folder,
+                 "".join(f", {k}={v:.4g}" for k, v in values.items() if k in ("eval/loss", "clip/mean")))
         return written
 
     def _log_image(self, name: str, image: Image.Image, step: int) -> None:
@@ -133,85 +287,3 @@ class Validator:
             return
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image(f"validation/{name}", np.asarray(image), step, dataformats="HWC")
-
-    def _generator(self) -> torch.Generator:
-        seed = self.v.validation_seed if self.v.validation_seed is not None else self.config.train.seed
-        return torch.Generator().manual_seed(seed)
-
-    def _text_to_image(self, unet: Any) -> list[tuple[str, Image.Image]]:
-        from diffusers import StableDiffusionXLPipeline
-
-        prompts = [self.v.validation_prompt] if self.v.validation_prompt else [
-            item.captions[0] for item in self._validation_items()
-        ]
-        if not prompts:
-            return []
-        pipe = StableDiffusionXLPipeline(
-            vae=self.components.vae, text_encoder=None, text_encoder_2=None,
-            tokenizer=self.components.tokenizer_1, tokenizer_2=self.components.tokenizer_2,
-            unet=unet, scheduler=self._scheduler(),
-        )
-        pipe.set_progress_bar_config(disable=True)
-        size = self.v.validation_resolution or BucketRule(self.config.data.resolution,
-                                                          self.config.data.resolution_type).square_edge()
-        result = []
-        for index, prompt in enumerate(prompts):
-            image = pipe(
-                **self._conditioning([prompt]),
-                num_inference_steps=self.v.validation_num_inference_steps,
-                guidance_scale=self.v.validation_guidance,
-                guidance_rescale=self.v.validation_guidance_rescale,
-                denoising_end=self.band.denoising_end,
-                height=size, width=size,
-                generator=self._generator(),
-            ).images[0]
-            result.append((f"text_to_image_{index:02d}", image))
-        return result
-
-    def _partial_denoise(self, unet: Any) -> list[tuple[str, Image.Image]]:
-        from diffusers import StableDiffusionXLImg2ImgPipeline
-
-        items = self._validation_items()
-        if not items:
-            log.warning("no dataset image is available for stage-2 validation; skipped")
-            return []
-        scheduler = self._scheduler()
-        pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=self.components.vae, text_encoder=None, text_encoder_2=None,
-            tokenizer=self.components.tokenizer_1, tokenizer_2=self.components.tokenizer_2,
-            unet=unet, scheduler=scheduler, requires_aesthetics_score=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        steps = self.v.validation_num_inference_steps
-        start = first_timestep_below(scheduler, steps, self.band)
-        vae = self.components.vae
-        result = []
-        for index, item in enumerate(items):
-            latent, _ = self.prepared.latent_cache.load(item.record, item.spec)
-            x0 = latent.unsqueeze(0).to(self.accelerator.device)
-            generator = self._generator()
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            noised = scheduler.add_noise(x0, noise, start)
-            prompt = self.v.validation_prompt or item.captions[0]
-            output = pipe(
-                **self._conditioning([prompt]),
-                image=noised,
-                num_inference_steps=steps,
-                denoising_start=self.band.denoising_start,
-                denoising_end=self.band.denoising_end,
-                guidance_scale=self.v.validation_guidance,
-                guidance_rescale=self.v.validation_guidance_rescale,
-                generator=generator,
-            ).images[0]
-            # Euler-type schedulers noise as x0 + σ ε; scale back to the DDPM form sqrt(ᾱ) x0 + sqrt(1-ᾱ) ε to view it.
-            alpha_bar = self.schedule.alphas_cumprod[int(start[0])].item()
-            viewable = noised * alpha_bar**0.5 if hasattr(scheduler, "sigmas") else noised
-            decoded = [self._decode(vae, x0), self._decode(vae, viewable), output]
-            result.append((f"partial_denoise_{index:02d}", _grid(decoded)))
-        return result
-
-    @staticmethod
-    def _decode(vae: Any, latents: torch.Tensor) -> Image.Image:
-        image = vae.decode(latents / vae.config.scaling_factor).sample[0]
-        array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array)

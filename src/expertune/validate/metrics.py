@@ -1,0 +1,154 @@
+"""Numbers measured at each validation: CLIP score of the images, and the held-out loss per sub-band.
+
+CLIP score (REFERENCE.md §5) is torchmetrics' `CLIPScore`: `max(100 * cos(E_image, E_text), 0)`, on 0..100.
+It is reported per prompt (`clip/<name>`, one image each) and as the mean of those (`clip/mean`).
+
+The per-band loss is the training loss (MSE against the trained parameterisation's target) on images held
+out of training, with noise and timesteps fixed once for the whole run, so two validations differ only
+by the weights. The expert's band is cut into equal sub-bands (`sub_bands`), each scored at fixed
+timesteps (`fixed_timesteps`); keys are `eval/loss_<lo>_<hi>` (inclusive ends) and `eval/loss`, the mean
+of the sub-bands.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from expertune.errors import ModelError
+from expertune.experts import ExpertBand, fixed_timesteps, sub_bands
+from expertune.schedule import NoiseSchedule, add_noise, training_target
+
+log = logging.getLogger("expertune.validate")
+
+
+class _ProjectedFeatures(torch.nn.Module):
+    """A CLIPModel whose `get_image_features`/`get_text_features` return the projected embeddings as tensors.
+
+    transformers 5 returns model outputs (the projection in `pooler_output`) where torchmetrics 1.9
+    expects tensors; torchmetrics accepts any model with these two methods.
+    """
+
+    def __init__(self, clip: Any) -> None:
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    @staticmethod
+    def _tensor(output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.clip.get_text_features(*args, **kwargs))
+
+
+def load_clip(model_name_or_path: str) -> tuple[Any, Any]:
+    """(CLIPModel, CLIPProcessor) from a local directory or a hub id; ModelError when it cannot be loaded."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(model_name_or_path)
+        processor = CLIPProcessor.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"pretrained_evaluation_model_name_or_path={model_name_or_path!r}: cannot load a CLIP model and "
+            f"processor from it ({str(error).splitlines()[0]}); give a local directory holding a CLIPModel and "
+            "CLIPProcessor (e.g. one saved by `expertune tiny-clip DIR`), or a hub id reachable from here"
+        ) from None
+    model.eval().requires_grad_(False)
+    return model, processor
+
+
+class ClipScorer:
+    """torchmetrics `CLIPScore` over a CLIP model loaded once."""
+
+    def __init__(self, model_name_or_path: str, device: torch.device | str = "cpu") -> None:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        model, processor = load_clip(model_name_or_path)
+        features = _ProjectedFeatures(model)
+        self.device = torch.device(device)
+        # The metric's states and the CLIP model on the device the images are scored on.
+        self.metric = CLIPScore(model_name_or_path=lambda: (features, processor)).to(self.device)
+
+    @staticmethod
+    def _tensor(image: Any) -> torch.Tensor:
+        """A PIL image as the uint8 [3, H, W] tensor torchmetrics' examples use."""
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    @torch.no_grad()
+    def score(self, image: Any, prompt: str) -> float:
+        """CLIP score of one image against one prompt, in [0, 100]."""
+        self.metric.reset()
+        self.metric.update(self._tensor(image).to(self.device), [prompt])
+        return float(self.metric.compute())
+
+    def scores(self, named: Sequence[tuple[str, Any, str]]) -> dict[str, float]:
+        """`clip/<name>` for each (name, image, prompt), and `clip/mean` of them."""
+        values = {f"clip/{name}": self.score(image, prompt) for name, image, prompt in named}
+        if values:
+            values["clip/mean"] = sum(values.values()) / len(values)
+        return values
+
+
+@dataclass(frozen=True)
+class HeldOutSample:
+    """One held-out image as training would see it: cached latent, time ids, text embeddings."""
+
+    latent: torch.Tensor  # [4, h, w], scaled
+    time_ids: torch.Tensor  # [6]
+    prompt_embeds: torch.Tensor  # [77, d]
+    pooled_embeds: torch.Tensor  # [d_pool]
+
+
+def loss_key(band: ExpertBand) -> str:
+    return f"eval/loss_{band.lo}_{band.hi}"
+
+
+class HeldOutLoss:
+    """The denoising loss on held-out samples at fixed noise and timesteps, per sub-band of the band."""
+
+    def __init__(self, samples: Sequence[HeldOutSample], band: ExpertBand, schedule: NoiseSchedule, *,
+                 subbands: int, timesteps_per_subband: int, seed: int) -> None:
+        self.samples = list(samples)
+        self.schedule = schedule
+        self.subbands = sub_bands(band, min(subbands, band.size))
+        self.timesteps = [torch.tensor(fixed_timesteps(sub, timesteps_per_subband)) for sub in self.subbands]
+        generator = torch.Generator().manual_seed(seed)
+        # noise[i][j]: [timesteps_per_subband, 4, h, w] for sample i, sub-band j — drawn once, reused always.
+        self.noise = [[torch.randn((timesteps_per_subband, *s.latent.shape), generator=generator)
+                       for _ in self.subbands] for s in self.samples]
+
+    @torch.no_grad()
+    def __call__(self, unet: Any, device: torch.device | str) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        dtype = next(unet.parameters()).dtype
+        totals = [0.0] * len(self.subbands)
+        for sample, noises in zip(self.samples, self.noise):
+            for j, (timesteps, noise) in enumerate(zip(self.timesteps, noises)):
+                count = timesteps.numel()
+                x0 = sample.latent.unsqueeze(0).expand(count, -1, -1, -1).to(device)
+                noise = noise.to(device)
+                t = timesteps.to(device)
+                noisy = add_noise(x0, noise, t, self.schedule.alphas_cumprod)
+                target = training_target(x0, noise, t, self.schedule.alphas_cumprod, self.schedule.prediction_type)
+                prediction = unet(
+                    noisy.to(dtype), t,
+                    encoder_hidden_states=sample.prompt_embeds.expand(count, -1, -1).to(device, dtype),
+                    added_cond_kwargs={"text_embeds": sample.pooled_embeds.expand(count, -1).to(device, dtype),
+                                       "time_ids": sample.time_ids.expand(count, -1).to(device, dtype)},
+                    return_dict=False,
+                )[0]
+                totals[j] += float(F.mse_loss(prediction.float(), target.float()))
+        per_band = {loss_key(sub): total / len(self.samples) for sub, total in zip(self.subbands, totals)}
+        per_band["eval/loss"] = sum(per_band.values()) / len(per_band)
+        return per_band
