@@ -25,6 +25,7 @@ from expertune.cache.latents import LatentCache
 from expertune.cache.store import CacheStore, EntryLock
 from expertune.config import load_config
 from expertune.data.records import discover_records
+from expertune.data.transforms import image_to_tensor, load_image
 from expertune.models.sdxl import load_components
 from expertune.train.prepare import load_datasets, validation_prompts
 
@@ -133,8 +134,6 @@ def test_stage_2_started_while_stage_1_builds_the_store(tiny_model_dir: Path, tm
     for record in records:
         latent, time_ids = latents.load(record, spec)
         plan = latents.planned(record, spec).plan
-        from expertune.data.transforms import image_to_tensor, load_image
-
         expected = latents.encode_pixels(image_to_tensor(load_image(record.path), plan)[None])[0]
         torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
         assert time_ids.tolist() == list(plan.time_ids())
