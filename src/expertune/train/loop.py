@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -105,8 +106,9 @@ def total_optimizer_steps(config: Any, buckets: int | Sequence[Bucket], world_si
     return max(1, -(-micro // t.gradient_accumulation_steps))
 
 
-def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool) -> None:
-    """Never mix a new run into an earlier one's outputs silently."""
+def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool, main_process: bool = True) -> None:
+    """Never mix a new run into an earlier one's outputs silently. Every process checks; only the main
+    one clears an earlier run (`--overwrite_output_dir`)."""
     earlier = [name for name in RUN_MARKERS if (output_dir / name).exists()]
     if earlier and not (overwrite or resuming):
         raise ConfigError(
@@ -115,12 +117,12 @@ def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool) -> No
         )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
+        probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
         raise StorageError(f"output_dir {output_dir} is not writable: {error.strerror or error}") from None
-    if overwrite and not resuming:
+    if overwrite and not resuming and main_process:
         for name in REPLACED_ON_OVERWRITE:
             path = output_dir / name
             if path.is_dir():
@@ -170,8 +172,6 @@ def train(config: Any) -> RunResult:
     t, v = config.train, config.validation
     output_dir = Path(t.output_dir)
     resuming = t.resume_from_checkpoint is not None
-    check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming)
-    checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
     logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
 
     # accelerate keeps process-wide state; a second run in one process (the demo, a notebook) may use other
@@ -188,6 +188,10 @@ def train(config: Any) -> RunResult:
             f"accelerate distributed_type {accelerator.distributed_type.value} is not supported yet: expertune's "
             "checkpoints and export assume every process holds the whole UNet. Use DDP "
             "(examples/accelerate/multi_gpu.yaml, or --num_processes N)")
+    check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming,
+                     main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # no process looks at output_dir while the main one clears it
+    checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
     torch.manual_seed(t.seed)
     components = load_components(
         config.model.pretrained_model_name_or_path, revision=config.model.revision, variant=config.model.variant
