@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -41,3 +42,21 @@ def replace_dir(staged: str | os.PathLike, target: str | os.PathLike) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staged, target)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty directory beside `target` to fill; on success it replaces `target` in one rename.
+
+    On any error the staged files are removed and `target` is left as it was.
+    """
+    final = Path(target)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        staged = scratch / final.name
+        staged.mkdir()
+        yield staged
+        replace_dir(staged, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

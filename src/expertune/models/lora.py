@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from expertune.errors import ConfigError
-from expertune.io_utils import atomic_write_json, replace_dir
+from expertune.io_utils import atomic_write_json, staged_directory
 from expertune.models.sdxl import EXPERT_FILE
 
 log = logging.getLogger("expertune.models")
@@ -46,17 +44,10 @@ def save_lora_expert(unet: Any, scheduler: Any, expert: dict[str, Any], destinat
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    target = Path(destination)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staged = scratch / target.name
+    with staged_directory(destination) as staged:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True)
         scheduler.save_pretrained(str(staged / "scheduler"))
         atomic_write_json(staged / EXPERT_FILE, expert)
-        replace_dir(staged, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("saved LoRA expert to %s", target)
-    return target
+    log.info("saved LoRA expert to %s", destination)
+    return Path(destination)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 
 from expertune.errors import ModelError
-from expertune.io_utils import atomic_write_json, replace_dir
+from expertune.io_utils import atomic_write_json, staged_directory
 
 log = logging.getLogger("expertune.models")
 
@@ -181,15 +179,8 @@ def save_expert_pipeline(
         unet=unet,
         scheduler=scheduler,
     )
-    target = Path(destination)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staged = scratch / target.name
+    with staged_directory(destination) as staged:
         pipeline.save_pretrained(str(staged), safe_serialization=True)
         atomic_write_json(staged / EXPERT_FILE, expert)
-        replace_dir(staged, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("saved expert pipeline to %s", target)
-    return target
+    log.info("saved expert pipeline to %s", destination)
+    return Path(destination)

@@ -8,14 +8,13 @@ same tiny model. Everything is seeded: the same seed writes the same bytes.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from expertune.io_utils import replace_dir
+from expertune.io_utils import staged_directory
 
 TEXT_ENCODER_1_WIDTH = 16
 TEXT_ENCODER_2_WIDTH = 32
@@ -182,10 +181,8 @@ def build_random_pipeline(
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_directory(directory) as staged, tempfile.TemporaryDirectory() as tokenizers:
+        scratch = Path(tokenizers)
         # SDXL pads its first tokenizer with <|endoftext|> and its second with "!": keep that quirk.
         ids_1 = _write_tokenizer(scratch / "tokenizer_1", pad_token="<|endoftext|>")
         ids_2 = _write_tokenizer(scratch / "tokenizer_2", pad_token="!")
@@ -212,12 +209,8 @@ def build_random_pipeline(
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
         )
-        staged = scratch / "pipeline"
         pipeline.save_pretrained(str(staged), safe_serialization=True)
-        replace_dir(staged, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    return Path(directory)
 
 
 TINY_CLIP_IMAGE_SIZE = 32
@@ -232,11 +225,8 @@ def build_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staged = scratch / "clip"
+    with staged_directory(directory) as staged, tempfile.TemporaryDirectory() as tokenizers:
+        scratch = Path(tokenizers)
         token_ids = _write_tokenizer(scratch / "tokenizer", pad_token="<|endoftext|>")
         tokenizer = CLIPTokenizer.from_pretrained(str(scratch / "tokenizer"))
         text = _text_encoder_config(TextEncoderShape(32, 2, 2, 64, 16), token_ids).to_dict()
@@ -251,7 +241,4 @@ def build_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
         )
         model.save_pretrained(str(staged), safe_serialization=True)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(staged))
-        replace_dir(staged, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    return Path(directory)
