@@ -33,7 +33,7 @@ from expertune.io_utils import atomic_write_json
 
 log = logging.getLogger("expertune.checkpoint")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NAME = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED_FILES = ("unet.safetensors", "optimizer.safetensors", "state.safetensors", "state.json")
 
@@ -66,26 +66,40 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
+def _split_tensors(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON with every tensor moved into `tensors` (replaced by {"__tensor__": name}).
+
+    Dicts become {"__items__": [[key, value], ...]} so integer keys (optimizer parameter ids) survive.
+    Optimizers keep tensors in odd places (bitsandbytes in its per-parameter state, Prodigy's d in its
+    groups): walking the whole state dict stores any of them without pickle.
+    """
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().contiguous().cpu()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        return {"__items__": [[key, _split_tensors(item, f"{path}.{key}", tensors)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split_tensors(item, f"{path}.{index}", tensors) for index, item in enumerate(value)]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        return {key: _join_tensors(item, tensors) for key, item in value["__items__"]}
+    if isinstance(value, list):
+        return [_join_tensors(item, tensors) for item in value]
+    return value
+
+
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for param_id, param_state in state_dict["state"].items():
-        for name, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{param_id}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(param_id), {})[name] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    return tensors, _split_tensors(state_dict, "optimizer", tensors)
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in meta["scalars"].items():
-        state.setdefault(int(param_id), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return _join_tensors(meta, tensors)
 
 
 def _scheduler_state(lr_scheduler: Any) -> dict[str, Any]:
