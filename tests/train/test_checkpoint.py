@@ -128,3 +128,19 @@ def test_config_changes_are_refused_or_accepted_explicitly(tmp_path: Path) -> No
         check_resume_compatible(document, harmless, {"training_items_digest": "x"}, False, tmp_path)
     accepted = check_resume_compatible(document, harmless, {"training_items_digest": "x"}, True, tmp_path)
     assert accepted == ["max_train_steps: 10 -> 20", "validation_prompt: 'a' -> 'b'"]
+
+
+def test_optimizer_state_with_tensors_anywhere_round_trips(tmp_path: Path) -> None:
+    """Some optimizers (bitsandbytes, Prodigy) keep tensors in their groups or nested state."""
+    state = _state(ema=False)
+    _train_steps(state, 2)
+    state.optimizer.param_groups[0]["extra_tensor"] = torch.tensor([1.5, 2.5])
+    state.optimizer.state[state.optimizer.param_groups[0]["params"][0]]["nested"] = {"scale": torch.ones(2), "n": 3}
+    path = save_checkpoint(tmp_path, state, {}, {})
+    restored = _state(seed=5, ema=False)
+    restored.optimizer.param_groups[0]["extra_tensor"] = torch.zeros(2)
+    load_checkpoint(path, restored)
+    assert torch.equal(restored.optimizer.param_groups[0]["extra_tensor"], torch.tensor([1.5, 2.5]))
+    first = restored.optimizer.state[restored.optimizer.param_groups[0]["params"][0]]
+    assert torch.equal(first["nested"]["scale"], torch.ones(2)) and first["nested"]["n"] == 3
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin"))  # no pickle formats
