@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from expertune.config import FIELDS, Config, config_from_mapping, default_cache_dir, parse_timestep_range
-from expertune.config.schema import IGNORED_OPTIONS, SECTIONS, render_markdown_reference
+from expertune.config.schema import DEFAULT_EVALUATION_MODEL, IGNORED_OPTIONS, SECTIONS, render_markdown_reference
 from expertune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ EXPECTED = {
     "validation_on_startup": ("validation", bool, False, False),
     "validation_peer_expert": ("validation", str, True, None),
     "evaluation_type": ("validation", str, False, "none"),
-    "pretrained_evaluation_model_name_or_path": ("validation", str, False, "openai/clip-vit-large-patch14"),
+    "pretrained_evaluation_model_name_or_path": ("validation", str, False, DEFAULT_EVALUATION_MODEL),
     "eval_dataset_id": ("validation", str, True, None),
     "eval_holdout_fraction": ("validation", float, True, None),
     "eval_subbands": ("validation", int, False, 4),

@@ -21,6 +21,10 @@ from expertune.errors import ConfigError
 _META_KEY = "expertune"
 
 
+# The CLIP model users get for --evaluation_type clip unless they name one (a hub id; tests pass a local one).
+DEFAULT_EVALUATION_MODEL = "openai/clip-vit-large-patch14"
+
+
 def parse_timestep_range(text: str) -> tuple[int, int]:
     """Parse ``"LO,HI"`` (inclusive integer timesteps, 0 <= LO <= HI) into ``(LO, HI)``.
 
@@ -333,7 +337,7 @@ class ValidationConfig:
     evaluation_type: str = opt("none", "Score validation images against their prompts: clip = CLIP score "
                                        "(torchmetrics, 0-100).", choices=("none", "clip"))
     pretrained_evaluation_model_name_or_path: str = opt(
-        "openai/clip-vit-large-patch14", "CLIP model of the CLIP score: a local directory (CLIPModel + "
+        DEFAULT_EVALUATION_MODEL, "CLIP model of the CLIP score: a local directory (CLIPModel + "
                                           "CLIPProcessor) or a Hugging Face hub id.")
     eval_dataset_id: str | None = opt(None, "Id of a dataset of the dataloader JSON held out from training for "
                                             "the per-band validation loss.")
