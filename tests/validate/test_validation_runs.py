@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from conftest import FAST_FLAGS, write_stage_env
 from expertune.cli import main

@@ -7,11 +7,9 @@ Everything is generated offline and deterministically; captions are written as s
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from expertune.io_utils import atomic_write_bytes, atomic_write_json

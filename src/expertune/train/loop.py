@@ -7,12 +7,7 @@ validate) → export the expert pipeline + run.json.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import platform
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +26,7 @@ from expertune.data.batches import (
     epoch_batches,
     micro_batches,
 )
-from expertune.errors import ConfigError, StorageError, TrainingInterrupted, UnsupportedFeatureError
+from expertune.errors import ConfigError, TrainingInterrupted, UnsupportedFeatureError
 from expertune.experts import ExpertBand, band_from_settings, expert_summary
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import add_lora_adapters, save_lora_expert
@@ -53,15 +48,12 @@ from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
+from expertune.train.outputs import check_output_dir, run_identity
+from expertune.train.runtime import agreed, has_accelerator, library_versions, peak_memory_gib, tracker_config
 from expertune.train.prepare import PreparedData, prepare_data
 from expertune.train.signals import StopRequests
 
 log = logging.getLogger("expertune.train")
-
-RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints")
-# What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved).
-REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation")
-
 
 @dataclass
 class RunResult:
@@ -106,39 +98,6 @@ def total_optimizer_steps(config: Any, buckets: int | Sequence[Bucket], world_si
     return max(1, -(-micro // t.gradient_accumulation_steps))
 
 
-def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool, main_process: bool = True) -> None:
-    """Never mix a new run into an earlier one's outputs silently. Every process checks; only the main
-    one clears an earlier run (`--overwrite_output_dir`)."""
-    earlier = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    if earlier and not (overwrite or resuming):
-        raise ConfigError(
-            f"output_dir {output_dir} already holds a run ({', '.join(earlier)}); choose a new --output_dir, "
-            "continue it with --resume_from_checkpoint latest, or replace it with --overwrite_output_dir"
-        )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise StorageError(f"output_dir {output_dir} is not writable: {error.strerror or error}") from None
-    if overwrite and not resuming and main_process:
-        for name in REPLACED_ON_OVERWRITE:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-
-
-def run_identity(prepared: PreparedData, source: str) -> dict[str, Any]:
-    """What a resumed run must share with its checkpoint besides the config: the model and the data."""
-    digest = hashlib.sha256()
-    for item in prepared.items:
-        digest.update(json.dumps([item.spec.id, str(item.record.path), list(item.captions)]).encode())
-    return {"base_model": source, "training_items": len(prepared.items), "training_items_digest": digest.hexdigest()}
-
-
 def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
     latents, time_ids, embeds = [], [], []
     for index in micro.indices:
@@ -178,7 +137,7 @@ def train(config: Any) -> RunResult:
     # precision settings. The process group itself (PartialState) is kept.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
-        cpu=not _has_accelerator(),  # several CPU processes then form a gloo group (MULTI_CPU)
+        cpu=not has_accelerator(),  # several CPU processes then form a gloo group (MULTI_CPU)
         mixed_precision=config.model.mixed_precision,
         log_with=None if config.logging.report_to == "none" else config.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
@@ -251,7 +210,7 @@ def train(config: Any) -> RunResult:
 
     if accelerator.is_main_process and config.logging.report_to != "none":
         run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
-        accelerator.init_trackers(run_name, config=_tracker_config(config))
+        accelerator.init_trackers(run_name, config=tracker_config(config))
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir, metrics)
     if v.validation_on_startup:
@@ -332,7 +291,7 @@ def train(config: Any) -> RunResult:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", step=step)
 
-            stopping = _agreed(accelerator, stop.requested)
+            stopping = agreed(accelerator, stop.requested)
             if _checkpoint_due(config, step, epoch_done, tail.epoch) or stopping:
                 if accelerator.is_main_process:
                     save_checkpoint(output_dir, state, config_snapshot, identity)
@@ -393,25 +352,12 @@ def train(config: Any) -> RunResult:
             },
             "peak_memory_gib": peak_memory_gib(accelerator.device),
             "config": config_snapshot,
-            "versions": _versions(),
+            "versions": library_versions(),
         }
         atomic_write_json(output_dir / "run.json", summary)
     accelerator.end_training()
     log.info("done: %d steps, expert %s saved to %s", total_steps, band, pipeline_dir)
     return RunResult(output_dir, pipeline_dir, band, total_steps, summary)
-
-
-def _has_accelerator() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return torch.cuda.is_available() or bool(mps and mps.is_available())
-
-
-def _agreed(accelerator: Any, flag: bool) -> bool:
-    """True on every rank when any rank's flag is set (ranks must stop at the same step)."""
-    if accelerator.num_processes == 1:
-        return flag
-    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
-    return bool(total.item() > 0)
 
 
 def _epoch_layout(config: Any, prepared: PreparedData, accelerator: Any, epoch: int) -> list[int]:
@@ -431,33 +377,3 @@ def _resumed_stream(config: Any, prepared: PreparedData, accelerator: Any, consu
     return stream
 
 
-def peak_memory_gib(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process, and peak allocated accelerator memory where there is one."""
-    import resource
-
-    peaks = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-    if device.type == "cuda":
-        peaks["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    return peaks
-
-
-def _tracker_config(config: Any) -> dict[str, Any]:
-    flat = config.flat()
-    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import transformers
-
-    import expertune
-
-    return {
-        "expertune": expertune.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-    }
