@@ -76,8 +76,6 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.infer.chain import generate_images, save_images
 
-    if rest:
-        raise ExpertuneError(f"generate: unknown arguments {' '.join(rest)}; see `expertune generate --help`")
     images = generate_images(
         args.expert,
         args.prompt,
@@ -99,8 +97,6 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.models.tiny import build_tiny_clip
 
-    if rest:
-        raise ExpertuneError(f"tiny-clip: unknown arguments {' '.join(rest)}")
     path = build_tiny_clip(args.directory, seed=args.seed)
     print(f"wrote a tiny random CLIP model to {path}")
     return 0
@@ -109,8 +105,6 @@ def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.demo.run import run_demo
 
-    if rest:
-        raise ExpertuneError(f"demo: unknown arguments {' '.join(rest)}")
     result = run_demo(args.out, steps=args.steps)
     print(f"stage 1: {result.stage_dirs[0]}\nstage 2: {result.stage_dirs[1]}\nchained sample: {result.sample}")
     return 0
@@ -119,8 +113,6 @@ def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.models.tiny import build_tiny_pipeline
 
-    if rest:
-        raise ExpertuneError(f"tiny-model: unknown arguments {' '.join(rest)}")
     path = build_tiny_pipeline(args.directory, seed=args.seed)
     print(f"wrote a tiny SDXL-layout pipeline to {path}")
     return 0
@@ -131,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="expertune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(config_flags=False)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser(
@@ -139,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one expert. Options: --config FILE.toml, --env config.env, and any --flag "
         "of docs/configuration.md (later sources win: TOML < config.env < flags).",
     )
-    train.set_defaults(handler=_cmd_train)
+    train.set_defaults(handler=_cmd_train, config_flags=True)
 
     cache = verbs.add_parser(
         "cache",
@@ -153,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--stats_json", default=None, metavar="FILE",
                        help="also write the cache stats, bucket table and skipped images to this JSON file")
-    cache.set_defaults(handler=_cmd_cache)
+    cache.set_defaults(handler=_cmd_cache, config_flags=True)
 
     generate = verbs.add_parser("generate", help="chain trained experts into images")
     generate.add_argument("--expert", action="append", required=True,
@@ -201,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     _setup_logging(args.verbose)
     try:
+        if rest and not args.config_flags:  # only train and cache take config flags
+            raise ExpertuneError(f"{args.verb}: unknown arguments {' '.join(rest)}; see `expertune {args.verb} --help`")
         return int(args.handler(args, rest))
     except ExpertuneError as error:
         print(f"expertune: error: {error}", file=sys.stderr)

@@ -5,7 +5,7 @@ Used by benchmarks to check that the trainer handles the real model sizes withou
 
 from __future__ import annotations
 
-from expertune.models.tiny import PipelineLayout, TextEncoderShape, tiny_layout, tiny_unet_config
+from expertune.models.tiny import PipelineLayout, TextEncoderShape, tiny_layout, tiny_unet_config, vae_config
 
 CLIP_L = TextEncoderShape(width=768, layers=12, heads=12, intermediate=3072, projection_dim=768,
                           hidden_act="quick_gelu", vocab_size=49408)
@@ -46,19 +46,8 @@ def ssd1b_unet_config() -> dict:
 
 
 def sdxl_vae_config() -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    return vae_config((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024,
+                      force_upcast=True)
 
 
 def ssd1b_layout() -> PipelineLayout:

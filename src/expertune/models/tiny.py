@@ -130,20 +130,27 @@ def tiny_unet_config(sample_size: int = 16) -> dict:
     )
 
 
-def tiny_vae_config(sample_size: int = 128) -> dict:
+def vae_config(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
+               sample_size: int, force_upcast: bool) -> dict:
+    """An SDXL-layout AutoencoderKL config: four blocks (8x downsampling), 4 latent channels."""
     return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
         latent_channels=4,
         sample_size=sample_size,
         scaling_factor=0.13025,
-        force_upcast=False,
+        force_upcast=force_upcast,
     )
+
+
+def tiny_vae_config(sample_size: int = 128) -> dict:
+    return vae_config((8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=sample_size,
+                      force_upcast=False)
 
 
 def tiny_scheduler_config() -> dict:
