@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# DeepSpeed (the ZeRO tests run it on CPUs) builds against the torch above: no build isolation, or pip
+	# would fetch an unpinned multi-GB torch to build it with.
+	$(BIN)/python -m pip install --quiet setuptools wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

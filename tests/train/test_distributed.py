@@ -61,14 +61,34 @@ def test_launch_command_uses_accelerate(tmp_path: Path) -> None:
 
 def test_example_accelerate_configs_are_valid_and_launchable() -> None:
     import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from expertune.train.launch import engine_in_config_file
 
     folder = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
     files = sorted(folder.glob("*.yaml"))
-    assert {f.name for f in files} >= {"multi_gpu.yaml", "multi_node.yaml", "cpu_two_processes.yaml"}
+    assert {f.name for f in files} >= {"multi_gpu.yaml", "multi_node.yaml", "cpu_two_processes.yaml", "fsdp.yaml",
+                                       "fsdp_multi_node.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                                       "deepspeed_multi_node.yaml"}
+    engines = {}
     for file in files:
         settings = yaml.safe_load(file.read_text())
-        assert settings["distributed_type"] in ("MULTI_GPU", "MULTI_CPU"), file
+        assert settings["distributed_type"] in ("MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED"), file
         assert settings["num_processes"] >= 2 and settings["num_machines"] >= 1
+        if settings["num_machines"] > 1:
+            assert settings["num_processes"] % settings["num_machines"] == 0 and settings["main_process_ip"]
+        cluster = load_config_from_file(str(file))  # accelerate's own reader accepts every key
+        assert cluster.distributed_type.value == settings["distributed_type"]
+        engines[file.name] = engine_in_config_file(file)
         config, _ = load_config([f"--accelerate_config={file}"])
         command = launch_command(config, ["--env", "x.env"])
         assert command[command.index("--config_file") + 1] == str(file)
+    assert engines["fsdp.yaml"] == "fsdp" and engines["deepspeed_zero3.yaml"] == "deepspeed"
+    assert engines["multi_gpu.yaml"] is None
+    fsdp = yaml.safe_load((folder / "fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) == {BasicTransformerBlock.__name__,
+                                                                         ResnetBlock2D.__name__}

@@ -60,6 +60,12 @@ class TrainingState:
     generator: torch.Generator
     epoch_order: list[int]
     ema: Any | None = None
+    strategy: Any | None = None  # how the UNet is spread over processes (train.strategy); None: one whole copy
+
+    def parallel(self) -> Any:
+        from expertune.train.strategy import Replicated
+
+        return self.strategy if self.strategy is not None else Replicated(self.unet, self.optimizer)
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -108,16 +114,23 @@ def _scheduler_state(lr_scheduler: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dict[str, Any],
-                    run_identity: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> atomically; a failure (e.g. a full disk) leaves no partial checkpoint."""
+                    run_identity: dict[str, Any], snapshot: Any | None = None) -> Path:
+    """Write checkpoint-<step> atomically; a failure (e.g. a full disk) leaves no partial checkpoint.
+
+    `snapshot` holds the full weights and optimizer state gathered beforehand on every process (a collective,
+    see train.strategy); without it they are taken from the state's whole UNet and optimizer.
+    """
+    parallel = state.parallel()
+    if snapshot is None:
+        snapshot = parallel.snapshot()
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"checkpoint-{state.step}"
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
     try:
-        unet_state = {k: v.detach().contiguous().cpu() for k, v in state.unet.state_dict().items()}
-        save_file(unet_state, str(scratch / "unet.safetensors"))
-        optimizer_tensors, optimizer_meta = _flatten_optimizer(state.optimizer.state_dict())
+        save_file({k: v.detach().contiguous().cpu() for k, v in snapshot.weights.items()},
+                  str(scratch / "unet.safetensors"))
+        optimizer_tensors, optimizer_meta = _flatten_optimizer(snapshot.optimizer)
         save_file(optimizer_tensors, str(scratch / "optimizer.safetensors"))
         rng = {
             "generator": state.generator.get_state(),
@@ -140,6 +153,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dic
             "data": vars(state.data),
             "lr_scheduler": _scheduler_state(state.lr_scheduler),
             "optimizer": optimizer_meta,
+            "optimizer_layout": parallel.layout,
             "ema": ema_meta,
             "config": config_snapshot,
             "run_identity": run_identity,
@@ -231,9 +245,14 @@ def read_checkpoint_document(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler, EMA and RNG into `state`; returns the state.json document."""
     document = read_checkpoint_document(path)
-    state.unet.load_state_dict(load_file(str(path / "unet.safetensors")), strict=True)
+    parallel = state.parallel()
+    layout = document.get("optimizer_layout", "torch")
+    if layout != parallel.layout:
+        raise ConfigError(f"checkpoint {path} keeps its optimizer state as {layout!r}, but this run's engine needs "
+                          f"{parallel.layout!r}: resume with the accelerate config (DDP, FSDP or DeepSpeed) that "
+                          "wrote it")
     optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), document["optimizer"])
-    state.optimizer.load_state_dict(optimizer_state)
+    parallel.restore(load_file(str(path / "unet.safetensors")), optimizer_state)
     inner = getattr(state.lr_scheduler, "scheduler", state.lr_scheduler)
     inner.load_state_dict(document["lr_scheduler"])
     rng = load_file(str(path / "state.safetensors"))

@@ -48,8 +48,40 @@ def launch_command(config: Any, train_argv: Sequence[str]) -> list[str]:
     return command + ["-m", "expertune.cli", "train", *train_argv]
 
 
+def engine_in_config_file(path: str | os.PathLike[str]) -> str | None:
+    """"fsdp" or "deepspeed" when an accelerate config file asks for that engine, else None (DDP and friends)."""
+    import yaml
+
+    from expertune.errors import ConfigError
+
+    try:
+        settings = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"--accelerate_config {path}: cannot read it ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--accelerate_config {path}: not valid YAML ({error})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--accelerate_config {path}: expected a mapping of accelerate settings")
+    kind = str(settings.get("distributed_type", "")).upper()
+    return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(kind)
+
+
+def check_before_launch(config: Any) -> None:
+    """Refuse, in this one process, what every launched process would refuse (and say it once)."""
+    from expertune.train.runtime import has_accelerator
+    from expertune.train.strategy import check_engine_available, check_supported
+
+    if not config.train.accelerate_config:
+        return
+    engine = engine_in_config_file(config.train.accelerate_config)
+    if engine is not None:
+        check_supported(config, engine)
+        check_engine_available(engine, has_accelerator())
+
+
 def relaunch(config: Any, train_argv: Sequence[str]) -> int:
     """Run the training under accelerate and return its exit code."""
+    check_before_launch(config)
     command = launch_command(config, train_argv)
     log.info("launching %d processes: %s", config.train.num_processes * config.train.num_machines,
              shlex.join(command))

@@ -6,7 +6,6 @@ validate) → export the expert pipeline + run.json.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from expertune.data.batches import (
     epoch_batches,
     micro_batches,
 )
-from expertune.errors import ConfigError, TrainingInterrupted, UnsupportedFeatureError
+from expertune.errors import ConfigError, TrainingInterrupted
 from expertune.experts import ExpertBand, band_from_settings, expert_summary
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import add_lora_adapters, save_lora_expert
@@ -52,6 +51,14 @@ from expertune.train.outputs import check_output_dir, run_identity
 from expertune.train.runtime import agreed, has_accelerator, library_versions, peak_memory_gib, tracker_config
 from expertune.train.prepare import PreparedData, prepare_data
 from expertune.train.signals import StopRequests
+from expertune.train.strategy import (
+    accelerator_options,
+    check_supported,
+    configure_deepspeed,
+    engine_requested,
+    strategy_for,
+    whole_model_loading,
+)
 
 log = logging.getLogger("expertune.train")
 
@@ -136,25 +143,24 @@ def train(config: Any) -> RunResult:
     # accelerate keeps process-wide state; a second run in one process (the demo, a notebook) may use other
     # precision settings. The process group itself (PartialState) is kept.
     AcceleratorState._reset_state()
+    check_supported(config, engine_requested() or "ddp")
     accelerator = Accelerator(
-        cpu=not has_accelerator(),  # several CPU processes then form a gloo group (MULTI_CPU)
+        # DDP on CPUs: cpu=True makes several processes a gloo group (MULTI_CPU); DeepSpeed and FSDP: see strategy
+        **accelerator_options(has_accelerator()),
         mixed_precision=config.model.mixed_precision,
         log_with=None if config.logging.report_to == "none" else config.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise UnsupportedFeatureError(
-            f"accelerate distributed_type {accelerator.distributed_type.value} is not supported yet: expertune's "
-            "checkpoints and export assume every process holds the whole UNet. Use DDP "
-            "(examples/accelerate/multi_gpu.yaml, or --num_processes N)")
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming,
                      main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()  # no process looks at output_dir while the main one clears it
     checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
     torch.manual_seed(t.seed)
-    components = load_components(
-        config.model.pretrained_model_name_or_path, revision=config.model.revision, variant=config.model.variant
-    )
+    with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
+        components = load_components(
+            config.model.pretrained_model_name_or_path, revision=config.model.revision, variant=config.model.variant
+        )
     schedule = noise_schedule_for(config, components.scheduler_config)
     for warning in schedule.warnings():
         log.warning(warning)
@@ -162,7 +168,8 @@ def train(config: Any) -> RunResult:
     log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
              band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
 
-    plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
+    with whole_model_loading(accelerator):
+        plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(accelerator.device)
     with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
@@ -183,8 +190,12 @@ def train(config: Any) -> RunResult:
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
     optimizer = build_optimizer(unet.parameters(), t)
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
+    if deepspeed:
+        configure_deepspeed(accelerator, config)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    trained = accelerator.unwrap_model(unet)
+    strategy = strategy_for(accelerator, unet, optimizer, t.gradient_accumulation_steps)
+    trained = strategy.unet
+    log.info("engine: %s (%d processes)", accelerator.distributed_type.value, accelerator.num_processes)
     trainable = [p for p in trained.parameters() if p.requires_grad]
     ema = None
     if t.use_ema:
@@ -195,7 +206,8 @@ def train(config: Any) -> RunResult:
     # caption dropout and takes its own slice (see StepRandomness), so results do not depend on world size.
     generator = torch.Generator().manual_seed(t.seed)
     state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=trained, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema)
+                          lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema,
+                          strategy=strategy)
     config_snapshot = config.to_dict()
     if checkpoint_path is not None:
         document = read_checkpoint_document(checkpoint_path)
@@ -214,7 +226,7 @@ def train(config: Any) -> RunResult:
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir, metrics)
     if v.validation_on_startup:
-        validator.run(trained, state.step)
+        _validate(validator, strategy, accelerator, state.step)
     stream = _resumed_stream(config, prepared, accelerator, state.data.micro_batches_consumed)
 
     accumulation = t.gradient_accumulation_steps
@@ -234,23 +246,22 @@ def train(config: Any) -> RunResult:
             step_loss = torch.zeros((), dtype=torch.float64)
             step_timesteps = []
             for position, micro in enumerate(group):
-                batch = load_batch(prepared, micro).to(accelerator.device)
+                batch = load_batch(prepared, micro).to(accelerator.device, strategy.input_dtype())
                 draws = draw_randomness(band, generator, micro.global_size, tuple(batch.latents.shape[1:]),
                                         config.data.caption_dropout_probability, stratified)
                 mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
                 batch = drop_captions(batch, mine.keep_caption)
                 last = position == len(group) - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(unet)
-                with sync, accelerator.autocast():
+                with strategy.micro_step(accelerator, unet, last), accelerator.autocast():
                     out = denoising_loss(unet, batch, schedule, mine)
                     weight = batch.size / samples
-                    accelerator.backward(out.loss * weight)
+                    accelerator.backward(out.loss * (weight * strategy.loss_scale))
                 step_loss += out.loss.detach().double().cpu() * weight
                 step_timesteps.append(draws.timesteps)  # every sample of every rank
             grad_norm = None
             if t.max_grad_norm and t.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
-            optimizer.step()
+            optimizer.step()  # under DeepSpeed these three are no-ops: its engine stepped in backward()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None and step % t.ema_update_interval == 0:
@@ -279,7 +290,7 @@ def train(config: Any) -> RunResult:
                 "samples": sum(m.global_size for m in group),
                 "seconds": round(time.monotonic() - step_started, 4),
             }
-            if grad_norm is not None:
+            if grad_norm is not None and float(grad_norm) >= 0:  # DeepSpeed reports -1 before its first norm
                 record["grad_norm"] = float(grad_norm)
             if first_step_at is None:
                 first_step_at = time.monotonic() - started
@@ -293,8 +304,9 @@ def train(config: Any) -> RunResult:
 
             stopping = agreed(accelerator, stop.requested)
             if _checkpoint_due(config, step, epoch_done, tail.epoch) or stopping:
+                snapshot = strategy.snapshot()  # every rank: gathering sharded state is a collective
                 if accelerator.is_main_process:
-                    save_checkpoint(output_dir, state, config_snapshot, identity)
+                    save_checkpoint(output_dir, state, config_snapshot, identity, snapshot)
                     prune_checkpoints(output_dir, t.checkpoints_total_limit)
                 accelerator.wait_for_everyone()
                 last_saved = step
@@ -306,20 +318,22 @@ def train(config: Any) -> RunResult:
                     f"interrupted at step {step}/{total_steps}; checkpoint saved in {checkpoints_dir(output_dir)}. "
                     "Continue with --resume_from_checkpoint latest", stop.received or 15)
             if v.validation_step_interval and step % v.validation_step_interval == 0 and step < total_steps:
-                validator.run(trained, step)
+                _validate(validator, strategy, accelerator, step)
     progress.close()
 
     accelerator.wait_for_everyone()
     if checkpointing and last_saved != total_steps:
+        snapshot = strategy.snapshot()
         if accelerator.is_main_process:
-            save_checkpoint(output_dir, state, config_snapshot, identity)
+            save_checkpoint(output_dir, state, config_snapshot, identity, snapshot)
             prune_checkpoints(output_dir, t.checkpoints_total_limit)
         accelerator.wait_for_everyone()
     trained.eval()
     if ema is not None and t.export_ema:
         ema.copy_to(trainable)
         log.info("exporting the EMA weights (%d updates) as the pipeline's UNet", ema.updates)
-    validation_files = validator.run(trained, total_steps)
+    final = strategy.whole_unet(accelerator.device)  # sharded engines: gathered into one copy on the main process
+    validation_files = validator.run(final, total_steps) if final is not None else []
     metrics.close()
     lora = config.model.model_type == "lora"
     pipeline_dir = output_dir / ("lora" if lora else "pipeline")
@@ -333,7 +347,8 @@ def train(config: Any) -> RunResult:
         if lora:
             save_lora_expert(trained, scheduler, expert, pipeline_dir)
         else:
-            save_expert_pipeline(components, trained, scheduler, expert, pipeline_dir)
+            with whole_model_loading(accelerator):  # the export reloads the text encoders
+                save_expert_pipeline(components, final, scheduler, expert, pipeline_dir)
         summary = {
             "format_version": 1,
             "expert": expert,
@@ -358,6 +373,20 @@ def train(config: Any) -> RunResult:
     accelerator.end_training()
     log.info("done: %d steps, expert %s saved to %s", total_steps, band, pipeline_dir)
     return RunResult(output_dir, pipeline_dir, band, total_steps, summary)
+
+
+def _validate(validator: Any, strategy: Any, accelerator: Any, step: int) -> None:
+    """Validation on the main process; a sharded UNet is first gathered into one copy (all ranks take part)."""
+    if validator.v.validation_disable:
+        return
+    if not strategy.sharded:
+        validator.run(strategy.unet, step)
+        return
+    whole = strategy.whole_unet(accelerator.device)
+    if whole is not None:
+        validator.run(whole, step)
+        del whole
+    accelerator.wait_for_everyone()
 
 
 def _epoch_layout(config: Any, prepared: PreparedData, accelerator: Any, epoch: int) -> list[int]:
