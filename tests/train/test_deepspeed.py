@@ -100,3 +100,22 @@ def test_zero3_gathers_for_validation_and_export(stage_env: Path, one_process: P
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(str(out / "pipeline"))
     assert pipeline.unet.dtype == torch.float32
+
+
+def test_zero2_bf16_casts_the_batch_and_exports_fp32_master_weights(stage_env: Path, tiny_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    # DeepSpeed keeps the UNet itself in bf16: the batch must be cast to it, and the export must take the fp32
+    # master weights (a bf16 copy would round away updates of 1e-4 x the weight).
+    out = tmp_path / "bf16"
+    code = main(["train", "--env", str(stage_env), *FAST_FLAGS, "--report_to=none", "--max_train_steps=2",
+                 "--train_batch_size=1", "--num_processes=2", "--mixed_precision=bf16", "--validation_disable",
+                 f"--accelerate_config={EXAMPLES / 'deepspeed_zero2.yaml'}", f"--output_dir={out}"])
+    assert code == 0
+    weights = load_file(out / UNET)
+    base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    changed = [name for name in base if not torch.equal(weights[name], base[name])]
+    assert changed
+    assert any(not torch.equal(weights[n], weights[n].to(torch.bfloat16).float()) for n in changed)
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)

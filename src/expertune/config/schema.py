@@ -289,7 +289,9 @@ class TrainConfig:
                                               env=("CHECKPOINTING_LIMIT",))
     num_processes: int = opt(1, "Training processes (GPUs) per machine.", ge=1, env=("TRAINING_NUM_PROCESSES",))
     num_machines: int = opt(1, "Machines taking part in training.", ge=1, env=("TRAINING_NUM_MACHINES",))
-    accelerate_config: str | None = opt(None, "accelerate launch config file.", env=("ACCELERATE_CONFIG_PATH",))
+    accelerate_config: str | None = opt(None, "accelerate launch config file: DDP, FSDP or DeepSpeed ZeRO (see "
+                                        "examples/accelerate/ and docs/distributed.md).",
+                                        env=("ACCELERATE_CONFIG_PATH",))
     accelerate_extra_args: str | None = opt(None, "Extra arguments for accelerate launch.",
                                             env=("ACCELERATE_EXTRA_ARGS",))
 
