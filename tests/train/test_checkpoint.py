@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from pathlib import Path
 
@@ -144,3 +145,17 @@ def test_optimizer_state_with_tensors_anywhere_round_trips(tmp_path: Path) -> No
     first = restored.optimizer.state[restored.optimizer.param_groups[0]["params"][0]]
     assert torch.equal(first["nested"]["scale"], torch.ones(2)) and first["nested"]["n"] == 3
     assert not list(path.glob("*.pt")) and not list(path.glob("*.bin"))  # no pickle formats
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_layout_that_wrote_it(tmp_path: Path) -> None:
+    from expertune.train.strategy import FullySharded
+
+    state = _state()
+    _train_steps(state, 1)
+    path = save_checkpoint(tmp_path, state, {}, {})
+    assert json.loads((path / "state.json").read_text())["optimizer_layout"] == "torch"
+    sharded = _state(seed=5)
+    sharded.strategy = FullySharded(sharded.unet, sharded.optimizer)
+    with pytest.raises(ConfigError, match="'torch'.*'fsdp-full'"):
+        load_checkpoint(path, sharded)
+    assert not torch.equal(sharded.unet[0].weight, state.unet[0].weight)  # nothing was half-restored

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import deepspeed  # noqa: F401  (a test dependency, installed by the Makefile: missing must fail, not skip)
+import deepspeed  # a test dependency, installed by the Makefile: a missing one must fail, not skip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,6 +22,7 @@ from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
 
 
+DEEPSPEED_VERSION = deepspeed.__version__
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
 UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
 FLAGS = [*FAST_FLAGS, "--report_to=none", "--max_train_steps=4", "--lr_scheduler=constant",
@@ -83,11 +84,6 @@ def test_zero2_matches_one_process_and_resumes_exactly(stage_env: Path, one_proc
     _assert_same_weights(final, full / "checkpoints" / "checkpoint-4" / "unet.safetensors", rtol=0, atol=1e-7)
     assert all(t.dtype == torch.float32 for t in load_file(final).values())
     assert [r["step"] for r in read_metrics(full / "metrics.jsonl")] == [1, 2, 3, 4]
-
-    # A ZeRO checkpoint does not resume under plain DDP: its optimizer state is keyed differently.
-    code = main(["train", "--env", str(stage_env), *FLAGS, "--train_batch_size=2", "--validation_disable",
-                 "--checkpoint_step_interval=2", f"--output_dir={full}", "--resume_from_checkpoint=checkpoint-2"])
-    assert code == 2
 
 
 def test_zero3_gathers_for_validation_and_export(stage_env: Path, one_process: Path, tmp_path: Path) -> None:
