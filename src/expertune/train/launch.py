@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 log = logging.getLogger("expertune.launch")
@@ -55,7 +56,7 @@ def engine_in_config_file(path: str | os.PathLike[str]) -> str | None:
     from expertune.errors import ConfigError
 
     try:
-        settings = yaml.safe_load(open(path, encoding="utf-8")) or {}
+        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as error:
         raise ConfigError(f"--accelerate_config {path}: cannot read it ({error.strerror or error})") from None
     except yaml.YAMLError as error:

@@ -68,11 +68,9 @@ def accelerator_options(has_gpu: bool) -> dict[str, Any]:
 
     engine = engine_requested()
     check_engine_available(engine, has_gpu)
-    if engine == "deepspeed":
-        if not has_gpu:
-            return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-        return {"cpu": False}
-    return {"cpu": not has_gpu}
+    if engine == "deepspeed" and not has_gpu:
+        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": engine != "deepspeed" and not has_gpu}
 
 
 def check_supported(config: Any, engine: str) -> None:
@@ -194,6 +192,22 @@ class DeepSpeedZero(Replicated):
         zero = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wrapper → ZeRO optimizer
         return zero.optimizer  # ZeRO's wrapped torch optimizer, over flat partitions
 
+    def _gather(self, read: Any) -> dict[str, torch.Tensor]:
+        """`read(param)` for every trained parameter, whole, on the main process ({} elsewhere).
+
+        Each call is a collective under ZeRO-3, so every rank walks the parameters in the same order."""
+        gathered = {}
+        for name, param in self._named():
+            value = read(param)
+            if self.is_main:
+                gathered[name] = value.detach().contiguous().cpu()
+        return gathered
+
+    def _fp32_weights(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: value.float() for name, value in self._gather(safe_get_full_fp32_param).items()}
+
     def _state_keys(self) -> tuple[list[str], dict[str, Any]]:
         states = list(self._base_optimizer().state.values())
         if not states:
@@ -204,18 +218,12 @@ class DeepSpeedZero(Replicated):
         return per_parameter, scalars
 
     def snapshot(self) -> Snapshot:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_optimizer_state
 
         keys, scalars = self._state_keys()
-        weights: dict[str, torch.Tensor] = {}
-        per_parameter: dict[str, dict[str, torch.Tensor]] = {key: {} for key in keys}
-        for name, param in self._named():  # the same order on every rank: each call is a collective
-            full = safe_get_full_fp32_param(param)
-            states = {key: safe_get_full_optimizer_state(param, key) for key in keys}
-            if self.is_main:
-                weights[name] = full.detach().float().contiguous().cpu()
-                for key, value in states.items():
-                    per_parameter[key][name] = value.detach().contiguous().cpu()
+        weights = self._fp32_weights()
+        per_parameter = {key: self._gather(lambda param, key=key: safe_get_full_optimizer_state(param, key))
+                         for key in keys}
         if not self.is_main:
             return Snapshot()
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self._base_optimizer().param_groups]
@@ -282,13 +290,7 @@ class DeepSpeedZero(Replicated):
             yield
 
     def whole_unet(self, device: torch.device | str | None = None) -> torch.nn.Module | None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        weights = {}
-        for name, param in self._named():
-            full = safe_get_full_fp32_param(param)
-            if self.is_main:
-                weights[name] = full.detach().float().cpu()
+        weights = self._fp32_weights()
         return _materialise(self.unet, weights, device) if self.is_main else None
 
     def input_dtype(self) -> torch.dtype | None:
