@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean world study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/expertune demo --out outputs/demo
+
+# Rebuild the committed world model from nothing (about 35 min on 2 CPU cores), then check it.
+world: $(STAMP)
+	$(BIN)/expertune world build src/expertune/world/pretrained
+
+# The equal-compute study of experts against one model (docs/quality.md); STUDY_ARGS=--quick for minutes.
+study: $(STAMP)
+	$(BIN)/python bench/expert_study.py $(STUDY_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The `expertune` command: train, cache, generate, demo, tiny-model, tiny-clip."""
+"""The `expertune` command: train, cache, generate, demo, world, tiny-model, tiny-clip."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.demo.run import run_demo
 
-    result = run_demo(args.out, steps=args.steps)
+    result = run_demo(args.out, steps=args.steps, world=args.world)
     print(f"stage 1: {result.stage_dirs[0]}\nstage 2: {result.stage_dirs[1]}\nchained sample: {result.sample}")
     return 0
 
@@ -118,8 +118,34 @@ def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_world_build(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.world.build import build_world
+
+    manifest = build_world(args.directory, args.recipe, work=args.work)
+    figures = manifest["figures"]
+    print(f"world model written to {args.directory} in {manifest['seconds']['total']:.0f} s: "
+          f"VAE {figures['vae']['psnr_db']:.1f} dB, CLIP zero-shot "
+          f"{100 * figures['eval_clip']['zero_shot_accuracy_held_out_images']:.0f}%, "
+          f"{manifest['weights_bytes'] / 2**20:.1f} MiB of weights")
+    return 0
+
+
+def _cmd_world_verify(args: argparse.Namespace, rest: list[str]) -> int:
+    from expertune.world.build import verify_world
+
+    problems = verify_world(args.directory)
+    for problem in problems:
+        print(f"{args.directory}: {problem}")
+    if problems:
+        print(f"rebuild with `expertune world build {args.directory}` or restore it from git", file=sys.stderr)
+        return 1
+    print(f"{args.directory}: every file matches its manifest")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from expertune.infer.schedulers import SCHEDULER_CLASSES
+    from expertune.world import PRETRAINED
 
     parser = argparse.ArgumentParser(prog="expertune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -173,8 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo", help="build a tiny model and data, train both experts, chain them")
     demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--steps", type=int, default=150, help="optimizer steps per expert")
+    demo.add_argument("--steps", type=int, default=300, help="optimizer steps per expert")
+    demo.add_argument("--world", default=str(PRETRAINED),
+                      help="world model dir (base/ and clip/) to start from (default: the committed one)")
     demo.set_defaults(handler=_cmd_demo)
+
+    world = verbs.add_parser("world", help="the tiny world model: rebuild it from nothing, or verify it")
+    world_verbs = world.add_subparsers(dest="world_verb", required=True)
+    build = world_verbs.add_parser(
+        "build", help="train the world model (VAE, text encoders, base UNet by `expertune train`, CLIP) into DIR",
+        description="Rebuild the world model from nothing, deterministically on the CPU: fixed seeds, one thread "
+        "per part, two parts side by side. DIR gets base/, clip/, build_log.jsonl and manifest.json (sha256 of "
+        "every file and the build's figures) and is replaced only when the build succeeds.")
+    build.add_argument("directory")
+    build.add_argument("--recipe", default="full", choices=("full", "miniature"),
+                       help="full: the committed model (about 35 min on 2 cores); miniature: a few steps of each part")
+    build.add_argument("--work", default=None, help="keep the intermediate files here (default: a temporary dir)")
+    build.set_defaults(handler=_cmd_world_build)
+    verify = world_verbs.add_parser("verify", help="check a world model dir against its manifest's sha256 sums")
+    verify.add_argument("directory", nargs="?", default=str(PRETRAINED))
+    verify.set_defaults(handler=_cmd_world_verify)
 
     tiny = verbs.add_parser("tiny-model", help="write a tiny SDXL-layout diffusers pipeline")
     tiny.add_argument("directory")

@@ -1,4 +1,4 @@
-"""`make demo`'s code path at a few steps: both experts trained, validated, chained."""
+"""`make demo`'s code path at a few steps: both experts trained from the world base, validated, chained, compared."""
 
 from __future__ import annotations
 
@@ -16,8 +16,23 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert bands == [[350, 999], [0, 349]]
     stage2 = json.loads((out / "stage2" / "run.json").read_text())
     assert stage2["cache"]["latents_encoded"] == 0 and stage2["cache"]["embeds_encoded"] == 0
-    assert stage2["cache"]["latents_reused"] == 16
+    assert stage2["cache"]["latents_reused"] > 100
     assert (out / "sample.png").stat().st_size > 0
+    from PIL import Image
+
+    from expertune.demo.run import palette_prompts
+    from expertune.world.scene import HELD_OUT
+
+    # The before/after grid: the base chained with itself over the trained experts, one column per held-out prompt.
+    assert Image.open(out / "before_after.png").size[0] == 64 * len(HELD_OUT)
+    assert len(palette_prompts()) == 56 and Image.open(out / "palette.png").size == (7 * 64, 8 * 64)
+    report = json.loads((out / "report.json").read_text())
+    for side in ("before", "after"):
+        assert {"clip", "colour/shape", "colour/background", "colour/both"} <= set(report["held_out_prompts"][side])
+    # Validation begins at step 0, so each expert's per-band held-out loss shows its change.
+    for stage in ("stage1", "stage2"):
+        assert report[stage]["step_0"]["step"] == 0 and report[stage]["final"]["step"] == 2
+        assert report[stage]["step_0"]["eval/loss"] > 0
     assert list((out / "stage1" / "validation").rglob("text_to_image_*.png"))
     assert list((out / "stage2" / "validation").rglob("partial_denoise_*.png"))
     assert list((out / "stage2" / "validation").rglob("chain_*.png"))  # through the stage 1 expert

@@ -1,92 +1,165 @@
-"""`expertune demo`: the whole product on an embedded default, on a CPU, in a few minutes.
+"""`expertune demo`: the recipe's journey on the committed world model, on a CPU, in a few minutes.
 
-It builds the tiny SDXL-layout model and the demo dataset, writes the recipe's own config.env for
-stage 1 and stage 2 (word for word, with local paths), trains both experts sharing one cache, and
-chains them into a sample image — the journey a user takes with a real model. Each expert is validated
-the way it is used (stage 2 also through the chain with stage 1), with the per-band held-out loss and the
-CLIP score of a tiny random CLIP model in metrics.jsonl and TensorBoard.
+It starts from the pretrained world base (epsilon-prediction on SDXL's own schedule, as SSD-1B is), writes
+the recipe's own config.env for stage 1 and stage 2 (word for word, with local paths), and trains both
+experts sharing one cache, re-parameterised as the recipe says (v-prediction, zero-terminal SNR, trailing).
+The fine-tuning set teaches something the base never saw: the world's held-out combinations (mixed with a
+few of the pretrained ones so nothing is forgotten). Each expert is validated the way it is used, from step
+0 (stage 2 also through the chain with stage 1), with the per-band held-out loss and the world CLIP's score.
+It leaves `before_after.png` (the base chained with itself against the trained experts, same prompts and
+seeds), `palette.png` (every shape colour on every background) and `report.json` with the figures.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertune.demo.dataset import write_dataloader_config, write_demo_dataset
+from expertune.demo.dataset import write_dataloader_config
 from expertune.demo.recipe import recipe_env
-from expertune.io_utils import atomic_write_bytes
-from expertune.models.tiny import build_tiny_clip, build_tiny_pipeline
+from expertune.errors import ModelError
+from expertune.io_utils import atomic_write_bytes, atomic_write_json
+from expertune.world import PRETRAINED
+from expertune.world.scene import COLOURS, HELD_OUT, SHAPES, Combination, scenes, training_combinations
 
-log = logging.getLogger("expertune.demo")
+log = logging.getLogger(__name__)
 
-DEMO_RESOLUTION = 128
-SAMPLE_PROMPT = "a red circle on a blue background"
+DEMO_RESOLUTION = 64
+SAMPLE_PROMPT = HELD_OUT[0].caption
+HELD_OUT_IMAGES = 16  # per held-out combination
+SEEN_IMAGES = 2  # per pretrained combination, so the fine-tune does not forget them
+VALIDATION_PROMPTS = [c.caption for c in HELD_OUT[:4]]
+GUIDANCE, GUIDANCE_RESCALE, INFERENCE_STEPS = 5.0, 0.7, 20
+
 
 @dataclass
 class DemoResult:
     stage_dirs: tuple[Path, Path]
     sample: Path
+    report: dict
 
 
-def demo_overrides(steps: int, clip: Path | None = None) -> list[str]:
+def demo_overrides(steps: int, clip: Path, prompt_library: Path, learning_rate: float = 2e-4) -> list[str]:
     """CLI flags layered over the recipe's env: a tiny model learns at a far higher rate, in fewer steps.
 
-    Each validation also measures the per-band loss on two held-out images and, given `clip` (a tiny random
-    CLIP, so the numbers only show the machinery), the CLIP score.
+    Validation runs at step 0 and at the end (and half-way), with the per-band loss on held-out images
+    and the CLIP score under the world CLIP.
     """
-    evaluation = ["--evaluation_type=clip", f"--pretrained_evaluation_model_name_or_path={clip}"] if clip else []
     return [
-        *evaluation,
-        "--eval_holdout_fraction=0.125",
-        "--learning_rate=3e-4",
-        "--lr_scheduler=cosine",
-        "--lr_warmup_steps=10",
-        f"--max_train_steps={steps}",
-        f"--resolution={DEMO_RESOLUTION}",
-        f"--validation_prompt={SAMPLE_PROMPT}",
-        f"--validation_step_interval={max(1, steps // 2)}",
-        "--validation_num_inference_steps=20",
-        "--validation_guidance=5.0",
-        "--validation_guidance_rescale=0.7",
-        "--caption_dropout_probability=0.1",
-        "--overwrite_output_dir",
+        "--evaluation_type=clip", f"--pretrained_evaluation_model_name_or_path={clip}",
+        "--eval_holdout_fraction=0.05", "--eval_subbands=4",
+        f"--learning_rate={learning_rate}", "--lr_scheduler=cosine", "--lr_warmup_steps=20",
+        f"--max_train_steps={steps}", f"--resolution={DEMO_RESOLUTION}",
+        f"--validation_prompt={SAMPLE_PROMPT}", f"--validation_prompt_library={prompt_library}",
+        "--validation_on_startup", f"--validation_step_interval={max(1, steps // 2)}",
+        f"--validation_num_inference_steps={INFERENCE_STEPS}", f"--validation_guidance={GUIDANCE}",
+        f"--validation_guidance_rescale={GUIDANCE_RESCALE}", "--caption_dropout_probability=0.1",
+        "--vae_batch_size=64", "--text_encoder_batch_size=64", "--overwrite_output_dir",
     ]
 
 
-def run_demo(out: str | os.PathLike = "outputs/demo", steps: int = 150) -> DemoResult:
+def pretrained_world(world: str | os.PathLike = PRETRAINED) -> tuple[Path, Path]:
+    """(base pipeline, evaluation CLIP) of a world model dir; a clear error when it is incomplete."""
+    root = Path(world)
+    base, clip = root / "base", root / "clip"
+    for path in (base / "model_index.json", clip / "config.json"):
+        if not path.is_file():
+            fix = (f"restore it from git (git checkout -- {PRETRAINED}) or rebuild it" if root == PRETRAINED
+                   else "build one")
+            raise ModelError(f"world model {root} is missing {path.relative_to(root)}; {fix} with "
+                             f"`expertune world build {root}`")
+    return base, clip
+
+
+def demo_scenes(seed: int = 7):
+    """The fine-tuning set: the held-out combinations, plus a couple of images of each pretrained one."""
+    return scenes(list(HELD_OUT), HELD_OUT_IMAGES, seed) + scenes(training_combinations(), SEEN_IMAGES, seed + 1)
+
+
+def palette_prompts() -> list[str]:
+    """Every (shape colour, background) pair once, the shape cycling through circle, square, triangle."""
+    return [Combination(fg, SHAPES[(i + j) % 3], bg).caption
+            for i, fg in enumerate(COLOURS) for j, bg in enumerate(COLOURS) if fg != bg]
+
+
+def _final_scalars(stage_dir: Path) -> tuple[dict, dict]:
+    """(first, last) validation rows of metrics.jsonl: the per-band loss and CLIP score at step 0 and at the end."""
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evaluations = [r for r in rows if "eval/loss" in r]
+    keep = lambda row: {k: v for k, v in row.items() if k.startswith(("eval/", "clip/")) or k == "step"}  # noqa: E731
+    return keep(evaluations[0]), keep(evaluations[-1])
+
+
+def compare_chains(base: Path, experts: list[Path], clip: Path, out: Path) -> dict:
+    """Before/after on the held-out prompts (two seeds each) and the palette grid of the trained chain."""
+    from expertune.infer.chain import image_grid, save_png
+    from expertune.world.evaluate import base_stages, clip_score, colour_accuracy, expert_stages, sample_chain
+
+    prompts = [c.caption for c in HELD_OUT] * 2
+    before_stages = base_stages(base, guidance=GUIDANCE)
+    after_stages = expert_stages(experts, guidance=GUIDANCE, rescale=GUIDANCE_RESCALE)
+    before = sample_chain(before_stages, prompts, steps=INFERENCE_STEPS)
+    after = sample_chain(after_stages, prompts, steps=INFERENCE_STEPS)
+    save_png(image_grid(before[:len(HELD_OUT)] + after[:len(HELD_OUT)], columns=len(HELD_OUT)), out / "before_after.png")
+    palette = palette_prompts()
+    palette_images = sample_chain(after_stages, palette, steps=INFERENCE_STEPS, seed=100)
+    save_png(image_grid(palette_images, columns=len(COLOURS) - 1), out / "palette.png")
+    return {
+        "held_out_prompts": {
+            "before": {"clip": clip_score(before, prompts, clip), **colour_accuracy(before, prompts).as_dict()},
+            "after": {"clip": clip_score(after, prompts, clip), **colour_accuracy(after, prompts).as_dict()},
+        },
+        "palette": {"clip": clip_score(palette_images, palette, clip), **colour_accuracy(palette_images, palette).as_dict()},
+    }
+
+
+def run_demo(out: str | os.PathLike = "outputs/demo", steps: int = 300, refiner_steps: int | None = None,
+             world: str | os.PathLike = PRETRAINED, learning_rate: float = 2e-4) -> DemoResult:
+    """Train stage 1 for `steps` and stage 2 for `refiner_steps` (default: `steps`), then compare and report."""
     from expertune.config import load_config
     from expertune.infer.chain import generate, save_png
     from expertune.train.loop import train
+    from expertune.world.dataset import write_world_dataset
 
+    started = time.perf_counter()
+    base, clip = pretrained_world(world)
     root = Path(out).resolve()
-    model = root / "model"
-    if not (model / "model_index.json").is_file():
-        log.info("building the tiny SDXL-layout model in %s", model)
-        build_tiny_pipeline(model, seed=0)
-    images = write_demo_dataset(root / "data")
+    images = write_world_dataset(root / "data", demo_scenes())
     dataloader = write_dataloader_config(root / "dataloader.json", images, root / "cache", DEMO_RESOLUTION)
-
-    clip = root / "clip"
-    if not (clip / "config.json").is_file():
-        build_tiny_clip(clip, seed=0)
+    library = root / "validation_prompts.txt"
+    atomic_write_bytes(library, ("\n".join(VALIDATION_PROMPTS) + "\n").encode("utf-8"))
 
     stage_dirs: list[Path] = []
     for number in (1, 2):
         output = root / f"stage{number}"
         env_file = root / f"stage{number}.env"
-        atomic_write_bytes(env_file, recipe_env(number, model, output, dataloader).encode("utf-8"))
+        atomic_write_bytes(env_file, recipe_env(number, base, output, dataloader).encode("utf-8"))
         log.info("stage %d: training with %s", number, env_file)
         # Stage 2 also validates the whole chain through the stage 1 expert just trained.
         peer = [f"--validation_peer_expert={stage_dirs[0]}"] if stage_dirs else []
-        config, _warnings = load_config(["--env", str(env_file), *demo_overrides(steps, clip), *peer])
+        stage_steps = steps if number == 1 or refiner_steps is None else refiner_steps
+        config, _warnings = load_config(["--env", str(env_file), *demo_overrides(stage_steps, clip, library,
+                                                                                 learning_rate), *peer])
         train(config)
         stage_dirs.append(output)
 
-    image = generate(
-        stage_dirs, SAMPLE_PROMPT, num_inference_steps=20, guidance_scale=5.0, guidance_rescale=0.7, seed=0
-    )
+    image = generate(stage_dirs, SAMPLE_PROMPT, num_inference_steps=INFERENCE_STEPS, guidance_scale=GUIDANCE,
+                     guidance_rescale=GUIDANCE_RESCALE, seed=0)
     sample = save_png(image, root / "sample.png")
-    log.info("chained sample written to %s", sample)
-    return DemoResult((stage_dirs[0], stage_dirs[1]), sample)
+    report = {"steps": {"stage1": steps, "stage2": refiner_steps or steps}, "learning_rate": learning_rate,
+              **compare_chains(base, stage_dirs, clip, root)}
+    for number, stage_dir in zip((1, 2), stage_dirs):
+        first, last = _final_scalars(stage_dir)
+        report[f"stage{number}"] = {"step_0": first, "final": last}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(root / "report.json", report)
+    before, after = report["held_out_prompts"]["before"], report["held_out_prompts"]["after"]
+    log.info("held-out prompts, base chain -> trained experts: CLIP %.1f -> %.1f, colours right %.0f%% -> %.0f%%",
+             before["clip"], after["clip"], 100 * before["colour/both"], 100 * after["colour/both"])
+    log.info("before/after grid %s, palette %s, report %s (%.0f s)", root / "before_after.png", root / "palette.png",
+             root / "report.json", report["seconds"])
+    return DemoResult((stage_dirs[0], stage_dirs[1]), sample, report)

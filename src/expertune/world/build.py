@@ -56,7 +56,8 @@ class UnetRecipe:
 class BuildRecipe:
     vae: VaeRecipe = field(default_factory=VaeRecipe)
     text_encoders: ClipRecipe = field(default_factory=lambda: ClipRecipe(steps=1500, seed=1))
-    eval_clip: ClipRecipe = field(default_factory=lambda: ClipRecipe(steps=3000, seed=2))
+    eval_clip: ClipRecipe = field(default_factory=lambda: ClipRecipe(
+        steps=5000, seed=2, image_size=64, patch_size=8, vision_layers=4, shape_siblings=True))
     unet: UnetRecipe = field(default_factory=UnetRecipe)
     evaluation_images: int = 2  # per combination, for PSNR and zero-shot accuracy
 
@@ -66,7 +67,7 @@ FULL = BuildRecipe()
 MINIATURE = BuildRecipe(
     vae=VaeRecipe(crop_steps=3, full_steps=2),
     text_encoders=ClipRecipe(steps=3, seed=1),
-    eval_clip=ClipRecipe(steps=3, seed=2),
+    eval_clip=ClipRecipe(steps=3, seed=2, image_size=64, patch_size=8, vision_layers=4, shape_siblings=True),
     unet=UnetRecipe(steps=3, batch=4, warmup_steps=1, images_per_combination=1),
     evaluation_images=1,
 )
@@ -229,14 +230,33 @@ def part_unet(work: Path, recipe: BuildRecipe) -> dict:
 
 PARTS = {"vae": part_vae, "text_encoders": part_text_encoders, "unet": part_unet, "eval_clip": part_eval_clip}
 PHASES = (("vae", "text_encoders"), ("unet", "eval_clip"))
+# What each part's output depends on (the UNet is trained on the VAE's latents and the encoders' embeddings).
+INPUTS = {"vae": ("vae",), "text_encoders": ("text_encoders",), "unet": ("vae", "text_encoders", "unet"),
+          "eval_clip": ("eval_clip",)}
+
+
+def part_key(name: str, recipe: BuildRecipe) -> dict:
+    """Everything a part's output is a function of: the recipes of the part and of its inputs."""
+    return {"evaluation_images": recipe.evaluation_images,
+            **{part: dataclasses.asdict(getattr(recipe, part)) for part in INPUTS[name]}}
 
 
 def _run_part(name: str, work: Path, recipe_name: str) -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = PARTS[name](work, RECIPES[recipe_name])
+    recipe = RECIPES[recipe_name]
+    result = PARTS[name](work, recipe)
     result["seconds"] = round(time.perf_counter() - start, 1)
+    result["key"] = part_key(name, recipe)
     atomic_write_json(work / f"{name}.json", result)
+
+
+def _reusable(name: str, work: Path, recipe_name: str) -> bool:
+    """A part finished in `work` by an earlier build of the same recipe (the build is deterministic)."""
+    done = work / f"{name}.json"
+    if not done.is_file():
+        return False
+    return json.loads(done.read_text()).get("key") == json.loads(json.dumps(part_key(name, RECIPES[recipe_name])))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,6 +273,10 @@ def sha256_file(path: Path) -> str:
 
 
 def _run_phase(names: tuple[str, ...], work: Path, recipe_name: str) -> None:
+    reused = [name for name in names if _reusable(name, work, recipe_name)]
+    for name in reused:
+        log.info("world build: reusing part %s from %s (same recipe and inputs)", name, work)
+    names = tuple(name for name in names if name not in reused)
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     processes = {name: subprocess.Popen([sys.executable, "-m", "expertune.world.build", name, str(work), recipe_name],
                                         env=environment) for name in names}

@@ -24,7 +24,6 @@ from expertune.world.scene import Combination, all_combinations, render, scenes
 
 log = logging.getLogger(__name__)
 
-CLIP_IMAGE_SIZE = 32
 EVAL_TEXT = TextEncoderShape(64, 3, 4, 128, 64)
 TEXT_ENCODER_1 = TextEncoderShape(32, 3, 2, 64, 32)
 TEXT_ENCODER_2 = TextEncoderShape(64, 3, 4, 128, 64)
@@ -36,18 +35,21 @@ class ClipRecipe:
     batch: int = 64
     learning_rate: float = 1e-3
     seed: int = 0
+    image_size: int = 32  # the image tower's input (the processor resizes the 64 px world images to it)
+    patch_size: int = 4
+    vision_layers: int = 3
+    shape_siblings: bool = False  # batches of whole colour pairs (every shape of a pair): hard negatives for shape
 
 
-def vision_config(projection_dim: int) -> dict:
-    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                image_size=CLIP_IMAGE_SIZE, patch_size=4, projection_dim=projection_dim)
+def vision_config(projection_dim: int, recipe: ClipRecipe) -> dict:
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=recipe.vision_layers, num_attention_heads=4,
+                image_size=recipe.image_size, patch_size=recipe.patch_size, projection_dim=projection_dim)
 
 
-def image_processor():
+def image_processor(size: int):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(size={"shortest_edge": CLIP_IMAGE_SIZE},
-                                 crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE})
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def text_config(shape: TextEncoderShape, tokenizer) -> dict:
@@ -75,13 +77,31 @@ def _tensor(output) -> torch.Tensor:
 
 
 class _Batches:
-    """Seeded batches of distinct combinations, each with a fresh scene."""
+    """Seeded batches of distinct captions, each with a fresh scene.
 
-    def __init__(self, combinations: list[Combination], batch: int, seed: int, processor) -> None:
-        self.combinations, self.batch, self.rng, self.processor = combinations, min(batch, len(combinations)), random.Random(seed), processor
+    With `shape_siblings`, a batch is whole colour pairs with every shape of each pair, so each caption meets
+    its shape siblings as negatives: colours alone tell most captions apart, and without these hard
+    negatives a tower learns shapes last.
+    """
+
+    def __init__(self, combinations: list[Combination], batch: int, seed: int, processor,
+                 shape_siblings: bool = False) -> None:
+        self.combinations, self.batch = combinations, min(batch, len(combinations))
+        self.groups: dict[tuple[str, str], list[Combination]] = {}
+        for combination in combinations:
+            self.groups.setdefault((combination.fg, combination.bg), []).append(combination)
+        self.pairs = sorted(self.groups)
+        self.shape_siblings = shape_siblings
+        self.rng, self.processor = random.Random(seed), processor
+
+    def _captions(self) -> list[Combination]:
+        if not self.shape_siblings:
+            return self.rng.sample(self.combinations, self.batch)
+        pairs = self.rng.sample(self.pairs, max(1, min(len(self.pairs), self.batch // 3)))
+        return [c for pair in pairs for c in self.groups[pair]]
 
     def next(self) -> tuple[list[str], torch.Tensor]:
-        chosen = self.rng.sample(self.combinations, self.batch)
+        chosen = self._captions()
         drawn = scenes(chosen, 1, self.rng.randrange(2**31))
         pixels = self.processor(images=[render(s) for s in drawn], return_tensors="pt").pixel_values
         return [s.caption for s in drawn], pixels
@@ -96,10 +116,10 @@ def train_eval_clip(tokenizer, combinations: list[Combination], recipe: ClipReci
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     torch.manual_seed(recipe.seed)
-    model = CLIPModel(CLIPConfig(text_config=text_config(EVAL_TEXT, tokenizer), vision_config=vision_config(64),
-                                 projection_dim=64))
-    processor = CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer)
-    batches = _Batches(combinations, recipe.batch, recipe.seed, processor.image_processor)
+    model = CLIPModel(CLIPConfig(text_config=text_config(EVAL_TEXT, tokenizer),
+                                 vision_config=vision_config(64, recipe), projection_dim=64))
+    processor = CLIPProcessor(image_processor=image_processor(recipe.image_size), tokenizer=tokenizer)
+    batches = _Batches(combinations, recipe.batch, recipe.seed, processor.image_processor, recipe.shape_siblings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.steps))
     rows = []
@@ -128,13 +148,14 @@ def train_text_encoders(tokenizer_1, tokenizer_2, combinations: list[Combination
 
     torch.manual_seed(recipe.seed)
     clip = CLIPModel(CLIPConfig(text_config=text_config(TEXT_ENCODER_2, tokenizer_2),
-                                vision_config=vision_config(TEXT_ENCODER_2.projection_dim),
+                                vision_config=vision_config(TEXT_ENCODER_2.projection_dim, recipe),
                                 projection_dim=TEXT_ENCODER_2.projection_dim))
     text_1 = CLIPTextModel(CLIPTextConfig(**text_config(TEXT_ENCODER_1, tokenizer_1)))
     head_1 = torch.nn.Linear(TEXT_ENCODER_1.width, TEXT_ENCODER_2.projection_dim, bias=False)
     scale_1 = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     parameters = [*clip.parameters(), *text_1.parameters(), *head_1.parameters(), scale_1]
-    batches = _Batches(combinations, recipe.batch, recipe.seed, image_processor())
+    batches = _Batches(combinations, recipe.batch, recipe.seed, image_processor(recipe.image_size),
+                       recipe.shape_siblings)
     optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.steps))
     rows = []
