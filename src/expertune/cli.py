@@ -105,7 +105,11 @@ def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.demo.run import run_demo
 
-    result = run_demo(args.out, steps=args.steps, world=args.world)
+    from expertune.demo.run import REFINER_STEPS, STEPS
+
+    steps = args.steps or STEPS
+    refiner_steps = args.refiner_steps or (args.steps if args.steps else REFINER_STEPS)
+    result = run_demo(args.out, steps=steps, refiner_steps=refiner_steps, world=args.world)
     print(f"stage 1: {result.stage_dirs[0]}\nstage 2: {result.stage_dirs[1]}\nchained sample: {result.sample}")
     return 0
 
@@ -199,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo", help="build a tiny model and data, train both experts, chain them")
     demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--steps", type=int, default=300, help="optimizer steps per expert")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="optimizer steps of stage 1, the high-noise expert (default: 900)")
+    demo.add_argument("--refiner_steps", type=int, default=None,
+                      help="optimizer steps of stage 2 (default: 300, or --steps when --steps is given)")
     demo.add_argument("--world", default=str(PRETRAINED),
                       help="world model dir (base/ and clip/) to start from (default: the committed one)")
     demo.set_defaults(handler=_cmd_demo)

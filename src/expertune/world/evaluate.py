@@ -50,13 +50,17 @@ def base_stages(base: str | os.PathLike, boundary: int = 350, guidance: float = 
 
 def sample_chain(stages: Sequence[ChainStage], prompts: Sequence[str], *, seed: int = 0, steps: int = 20,
                  batch: int = 16) -> list[Image.Image]:
-    """One image per prompt; image i starts from the noise of seed `seed + i` (same noise in every chain)."""
+    """One image per prompt; image i starts from the noise of seed `seed + i` (same noise in every chain).
+
+    No negative prompt is passed, so the unconditional branch is zeros (`force_zeros_for_empty_prompt`), the
+    input caption dropout trained; an encoded "" would be an input the model never saw.
+    """
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start:start + batch])
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         with torch.no_grad():
-            images += list(denoise_chain(stages, {"prompt": chunk, "negative_prompt": [""] * len(chunk)},
+            images += list(denoise_chain(stages, {"prompt": chunk},
                                          num_inference_steps=steps, generator=generators))
     return images
 
