@@ -1,0 +1,57 @@
+"""bench/expert_study.py: equal compute per arm, honest summaries, and one real (tiny) task end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+STUDY_FILE = Path(__file__).resolve().parents[2] / "bench" / "expert_study.py"
+spec = importlib.util.spec_from_file_location("expert_study", STUDY_FILE)
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+@pytest.mark.parametrize("steps", [40, 800, 801])
+def test_every_arm_spends_the_same_steps_and_tiles_the_schedule(steps: int) -> None:
+    for arm in study.ARMS:
+        runs = study.plan(arm, steps)
+        assert sum(r[2] for r in runs) == steps, arm
+        final = [r for r in runs if r[0] != "shared"]
+        covered = sorted(t for _, band, _, _ in final for t in range(band[0], band[1] + 1))
+        assert covered == list(range(1000)), arm
+    stage1, stage2 = study.plan("two_experts", 800)
+    assert (stage1[1], stage1[2], stage2[1], stage2[2]) == ((350, 999), 520, (0, 349), 280)
+    shared, *experts = study.plan("branching", 800)
+    assert shared[2] == 400 and all(start == "shared" for *_, start in experts)
+
+
+def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
+    rows = [{"arm": "one_model", "seed": s, "eval/loss_0_349": v, "eval/loss": v, "clip": 10.0 * s,
+             "held_out/colour/both": 0.5, "seen/colour/both": 0.5, "colour/shape": 1.0, "colour/background": 1.0}
+            for s, v in enumerate([1.0, 2.0, 3.0])]
+    summary = study.summarise(rows)
+    assert summary["one_model"]["eval/loss"] == (2.0, 1.0)
+    assert summary["one_model"]["clip"] == (10.0, 10.0)
+    table = study.markdown_table(summary, seeds=3, steps=800)
+    assert "| loss 0–349 | 2.0000 ± 1.0000 |" in table and "| clip | 10.0 ± 10.0 |" in table
+
+
+def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: Path) -> None:
+    from expertune.demo.dataset import write_dataloader_config
+    from expertune.world import PRETRAINED
+    from expertune.world.dataset import write_world_dataset
+    from expertune.world.scene import HELD_OUT, scenes
+
+    images = write_world_dataset(tmp_path / "data", scenes(list(HELD_OUT), 1, seed=0))
+    dataloader = write_dataloader_config(tmp_path / "dataloader.json", images, tmp_path / "cache", 64)
+    result = study.run_task({"arm": "branching", "seed": 0, "steps": 4, "out": str(tmp_path),
+                             "base": str(PRETRAINED / "base"), "clip": str(PRETRAINED / "clip"),
+                             "dataloader": str(dataloader), "learning_rate": 1e-4})
+    assert [p.name for p in (tmp_path / "branching" / "seed0").iterdir() if p.is_dir()] != []
+    for name in ("shared", "stage1", "stage2"):
+        assert (tmp_path / "branching" / "seed0" / name / "pipeline" / "expert.json").is_file()
+    losses = [k for k in result if k.startswith("eval/loss_")]
+    assert len(losses) == 8 and result["eval/loss"] > 0
+    assert 0 <= result["colour/both"] <= 1 and 0 <= result["clip"] <= 100
