@@ -18,7 +18,7 @@ def test_miniature_build_writes_a_verified_world_model(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert verify_world(out) == []
     assert {"base/model_index.json", "base/unet/diffusion_pytorch_model.safetensors", "clip/config.json",
-            "base/tokenizer/vocab.json", "build_log.jsonl"} <= set(manifest["files"])
+            "base/tokenizer/tokenizer.json", "build_log.jsonl"} <= set(manifest["files"])
     assert set(manifest["figures"]) == set(manifest["seconds"]) - {"from_nothing", "this_invocation"} == {"vae", "text_encoders", "unet", "eval_clip"}
     assert manifest["figures"]["unet"]["steps"] == MINIATURE.unet.steps
     # The base UNet was trained by `expertune train`: its loss rows are in the build log.

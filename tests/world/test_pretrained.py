@@ -73,4 +73,5 @@ def test_evaluation_clip_names_fresh_images_among_all_captions() -> None:
     processor = CLIPProcessor.from_pretrained(str(PRETRAINED / "clip"))
     drawn = scenes(training_combinations()[::3], 1, seed=79) + scenes(list(HELD_OUT), 1, seed=80)
     accuracy = zero_shot_accuracy(model, processor, [render(s) for s in drawn], [s.caption for s in drawn])
-    assert accuracy >= 0.85
+    # The reported figure, within the sampling error of 64 images; chance is 1 in 168.
+    assert accuracy >= MANIFEST["figures"]["eval_clip"]["zero_shot_accuracy_held_out_images"] - 0.12
