@@ -127,7 +127,7 @@ def _cmd_world_build(args: argparse.Namespace, rest: list[str]) -> int:
 
     manifest = build_world(args.directory, args.recipe, work=args.work)
     figures = manifest["figures"]
-    print(f"world model written to {args.directory} in {manifest['seconds']['total']:.0f} s: "
+    print(f"world model written to {args.directory} in {manifest['seconds']['this_invocation']:.0f} s: "
           f"VAE {figures['vae']['psnr_db']:.1f} dB, CLIP zero-shot "
           f"{100 * figures['eval_clip']['zero_shot_accuracy_held_out_images']:.0f}%, "
           f"{manifest['weights_bytes'] / 2**20:.1f} MiB of weights")

@@ -26,6 +26,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     # The before/after grid: the base chained with itself over the trained experts, one column per held-out prompt.
     assert Image.open(out / "before_after.png").size[0] == 64 * len(HELD_OUT)
     assert len(palette_prompts()) == 56 and Image.open(out / "palette.png").size == (7 * 64, 8 * 64)
+    singles = sorted((out / "samples" / "after").glob("*.png"))
+    assert len(singles) == 2 * len(HELD_OUT) and singles[0].name == f"00_{HELD_OUT[0].caption.replace(' ', '_')}.png"
+    assert len(list((out / "samples" / "palette").glob("*.png"))) == 56
     report = json.loads((out / "report.json").read_text())
     for side in ("before", "after"):
         assert {"clip", "colour/shape", "colour/background", "colour/both"} <= set(report["held_out_prompts"][side])

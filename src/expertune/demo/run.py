@@ -7,7 +7,8 @@ The fine-tuning set teaches something the base never saw: the world's held-out c
 few of the pretrained ones so nothing is forgotten). Each expert is validated the way it is used, from step
 0 (stage 2 also through the chain with stage 1), with the per-band held-out loss and the world CLIP's score.
 It leaves `before_after.png` (the base chained with itself against the trained experts, same prompts and
-seeds), `palette.png` (every shape colour on every background) and `report.json` with the figures.
+seeds), `palette.png` (every shape colour on every background), each of those samples on its own in
+`samples/{before,after,palette}/NN_<prompt>.png`, and `report.json` with the figures.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ def compare_chains(base: Path, experts: list[Path], clip: Path, out: Path) -> di
     palette = palette_prompts()
     palette_images = sample_chain(after_stages, palette, steps=INFERENCE_STEPS, seed=100)
     save_png(image_grid(palette_images, columns=len(COLOURS) - 1), out / "palette.png")
+    # Every chained sample on its own, named by its prompt, for anyone who wants to judge them one by one.
+    for folder, images, texts in (("after", after, prompts), ("before", before, prompts),
+                                  ("palette", palette_images, palette)):
+        for index, (image, text) in enumerate(zip(images, texts)):
+            save_png(image, out / "samples" / folder / f"{index:02d}_{text.replace(' ', '_')}.png")
     return {
         "held_out_prompts": {
             "before": {"clip": clip_score(before, prompts, clip), **colour_accuracy(before, prompts).as_dict()},
