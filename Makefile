@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: unit tests only (no training runs, no launched processes), well under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

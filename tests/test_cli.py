@@ -16,6 +16,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path: Path) -> None:
     env = tmp_path / "config.env"
     env.write_text('export USE_DORA=true\nexport TRAINER_EXTRA_ARGS="--refiner_training_strength=1.5"\n')

@@ -16,10 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache
 from expertune.cache.store import CacheStore, EntryLock
@@ -72,6 +73,7 @@ def _wait(condition, what: str, jobs: list[subprocess.Popen], timeout: float = 1
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_stage_2_started_while_stage_1_builds_the_store(tiny_model_dir: Path, tmp_path: Path) -> None:
     loader = _dataset(tmp_path)
     envs = [write_stage_env(tmp_path, stage, tiny_model_dir, tmp_path / f"stage{stage}", loader) for stage in (1, 2)]

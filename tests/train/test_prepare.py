@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import MESSY_SKIPPED, write_messy_datasets
+from helpers import MESSY_SKIPPED, write_messy_datasets
 from expertune.cache.store import CacheStore
 from expertune.config import load_config
 from expertune.errors import DataError
