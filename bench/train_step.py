@@ -101,7 +101,7 @@ def bare_loop(model: Path, data: Path, layout: str, steps: int, batch: int) -> d
     from expertune.config import config_from_mapping
     from expertune.models.sdxl import load_components
     from expertune.schedule import NoiseSchedule, add_noise, training_target
-    from expertune.train.prepare import prepare_data
+    from expertune.data.prepare import prepare_data
 
     config = config_from_mapping({"data_backend_config": str(data), "resolution": MODELS[layout]})
     components = load_components(str(model))

@@ -53,10 +53,11 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.config import load_config
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
-    from expertune.train.prepare import cache_only
+    from expertune.data.prepare import cache_only
+    from expertune.validate.plan import prompt_texts
 
     config, _warnings = load_config(rest)
-    prepared = cache_only(config)
+    prepared = cache_only(config, prompt_texts(config))
     stats = prepared.cache_stats
     print("cache: " + " ".join(f"{name}={value}" for name, value in stats.items()))
     for row in prepared.bucket_table:

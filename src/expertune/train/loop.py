@@ -49,7 +49,7 @@ from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.outputs import check_output_dir, run_identity
 from expertune.train.runtime import agreed, has_accelerator, library_versions, peak_memory_gib, tracker_config
-from expertune.train.prepare import PreparedData, prepare_data
+from expertune.data.prepare import PreparedData, prepare_data
 from expertune.train.signals import StopRequests
 from expertune.train.strategy import (
     accelerator_options,

@@ -42,7 +42,7 @@ from expertune.data.records import (
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
 
-log = logging.getLogger("expertune.data")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,13 +78,6 @@ class PreparedData:
                 "samples": len(bucket.indices),
             })
         return rows
-
-
-def validation_prompts(config: Any) -> list[str]:
-    """The prompts validation will look up in the embedding cache (cached with the captions)."""
-    from expertune.validate.plan import prompt_texts
-
-    return prompt_texts(config)
 
 
 def load_datasets(config: Any) -> DataloaderConfig:
@@ -236,11 +229,11 @@ def _nothing_usable(dataloader: DataloaderConfig, skipped: list[dict[str, str]])
     )
 
 
-def cache_only(config: Any, *, progress: bool = True) -> PreparedData:
+def cache_only(config: Any, extra_prompts: list[str] | None = None, *, progress: bool = True) -> PreparedData:
     """What `expertune cache` does: load only the VAE, text encoders and tokenizers, and prepare the data.
 
-    The same `prepare_data` as training, with the same validation prompts, so a later `train` of
-    the same config encodes nothing.
+    The same `prepare_data` as training; given the same validation prompts (`validate.plan.prompt_texts`,
+    which the `cache` verb passes), a later `train` of the same config encodes nothing.
     """
     from expertune.models.sdxl import load_components
 
@@ -254,4 +247,4 @@ def cache_only(config: Any, *, progress: bool = True) -> PreparedData:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(device)
-    return prepare_data(config, components, extra_prompts=validation_prompts(config), progress=progress)
+    return prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)
