@@ -162,3 +162,21 @@ def test_cache_verb_then_train_on_buckets_lists_buckets_and_skipped_images(
     assert run["samples_per_epoch"] == 14
     assert [r["samples"] for r in read_metrics(result.output_dir / "metrics.jsonl")] in ([2, 2], [2, 1], [1, 2], [1, 1])
 
+
+def test_a_failing_final_validation_does_not_lose_the_expert(tiny_model_dir: Path, small_dataset: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expert is exported before the final validation: an error there leaves a complete pipeline."""
+    from expertune.validate.samples import Validator
+
+    def broken(self, unet, step):  # noqa: ANN001
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(Validator, "run", broken)
+    env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "out", small_dataset)
+    config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=1", "--report_to=none",
+                             "--train_batch_size=2"])
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train(config)
+    pipeline = tmp_path / "out" / "pipeline"
+    assert json.loads((pipeline / "expert.json").read_text())["timestep_range"] == [350, 999]
+    assert (pipeline / "unet" / "diffusion_pytorch_model.safetensors").is_file()
