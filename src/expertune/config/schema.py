@@ -26,22 +26,13 @@ DEFAULT_EVALUATION_MODEL = "openai/clip-vit-large-patch14"
 
 
 def parse_timestep_range(text: str) -> tuple[int, int]:
-    """Parse ``"LO,HI"`` (inclusive integer timesteps, 0 <= LO <= HI) into ``(LO, HI)``.
+    """`experts.parse_timestep_range`, raising ConfigError: the check of the `timestep_range` option."""
+    from expertune.experts import parse_timestep_range as parse
 
-    The upper bound against the scheduler's number of timesteps is checked by the trainer.
-    """
-    parts = str(text).split(",")
     try:
-        if len(parts) != 2:
-            raise ValueError
-        lo, hi = (int(p.strip()) for p in parts)
-    except ValueError:
-        raise ConfigError(
-            f"timestep_range={text!r} is not valid: expected 'LO,HI' with two integers, e.g. '0,349'"
-        ) from None
-    if not 0 <= lo <= hi:
-        raise ConfigError(f"timestep_range={text!r} is not valid: expected 0 <= LO <= HI")
-    return lo, hi
+        return parse(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def default_cache_dir() -> Path:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expertune.experts import expert_summary
+from expertune.expert_format import ExpertDescription
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import save_lora_expert
 from expertune.models.sdxl import make_scheduler, save_expert_pipeline
@@ -31,13 +31,12 @@ def final_weights(run: Run, expert: ExpertRun) -> Any | None:
     return expert.strategy.whole_unet(run.accelerator.device)  # sharded engines: gathered on the main process
 
 
-def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> dict[str, Any]:
+def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:
     """Save the expert (main process) and return its expert.json description."""
     config, components, schedule = run.config, run.components, run.schedule
-    description = expert_summary(expert.band, schedule.describe())
-    description["base_model"] = components.source
-    description["model_type"] = config.model.model_type
-    description["weights"] = "ema" if (expert.ema is not None and config.train.export_ema) else "trained"
+    description = ExpertDescription(
+        expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
+        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")
     if not run.is_main:
         return description
     scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))
@@ -50,7 +49,7 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> dict[str, A
     return description
 
 
-def write_summary(run: Run, expert: ExpertRun, description: dict[str, Any],
+def write_summary(run: Run, expert: ExpertRun, description: ExpertDescription,
                   validation_files: list[Path]) -> dict[str, Any]:
     """run.json (main process): what was trained, from what, how fast, with which cache and data."""
     if not run.is_main:
@@ -58,7 +57,7 @@ def write_summary(run: Run, expert: ExpertRun, description: dict[str, Any],
     prepared, state = run.prepared, expert.state
     summary = {
         "format_version": 1,
-        "expert": description,
+        "expert": description.to_json(),
         "steps": run.total_steps,
         "resumed_from": str(run.checkpoint_path) if run.checkpoint_path else None,
         "epochs_started": state.data.epoch + 1,

@@ -19,7 +19,8 @@ from typing import Any
 
 from expertune.data.records import IMAGE_EXTENSIONS, _captions_from_textfile, _image_paths
 from expertune.errors import ConfigError
-from expertune.experts import ExpertBand, expert_summary
+from expertune.expert_format import expert_summary
+from expertune.experts import ExpertBand
 from expertune.infer.chain import ExpertInfo, check_chain, read_expert
 from expertune.schedule import NoiseSchedule
 

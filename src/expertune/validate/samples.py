@@ -29,9 +29,10 @@ from PIL import Image
 from expertune.data.buckets import BucketRule
 from expertune.data.transforms import image_to_tensor, load_image, plan_crop
 from expertune.experts import ExpertBand
-from expertune.infer.chain import ChainStage, denoise_chain, png_bytes
+from expertune.infer.chain import ChainStage, denoise_chain, image_grid, png_bytes
+from expertune.infer.schedulers import handoff_slice
 from expertune.io_utils import atomic_write_bytes
-from expertune.models.sdxl import SDXLComponents, make_scheduler
+from expertune.models.sdxl import SDXLComponents, encode_latents, make_scheduler, saved_scheduler
 from expertune.schedule import NoiseSchedule, add_noise
 from expertune.validate.metrics import HeldOutLoss, HeldOutSample
 from expertune.validate.plan import ValidationPlan, ValidationPrompt
@@ -63,13 +64,10 @@ def validation_scheduler(scheduler_class: str, pretrained_config: dict[str, Any]
 
 
 def first_timestep_below(scheduler: Any, num_inference_steps: int, band: ExpertBand) -> torch.Tensor:
-    """The first inference timestep the expert runs, as diffusers computes it from `denoising_start`."""
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps
-    if band.denoising_start is None:
-        return timesteps[:1]
-    cutoff = int(round(band.num_train_timesteps - band.denoising_start * band.num_train_timesteps))
-    return timesteps[timesteps < cutoff][:1]
+    """The first inference timestep the expert runs in a chain (`infer.schedulers.handoff_slice`), as a
+    one-element tensor of the scheduler's own timesteps; empty when none falls in the band."""
+    chosen = handoff_slice(scheduler, num_inference_steps, band)
+    return scheduler.timesteps[chosen][:1]
 
 
 def partial_denoise(
@@ -100,13 +98,8 @@ def decode(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def grid(images: Sequence[Image.Image]) -> Image.Image:
-    """Images side by side, left to right."""
-    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width
-    return canvas
+    """Images side by side, left to right (one row of `infer.chain.image_grid`)."""
+    return image_grid(images, columns=len(images))
 
 
 class Validator:
@@ -185,10 +178,7 @@ class Validator:
     def _encode_input(self, path: Path) -> torch.Tensor:
         image = load_image(path)
         plan = plan_crop((image.height, image.width), self.resolution, "center", 0, str(path))
-        pixels = image_to_tensor(image, plan).unsqueeze(0)
-        vae = self.components.vae
-        pixels = pixels.to(self.accelerator.device, next(vae.parameters()).dtype)
-        return vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+        return encode_latents(self.components.vae, image_to_tensor(image, plan).unsqueeze(0)).float()
 
     # ---- images --------------------------------------------------------------------------------
 
@@ -226,18 +216,17 @@ class Validator:
 
     def chain_images(self, unet: Any) -> list[ValidationImage]:
         """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         peer = self.plan.peer
         assert peer is not None
         dtype = next(unet.parameters()).dtype
         peer_unet = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
         peer_unet = peer_unet.to(self.accelerator.device).eval()
-        peer_config = dict(DDPMScheduler.load_config(str(peer.path), subfolder="scheduler"))
         result = []
         try:
             for prompt in self.prompts():
-                stages = [self._stage(peer_unet, e.band, make_scheduler(peer_config["_class_name"], peer_config))
+                stages = [self._stage(peer_unet, e.band, saved_scheduler(peer.path))
                           if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
                 image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
                                       num_inference_steps=self.settings.num_inference_steps,
