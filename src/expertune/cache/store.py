@@ -44,7 +44,7 @@ from safetensors.torch import save as save_safetensors
 
 from expertune.io_utils import atomic_write_bytes
 
-logger = logging.getLogger("expertune.cache")
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the meaning of stored entries changes: every key changes with it
 

@@ -219,7 +219,8 @@ class ScheduleConfig:
                                       choices=("epsilon", "v_prediction", "sample"))
     rescale_betas_zero_snr: bool = opt(False, "Rescale the betas to zero terminal SNR.")
     training_scheduler_timestep_spacing: str = opt(
-        "trailing", "Timestep spacing of the training noise scheduler.", choices=SPACINGS,
+        "trailing", "Recorded in expert.json only: training draws every integer timestep of the band "
+        "whatever the spacing (the inference spacing shapes the sampler).", choices=SPACINGS,
         env=("TRAINING_SCHEDULER_TIMESTEP_SPACING",))
     inference_scheduler_timestep_spacing: str = opt(
         "trailing", "Timestep spacing of the scheduler used for validation images.", choices=SPACINGS,
@@ -348,8 +349,8 @@ class LoggingConfig:
     report_to: str = opt("tensorboard", "Where metrics go.", choices=("tensorboard", "none"))
     tracker_project_name: str = opt("expertune", "Project name given to the tracker.",
                                     env=("TRACKER_PROJECT_NAME",))
-    tracker_run_name: str | None = opt(None, "Run name given to the tracker (unset: derived from output_dir).",
-                                       env=("TRACKER_RUN_NAME",))
+    tracker_run_name: str | None = opt(None, "Name of the run in the tracker (TensorBoard: its folder under "
+                                       "logging_dir); unset: tracker_project_name.", env=("TRACKER_RUN_NAME",))
     logging_dir: str | None = opt(None, "Directory of the tracker logs (unset: the logs folder inside output_dir).")
 
 

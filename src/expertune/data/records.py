@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from expertune.data.buckets import ALIGNMENTS, CROP_ASPECTS, CROP_STYLES, DEFAULT_ALIGNMENT, RESOLUTION_TYPES, BucketRule
 from expertune.errors import ConfigError, DataError
 
-logger = logging.getLogger("expertune.data")
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")

@@ -19,7 +19,7 @@ from expertune.demo.recipe import recipe_env
 from expertune.io_utils import atomic_write_bytes
 from expertune.models.tiny import build_tiny_clip, build_tiny_pipeline
 
-log = logging.getLogger("expertune.demo")
+log = logging.getLogger(__name__)
 
 DEMO_RESOLUTION = 128
 SAMPLE_PROMPT = "a red circle on a blue background"

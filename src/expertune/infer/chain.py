@@ -27,7 +27,7 @@ from expertune.io_utils import atomic_write_bytes
 from expertune.expert_format import EXPERT_FILE, ExpertDescription
 from expertune.models.sdxl import saved_scheduler
 
-log = logging.getLogger("expertune.infer")
+log = logging.getLogger(__name__)
 
 PARAMETERISATION_KEYS = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "num_train_timesteps")
 

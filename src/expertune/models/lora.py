@@ -11,7 +11,7 @@ from expertune.errors import ConfigError
 from expertune.expert_format import ExpertDescription
 from expertune.io_utils import staged_directory
 
-log = logging.getLogger("expertune.models")
+log = logging.getLogger(__name__)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 

@@ -19,7 +19,7 @@ from expertune.io_utils import staged_directory
 if TYPE_CHECKING:
     from expertune.expert_format import ExpertDescription
 
-log = logging.getLogger("expertune.models")
+log = logging.getLogger(__name__)
 
 
 @dataclass

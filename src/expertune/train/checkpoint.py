@@ -32,7 +32,7 @@ from expertune.config.migrations import CONFIG_VERSION, migrate_snapshot
 from expertune.errors import ConfigError, StorageError
 from expertune.io_utils import atomic_write_json
 
-log = logging.getLogger("expertune.checkpoint")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-log = logging.getLogger("expertune.launch")
+log = logging.getLogger(__name__)
 
 LAUNCHED_MARKER = "EXPERTUNE_LAUNCHED"
 

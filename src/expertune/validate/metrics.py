@@ -25,7 +25,7 @@ from expertune.data.batches import TrainingBatch
 from expertune.schedule import NoiseSchedule
 from expertune.train.loss import StepRandomness, denoising_loss
 
-log = logging.getLogger("expertune.validate")
+log = logging.getLogger(__name__)
 
 
 class _ProjectedFeatures(torch.nn.Module):

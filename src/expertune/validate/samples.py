@@ -37,7 +37,7 @@ from expertune.schedule import NoiseSchedule, add_noise
 from expertune.validate.metrics import HeldOutLoss, HeldOutSample
 from expertune.validate.plan import ValidationPlan, ValidationPrompt
 
-log = logging.getLogger("expertune.validate")
+log = logging.getLogger(__name__)
 
 MAX_DATASET_IMAGES = 2
 
