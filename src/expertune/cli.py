@@ -120,6 +120,7 @@ def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from expertune.config.reference import options_help
     from expertune.infer.schedulers import SCHEDULER_CLASSES
 
     parser = argparse.ArgumentParser(prog="expertune", description=__doc__)
@@ -131,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one expert",
         description="Train one expert. Options: --config FILE.toml, --env config.env, and any --flag "
-        "of docs/configuration.md (later sources win: TOML < config.env < flags).",
+        "below (docs/configuration.md has the same list with the config.env names).",
+        epilog=options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.set_defaults(handler=_cmd_train, config_flags=True)
 

@@ -35,6 +35,10 @@ def parse_timestep_range(text: str) -> tuple[int, int]:
         raise ConfigError(str(error)) from None
 
 
+# The optimizers `train.optim.build_optimizer` builds; every list of them in messages and docs is this one.
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+
+
 def default_cache_dir() -> Path:
     """Per-user cache root: ``$XDG_CACHE_HOME/expertune``, or ``~/.cache/expertune``."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
@@ -457,13 +461,3 @@ class Config:
             how = f"--{name}, `{name} = ...` in the --config TOML" + (f", or {env} in the --env file" if env else "")
             lines.append(f"  {name}: set {how}")
         raise ConfigError(f"{purpose} needs settings that are unset:\n" + "\n".join(lines))
-
-
-def render_markdown_reference() -> str:
-    """The text of docs/configuration.md, generated from FIELDS and the rule tables."""
-    from expertune.config.reference import render  # late import: reference imports this module
-
-    # Regenerate the docs with: python -m expertune.config.reference > docs/configuration.md
-
-    return render()
-

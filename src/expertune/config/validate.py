@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from expertune.config.schema import FIELDS, Config, FieldSpec
+from expertune.config.schema import FIELDS, OPTIMIZERS, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
 
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -127,9 +127,8 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("text_cache_disable", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("optimizer", "not one of adamw, adamw8bit, adafactor, prodigy",
-                lambda v: v not in ("adamw", "adamw8bit", "adafactor", "prodigy"),
-                "supported optimizers are adamw, adamw8bit (bitsandbytes), adafactor and prodigy; for SimpleTuner's "
+    Unsupported("optimizer", f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS,
+                f"supported optimizers are {', '.join(OPTIMIZERS)} (adamw8bit: bitsandbytes); for SimpleTuner's "
                 "adamw_bf16 use --optimizer=adamw with --mixed_precision=bf16"),
 )
 
