@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +41,9 @@ from expertune.data.records import (
 )
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
+
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class PreparedData:
         return rows
 
 
-def load_datasets(config: Any) -> DataloaderConfig:
+def load_datasets(config: Config) -> DataloaderConfig:
     """The dataloader JSON of `config`, with the run's settings as defaults for every entry."""
     d = config.data
     cache_root = config.resolved_cache_dir()
@@ -96,7 +99,7 @@ def load_datasets(config: Any) -> DataloaderConfig:
 
 
 def prepare_data(
-    config: Any, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
+    config: Config, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
 ) -> PreparedData:
     """Read the datasets, bucket the images, and make sure every latent and embedding is cached.
 
@@ -229,7 +232,7 @@ def _nothing_usable(dataloader: DataloaderConfig, skipped: list[dict[str, str]])
     )
 
 
-def cache_only(config: Any, extra_prompts: list[str] | None = None, *, progress: bool = True) -> PreparedData:
+def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progress: bool = True) -> PreparedData:
     """What `expertune cache` does: load only the VAE, text encoders and tokenizers, and prepare the data.
 
     The same `prepare_data` as training; given the same validation prompts (`validate.plan.prompt_texts`,

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from expertune.models.sdxl import SDXLComponents, encode_latents, make_scheduler
 from expertune.schedule import NoiseSchedule, add_noise
 from expertune.validate.metrics import HeldOutLoss, HeldOutSample
 from expertune.validate.plan import ValidationPlan, ValidationPrompt
+
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ def grid(images: Sequence[Image.Image]) -> Image.Image:
 class Validator:
     """Validation images and metrics for one expert at chosen steps; main process only."""
 
-    def __init__(self, config: Any, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
+    def __init__(self, config: Config, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
                  band: ExpertBand, prepared: Any, accelerator: Any, output_dir: Path,
                  metrics: Any | None = None) -> None:
         self.config = config
