@@ -28,6 +28,7 @@ from PIL import Image
 
 from expertune.data.buckets import BucketRule
 from expertune.data.transforms import image_to_tensor, load_image, plan_crop
+from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.infer.chain import ChainStage, denoise_chain, image_grid, png_bytes
 from expertune.infer.schedulers import handoff_slice
@@ -128,6 +129,11 @@ class Validator:
             config.data.resolution, config.data.resolution_type).square_edge()
         self.held_out = self._held_out_loss() if prepared.eval_items and not self.v.validation_disable else None
         sources = self.v.validation_using_datasets or plan.inputs or plan.peer
+        if not band.holds_start and not self.v.validation_disable and (self.v.validation_using_datasets or plan.inputs):
+            steps = self.settings.num_inference_steps  # checked now, not at the first validation
+            if first_timestep_below(self.scheduler(), steps, band).numel() == 0:
+                raise ConfigError(f"validation_num_inference_steps={steps}: no inference timestep of the sampler falls in "
+                                  f"band {band}, so partial denoising has nothing to run; use more steps")
         if not band.holds_start and not sources and not self.v.validation_disable:
             log.warning("expert %s continues from noised images but has none to validate on: set "
                         "--validation_using_datasets or --validation_input (or --validation_peer_expert)", band)
