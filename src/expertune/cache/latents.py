@@ -30,7 +30,8 @@ from expertune.cache.store import (
     fill_entries,
     module_fingerprint,
 )
-from expertune.data.records import DatasetSpec, ImageRecord
+from expertune.data.dataloader import DatasetSpec
+from expertune.data.records import ImageRecord
 from expertune.data.transforms import (
     DECODE_VERSION,
     MAX_IMAGE_PIXELS,

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 if TYPE_CHECKING:
-    from expertune.data.records import DatasetSpec, ImageRecord
+    from expertune.data.dataloader import DatasetSpec
+    from expertune.data.records import ImageRecord
 
 
 @dataclass

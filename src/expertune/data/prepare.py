@@ -31,14 +31,8 @@ from expertune.cache.store import CacheStore
 from expertune.data.batches import Bucket, TrainingItem
 from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
-from expertune.data.records import (
-    DataloaderConfig,
-    DatasetDefaults,
-    DatasetSpec,
-    ImageRecord,
-    discover_records,
-    load_dataloader_config,
-)
+from expertune.data.dataloader import DataloaderConfig, DatasetDefaults, DatasetSpec, load_dataloader_config
+from expertune.data.records import ImageRecord, discover_records
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
 
