@@ -131,7 +131,8 @@ def render_markdown_reference() -> str:
 
 def options_help() -> str:
     """Every option by section, with its default, allowed values and doc line: `expertune train --help`."""
-    out = ["options (flag, TOML key and run.json name; later sources win: TOML < config.env < flags):"]
+    out = ["every setting, by section (flag, TOML key and run.json name; later sources win: "
+           "TOML < config.env < flags):"]
     for section, cls in SECTIONS.items():
         out += ["", f"{section}: {cls.__doc__}"]
         for spec in FIELDS.values():
