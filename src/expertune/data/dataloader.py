@@ -184,27 +184,8 @@ class DatasetDefaults:
     aspect_bucket_rounding: int | None = None
 
 
-def load_dataloader_config(
-    path: str | os.PathLike,
-    *,
-    default_resolution: float,
-    default_cache_dir: Path,
-    defaults: DatasetDefaults | None = None,
-) -> DataloaderConfig:
-    """Read and validate a SimpleTuner-style dataloader JSON; raise ConfigError on anything unusable.
-
-    Entries that leave out `resolution`, `resolution_type` or `minimum_image_size` take them from
-    `defaults` (the run's --resolution, --resolution_type, --minimum_image_size); `default_resolution`
-    wins over `defaults.resolution`.
-    """
-    base = defaults or DatasetDefaults()
-    defaults = DatasetDefaults(
-        resolution=default_resolution,
-        resolution_type=base.resolution_type,
-        minimum_image_size=base.minimum_image_size,
-        aspect_bucket_rounding=base.aspect_bucket_rounding,
-    )
-    source = Path(path)
+def _read_entries(source: Path) -> list[Any]:
+    """The JSON list of a dataloader config file; ConfigError naming the file and the fix otherwise."""
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -227,6 +208,31 @@ def load_dataloader_config(
             f"{source}: the dataloader config must be a JSON list of dataset objects, got a "
             f"{type(entries).__name__}. Wrap the entries in [ ... ]."
         )
+    return entries
+
+
+def load_dataloader_config(
+    path: str | os.PathLike,
+    *,
+    default_resolution: float,
+    default_cache_dir: Path,
+    defaults: DatasetDefaults | None = None,
+) -> DataloaderConfig:
+    """Read and validate a SimpleTuner-style dataloader JSON; raise ConfigError on anything unusable.
+
+    Entries that leave out `resolution`, `resolution_type` or `minimum_image_size` take them from
+    `defaults` (the run's --resolution, --resolution_type, --minimum_image_size); `default_resolution`
+    wins over `defaults.resolution`.
+    """
+    base = defaults or DatasetDefaults()
+    defaults = DatasetDefaults(
+        resolution=default_resolution,
+        resolution_type=base.resolution_type,
+        minimum_image_size=base.minimum_image_size,
+        aspect_bucket_rounding=base.aspect_bucket_rounding,
+    )
+    source = Path(path)
+    entries = _read_entries(source)
 
     images: list[DatasetSpec] = []
     embeds: list[tuple[_Entry, bool]] = []
@@ -310,6 +316,36 @@ def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default
     crop_aspect = entry.choice("crop_aspect", CROP_ASPECTS, default="square",
                                hint=" (square crops, or aspect buckets that keep each image's shape)")
     crop_style = entry.choice("crop_style", CROP_STYLES, default="center")
+    minimum, maximum = _size_limits(entry, resolution_type, defaults)
+
+    probability = entry.number("probability", default=1.0, minimum=0, strict=True)
+    assert probability is not None
+    cache_dir_vae = entry.path("cache_dir_vae", default=default_cache_dir / "latents")
+    assert cache_dir_vae is not None
+    return DatasetSpec(
+        id=entry_id,
+        instance_data_dir=directory,
+        caption_strategy=strategy,
+        instance_prompt=instance_prompt,
+        resolution=resolution,
+        crop_style=crop_style,
+        cache_dir_vae=cache_dir_vae,
+        repeats=entry.integer("repeats", default=0, minimum=0),
+        disable_validation=entry.boolean("disable_validation", default=False),
+        resolution_type=resolution_type,
+        crop=crop,
+        crop_aspect=crop_aspect,
+        alignment=alignment,
+        minimum_image_size=minimum or None,
+        maximum_image_size=maximum,
+        probability=float(probability),
+        aspect_rounding=defaults.aspect_bucket_rounding,
+    )
+
+
+def _size_limits(entry: _Entry, resolution_type: str, defaults: DatasetDefaults) -> tuple[float | None, float | None]:
+    """(minimum_image_size, maximum_image_size) of an image entry, checked against each other and the
+    resolution type; SimpleTuner's target_downsample_size pair is honoured by never skipping large images."""
     minimum = entry.number("minimum_image_size", default=defaults.minimum_image_size, minimum=0)
     maximum = entry.number("maximum_image_size", default=None, minimum=0, strict=True)
     if resolution_type == "area":
@@ -337,30 +373,7 @@ def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default
             "%s: %s: field 'target_downsample_size' has no effect without maximum_image_size and is ignored",
             entry.source, entry.label,
         )
-
-    probability = entry.number("probability", default=1.0, minimum=0, strict=True)
-    assert probability is not None
-    cache_dir_vae = entry.path("cache_dir_vae", default=default_cache_dir / "latents")
-    assert cache_dir_vae is not None
-    return DatasetSpec(
-        id=entry_id,
-        instance_data_dir=directory,
-        caption_strategy=strategy,
-        instance_prompt=instance_prompt,
-        resolution=resolution,
-        crop_style=crop_style,
-        cache_dir_vae=cache_dir_vae,
-        repeats=entry.integer("repeats", default=0, minimum=0),
-        disable_validation=entry.boolean("disable_validation", default=False),
-        resolution_type=resolution_type,
-        crop=crop,
-        crop_aspect=crop_aspect,
-        alignment=alignment,
-        minimum_image_size=minimum or None,
-        maximum_image_size=maximum,
-        probability=float(probability),
-        aspect_rounding=defaults.aspect_bucket_rounding,
-    )
+    return minimum, maximum
 
 
 def _resolution(entry: _Entry, resolution_type: str, default: float) -> float:

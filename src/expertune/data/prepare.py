@@ -92,6 +92,49 @@ def load_datasets(config: Config) -> DataloaderConfig:
     )
 
 
+class _Skips:
+    """The images left out of a run, each with its dataset and reason (logged once)."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, spec: DatasetSpec, path: Path, reason: str, *, logged: bool = False) -> None:
+        reason = reason.removeprefix(f"{path}: ")  # DataErrors name the file; the entry already does
+        if not logged:
+            log.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
+        self.entries.append({"path": str(path), "reason": reason, "dataset": spec.id})
+
+
+def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips: _Skips, progress: bool
+                 ) -> tuple[list[tuple[DatasetSpec, list[ImageRecord]]], dict[tuple[str, Path], LatentPlan]]:
+    """Steps 1-2: every dataset's records with captions, then each image's header, hash, size limits and crop
+    plan; what cannot be used is added to `skips`."""
+    found: list[tuple[DatasetSpec, list[ImageRecord]]] = []
+    for spec in dataloader.datasets:
+        records, left_out = discover_records(spec)
+        for path, reason in left_out:
+            skips.add(spec, path, reason, logged=True)  # discover_records logged it
+        found.append((spec, records))
+    planned: dict[tuple[str, Path], LatentPlan] = {}
+    total = sum(len(records) for _, records in found)
+    with tqdm(total=total, desc="reading images", unit="img", disable=not progress or total == 0) as bar:
+        for spec, records in found:
+            rule = spec.rule
+            for record in records:
+                bar.update(1)
+                try:
+                    plan = latent_cache.planned(record, spec)
+                except DataError as error:  # empty, not an image, over the pixel limit
+                    skips.add(spec, record.path, str(error))
+                    continue
+                problem = rule.size_problem(plan.plan.original_size)
+                if problem is not None:
+                    skips.add(spec, record.path, problem)
+                    continue
+                planned[(spec.id, record.path)] = plan
+    return found, planned
+
+
 def prepare_data(
     config: Config, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
 ) -> PreparedData:
@@ -104,38 +147,9 @@ def prepare_data(
     """
     dataloader = load_datasets(config)
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
-    skipped: list[dict[str, str]] = []
-
-    def skip(spec: DatasetSpec, path: Path, reason: str, *, logged: bool = False) -> None:
-        reason = reason.removeprefix(f"{path}: ")  # DataErrors name the file; the entry already does
-        if not logged:
-            log.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
-        skipped.append({"path": str(path), "reason": reason, "dataset": spec.id})
-
-    # 1-2. Records with captions, then each image's header, hash, size limits and crop plan.
-    found: list[tuple[DatasetSpec, list[ImageRecord]]] = []
-    for spec in dataloader.datasets:
-        records, left_out = discover_records(spec)
-        for path, reason in left_out:
-            skip(spec, path, reason, logged=True)  # discover_records logged it
-        found.append((spec, records))
-    planned: dict[tuple[str, Path], LatentPlan] = {}
-    total = sum(len(records) for _, records in found)
-    with tqdm(total=total, desc="reading images", unit="img", disable=not progress or total == 0) as bar:
-        for spec, records in found:
-            rule = spec.rule
-            for record in records:
-                bar.update(1)
-                try:
-                    plan = latent_cache.planned(record, spec)
-                except DataError as error:  # empty, not an image, over the pixel limit
-                    skip(spec, record.path, str(error))
-                    continue
-                problem = rule.size_problem(plan.plan.original_size)
-                if problem is not None:
-                    skip(spec, record.path, problem)
-                    continue
-                planned[(spec.id, record.path)] = plan
+    skips = _Skips()
+    skipped, skip = skips.entries, skips.add
+    found, planned = _plan_images(dataloader, latent_cache, skips, progress)
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
