@@ -46,6 +46,13 @@ def default_cache_dir() -> Path:
     return base / "expertune"
 
 
+# What a resumed run may do with an option that differs from its checkpoint's: "refused" (it would change the
+# run), "may_change" (accepted with --allow_config_change), "not_compared" (how a run is started, not what it is).
+RESUME_RULES = ("refused", "may_change", "not_compared")
+# Sections whose options all may change on resume unless they say otherwise.
+MAY_CHANGE_SECTIONS = ("validation", "logging")
+
+
 def opt(
     default: Any,
     doc: str,
@@ -60,11 +67,13 @@ def opt(
     lt: float | None = None,
     zero_is_none: bool = False,
     check: Callable[[Any], Any] | None = None,
+    on_resume: str | None = None,
 ) -> Any:
     """Declare a config field with its metadata (see FieldSpec for the meaning of each)."""
+    assert on_resume in (None, *RESUME_RULES), on_resume
     meta = dict(doc=doc, choices=choices, env=env, env_true_value=env_true_value,
                 aliases=dict(aliases or {}), ge=ge, gt=gt, le=le, lt=lt,
-                zero_is_none=zero_is_none, check=check)
+                zero_is_none=zero_is_none, check=check, on_resume=on_resume)
     return field(default=default, metadata={_META_KEY: meta})
 
 
@@ -88,6 +97,14 @@ class FieldSpec:
     lt: float | None = None
     zero_is_none: bool = False  # 0 means "unset" (SimpleTuner habit)
     check: Callable[[Any], Any] | None = None  # extra validator; raises ConfigError
+    on_resume: str | None = None  # RESUME_RULES; None: "may_change" in MAY_CHANGE_SECTIONS, else "refused"
+
+    @property
+    def resume_rule(self) -> str:
+        """What resuming does when this option differs from the checkpoint's (one of RESUME_RULES)."""
+        if self.on_resume is not None:
+            return self.on_resume
+        return "may_change" if self.section in MAY_CHANGE_SECTIONS else "refused"
 
     @property
     def flag(self) -> str:
@@ -186,9 +203,9 @@ class DataConfig:
                                              ge=0, env=("ASPECT_BUCKET_ROUNDING",))
     caption_dropout_probability: float = opt(0.0, "Probability of training a sample with an empty caption.",
                                              ge=0, le=1, env=("CAPTION_DROPOUT_PROBABILITY",))
-    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1)
+    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1, on_resume="may_change")
     text_encoder_batch_size: int = opt(8, "Captions per batch when encoding the text-embedding cache.", ge=1,
-                                       env=("TEXT_ENCODER_BATCH_SIZE",))
+                                       env=("TEXT_ENCODER_BATCH_SIZE",), on_resume="may_change")
     read_batch_size: int | None = opt(None, "SimpleTuner cache read batch size.", ge=1, env=("READ_BATCH_SIZE",))
     write_batch_size: int | None = opt(None, "SimpleTuner cache write batch size.", ge=1,
                                        env=("WRITE_BATCH_SIZE",))
@@ -196,7 +213,8 @@ class DataConfig:
                                     env=("TEXT_CACHE_ONDEMAND",))
     text_cache_disable: bool = opt(False, "Do not cache text embeddings.", env=("TEXT_CACHE_DISABLE",))
     cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
-                                      "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).")
+                                      "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).",
+                                      on_resume="may_change")
 
 
 @dataclass(frozen=True)
@@ -238,7 +256,8 @@ class TrainConfig:
     output_dir: str | None = opt(None, "Directory the run writes its model, logs and run.json to.",
                                  env=("OUTPUT_DIR",))
     overwrite_output_dir: bool = opt(False, "Replace an earlier run found in output_dir (otherwise the run is "
-                                            "refused, so nothing is overwritten by accident).")
+                                            "refused, so nothing is overwritten by accident).",
+                                            on_resume="not_compared")
     seed: int = opt(42, "Random seed of the run.", ge=0, env=("TRAINING_SEED",))
     learning_rate: float = opt(1e-6, "Peak learning rate.", gt=0, env=("LEARNING_RATE",))
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", env=("LR_SCHEDULE",),
@@ -252,9 +271,11 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute UNet activations in the backward pass to save memory.",
                                        env=("USE_GRADIENT_CHECKPOINTING",))
     max_train_steps: int | None = opt(None, "Optimiser steps to train (wins over num_train_epochs; both unset: "
-                                            "1 epoch).", ge=1, zero_is_none=True, env=("MAX_NUM_STEPS",))
+                                            "1 epoch).", ge=1, zero_is_none=True, env=("MAX_NUM_STEPS",),
+                                            on_resume="may_change")
     num_train_epochs: int | None = opt(None, "Epochs to train when max_train_steps is unset (both unset: "
-                                             "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",))
+                                             "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",),
+                                             on_resume="may_change")
     max_grad_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).", ge=0)
     optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw8bit (bitsandbytes, CUDA), adafactor "
                                   "(memory-lean, factored second moments), prodigy (learning-rate free: use "
@@ -272,17 +293,20 @@ class TrainConfig:
     ema_device: str = opt("accelerator", "Where the EMA weights live: with the model, or in CPU memory.",
                           choices=("accelerator", "cpu"))
     export_ema: bool = opt(False, "Save the EMA weights, not the trained weights, as the pipeline's UNet "
-                                  "(needs --use_ema).")
+                                  "(needs --use_ema).", on_resume="may_change")
     resume_from_checkpoint: str | None = opt(None, "Resume from a checkpoint: 'latest' (the newest complete one) "
-                                                   "or a checkpoint name/path.", env=("RESUME_CHECKPOINT",))
+                                                   "or a checkpoint name/path.", env=("RESUME_CHECKPOINT",),
+                                                   on_resume="not_compared")
     allow_config_change: bool = opt(False, "On resume, accept changed validation, logging, checkpoint and "
-                                           "length settings (other changes are always refused).")
+                                           "length settings (other changes are always refused).",
+                                           on_resume="not_compared")
     checkpoint_step_interval: int | None = opt(None, "Save a checkpoint every this many steps.", ge=1,
-                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"))
+                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"),
+                                               on_resume="may_change")
     checkpoint_epoch_interval: int | None = opt(None, "Save a checkpoint every this many epochs.", ge=1,
-                                                env=("CHECKPOINT_EPOCH_INTERVAL",))
+                                                env=("CHECKPOINT_EPOCH_INTERVAL",), on_resume="may_change")
     checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints.", ge=1,
-                                              env=("CHECKPOINTING_LIMIT",))
+                                              env=("CHECKPOINTING_LIMIT",), on_resume="may_change")
     num_processes: int = opt(1, "Training processes (GPUs) per machine.", ge=1, env=("TRAINING_NUM_PROCESSES",))
     num_machines: int = opt(1, "Machines taking part in training.", ge=1, env=("TRAINING_NUM_MACHINES",))
     accelerate_config: str | None = opt(None, "accelerate launch config file: DDP, FSDP or DeepSpeed ZeRO (see "

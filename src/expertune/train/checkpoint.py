@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertune.config.migrations import CONFIG_VERSION, migrate_snapshot
+from expertune.config.schema import FIELDS, MAY_CHANGE_SECTIONS
 from expertune.errors import ConfigError, StorageError
 from expertune.io_utils import atomic_write_json
 
@@ -321,14 +322,13 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     return removed
 
 
-# Settings that may differ on resume with --allow_config_change; every other difference is refused.
-HARMLESS_SECTIONS = ("validation", "logging")
-HARMLESS_FIELDS = frozenset({
-    "checkpoint_step_interval", "checkpoint_epoch_interval", "checkpoints_total_limit", "max_train_steps",
-    "num_train_epochs", "export_ema", "vae_batch_size", "text_encoder_batch_size", "cache_dir",
-})
-# How a run is started, not what it is: never compared.
-RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint", "overwrite_output_dir", "allow_config_change"})
+def resume_rule(section: str, name: str) -> str:
+    """The option's own resume rule (config.schema RESUME_RULES); an option no longer known is refused
+    unless its section may change."""
+    spec = FIELDS.get(name)
+    if spec is not None:
+        return spec.resume_rule
+    return "may_change" if section in MAY_CHANGE_SECTIONS else "refused"
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ class ConfigChange:
 
     @property
     def harmless(self) -> bool:
-        return self.section in HARMLESS_SECTIONS or self.name in HARMLESS_FIELDS
+        return resume_rule(self.section, self.name) == "may_change"
 
     def __str__(self) -> str:
         return f"{self.name}: {self.before!r} -> {self.after!r}"
@@ -351,7 +351,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
     changes = []
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
-        for name in sorted((set(before) | set(after)) - RUN_CONTROL_FIELDS):
+        for name in sorted(n for n in set(before) | set(after) if resume_rule(section, n) != "not_compared"):
             if before.get(name) != after.get(name):
                 changes.append(ConfigChange(section, name, before.get(name), after.get(name)))
     return changes
