@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean world study
+.PHONY: demo test test-fast typecheck venv clean world study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
+# The inner loop: unit tests only (no training runs, no launched processes), well under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

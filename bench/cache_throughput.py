@@ -47,7 +47,8 @@ from expertune.models.tiny import (
     tiny_unet_config,
     tiny_vae_config,
 )
-from expertune.train.prepare import load_datasets, prepare_data, validation_prompts
+from expertune.data.prepare import load_datasets, prepare_data
+from expertune.validate.plan import prompt_texts as validation_prompts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

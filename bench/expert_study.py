@@ -17,7 +17,7 @@ Metrics per (arm, seed): the chain's held-out loss in 8 sub-bands of [0, 999] (5
 low; each timestep scored by the expert that owns it, fixed noise), the world CLIP's score of the chained samples,
 and the colour judge's accuracy (centre = shape colour, border = background) on held-out and pretrained prompts.
 
-    .venv/bin/python bench/expert_study.py            # 3 seeds, S = 600: about 15 min on 2 cores
+    .venv/bin/python bench/expert_study.py            # 3 seeds, S = 800: about 15 min on 2 cores
     .venv/bin/python bench/expert_study.py --quick    # 2 seeds, S = 40: a few minutes
 
 Results: OUT/results.json, OUT/table.md, OUT/chart.png (default OUT: outputs/expert_study).
@@ -100,7 +100,9 @@ def run_task(task: dict) -> dict:
         train(config)
         outputs[name] = root / name
     experts = [outputs[name] for name, *_ in plan(task["arm"], task["steps"]) if name != "shared"]
-    stages = expert_stages(experts)
+    from expertune.demo.run import GUIDANCE, GUIDANCE_RESCALE
+
+    stages = expert_stages(experts, guidance=GUIDANCE, rescale=GUIDANCE_RESCALE)
     drawn = evaluation_set()
     prompts = [s.caption for s in drawn]
     held = {c.caption for c in HELD_OUT}
@@ -195,18 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, S = 40: the machinery in a few minutes")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="total optimizer steps S per arm")
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--learning_rate", type=float, default=3e-4, help="peak rate of every run (the demo's)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--out", default="outputs/expert_study")
     parser.add_argument("--world", default=None, help="world model dir (default: the committed one)")
     args = parser.parse_args(argv)
     seeds = args.seeds or (2 if args.quick else 3)
-    steps = args.steps or (40 if args.quick else 600)
+    steps = args.steps or (40 if args.quick else 800)
 
     from expertune.config import load_config
     from expertune.demo.dataset import write_dataloader_config
     from expertune.demo.run import demo_scenes, pretrained_world
-    from expertune.train.prepare import cache_only
+    from expertune.data.prepare import cache_only
     from expertune.world import PRETRAINED
     from expertune.world.dataset import write_world_dataset
 

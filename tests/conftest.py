@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import (  # noqa: F401  (re-exported: older tests import them from conftest)
+    FAST_FLAGS,
+    MESSY_SKIPPED,
+    evaluation_flags,
+    write_messy_datasets,
+    write_stage_env,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -33,15 +41,11 @@ def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     """Keep every test's default cache directory out of the user's home."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
-
-# Small, fast settings layered on top as flags, the way a user overrides a config.env.
-FAST_FLAGS = [
-    "--max_train_steps=3",
-    "--resolution=64",
-    "--learning_rate=1e-4",
-    "--validation_num_inference_steps=4",
-    "--validation_prompt=a red circle, for validation",
-]
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test not marked `integration` is a `unit` test (`make test-fast` runs only those)."""
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
@@ -55,21 +59,6 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_captioned_image(draw_shape(shape, colour, background, size=96), images / f"shape_{index}.png",
               f"a {colour} {shape} on a {background} background")
     return write_dataloader_config(root / "dataloader.json", images, root / "cache", resolution=64)
-
-
-def write_stage_env(folder: Path, stage: int, model: Path, output: Path, dataloader: Path) -> Path:
-    """The recipe's config.env for `stage`, word for word but for local paths."""
-    from expertune.demo.recipe import recipe_env
-
-    path = folder / f"stage{stage}.env"
-    path.write_text(recipe_env(stage, model, output, dataloader), encoding="utf-8")
-    return path
-
-
-def evaluation_flags(clip_dir: Path) -> list[str]:
-    """CLIP score with the tiny local CLIP, and the per-band loss on one held-out image of six."""
-    return ["--evaluation_type=clip", f"--pretrained_evaluation_model_name_or_path={clip_dir}",
-            "--eval_holdout_fraction=0.17", "--eval_timesteps_per_subband=2"]
 
 
 @pytest.fixture(scope="session")
@@ -95,85 +84,6 @@ def trained_experts(tiny_model_dir: Path, small_dataset: Path, tiny_clip_dir: Pa
         config, _ = load_config(["--env", str(env), *FAST_FLAGS, *evaluation_flags(tiny_clip_dir), *peer])
         results.append(train(config))
     return results[0], results[1]
-
-
-def write_messy_datasets(root: Path) -> Path:
-    """Three datasets of every shape and flaw the data path must survive, and their dataloader JSON.
-
-    photos (textfile captions, aspect buckets at 64 px aligned to 32, minimum_image_size 32): nine
-    usable images — 64x64 squares (among them CMYK, 16-bit grey, palette with transparency, one with
-    two caption lines), two landscapes bucketed 96x64 (w x h), one portrait 64x96 — and six that are
-    skipped: zero-byte, truncated, not an image, a decompression bomb, too small, a non-UTF-8 caption.
-    names (filename captions, repeats 1, probability 2): two squares. subject (instanceprompt): one.
-    No cache dirs are named: the caches go to the per-user default (tests isolate XDG_CACHE_HOME).
-    """
-    import json
-    import struct
-    import zlib
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(7)
-
-    def noise(size: tuple[int, int]) -> Image.Image:  # size is (w, h)
-        return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), "RGB")
-
-    photos = root / "photos"
-    photos.mkdir(parents=True)
-    captions = {}
-    for name, size in [("wide.png", (96, 64)), ("wide2.png", (100, 60)), ("tall.png", (64, 96)),
-                       ("square.png", (80, 80)), ("square2.png", (72, 72)), ("tiny.png", (16, 16)),
-                       ("multi.png", (64, 64)), ("latin1.png", (64, 64)), ("truncated.png", (64, 64))]:
-        noise(size).save(photos / name)
-        captions[name] = f"a noise picture called {name[:-4]}"
-    captions["multi.png"] = "the first caption of multi\nthe second caption of multi"
-    Image.new("CMYK", (64, 64), (255, 0, 0, 0)).save(photos / "cmyk.jpg", quality=95)
-    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(photos / "grey16.png")
-    palette = Image.new("P", (64, 64), 0)
-    palette.putpalette([200, 30, 30, 0, 0, 0] + [0] * 762)
-    palette.paste(1, (0, 0, 32, 64))
-    palette.save(photos / "palette.png", transparency=1)
-    (photos / "zero.png").write_bytes(b"")
-    (photos / "notimage.jpg").write_text("this is a text file with an image name")
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    (photos / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    data = (photos / "truncated.png").read_bytes()
-    (photos / "truncated.png").write_bytes(data[: len(data) // 2])
-    for name in ("cmyk.jpg", "grey16.png", "palette.png", "zero.png", "notimage.jpg", "bomb.png"):
-        captions[name] = f"a picture called {name.split('.')[0]}"
-    for name, caption in captions.items():
-        (photos / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-    (photos / "latin1.txt").write_bytes("une photo d'un caf\xe9".encode("latin-1"))
-
-    names = root / "names"
-    names.mkdir()
-    noise((64, 64)).save(names / "red_square.png")
-    noise((70, 64)).save(names / "blue-circle.png")
-    subject = root / "subject"
-    subject.mkdir()
-    noise((64, 80)).save(subject / "one.png")
-
-    loader = root / "dataloader.json"
-    loader.write_text(json.dumps([
-        {"id": "photos", "type": "local", "instance_data_dir": str(photos), "caption_strategy": "textfile",
-         "resolution": 64, "crop_aspect": "preserve", "aspect_bucket_alignment": 32, "minimum_image_size": 32},
-        {"id": "names", "instance_data_dir": str(names), "caption_strategy": "filename", "resolution": 64,
-         "crop_style": "random", "repeats": 1, "probability": 2},
-        {"id": "subject", "instance_data_dir": str(subject), "caption_strategy": "instanceprompt",
-         "instance_prompt": "a photo of sks", "resolution": 64},
-    ], indent=2))
-    return loader
-
-
-MESSY_SKIPPED = {  # file -> words its reason must hold
-    "zero.png": "empty (0 bytes)", "truncated.png": "truncated", "notimage.jpg": "cannot read the image",
-    "bomb.png": "over the limit", "tiny.png": "below minimum_image_size 32", "latin1.png": "not UTF-8",
-}
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path: Path) -> None:
     env = tmp_path / "config.env"
     env.write_text('export USE_DORA=true\nexport TRAINER_EXTRA_ARGS="--refiner_training_strength=1.5"\n')
@@ -69,3 +70,16 @@ def test_tiny_clip_verb_writes_a_clip_that_loads_offline(tmp_path: Path) -> None
     model = CLIPModel.from_pretrained(str(tmp_path / "clip"))
     processor = CLIPProcessor.from_pretrained(str(tmp_path / "clip"))
     assert model.config.projection_dim == 16 and processor.tokenizer("a cat")["input_ids"]
+
+
+def test_train_help_lists_every_option_by_section(capsys: pytest.CaptureFixture) -> None:
+    from expertune.cli import main
+    from expertune.config import FIELDS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for spec in FIELDS.values():
+        assert f"  {spec.flag}  (default " in text, spec.name
+    assert "--optimizer  (default 'adamw'" in text and "--prediction_type  (default unset; one of: epsilon" in text
+    assert text.index("\nmodel: ") < text.index("\ntrain: ") < text.index("\nlogging: ")

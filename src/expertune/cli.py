@@ -53,10 +53,11 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.config import load_config
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
-    from expertune.train.prepare import cache_only
+    from expertune.data.prepare import cache_only
+    from expertune.validate.plan import prompt_texts
 
     config, _warnings = load_config(rest)
-    prepared = cache_only(config)
+    prepared = cache_only(config, prompt_texts(config))
     stats = prepared.cache_stats
     print("cache: " + " ".join(f"{name}={value}" for name, value in stats.items()))
     for row in prepared.bucket_table:
@@ -148,6 +149,7 @@ def _cmd_world_verify(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from expertune.config.reference import options_help
     from expertune.infer.schedulers import SCHEDULER_CLASSES
     from expertune.world import PRETRAINED
 
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one expert",
         description="Train one expert. Options: --config FILE.toml, --env config.env, and any --flag "
-        "of docs/configuration.md (later sources win: TOML < config.env < flags).",
+        "below (docs/configuration.md has the same list with the config.env names).",
+        epilog=options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.set_defaults(handler=_cmd_train, config_flags=True)
 

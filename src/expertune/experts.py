@@ -110,11 +110,18 @@ class ExpertBand:
 
 
 def parse_timestep_range(text: str) -> tuple[int, int]:
-    """'LO,HI' → (lo, hi)."""
+    """``"LO,HI"`` (inclusive integer timesteps, 0 <= LO <= HI) → ``(LO, HI)``; ValueError otherwise.
+
+    The one parser of the project (the config check wraps it); the upper bound against the scheduler's
+    number of timesteps is checked by `ExpertBand`.
+    """
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-        raise ValueError(f"timestep_range {text!r} must be two integers 'LO,HI', e.g. '350,999'")
-    return int(parts[0]), int(parts[1])
+        raise ValueError(f"timestep_range={text!r} is not valid: expected 'LO,HI' with two integers, e.g. '0,349'")
+    lo, hi = int(parts[0]), int(parts[1])
+    if not 0 <= lo <= hi:
+        raise ValueError(f"timestep_range={text!r} is not valid: expected 0 <= LO <= HI")
+    return lo, hi
 
 
 def band_from_settings(
@@ -157,17 +164,6 @@ def partition_problems(bands: Sequence[ExpertBand]) -> list[str]:
         elif lower.hi + 1 < upper.lo:
             problems.append(f"bands {lower} and {upper} leave a gap [{lower.hi + 1}, {upper.lo - 1}]")
     return problems
-
-
-def expert_summary(band: ExpertBand, parameterisation: dict[str, Any]) -> dict[str, Any]:
-    """The content of expert.json: the band plus the parameterisation it was trained under."""
-    return {
-        "format_version": 1,
-        "timestep_range": band.to_json(),
-        "denoising_start": band.denoising_start,
-        "denoising_end": band.denoising_end,
-        **parameterisation,
-    }
 
 
 def sub_bands(band: ExpertBand, count: int) -> list[ExpertBand]:

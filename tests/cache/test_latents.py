@@ -10,7 +10,8 @@ from PIL import Image
 
 from expertune.cache.latents import LatentCache
 from expertune.cache.store import CacheStats
-from expertune.data.records import DatasetSpec, ImageRecord, discover_records
+from expertune.data.dataloader import DatasetSpec
+from expertune.data.records import ImageRecord, discover_records
 from expertune.data.transforms import image_size, image_to_tensor, load_image, plan_crop
 from expertune.errors import DataError
 

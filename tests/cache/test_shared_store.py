@@ -16,10 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache
 from expertune.cache.store import CacheStore, EntryLock
@@ -27,7 +28,8 @@ from expertune.config import load_config
 from expertune.data.records import discover_records
 from expertune.data.transforms import image_to_tensor, load_image
 from expertune.models.sdxl import load_components
-from expertune.train.prepare import load_datasets, validation_prompts
+from expertune.data.prepare import load_datasets
+from expertune.validate.plan import prompt_texts as validation_prompts
 
 JOB_FLAGS = [*FAST_FLAGS, "--max_train_steps=1", "--validation_disable", "--report_to=none", "--vae_batch_size=2",
              "--gradient_checkpointing=false"]
@@ -72,6 +74,7 @@ def _wait(condition, what: str, jobs: list[subprocess.Popen], timeout: float = 1
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_stage_2_started_while_stage_1_builds_the_store(tiny_model_dir: Path, tmp_path: Path) -> None:
     loader = _dataset(tmp_path)
     envs = [write_stage_env(tmp_path, stage, tiny_model_dir, tmp_path / f"stage{stage}", loader) for stage in (1, 2)]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from expertune.config import FIELDS, Config, config_from_mapping, default_cache_dir, parse_timestep_range
-from expertune.config.schema import DEFAULT_EVALUATION_MODEL, IGNORED_OPTIONS, SECTIONS, render_markdown_reference
+from expertune.config.reference import render_markdown_reference
+from expertune.config.schema import DEFAULT_EVALUATION_MODEL, IGNORED_OPTIONS, SECTIONS
 from expertune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from expertune.data.buckets import BucketRule, format_size, megapixel_edge
-from expertune.data.records import DatasetDefaults, load_dataloader_config
+from expertune.data.dataloader import DatasetDefaults, load_dataloader_config
 
 
 def test_square_buckets_in_every_unit() -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from expertune.data.batches import TrainingItem
 from expertune.data.holdout import split_holdout
-from expertune.data.records import DatasetSpec, ImageRecord
+from expertune.data.dataloader import DatasetSpec
+from expertune.data.records import ImageRecord
 from expertune.errors import ConfigError, DataError
 
 

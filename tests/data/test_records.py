@@ -8,12 +8,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from expertune.data.records import (
-    DatasetSpec,
-    DataloaderConfig,
-    discover_records,
-    load_dataloader_config,
-)
+from expertune.data.dataloader import DatasetSpec, DataloaderConfig, load_dataloader_config
+from expertune.data.records import discover_records
 from expertune.errors import ConfigError, DataError
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from expertune.cli import main
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

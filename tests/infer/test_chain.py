@@ -14,6 +14,8 @@ from expertune.cli import main
 from expertune.errors import ConfigError
 from expertune.infer.chain import check_chain, generate, read_expert
 
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
+
 
 def test_recipe_inference_snippet_runs_on_the_two_experts(trained_experts) -> None:
     """The seed's snippet, on CPU in float32 with few steps and local paths."""

@@ -9,12 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.config import load_config
 from expertune.errors import ConfigError
 from expertune.infer.chain import generate, read_expert
 from expertune.models.lora import LORA_WEIGHTS
 from expertune.train.loop import train
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 LORA_FLAGS = [*FAST_FLAGS, "--model_type=lora", "--lora_rank=4", "--learning_rate=1e-3", "--report_to=none",
               "--validation_disable", "--train_batch_size=2", "--checkpoint_step_interval=3"]

@@ -159,3 +159,36 @@ def test_a_checkpoint_resumes_only_under_the_engine_layout_that_wrote_it(tmp_pat
     with pytest.raises(ConfigError, match="'torch'.*'fsdp-full'"):
         load_checkpoint(path, sharded)
     assert not torch.equal(sharded.unet[0].weight, state.unet[0].weight)  # nothing was half-restored
+
+
+def test_a_checkpoint_of_another_format_is_reported_as_such_naming_both_versions(tmp_path: Path, caplog) -> None:
+    state = _state(ema=False)
+    _train_steps(state, 1)
+    path = save_checkpoint(tmp_path, state, {}, {})
+    document = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**document, "format_version": 1}))
+    with pytest.raises(ConfigError, match=r"format_version 1, and this expertune resumes format_version 2") as info:
+        resolve_checkpoint(tmp_path, path.name)
+    assert "damaged" not in str(info.value)
+    with caplog.at_level(logging.WARNING):
+        assert list_checkpoints(tmp_path) == []
+    assert "format_version 1" in caplog.text and "damaged" not in caplog.text
+
+
+def test_a_stored_config_snapshot_is_migrated_before_resume_compares_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from expertune.config import migrations
+
+    def rename(snapshot):  # version 1 -> 2: an option renamed
+        train = dict(snapshot["train"])
+        train["batch_size_per_process"] = train.pop("train_batch_size")
+        return {**snapshot, "train": train}
+
+    monkeypatch.setattr(migrations, "CONFIG_VERSION", 2)
+    monkeypatch.setitem(migrations.MIGRATIONS, 1, rename)
+    stored = {"config": {"train": {"train_batch_size": 8}}, "config_version": 1, "run_identity": {}}
+    assert check_resume_compatible(stored, {"train": {"batch_size_per_process": 8}}, {}, False, tmp_path) == []
+    with pytest.raises(ConfigError, match="batch_size_per_process: 8 -> 4"):
+        check_resume_compatible(stored, {"train": {"batch_size_per_process": 4}}, {}, False, tmp_path)
+    with pytest.raises(ConfigError, match="version 3.*upgrade expertune"):
+        check_resume_compatible({**stored, "config_version": 3}, {"train": {}}, {}, False, tmp_path)

@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.cli import main
 from expertune.config import load_config
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 
 DEEPSPEED_VERSION = deepspeed.__version__

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.cli import main
 from expertune.config import load_config
 from expertune.train.launch import launch_command
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
 FLAGS = [*FAST_FLAGS, "--report_to=none", "--validation_disable", "--max_train_steps=3", "--lr_scheduler=constant",

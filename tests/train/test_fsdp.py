@@ -14,8 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FAST_FLAGS, write_stage_env
+import pytest
+
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.cli import main
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.config import load_config
 from expertune.errors import ConfigError
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 METRIC_FIELDS = {"step", "loss", "lr", "timestep_min", "timestep_max", "epoch", "samples", "grad_norm"}
 
@@ -131,7 +133,7 @@ def test_precision_and_optimizer_choices_train(flags, tiny_model_dir: Path, smal
 
 def test_cache_verb_then_train_on_buckets_lists_buckets_and_skipped_images(
         tiny_model_dir: Path, messy_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from conftest import MESSY_SKIPPED
+    from helpers import MESSY_SKIPPED
     from expertune.cli import main
 
     flags = [f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_backend_config={messy_dataset}",
@@ -159,3 +161,22 @@ def test_cache_verb_then_train_on_buckets_lists_buckets_and_skipped_images(
                for name, words in MESSY_SKIPPED.items())
     assert run["samples_per_epoch"] == 14
     assert [r["samples"] for r in read_metrics(result.output_dir / "metrics.jsonl")] in ([2, 2], [2, 1], [1, 2], [1, 1])
+
+
+def test_a_failing_final_validation_does_not_lose_the_expert(tiny_model_dir: Path, small_dataset: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expert is exported before the final validation: an error there leaves a complete pipeline."""
+    from expertune.validate.samples import Validator
+
+    def broken(self, unet, step):  # noqa: ANN001
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(Validator, "run", broken)
+    env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "out", small_dataset)
+    config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=1", "--report_to=none",
+                             "--train_batch_size=2"])
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train(config)
+    pipeline = tmp_path / "out" / "pipeline"
+    assert json.loads((pipeline / "expert.json").read_text())["timestep_range"] == [350, 999]
+    assert (pipeline / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -47,6 +47,7 @@ def _first_losses(tmp_path: Path) -> list[dict]:
     return [{k: r[k] for k in ("step", "loss", "timestep_min", "timestep_max")} for r in rows if "loss" in r]
 
 
+@pytest.mark.integration
 def test_first_stage1_losses_match_the_stored_baseline(tmp_path: Path) -> None:
     measured = _first_losses(tmp_path)
     if os.environ.get("EXPERTUNE_REGENERATE_BASELINE") == "1":

@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.config import load_config
 from expertune.errors import ConfigError, StorageError
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
 QUICK = [*FAST_FLAGS, "--report_to=none", "--validation_disable", "--train_batch_size=2", "--lr_scheduler=constant"]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from expertune.config import Config
 from expertune.errors import ConfigError, ModelError
-from expertune.experts import ExpertBand, expert_summary
+from expertune.expert_format import expert_summary
+from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule
 from expertune.validate.plan import ValidationPrompt, build_plan, find_validation_inputs, load_prompt_library
 

@@ -51,7 +51,7 @@ class _Accelerator:
 def validation_setup(tiny_model_dir: Path, small_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     """Loaded tiny components and the prepared small dataset, as `train` has them when it validates."""
     from expertune.models.sdxl import load_components
-    from expertune.train.prepare import prepare_data
+    from expertune.data.prepare import prepare_data
 
     inputs = tmp_path_factory.mktemp("inputs")
     Image.new("RGB", (80, 64), "orange").save(inputs / "sunset.png")

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_stage_env
+from helpers import write_stage_env
 from expertune.config import load_config
 from expertune.experts import ExpertBand
 from expertune.infer.chain import ChainStage
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
 from expertune.validate.samples import SamplerSettings, partial_denoise
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 SETTINGS = SamplerSettings(num_inference_steps=6, guidance_scale=1.0, guidance_rescale=0.0, seed=0)
 

@@ -7,11 +7,15 @@ import shutil
 from pathlib import Path
 
 
-from conftest import FAST_FLAGS, write_stage_env
+import pytest
+
+from helpers import FAST_FLAGS, write_stage_env
 from expertune.cli import main
 from expertune.config import load_config
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
 
 def _tensorboard(logs: Path) -> tuple[set[str], set[str]]:

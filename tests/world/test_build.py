@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from expertune.world.build import MINIATURE, verify_world
 from expertune.world.scene import training_combinations
 
 
+@pytest.mark.integration
 def test_miniature_build_writes_a_verified_world_model(tmp_path: Path) -> None:
     out = tmp_path / "world"
     assert main(["world", "build", str(out), "--recipe", "miniature"]) == 0

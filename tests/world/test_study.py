@@ -38,6 +38,7 @@ def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
     assert "| loss 0–349 | 2.0000 ± 1.0000 |" in table and "| clip | 10.0 ± 10.0 |" in table
 
 
+@pytest.mark.integration
 def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: Path) -> None:
     from expertune.demo.dataset import write_dataloader_config
     from expertune.world import PRETRAINED

@@ -23,7 +23,7 @@ from expertune.errors import DataError
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-logger = logging.getLogger("expertune.cache")
+logger = logging.getLogger(__name__)
 
 EMBED_KIND = "sdxl_text_embeds"
 HIDDEN_LAYER = -2  # SDXL reads the penultimate layer (clip_skip None)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from expertune.models.sdxl import encode_latents
 from expertune.cache.store import (
     CacheStats,
     CacheStore,
@@ -29,7 +30,8 @@ from expertune.cache.store import (
     fill_entries,
     module_fingerprint,
 )
-from expertune.data.records import DatasetSpec, ImageRecord
+from expertune.data.dataloader import DatasetSpec
+from expertune.data.records import ImageRecord
 from expertune.data.transforms import (
     DECODE_VERSION,
     MAX_IMAGE_PIXELS,
@@ -197,10 +199,7 @@ class LatentCache:
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Scaled latent means of a [B, 3, H, W] batch in [-1, 1], computed in the VAE's dtype, on its device."""
-        device = next(self.vae.parameters()).device
-        with torch.no_grad():
-            posterior = self.vae.encode(pixels.to(device=device, dtype=self.dtype)).latent_dist
-            return posterior.mean * self.vae.config.scaling_factor
+        return encode_latents(self.vae, pixels)
 
     def load(self, record: ImageRecord, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent [4, h, w] float32, already scaled; time_ids [6] float32) of a cached image."""

@@ -44,7 +44,7 @@ from safetensors.torch import save as save_safetensors
 
 from expertune.io_utils import atomic_write_bytes
 
-logger = logging.getLogger("expertune.cache")
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the meaning of stored entries changes: every key changes with it
 
@@ -277,6 +277,78 @@ class FillResult(Generic[T]):
     failed: list[tuple[T, str]] = field(default_factory=list)
 
 
+def _release_all(locks: list[EntryLock], done: bool) -> None:
+    for held in locks:
+        held.release(done=done)
+
+
+def _try_lock(entry: Pending[T]) -> list[EntryLock] | None:
+    """Every lock of `entry` without waiting, or None (and nothing held) when another process holds one."""
+    locks: list[EntryLock] = []
+    for store in entry.stores:
+        held = store.lock(entry.key, blocking=False)
+        if held is None:
+            _release_all(locks, done=False)
+            return None
+        locks.append(held)
+    return locks
+
+
+class _Filler(Generic[T]):
+    """The batch being gathered by `fill_entries`, and what it found, wrote and could not encode."""
+
+    def __init__(self, batch_size: int, encode: Callable[[list[T]], list[Encoded | str]], progress: Any) -> None:
+        self.batch_size = batch_size
+        self.encode = encode
+        self.progress = progress
+        self.result: FillResult[T] = FillResult()
+        self.batch: list[tuple[Pending[T], list[EntryLock]]] = []
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def claimed(self, entry: Pending[T], locks: list[EntryLock]) -> None:
+        """With every lock of `entry` held: count it as found, or queue it for encoding."""
+        lacking = tuple(store for store in entry.stores if not store.contains(entry.key))
+        self.result.found += len(entry.stores) - len(lacking)
+        if not lacking:
+            _release_all(locks, done=True)
+            self.advance()
+            return
+        if self.batch and (len(self.batch) >= self.batch_size or self.batch[0][0].group != entry.group):
+            self.flush()
+        self.batch.append((Pending(entry.key, lacking, entry.item, entry.group), locks))
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        taken = list(self.batch)
+        self.batch.clear()
+        try:
+            outputs = self.encode([entry.item for entry, _ in taken])
+            if len(outputs) != len(taken):
+                raise RuntimeError(f"encode returned {len(outputs)} results for {len(taken)} items")
+            for (entry, locks), output in zip(taken, outputs):
+                if isinstance(output, str):
+                    self.result.failed.append((entry.item, output))
+                    _release_all(locks, done=False)
+                else:
+                    tensors, metadata = output
+                    for store in entry.stores:
+                        store.put(entry.key, tensors, metadata)
+                        self.result.written += 1
+                    _release_all(locks, done=True)
+                self.advance()
+        finally:
+            for _, locks in taken:
+                _release_all(locks, done=False)  # no-op for the ones released above
+
+    def release_pending(self) -> None:
+        for _, locks in self.batch:
+            _release_all(locks, done=False)
+
+
 def fill_entries(
     pending: Sequence[Pending[T]],
     *,
@@ -291,81 +363,24 @@ def fill_entries(
     Entries locked by another process are skipped at first and waited for at the end, without
     holding any lock while waiting. `progress` (a tqdm bar or None) advances by one per entry.
     """
-    result: FillResult[T] = FillResult()
-    batch: list[tuple[Pending[T], list[EntryLock]]] = []
-
-    def advance() -> None:
-        if progress is not None:
-            progress.update(1)
-
-    def release_all(locks: list[EntryLock], done: bool) -> None:
-        for held in locks:
-            held.release(done=done)
-
-    def claimed(entry: Pending[T], locks: list[EntryLock]) -> None:
-        """With every lock of `entry` held: count it as found, or queue it for encoding."""
-        lacking = tuple(store for store in entry.stores if not store.contains(entry.key))
-        result.found += len(entry.stores) - len(lacking)
-        if not lacking:
-            release_all(locks, done=True)
-            advance()
-            return
-        if batch and (len(batch) >= batch_size or batch[0][0].group != entry.group):
-            flush()
-        batch.append((Pending(entry.key, lacking, entry.item, entry.group), locks))
-
-    def flush() -> None:
-        if not batch:
-            return
-        taken = list(batch)
-        batch.clear()
-        try:
-            outputs = encode([entry.item for entry, _ in taken])
-            if len(outputs) != len(taken):
-                raise RuntimeError(f"encode returned {len(outputs)} results for {len(taken)} items")
-            for (entry, locks), output in zip(taken, outputs):
-                if isinstance(output, str):
-                    result.failed.append((entry.item, output))
-                    release_all(locks, done=False)
-                else:
-                    tensors, metadata = output
-                    for store in entry.stores:
-                        store.put(entry.key, tensors, metadata)
-                        result.written += 1
-                    release_all(locks, done=True)
-                advance()
-        finally:
-            for _, locks in taken:
-                release_all(locks, done=False)  # no-op for the ones released above
-
-    def try_lock(entry: Pending[T]) -> list[EntryLock] | None:
-        locks: list[EntryLock] = []
-        for store in entry.stores:
-            held = store.lock(entry.key, blocking=False)
-            if held is None:
-                release_all(locks, done=False)
-                return None
-            locks.append(held)
-        return locks
-
+    filler: _Filler[T] = _Filler(batch_size, encode, progress)
     todo = [Pending(e.key, tuple(sorted(e.stores, key=lambda s: str(s.root))), e.item, e.group) for e in pending]
     try:
         while todo:
             waiting: list[Pending[T]] = []
             for entry in todo:
-                locks = try_lock(entry)
+                locks = _try_lock(entry)
                 if locks is None:
                     waiting.append(entry)
                 else:
-                    claimed(entry, locks)
-            flush()
+                    filler.claimed(entry, locks)
+            filler.flush()
             if waiting and len(waiting) == len(todo):
                 # Every remaining entry is being made by someone else: wait for one, holding nothing.
                 first, waiting = waiting[0], waiting[1:]
-                claimed(first, [store.lock(first.key) for store in first.stores])
-                flush()
+                filler.claimed(first, [store.lock(first.key) for store in first.stores])
+                filler.flush()
             todo = waiting
     finally:
-        for _, locks in batch:
-            release_all(locks, done=False)
-    return result
+        filler.release_pending()
+    return filler.result

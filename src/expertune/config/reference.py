@@ -1,4 +1,4 @@
-"""Render docs/configuration.md from the schema (see ``schema.render_markdown_reference``)."""
+"""The option reference, rendered from the schema: docs/configuration.md and `expertune train --help`."""
 
 from __future__ import annotations
 
@@ -122,6 +122,25 @@ def render() -> str:
             "| option | when | message |", "|---|---|---|"]
     out += [f"| `{row.name}` | {row.when} | {row.message} |" for row in UNSUPPORTED]
     return "\n".join(out) + "\n"
+
+
+def render_markdown_reference() -> str:
+    """The text of docs/configuration.md, generated from FIELDS and the rule tables."""
+    return render()
+
+
+def options_help() -> str:
+    """Every option by section, with its default, allowed values and doc line: `expertune train --help`."""
+    out = ["every setting, by section (flag, TOML key and run.json name; later sources win: "
+           "TOML < config.env < flags):"]
+    for section, cls in SECTIONS.items():
+        out += ["", f"{section}: {cls.__doc__}"]
+        for spec in FIELDS.values():
+            if spec.section == section:
+                default = "unset" if spec.default is None else repr(spec.default)
+                out.append(f"  {spec.flag}  (default {default}; {spec.allowed_text()})")
+                out.append(f"      {spec.doc}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":  # python -m expertune.config.reference > docs/configuration.md

@@ -26,22 +26,17 @@ DEFAULT_EVALUATION_MODEL = "openai/clip-vit-large-patch14"
 
 
 def parse_timestep_range(text: str) -> tuple[int, int]:
-    """Parse ``"LO,HI"`` (inclusive integer timesteps, 0 <= LO <= HI) into ``(LO, HI)``.
+    """`experts.parse_timestep_range`, raising ConfigError: the check of the `timestep_range` option."""
+    from expertune.experts import parse_timestep_range as parse
 
-    The upper bound against the scheduler's number of timesteps is checked by the trainer.
-    """
-    parts = str(text).split(",")
     try:
-        if len(parts) != 2:
-            raise ValueError
-        lo, hi = (int(p.strip()) for p in parts)
-    except ValueError:
-        raise ConfigError(
-            f"timestep_range={text!r} is not valid: expected 'LO,HI' with two integers, e.g. '0,349'"
-        ) from None
-    if not 0 <= lo <= hi:
-        raise ConfigError(f"timestep_range={text!r} is not valid: expected 0 <= LO <= HI")
-    return lo, hi
+        return parse(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+# The optimizers `train.optim.build_optimizer` builds; every list of them in messages and docs is this one.
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +44,13 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "expertune"
+
+
+# What a resumed run may do with an option that differs from its checkpoint's: "refused" (it would change the
+# run), "may_change" (accepted with --allow_config_change), "not_compared" (how a run is started, not what it is).
+RESUME_RULES = ("refused", "may_change", "not_compared")
+# Sections whose options all may change on resume unless they say otherwise.
+MAY_CHANGE_SECTIONS = ("validation", "logging")
 
 
 def opt(
@@ -65,11 +67,13 @@ def opt(
     lt: float | None = None,
     zero_is_none: bool = False,
     check: Callable[[Any], Any] | None = None,
+    on_resume: str | None = None,
 ) -> Any:
     """Declare a config field with its metadata (see FieldSpec for the meaning of each)."""
+    assert on_resume in (None, *RESUME_RULES), on_resume
     meta = dict(doc=doc, choices=choices, env=env, env_true_value=env_true_value,
                 aliases=dict(aliases or {}), ge=ge, gt=gt, le=le, lt=lt,
-                zero_is_none=zero_is_none, check=check)
+                zero_is_none=zero_is_none, check=check, on_resume=on_resume)
     return field(default=default, metadata={_META_KEY: meta})
 
 
@@ -93,6 +97,14 @@ class FieldSpec:
     lt: float | None = None
     zero_is_none: bool = False  # 0 means "unset" (SimpleTuner habit)
     check: Callable[[Any], Any] | None = None  # extra validator; raises ConfigError
+    on_resume: str | None = None  # RESUME_RULES; None: "may_change" in MAY_CHANGE_SECTIONS, else "refused"
+
+    @property
+    def resume_rule(self) -> str:
+        """What resuming does when this option differs from the checkpoint's (one of RESUME_RULES)."""
+        if self.on_resume is not None:
+            return self.on_resume
+        return "may_change" if self.section in MAY_CHANGE_SECTIONS else "refused"
 
     @property
     def flag(self) -> str:
@@ -191,9 +203,9 @@ class DataConfig:
                                              ge=0, env=("ASPECT_BUCKET_ROUNDING",))
     caption_dropout_probability: float = opt(0.0, "Probability of training a sample with an empty caption.",
                                              ge=0, le=1, env=("CAPTION_DROPOUT_PROBABILITY",))
-    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1)
+    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1, on_resume="may_change")
     text_encoder_batch_size: int = opt(8, "Captions per batch when encoding the text-embedding cache.", ge=1,
-                                       env=("TEXT_ENCODER_BATCH_SIZE",))
+                                       env=("TEXT_ENCODER_BATCH_SIZE",), on_resume="may_change")
     read_batch_size: int | None = opt(None, "SimpleTuner cache read batch size.", ge=1, env=("READ_BATCH_SIZE",))
     write_batch_size: int | None = opt(None, "SimpleTuner cache write batch size.", ge=1,
                                        env=("WRITE_BATCH_SIZE",))
@@ -201,7 +213,8 @@ class DataConfig:
                                     env=("TEXT_CACHE_ONDEMAND",))
     text_cache_disable: bool = opt(False, "Do not cache text embeddings.", env=("TEXT_CACHE_DISABLE",))
     cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
-                                      "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).")
+                                      "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).",
+                                      on_resume="may_change")
 
 
 @dataclass(frozen=True)
@@ -228,7 +241,8 @@ class ScheduleConfig:
                                       choices=("epsilon", "v_prediction", "sample"))
     rescale_betas_zero_snr: bool = opt(False, "Rescale the betas to zero terminal SNR.")
     training_scheduler_timestep_spacing: str = opt(
-        "trailing", "Timestep spacing of the training noise scheduler.", choices=SPACINGS,
+        "trailing", "Recorded in expert.json only: training draws every integer timestep of the band "
+        "whatever the spacing (the inference spacing shapes the sampler).", choices=SPACINGS,
         env=("TRAINING_SCHEDULER_TIMESTEP_SPACING",))
     inference_scheduler_timestep_spacing: str = opt(
         "trailing", "Timestep spacing of the scheduler used for validation images.", choices=SPACINGS,
@@ -242,7 +256,8 @@ class TrainConfig:
     output_dir: str | None = opt(None, "Directory the run writes its model, logs and run.json to.",
                                  env=("OUTPUT_DIR",))
     overwrite_output_dir: bool = opt(False, "Replace an earlier run found in output_dir (otherwise the run is "
-                                            "refused, so nothing is overwritten by accident).")
+                                            "refused, so nothing is overwritten by accident).",
+                                            on_resume="not_compared")
     seed: int = opt(42, "Random seed of the run.", ge=0, env=("TRAINING_SEED",))
     learning_rate: float = opt(1e-6, "Peak learning rate.", gt=0, env=("LEARNING_RATE",))
     lr_scheduler: str = opt("constant", "Learning-rate schedule.", env=("LR_SCHEDULE",),
@@ -256,9 +271,11 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute UNet activations in the backward pass to save memory.",
                                        env=("USE_GRADIENT_CHECKPOINTING",))
     max_train_steps: int | None = opt(None, "Optimiser steps to train (wins over num_train_epochs; both unset: "
-                                            "1 epoch).", ge=1, zero_is_none=True, env=("MAX_NUM_STEPS",))
+                                            "1 epoch).", ge=1, zero_is_none=True, env=("MAX_NUM_STEPS",),
+                                            on_resume="may_change")
     num_train_epochs: int | None = opt(None, "Epochs to train when max_train_steps is unset (both unset: "
-                                             "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",))
+                                             "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",),
+                                             on_resume="may_change")
     max_grad_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).", ge=0)
     optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw8bit (bitsandbytes, CUDA), adafactor "
                                   "(memory-lean, factored second moments), prodigy (learning-rate free: use "
@@ -276,17 +293,20 @@ class TrainConfig:
     ema_device: str = opt("accelerator", "Where the EMA weights live: with the model, or in CPU memory.",
                           choices=("accelerator", "cpu"))
     export_ema: bool = opt(False, "Save the EMA weights, not the trained weights, as the pipeline's UNet "
-                                  "(needs --use_ema).")
+                                  "(needs --use_ema).", on_resume="may_change")
     resume_from_checkpoint: str | None = opt(None, "Resume from a checkpoint: 'latest' (the newest complete one) "
-                                                   "or a checkpoint name/path.", env=("RESUME_CHECKPOINT",))
+                                                   "or a checkpoint name/path.", env=("RESUME_CHECKPOINT",),
+                                                   on_resume="not_compared")
     allow_config_change: bool = opt(False, "On resume, accept changed validation, logging, checkpoint and "
-                                           "length settings (other changes are always refused).")
+                                           "length settings (other changes are always refused).",
+                                           on_resume="not_compared")
     checkpoint_step_interval: int | None = opt(None, "Save a checkpoint every this many steps.", ge=1,
-                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"))
+                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"),
+                                               on_resume="may_change")
     checkpoint_epoch_interval: int | None = opt(None, "Save a checkpoint every this many epochs.", ge=1,
-                                                env=("CHECKPOINT_EPOCH_INTERVAL",))
+                                                env=("CHECKPOINT_EPOCH_INTERVAL",), on_resume="may_change")
     checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints.", ge=1,
-                                              env=("CHECKPOINTING_LIMIT",))
+                                              env=("CHECKPOINTING_LIMIT",), on_resume="may_change")
     num_processes: int = opt(1, "Training processes (GPUs) per machine.", ge=1, env=("TRAINING_NUM_PROCESSES",))
     num_machines: int = opt(1, "Machines taking part in training.", ge=1, env=("TRAINING_NUM_MACHINES",))
     accelerate_config: str | None = opt(None, "accelerate launch config file: DDP, FSDP or DeepSpeed ZeRO (see "
@@ -357,8 +377,8 @@ class LoggingConfig:
     report_to: str = opt("tensorboard", "Where metrics go.", choices=("tensorboard", "none"))
     tracker_project_name: str = opt("expertune", "Project name given to the tracker.",
                                     env=("TRACKER_PROJECT_NAME",))
-    tracker_run_name: str | None = opt(None, "Run name given to the tracker (unset: derived from output_dir).",
-                                       env=("TRACKER_RUN_NAME",))
+    tracker_run_name: str | None = opt(None, "Name of the run in the tracker (TensorBoard: its folder under "
+                                       "logging_dir); unset: tracker_project_name.", env=("TRACKER_RUN_NAME",))
     logging_dir: str | None = opt(None, "Directory of the tracker logs (unset: the logs folder inside output_dir).")
 
 
@@ -465,13 +485,3 @@ class Config:
             how = f"--{name}, `{name} = ...` in the --config TOML" + (f", or {env} in the --env file" if env else "")
             lines.append(f"  {name}: set {how}")
         raise ConfigError(f"{purpose} needs settings that are unset:\n" + "\n".join(lines))
-
-
-def render_markdown_reference() -> str:
-    """The text of docs/configuration.md, generated from FIELDS and the rule tables."""
-    from expertune.config.reference import render  # late import: reference imports this module
-
-    # Regenerate the docs with: python -m expertune.config.reference > docs/configuration.md
-
-    return render()
-

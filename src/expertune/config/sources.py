@@ -20,7 +20,7 @@ from expertune.config.schema import FIELDS, IGNORED_OPTIONS, SECTIONS, Config, F
 from expertune.config.validate import coerce_value, parse_bool, suggest, validate_values
 from expertune.errors import ConfigError
 
-log = logging.getLogger("expertune.config")
+log = logging.getLogger(__name__)
 
 EXTRA_ARGS_VAR = "TRAINER_EXTRA_ARGS"
 FILE_OPTIONS = ("config", "env")

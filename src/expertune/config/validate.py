@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from expertune.config.schema import FIELDS, Config, FieldSpec
+from expertune.config.schema import FIELDS, OPTIMIZERS, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
 
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -106,12 +106,14 @@ class Unsupported:
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("use_dora", "`true`", lambda v: v is True,
-                "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full)"),
+                "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) or standard "
+                "LoRA adapters (model_type=lora)"),
     Unsupported("lora_type", "not `standard`", lambda v: v != "standard",
-                "LoRA variants are not supported; expertune trains full UNet weights (model_type=full)"),
+                "LoRA variants are not supported; use standard LoRA adapters (model_type=lora, lora_type=standard) "
+                "or full UNet weights (model_type=full)"),
     Unsupported("layer_freeze_strategy", "`bitfit`", lambda v: v == "bitfit",
-                "BitFit freezing is not supported; expertune trains all UNet weights "
-                "(layer_freeze_strategy=none, USE_BITFIT=false)"),
+                "BitFit freezing is not supported; expertune trains all UNet weights (model_type=full) or LoRA "
+                "adapters (model_type=lora): use layer_freeze_strategy=none (USE_BITFIT=false)"),
     Unsupported("base_model_precision", "not `no_change`", lambda v: v != "no_change",
                 "quantised base models are not supported; use base_model_precision=no_change "
                 "(with --mixed_precision=bf16 or fp16 to save memory)"),
@@ -125,9 +127,8 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("text_cache_disable", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("optimizer", "not one of adamw, adamw8bit, adafactor, prodigy",
-                lambda v: v not in ("adamw", "adamw8bit", "adafactor", "prodigy"),
-                "supported optimizers are adamw, adamw8bit (bitsandbytes), adafactor and prodigy; for SimpleTuner's "
+    Unsupported("optimizer", f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS,
+                f"supported optimizers are {', '.join(OPTIMIZERS)} (adamw8bit: bitsandbytes); for SimpleTuner's "
                 "adamw_bf16 use --optimizer=adamw with --mixed_precision=bf16"),
 )
 

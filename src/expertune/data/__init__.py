@@ -1,17 +1,14 @@
 """Datasets: the dataloader JSON, image records with captions, aspect buckets, crops with SDXL time ids."""
 
 from expertune.data.buckets import BucketRule, format_size, megapixel_edge
-from expertune.data.records import (
+from expertune.data.dataloader import (
     DataloaderConfig,
     DatasetDefaults,
     DatasetSpec,
-    Discovery,
-    ImageRecord,
-    SkippedImage,
     TextEmbedsSpec,
-    discover_records,
     load_dataloader_config,
 )
+from expertune.data.records import Discovery, ImageRecord, SkippedImage, discover_records
 from expertune.data.transforms import (
     MAX_IMAGE_PIXELS,
     CropPlan,

@@ -31,10 +31,27 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from expertune.train.loss import TrainingBatch
-
 if TYPE_CHECKING:
-    from expertune.data.records import DatasetSpec, ImageRecord
+    from expertune.data.dataloader import DatasetSpec
+    from expertune.data.records import ImageRecord
+
+
+@dataclass
+class TrainingBatch:
+    """Cached tensors for one micro-batch (everything the UNet needs besides noise and t)."""
+
+    latents: torch.Tensor  # [B, 4, h, w], already scaled by the VAE's scaling factor
+    prompt_embeds: torch.Tensor  # [B, 77, d1 + d2]
+    pooled_embeds: torch.Tensor  # [B, d_pool]
+    time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TrainingBatch":
+        return TrainingBatch(*(t.to(device=device, dtype=dtype) for t in
+                               (self.latents, self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+
+    @property
+    def size(self) -> int:
+        return int(self.latents.shape[0])
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ import torch
 from expertune.errors import ConfigError, ModelError
 from expertune.experts import ExpertBand, order_chain, partition_problems
 from expertune.io_utils import atomic_write_bytes
-from expertune.models.sdxl import EXPERT_FILE
+from expertune.expert_format import EXPERT_FILE, ExpertDescription
+from expertune.models.sdxl import saved_scheduler
 
-log = logging.getLogger("expertune.infer")
+log = logging.getLogger(__name__)
 
 PARAMETERISATION_KEYS = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "num_train_timesteps")
 
@@ -54,16 +55,10 @@ def read_expert(path: str | os.PathLike) -> ExpertInfo:
         if (root / kind / EXPERT_FILE).is_file():
             root = root / kind
             break
-    info_file = root / EXPERT_FILE
-    if not info_file.is_file():
-        raise ModelError(f"{path} is not an expertune expert: {info_file} is missing")
-    try:
-        description = json.loads(info_file.read_text(encoding="utf-8"))
-        lo, hi = description["timestep_range"]
-        band = ExpertBand(int(lo), int(hi), int(description["num_train_timesteps"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ModelError(f"{info_file} is not a valid expert description: {error}") from None
-    return ExpertInfo(root, band, description)
+    if not (root / EXPERT_FILE).is_file():
+        raise ModelError(f"{path} is not an expertune expert: {root / EXPERT_FILE} is missing")
+    description = ExpertDescription.read(root)
+    return ExpertInfo(root, description.band, description.to_json())
 
 
 def check_chain(experts: Sequence[ExpertInfo]) -> list[ExpertInfo]:
@@ -189,16 +184,7 @@ class _PipelineLoader:
         pipe = self.bases[base]
         name = f"expert_{index}"
         pipe.load_lora_weights(str(expert.path), adapter_name=name)
-        return pipe, _saved_scheduler(expert.path), name
-
-
-def _saved_scheduler(expert_dir: Path) -> Any:
-    from diffusers import DDPMScheduler
-
-    from expertune.models.sdxl import make_scheduler
-
-    config = dict(DDPMScheduler.load_config(str(expert_dir), subfolder="scheduler"))
-    return make_scheduler(str(config.get("_class_name", "EulerDiscreteScheduler")), config)
+        return pipe, saved_scheduler(expert.path), name
 
 
 def generate_images(

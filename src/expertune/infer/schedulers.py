@@ -59,22 +59,30 @@ def scheduler_from_saved(choice: str, saved: Any, source: str = "expert") -> Any
     return scheduler
 
 
-def handoff_timesteps(scheduler: Any, num_inference_steps: int, band: ExpertBand) -> list[int]:
-    """The inference timesteps the expert of `band` runs in a chain, as diffusers' SDXL pipelines pick them.
+def handoff_slice(scheduler: Any, num_inference_steps: int, band: ExpertBand) -> slice:
+    """Which of `scheduler.timesteps` (after `set_timesteps`) the expert of `band` runs in a chain, as
+    diffusers' SDXL pipelines pick them: the one hand-off rule of the project (chains and validation).
 
     The first expert keeps `t >= round(N - denoising_end * N)`; a later one keeps `t < round(N -
     denoising_start * N)`, plus one for a scheduler of order 2 when the count is even.
     """
     scheduler.set_timesteps(num_inference_steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
+    timesteps = [float(t) for t in scheduler.timesteps]
     n = scheduler.config.num_train_timesteps
+    start, stop = 0, len(timesteps)
     if band.denoising_start is not None:
         cutoff = int(round(n - band.denoising_start * n))
         count = sum(t < cutoff for t in timesteps)
         if scheduler.order == 2 and count % 2 == 0:
             count += 1
-        timesteps = timesteps[len(timesteps) - count:]
+        start = max(0, len(timesteps) - count)
     if band.denoising_end is not None:
         cutoff = int(round(n - band.denoising_end * n))
-        timesteps = [t for t in timesteps if t >= cutoff]
-    return timesteps
+        stop = start + sum(t >= cutoff for t in timesteps[start:])
+    return slice(start, stop)
+
+
+def handoff_timesteps(scheduler: Any, num_inference_steps: int, band: ExpertBand) -> list[int]:
+    """The inference timesteps the expert of `band` runs in a chain (see `handoff_slice`)."""
+    chosen = handoff_slice(scheduler, num_inference_steps, band)
+    return [int(t) for t in scheduler.timesteps[chosen]]

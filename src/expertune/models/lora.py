@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from expertune.errors import ConfigError
-from expertune.io_utils import atomic_write_json, staged_directory
-from expertune.models.sdxl import EXPERT_FILE
+from expertune.expert_format import ExpertDescription
+from expertune.io_utils import staged_directory
 
-log = logging.getLogger("expertune.models")
+log = logging.getLogger(__name__)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -38,7 +38,7 @@ def add_lora_adapters(unet: Any, rank: int, alpha: float | None, dropout: float,
     return trainable
 
 
-def save_lora_expert(unet: Any, scheduler: Any, expert: dict[str, Any], destination: str | os.PathLike) -> Path:
+def save_lora_expert(unet: Any, scheduler: Any, expert: ExpertDescription, destination: str | os.PathLike) -> Path:
     """Write the adapters (diffusers LoRA format), the trained scheduler config and expert.json, atomically."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -48,6 +48,6 @@ def save_lora_expert(unet: Any, scheduler: Any, expert: dict[str, Any], destinat
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True)
         scheduler.save_pretrained(str(staged / "scheduler"))
-        atomic_write_json(staged / EXPERT_FILE, expert)
+        expert.write(staged)
     log.info("saved LoRA expert to %s", destination)
     return Path(destination)

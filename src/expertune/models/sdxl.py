@@ -9,16 +9,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from expertune.errors import ModelError
-from expertune.io_utils import atomic_write_json, staged_directory
+from expertune.io_utils import staged_directory
 
-log = logging.getLogger("expertune.models")
+if TYPE_CHECKING:
+    from expertune.expert_format import ExpertDescription
 
-EXPERT_FILE = "expert.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def load_components(
     `with_unet=False` reads only the UNet's config (to check the layout) and leaves `unet` None:
     what building the caches needs (`expertune cache`), without the UNet's gigabytes.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common: dict[str, Any] = {"revision": revision}
@@ -122,10 +123,7 @@ def load_components(
     vae = _load(AutoencoderKL, source, "vae", **weights, torch_dtype=dtype)
     tokenizer_1 = _load(CLIPTokenizer, source, "tokenizer", **common)
     tokenizer_2 = _load(CLIPTokenizer, source, "tokenizer_2", **common)
-    try:
-        scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", revision=revision))
-    except (OSError, ValueError) as error:
-        raise ModelError(f"could not read scheduler config of model {source!r}: {error}") from None
+    scheduler_config = read_scheduler_config(source, revision=revision)
     for module in (text_1, text_2, vae):
         module.requires_grad_(False)
         module.eval()
@@ -142,6 +140,31 @@ def load_components(
     )
 
 
+def read_scheduler_config(source: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """The `scheduler/scheduler_config.json` of a model or saved expert (a directory or hub id)."""
+    from diffusers import DDPMScheduler
+
+    try:
+        return dict(DDPMScheduler.load_config(str(source), subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not read scheduler config of model {str(source)!r}: {error}") from None
+
+
+def saved_scheduler(source: str | os.PathLike) -> Any:
+    """The scheduler a model or expert saved (its class and config): what it was trained to be sampled with."""
+    config = read_scheduler_config(source)
+    return make_scheduler(str(config.get("_class_name", "EulerDiscreteScheduler")), config)
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latent means `vae.encode(x).latent_dist.mean * scaling_factor` of a [B, 3, H, W] batch in
+    [-1, 1], computed in the VAE's dtype on its device: what training caches and validation encodes."""
+    parameter = next(vae.parameters())
+    posterior = vae.encode(pixels.to(device=parameter.device, dtype=parameter.dtype)).latent_dist
+    return posterior.mean * vae.config.scaling_factor
+
+
 def make_scheduler(class_name: str, config: dict[str, Any]) -> Any:
     """Instantiate a diffusers scheduler class by name from a config dict."""
     import diffusers
@@ -156,7 +179,7 @@ def save_expert_pipeline(
     components: SDXLComponents,
     unet: Any,
     scheduler: Any,
-    expert: dict[str, Any],
+    expert: ExpertDescription,
     destination: str | os.PathLike,
 ) -> Path:
     """Write a plain diffusers SDXL pipeline of the trained expert, plus expert.json, atomically.
@@ -181,6 +204,6 @@ def save_expert_pipeline(
     )
     with staged_directory(destination) as staged:
         pipeline.save_pretrained(str(staged), safe_serialization=True)
-        atomic_write_json(staged / EXPERT_FILE, expert)
+        expert.write(staged)
     log.info("saved expert pipeline to %s", destination)
     return Path(destination)

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from expertune.config.migrations import CONFIG_VERSION, migrate_snapshot
+from expertune.config.schema import FIELDS, MAY_CHANGE_SECTIONS
 from expertune.errors import ConfigError, StorageError
 from expertune.io_utils import atomic_write_json
 
-log = logging.getLogger("expertune.checkpoint")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -156,6 +158,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dic
             "optimizer_layout": parallel.layout,
             "ema": ema_meta,
             "config": config_snapshot,
+            "config_version": CONFIG_VERSION,
             "run_identity": run_identity,
         }
         atomic_write_json(scratch / "state.json", document)
@@ -189,6 +192,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def format_version(path: Path) -> Any:
+    """The `format_version` in a checkpoint's state.json; None when it cannot be read."""
+    try:
+        document = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return document.get("format_version") if isinstance(document, dict) else None
+
+
+def other_format(path: Path) -> str | None:
+    """Why a readable checkpoint of another format cannot be resumed (naming both versions), else None."""
+    version = format_version(path)
+    if version is None or version == FORMAT_VERSION:
+        return None
+    return (f"checkpoint {path} has checkpoint format_version {version!r}, and this expertune resumes format_version "
+            f"{FORMAT_VERSION}: resume it with the expertune version that wrote it, or start a new run")
+
+
 def is_complete(path: Path) -> bool:
     """All files present and state.json readable (a renamed-in checkpoint always is, unless damaged later)."""
     if not all((path / name).is_file() for name in REQUIRED_FILES):
@@ -215,6 +236,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         elif match and entry.is_dir():
             if is_complete(entry):
                 found.append((int(match.group(1)), entry))
+            elif other_format(entry):
+                log.warning("ignoring %s", other_format(entry))
             else:
                 log.warning("ignoring damaged checkpoint %s (files missing or unreadable)", entry)
     return [path for _, path in sorted(found)]
@@ -231,6 +254,8 @@ def resolve_checkpoint(output_dir: Path, name: str) -> Path:
             )
         return complete[-1]
     candidate = Path(name) if os.sep in name else checkpoints_dir(output_dir) / name
+    if candidate.is_dir() and other_format(candidate):
+        raise ConfigError(f"--resume_from_checkpoint {name}: {other_format(candidate)}")
     if not candidate.is_dir() or not is_complete(candidate):
         available = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
         raise ConfigError(f"--resume_from_checkpoint {name}: {candidate} is not a complete checkpoint "
@@ -297,14 +322,13 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     return removed
 
 
-# Settings that may differ on resume with --allow_config_change; every other difference is refused.
-HARMLESS_SECTIONS = ("validation", "logging")
-HARMLESS_FIELDS = frozenset({
-    "checkpoint_step_interval", "checkpoint_epoch_interval", "checkpoints_total_limit", "max_train_steps",
-    "num_train_epochs", "export_ema", "vae_batch_size", "text_encoder_batch_size", "cache_dir",
-})
-# How a run is started, not what it is: never compared.
-RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint", "overwrite_output_dir", "allow_config_change"})
+def resume_rule(section: str, name: str) -> str:
+    """The option's own resume rule (config.schema RESUME_RULES); an option no longer known is refused
+    unless its section may change."""
+    spec = FIELDS.get(name)
+    if spec is not None:
+        return spec.resume_rule
+    return "may_change" if section in MAY_CHANGE_SECTIONS else "refused"
 
 
 @dataclass(frozen=True)
@@ -316,7 +340,7 @@ class ConfigChange:
 
     @property
     def harmless(self) -> bool:
-        return self.section in HARMLESS_SECTIONS or self.name in HARMLESS_FIELDS
+        return resume_rule(self.section, self.name) == "may_change"
 
     def __str__(self) -> str:
         return f"{self.name}: {self.before!r} -> {self.after!r}"
@@ -327,7 +351,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
     changes = []
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
-        for name in sorted((set(before) | set(after)) - RUN_CONTROL_FIELDS):
+        for name in sorted(n for n in set(before) | set(after) if resume_rule(section, n) != "not_compared"):
             if before.get(name) != after.get(name):
                 changes.append(ConfigChange(section, name, before.get(name), after.get(name)))
     return changes
@@ -335,8 +359,13 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
 
 def check_resume_compatible(document: dict[str, Any], config_snapshot: dict[str, Any],
                             run_identity: dict[str, Any], allow_config_change: bool, checkpoint: Path) -> list[str]:
-    """Refuse a resume that would silently change the run; returns the accepted harmless changes."""
-    changes = config_changes(document["config"], config_snapshot)
+    """Refuse a resume that would silently change the run; returns the accepted harmless changes.
+
+    The stored snapshot is first migrated to this expertune's config version (config.migrations), so an
+    option that was renamed or moved since is compared under its current name.
+    """
+    saved = migrate_snapshot(document["config"], document.get("config_version"), f"checkpoint {checkpoint}")
+    changes = config_changes(saved, config_snapshot)
     problems = [f"{change} (cannot change on resume)" for change in changes if not change.harmless]
     for key in sorted(set(document["run_identity"]) | set(run_identity)):
         if document["run_identity"].get(key) != run_identity.get(key):

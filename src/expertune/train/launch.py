@@ -12,9 +12,12 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-log = logging.getLogger("expertune.launch")
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
+
+log = logging.getLogger(__name__)
 
 LAUNCHED_MARKER = "EXPERTUNE_LAUNCHED"
 
@@ -23,13 +26,13 @@ def inside_launched_group() -> bool:
     return LAUNCHED_MARKER in os.environ or "WORLD_SIZE" in os.environ
 
 
-def needs_launcher(config: Any) -> bool:
+def needs_launcher(config: Config) -> bool:
     t = config.train
     wants_group = t.num_processes > 1 or t.num_machines > 1 or t.accelerate_config is not None
     return wants_group and not inside_launched_group()
 
 
-def launch_command(config: Any, train_argv: Sequence[str]) -> list[str]:
+def launch_command(config: Config, train_argv: Sequence[str]) -> list[str]:
     """The `accelerate launch` command line that runs `expertune train <train_argv>` in every process."""
     t = config.train
     command = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -67,7 +70,7 @@ def engine_in_config_file(path: str | os.PathLike[str]) -> str | None:
     return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(kind)
 
 
-def check_before_launch(config: Any) -> None:
+def check_before_launch(config: Config) -> None:
     """Refuse, in this one process, what every launched process would refuse (and say it once)."""
     from expertune.train.runtime import has_accelerator
     from expertune.train.strategy import check_engine_available, check_supported
@@ -80,7 +83,7 @@ def check_before_launch(config: Any) -> None:
         check_engine_available(engine, has_accelerator())
 
 
-def relaunch(config: Any, train_argv: Sequence[str]) -> int:
+def relaunch(config: Config, train_argv: Sequence[str]) -> int:
     """Run the training under accelerate and return its exit code."""
     check_before_launch(config)
     command = launch_command(config, train_argv)

@@ -8,26 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from expertune.data.batches import TrainingBatch
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule, add_noise, training_target
-
-
-@dataclass
-class TrainingBatch:
-    """Cached tensors for one micro-batch (everything the UNet needs besides noise and t)."""
-
-    latents: torch.Tensor  # [B, 4, h, w], already scaled by the VAE's scaling factor
-    prompt_embeds: torch.Tensor  # [B, 77, d1 + d2]
-    pooled_embeds: torch.Tensor  # [B, d_pool]
-    time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TrainingBatch":
-        return TrainingBatch(*(t.to(device=device, dtype=dtype) for t in
-                               (self.latents, self.prompt_embeds, self.pooled_embeds, self.time_ids)))
-
-    @property
-    def size(self) -> int:
-        return int(self.latents.shape[0])
 
 
 @dataclass
@@ -65,18 +48,25 @@ class LossOutput:
     timesteps: torch.Tensor
 
 
-def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness) -> LossOutput:
-    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps."""
+def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness,
+                   model_dtype: torch.dtype | None = None) -> LossOutput:
+    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps.
+
+    The one loss of the project: training minimises it, validation's held-out loss measures it. The noisy
+    input and target are computed in the batch's dtype; `model_dtype` casts what the UNet gets (a bf16 UNet
+    validated on float32 latents), None feeds the batch as it is.
+    """
     latents = batch.latents
     noise = draws.noise.to(latents.device, latents.dtype)
     timesteps = draws.timesteps.to(latents.device)
     noisy = add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
     target = training_target(latents, noise, timesteps, schedule.alphas_cumprod, schedule.prediction_type)
+    conditioning = batch if model_dtype is None else batch.to(latents.device, model_dtype)
     prediction = unet(
-        noisy,
+        noisy if model_dtype is None else noisy.to(model_dtype),
         timesteps,
-        encoder_hidden_states=batch.prompt_embeds,
-        added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids},
+        encoder_hidden_states=conditioning.prompt_embeds,
+        added_cond_kwargs={"text_embeds": conditioning.pooled_embeds, "time_ids": conditioning.time_ids},
         return_dict=False,
     )[0]
     loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")

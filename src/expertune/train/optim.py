@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from expertune.config.schema import OPTIMIZERS
 from expertune.errors import UnsupportedFeatureError
 
+if TYPE_CHECKING:
+    from expertune.config.schema import TrainConfig
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names, over the trainable parameters, at `train.learning_rate`.
 
     The learning-rate schedule is applied on top (build_lr_scheduler) for all of them; Adafactor therefore
@@ -33,10 +37,10 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: Any) -> tor
         return Prodigy(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                        weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
                        use_bias_correction=True, safeguard_warmup=True)
-    raise UnsupportedFeatureError(f"optimizer {name!r} is not supported; use adamw, adamw8bit, adafactor or prodigy")
+    raise UnsupportedFeatureError(f"optimizer {name!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
 
 
-def _adamw_8bit(params: list[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
+def _adamw_8bit(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
     try:
         import bitsandbytes
 
@@ -53,7 +57,7 @@ def _adamw_8bit(params: list[torch.nn.Parameter], train: Any) -> torch.optim.Opt
     return optimizer
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: Any, total_steps: int) -> Any:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> Any:
     """diffusers' schedules: constant, constant_with_warmup, cosine, linear, polynomial (to lr_end)."""
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 

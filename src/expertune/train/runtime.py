@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
 
 
 def has_accelerator() -> bool:
@@ -31,7 +34,7 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
     return peaks
 
 
-def tracker_config(config: Any) -> dict[str, Any]:
+def tracker_config(config: Config) -> dict[str, Any]:
     flat = config.flat()
     return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
 

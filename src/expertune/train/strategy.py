@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from expertune.errors import ConfigError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
 
 
 @dataclass
@@ -73,7 +76,7 @@ def accelerator_options(has_gpu: bool) -> dict[str, Any]:
     return {"cpu": engine != "deepspeed" and not has_gpu}
 
 
-def check_supported(config: Any, engine: str) -> None:
+def check_supported(config: Config, engine: str) -> None:
     """Combinations the sharded engines do not support yet, refused before any work."""
     if engine not in ("fsdp", "deepspeed"):
         return
@@ -334,7 +337,7 @@ def strategy_for(accelerator: Any, unet: Any, optimizer: Any, accumulation: int)
     return Replicated(trained, optimizer, accelerator.is_main_process)
 
 
-def configure_deepspeed(accelerator: Any, config: Any) -> None:
+def configure_deepspeed(accelerator: Any, config: Config) -> None:
     """Fill DeepSpeed's batch, accumulation and clipping settings from expertune's own flags before prepare().
 
     expertune builds the optimizer and LR schedule itself (--optimizer, --lr_scheduler); a DeepSpeed JSON config

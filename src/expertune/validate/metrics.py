@@ -18,13 +18,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from expertune.errors import ModelError
 from expertune.experts import ExpertBand, fixed_timesteps, sub_bands
-from expertune.schedule import NoiseSchedule, add_noise, training_target
+from expertune.data.batches import TrainingBatch
+from expertune.schedule import NoiseSchedule
+from expertune.train.loss import StepRandomness, denoising_loss
 
-log = logging.getLogger("expertune.validate")
+log = logging.getLogger(__name__)
 
 
 class _ProjectedFeatures(torch.nn.Module):
@@ -136,19 +137,12 @@ class HeldOutLoss:
         for sample, noises in zip(self.samples, self.noise):
             for j, (timesteps, noise) in enumerate(zip(self.timesteps, noises)):
                 count = timesteps.numel()
-                x0 = sample.latent.unsqueeze(0).expand(count, -1, -1, -1).to(device)
-                noise = noise.to(device)
-                t = timesteps.to(device)
-                noisy = add_noise(x0, noise, t, self.schedule.alphas_cumprod)
-                target = training_target(x0, noise, t, self.schedule.alphas_cumprod, self.schedule.prediction_type)
-                prediction = unet(
-                    noisy.to(dtype), t,
-                    encoder_hidden_states=sample.prompt_embeds.expand(count, -1, -1).to(device, dtype),
-                    added_cond_kwargs={"text_embeds": sample.pooled_embeds.expand(count, -1).to(device, dtype),
-                                       "time_ids": sample.time_ids.expand(count, -1).to(device, dtype)},
-                    return_dict=False,
-                )[0]
-                totals[j] += float(F.mse_loss(prediction.float(), target.float()))
+                batch = TrainingBatch(sample.latent.unsqueeze(0).expand(count, -1, -1, -1),
+                                      sample.prompt_embeds.expand(count, -1, -1),
+                                      sample.pooled_embeds.expand(count, -1),
+                                      sample.time_ids.expand(count, -1)).to(device)
+                draws = StepRandomness(timesteps, noise, torch.ones(count, dtype=torch.bool))
+                totals[j] += float(denoising_loss(unet, batch, self.schedule, draws, model_dtype=dtype).loss)
         per_band = {loss_key(sub): total / len(self.samples) for sub, total in zip(self.subbands, totals)}
         per_band["eval/loss"] = sum(per_band.values()) / len(per_band)
         return per_band

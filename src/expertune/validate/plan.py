@@ -15,13 +15,17 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expertune.data.records import IMAGE_EXTENSIONS, _captions_from_textfile, _image_paths
 from expertune.errors import ConfigError
-from expertune.experts import ExpertBand, expert_summary
+from expertune.expert_format import expert_summary
+from expertune.experts import ExpertBand
 from expertune.infer.chain import ExpertInfo, check_chain, read_expert
 from expertune.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PROMPT_NAME = "prompt"  # the name of --validation_prompt among the validation prompts
@@ -122,7 +126,7 @@ def find_validation_inputs(path: str | Path, fallback_prompt: str | None) -> lis
     return inputs
 
 
-def prompt_texts(config: Any) -> list[str]:
+def prompt_texts(config: Config) -> list[str]:
     """Every text validation will look up in the embedding cache; needs no model, so `expertune cache`
     caches exactly what a later `train` validates with."""
     v = config.validation
@@ -141,7 +145,7 @@ def this_run_expert(band: ExpertBand, schedule: NoiseSchedule, output_dir: Path)
     return ExpertInfo(output_dir, band, expert_summary(band, schedule.describe()), label=f"this run ({output_dir})")
 
 
-def build_plan(config: Any, band: ExpertBand, schedule: NoiseSchedule, output_dir: Path,
+def build_plan(config: Config, band: ExpertBand, schedule: NoiseSchedule, output_dir: Path,
                device: Any = "cpu") -> ValidationPlan:
     """Read every validation input, check the peer, load the CLIP model; raises ConfigError/ModelError
     naming the input."""

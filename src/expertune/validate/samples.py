@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -28,15 +28,20 @@ from PIL import Image
 
 from expertune.data.buckets import BucketRule
 from expertune.data.transforms import image_to_tensor, load_image, plan_crop
+from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
-from expertune.infer.chain import ChainStage, denoise_chain, png_bytes
+from expertune.infer.chain import ChainStage, denoise_chain, image_grid, png_bytes
+from expertune.infer.schedulers import handoff_slice
 from expertune.io_utils import atomic_write_bytes
-from expertune.models.sdxl import SDXLComponents, make_scheduler
+from expertune.models.sdxl import SDXLComponents, encode_latents, make_scheduler, saved_scheduler
 from expertune.schedule import NoiseSchedule, add_noise
 from expertune.validate.metrics import HeldOutLoss, HeldOutSample
 from expertune.validate.plan import ValidationPlan, ValidationPrompt
 
-log = logging.getLogger("expertune.validate")
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
+
+log = logging.getLogger(__name__)
 
 MAX_DATASET_IMAGES = 2
 
@@ -63,13 +68,10 @@ def validation_scheduler(scheduler_class: str, pretrained_config: dict[str, Any]
 
 
 def first_timestep_below(scheduler: Any, num_inference_steps: int, band: ExpertBand) -> torch.Tensor:
-    """The first inference timestep the expert runs, as diffusers computes it from `denoising_start`."""
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps
-    if band.denoising_start is None:
-        return timesteps[:1]
-    cutoff = int(round(band.num_train_timesteps - band.denoising_start * band.num_train_timesteps))
-    return timesteps[timesteps < cutoff][:1]
+    """The first inference timestep the expert runs in a chain (`infer.schedulers.handoff_slice`), as a
+    one-element tensor of the scheduler's own timesteps; empty when none falls in the band."""
+    chosen = handoff_slice(scheduler, num_inference_steps, band)
+    return scheduler.timesteps[chosen][:1]
 
 
 def partial_denoise(
@@ -100,19 +102,14 @@ def decode(vae: Any, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def grid(images: Sequence[Image.Image]) -> Image.Image:
-    """Images side by side, left to right."""
-    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width
-    return canvas
+    """Images side by side, left to right (one row of `infer.chain.image_grid`)."""
+    return image_grid(images, columns=len(images))
 
 
 class Validator:
     """Validation images and metrics for one expert at chosen steps; main process only."""
 
-    def __init__(self, config: Any, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
+    def __init__(self, config: Config, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
                  band: ExpertBand, prepared: Any, accelerator: Any, output_dir: Path,
                  metrics: Any | None = None) -> None:
         self.config = config
@@ -132,6 +129,11 @@ class Validator:
             config.data.resolution, config.data.resolution_type).square_edge()
         self.held_out = self._held_out_loss() if prepared.eval_items and not self.v.validation_disable else None
         sources = self.v.validation_using_datasets or plan.inputs or plan.peer
+        if not band.holds_start and not self.v.validation_disable and (self.v.validation_using_datasets or plan.inputs):
+            steps = self.settings.num_inference_steps  # checked now, not at the first validation
+            if first_timestep_below(self.scheduler(), steps, band).numel() == 0:
+                raise ConfigError(f"validation_num_inference_steps={steps}: no inference timestep of the sampler falls in "
+                                  f"band {band}, so partial denoising has nothing to run; use more steps")
         if not band.holds_start and not sources and not self.v.validation_disable:
             log.warning("expert %s continues from noised images but has none to validate on: set "
                         "--validation_using_datasets or --validation_input (or --validation_peer_expert)", band)
@@ -185,10 +187,7 @@ class Validator:
     def _encode_input(self, path: Path) -> torch.Tensor:
         image = load_image(path)
         plan = plan_crop((image.height, image.width), self.resolution, "center", 0, str(path))
-        pixels = image_to_tensor(image, plan).unsqueeze(0)
-        vae = self.components.vae
-        pixels = pixels.to(self.accelerator.device, next(vae.parameters()).dtype)
-        return vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+        return encode_latents(self.components.vae, image_to_tensor(image, plan).unsqueeze(0)).float()
 
     # ---- images --------------------------------------------------------------------------------
 
@@ -226,18 +225,17 @@ class Validator:
 
     def chain_images(self, unet: Any) -> list[ValidationImage]:
         """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         peer = self.plan.peer
         assert peer is not None
         dtype = next(unet.parameters()).dtype
         peer_unet = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
         peer_unet = peer_unet.to(self.accelerator.device).eval()
-        peer_config = dict(DDPMScheduler.load_config(str(peer.path), subfolder="scheduler"))
         result = []
         try:
             for prompt in self.prompts():
-                stages = [self._stage(peer_unet, e.band, make_scheduler(peer_config["_class_name"], peer_config))
+                stages = [self._stage(peer_unet, e.band, saved_scheduler(peer.path))
                           if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
                 image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
                                       num_inference_steps=self.settings.num_inference_steps,

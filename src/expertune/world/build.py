@@ -75,29 +75,12 @@ RECIPES = {"full": FULL, "miniature": MINIATURE}
 
 
 def world_unet_config() -> dict:
-    """SSD-1B's block layout at toy width, for 8x8 latents (64 px images)."""
+    """The tiny UNet (SSD-1B's block layout at toy width) for 8x8 latents (64 px images) and the world's encoders."""
+    from expertune.models.tiny import tiny_unet_config
     from expertune.world.clip import TEXT_ENCODER_1, TEXT_ENCODER_2
 
-    time_embed_dim = 16
-    return dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2D",
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        norm_num_groups=16,
-        attention_head_dim=(2, 4, 4),
-        transformer_layers_per_block=[[1, 1], [1, 1], [2, 2]],
-        reverse_transformer_layers_per_block=[[2, 2, 1], [1, 1, 1], [1, 1, 1]],
-        cross_attention_dim=TEXT_ENCODER_1.width + TEXT_ENCODER_2.width,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=TEXT_ENCODER_2.projection_dim + 6 * time_embed_dim,
-    )
+    return tiny_unet_config(8, text_widths=(TEXT_ENCODER_1.width, TEXT_ENCODER_2.width),
+                            pooled_width=TEXT_ENCODER_2.projection_dim, time_embed_dim=16)
 
 
 # ---------------------------------------------------------------------------------------------------------

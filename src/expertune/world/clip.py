@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expertune.models.tiny import MAX_TOKENS, TextEncoderShape, _text_encoder_config
+from expertune.models.layouts import TextEncoderShape
+from expertune.models.tiny import MAX_TOKENS, _text_encoder_config
 from expertune.world.scene import Combination, all_combinations, render, scenes
 
 log = logging.getLogger(__name__)

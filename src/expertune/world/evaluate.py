@@ -98,13 +98,14 @@ def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], clip_dir: 
 def held_out_samples(stage: ChainStage, images: Sequence[Image.Image], prompts: Sequence[str]):
     """Held-out images as training sees them (scaled latents, SDXL time ids, text embeddings)."""
     from expertune.cache.embeds import encode_prompts
+    from expertune.models.sdxl import encode_latents
     from expertune.validate.metrics import HeldOutSample
 
     c = stage.components
     pixels = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"))).permute(2, 0, 1) for i in images])
     pixels = pixels.float().div(127.5).sub(1.0)
     with torch.no_grad():
-        latents = c["vae"].encode(pixels).latent_dist.mean * c["vae"].config.scaling_factor
+        latents = encode_latents(c["vae"], pixels)
     embeds, pooled = encode_prompts([c["tokenizer"], c["tokenizer_2"]], [c["text_encoder"], c["text_encoder_2"]],
                                     list(prompts))
     h, w = pixels.shape[-2:]

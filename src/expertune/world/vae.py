@@ -12,11 +12,12 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from expertune.models.tiny import vae_config
+from expertune.models.layouts import vae_config
 from expertune.world.scene import IMAGE_SIZE, Combination, render_batch, scenes
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _crops(images: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
     return torch.stack(out)
 
 
-def train_vae(combinations: list[Combination], recipe: VaeRecipe, log_every: int = 100) -> tuple[object, list[dict]]:
+def train_vae(combinations: list[Combination], recipe: VaeRecipe, log_every: int = 100) -> tuple[Any, list[dict]]:
     """Fit a world VAE; returns (AutoencoderKL, loss log rows)."""
     from diffusers import AutoencoderKL
 

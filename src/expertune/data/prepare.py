@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -31,18 +31,15 @@ from expertune.cache.store import CacheStore
 from expertune.data.batches import Bucket, TrainingItem
 from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
-from expertune.data.records import (
-    DataloaderConfig,
-    DatasetDefaults,
-    DatasetSpec,
-    ImageRecord,
-    discover_records,
-    load_dataloader_config,
-)
+from expertune.data.dataloader import DataloaderConfig, DatasetDefaults, DatasetSpec, load_dataloader_config
+from expertune.data.records import ImageRecord, discover_records
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
 
-log = logging.getLogger("expertune.data")
+if TYPE_CHECKING:
+    from expertune.config.schema import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,14 +77,7 @@ class PreparedData:
         return rows
 
 
-def validation_prompts(config: Any) -> list[str]:
-    """The prompts validation will look up in the embedding cache (cached with the captions)."""
-    from expertune.validate.plan import prompt_texts
-
-    return prompt_texts(config)
-
-
-def load_datasets(config: Any) -> DataloaderConfig:
+def load_datasets(config: Config) -> DataloaderConfig:
     """The dataloader JSON of `config`, with the run's settings as defaults for every entry."""
     d = config.data
     cache_root = config.resolved_cache_dir()
@@ -102,32 +92,28 @@ def load_datasets(config: Any) -> DataloaderConfig:
     )
 
 
-def prepare_data(
-    config: Any, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
-) -> PreparedData:
-    """Read the datasets, bucket the images, and make sure every latent and embedding is cached.
+class _Skips:
+    """The images left out of a run, each with its dataset and reason (logged once)."""
 
-    `extra_prompts` (validation prompts) are cached too, so the text encoders can be released after.
-    Only the VAE, the text encoders and the tokenizers of `components` are used. Images held out for
-    evaluation (`eval_dataset_id` / `eval_holdout_fraction`) are cached but left out of `items`; they
-    are `eval_items`.
-    """
-    dataloader = load_datasets(config)
-    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
-    skipped: list[dict[str, str]] = []
+    def __init__(self) -> None:
+        self.entries: list[dict[str, str]] = []
 
-    def skip(spec: DatasetSpec, path: Path, reason: str, *, logged: bool = False) -> None:
+    def add(self, spec: DatasetSpec, path: Path, reason: str, *, logged: bool = False) -> None:
         reason = reason.removeprefix(f"{path}: ")  # DataErrors name the file; the entry already does
         if not logged:
             log.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
-        skipped.append({"path": str(path), "reason": reason, "dataset": spec.id})
+        self.entries.append({"path": str(path), "reason": reason, "dataset": spec.id})
 
-    # 1-2. Records with captions, then each image's header, hash, size limits and crop plan.
+
+def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips: _Skips, progress: bool
+                 ) -> tuple[list[tuple[DatasetSpec, list[ImageRecord]]], dict[tuple[str, Path], LatentPlan]]:
+    """Steps 1-2: every dataset's records with captions, then each image's header, hash, size limits and crop
+    plan; what cannot be used is added to `skips`."""
     found: list[tuple[DatasetSpec, list[ImageRecord]]] = []
     for spec in dataloader.datasets:
         records, left_out = discover_records(spec)
         for path, reason in left_out:
-            skip(spec, path, reason, logged=True)  # discover_records logged it
+            skips.add(spec, path, reason, logged=True)  # discover_records logged it
         found.append((spec, records))
     planned: dict[tuple[str, Path], LatentPlan] = {}
     total = sum(len(records) for _, records in found)
@@ -139,13 +125,31 @@ def prepare_data(
                 try:
                     plan = latent_cache.planned(record, spec)
                 except DataError as error:  # empty, not an image, over the pixel limit
-                    skip(spec, record.path, str(error))
+                    skips.add(spec, record.path, str(error))
                     continue
                 problem = rule.size_problem(plan.plan.original_size)
                 if problem is not None:
-                    skip(spec, record.path, problem)
+                    skips.add(spec, record.path, problem)
                     continue
                 planned[(spec.id, record.path)] = plan
+    return found, planned
+
+
+def prepare_data(
+    config: Config, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
+) -> PreparedData:
+    """Read the datasets, bucket the images, and make sure every latent and embedding is cached.
+
+    `extra_prompts` (validation prompts) are cached too, so the text encoders can be released after.
+    Only the VAE, the text encoders and the tokenizers of `components` are used. Images held out for
+    evaluation (`eval_dataset_id` / `eval_holdout_fraction`) are cached but left out of `items`; they
+    are `eval_items`.
+    """
+    dataloader = load_datasets(config)
+    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
+    skips = _Skips()
+    skipped, skip = skips.entries, skips.add
+    found, planned = _plan_images(dataloader, latent_cache, skips, progress)
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
@@ -236,11 +240,11 @@ def _nothing_usable(dataloader: DataloaderConfig, skipped: list[dict[str, str]])
     )
 
 
-def cache_only(config: Any, *, progress: bool = True) -> PreparedData:
+def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progress: bool = True) -> PreparedData:
     """What `expertune cache` does: load only the VAE, text encoders and tokenizers, and prepare the data.
 
-    The same `prepare_data` as training, with the same validation prompts, so a later `train` of
-    the same config encodes nothing.
+    The same `prepare_data` as training; given the same validation prompts (`validate.plan.prompt_texts`,
+    which the `cache` verb passes), a later `train` of the same config encodes nothing.
     """
     from expertune.models.sdxl import load_components
 
@@ -254,4 +258,4 @@ def cache_only(config: Any, *, progress: bool = True) -> PreparedData:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(device)
-    return prepare_data(config, components, extra_prompts=validation_prompts(config), progress=progress)
+    return prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import MESSY_SKIPPED, write_messy_datasets
+from helpers import MESSY_SKIPPED, write_messy_datasets
 from expertune.cache.store import CacheStore
 from expertune.config import load_config
 from expertune.errors import DataError
-from expertune.train.prepare import PreparedData, cache_only
+from expertune.data.prepare import PreparedData, cache_only
+from expertune.validate.plan import prompt_texts
 
 
 def _config(model: Path, loader: Path, *extra: str):
@@ -36,9 +37,9 @@ def _journal_counts(root: Path) -> dict[str, int]:
 
 def _prepare(config, caplog: pytest.LogCaptureFixture | None = None) -> PreparedData:
     if caplog is None:
-        return cache_only(config, progress=False)
+        return cache_only(config, prompt_texts(config), progress=False)
     with caplog.at_level(logging.INFO, logger="expertune.data"):
-        return cache_only(config, progress=False)
+        return cache_only(config, prompt_texts(config), progress=False)
 
 
 def test_several_datasets_buckets_and_every_bad_file_named(tiny_model_dir: Path, messy_dataset: Path,

@@ -1,0 +1,112 @@
+"""The expert format on disk: `expert.json` beside a saved pipeline (or LoRA adapters), read and written here only.
+
+    {
+      "format_version": 1,
+      "timestep_range": [lo, hi],            the band, inclusive training timesteps
+      "denoising_start": ..., "denoising_end": ...,   the same band as diffusers' pipeline arguments
+      "num_train_timesteps": 1000, "prediction_type": ..., "rescale_betas_zero_snr": ...,
+      "timestep_spacing": ..., ...           the parameterisation it was trained under (NoiseSchedule.describe)
+      "model_type": "full" | "lora",         what the directory holds
+      "base_model": "...",                   the model it was trained from (a LoRA expert loads onto it)
+      "weights": "trained" | "ema"           which weights were exported
+    }
+
+`ExpertDescription.read` refuses a file of another `format_version`, naming both versions and the fix; an
+expert written before `model_type`, `base_model` and `weights` existed reads with their defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expertune.errors import ModelError
+from expertune.experts import ExpertBand
+from expertune.io_utils import atomic_write_json
+
+EXPERT_FILE = "expert.json"
+FORMAT_VERSION = 1
+MODEL_TYPES = ("full", "lora")
+WEIGHTS = ("trained", "ema")
+_BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_end")
+_OWN_KEYS = ("model_type", "base_model", "weights")
+
+
+@dataclass(frozen=True)
+class ExpertDescription:
+    """What an expert is: its band, the parameterisation it was trained under, and what was saved."""
+
+    band: ExpertBand
+    parameterisation: dict[str, Any] = field(default_factory=dict)  # NoiseSchedule.describe()
+    model_type: str = "full"
+    base_model: str | None = None
+    weights: str = "trained"
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "timestep_range": self.band.to_json(),
+            "denoising_start": self.band.denoising_start,
+            "denoising_end": self.band.denoising_end,
+            **self.parameterisation,
+            "model_type": self.model_type,
+            "weights": self.weights,
+        }
+        if self.base_model is not None:
+            document["base_model"] = self.base_model
+        return document
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        """`directory/expert.json`, written atomically."""
+        path = Path(directory) / EXPERT_FILE
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any], source: str = EXPERT_FILE) -> ExpertDescription:
+        version = document.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            fix = "upgrade expertune to read it" if newer else "train it again with this expertune"
+            raise ModelError(f"{source} is an expert of format_version {version!r}; this expertune reads "
+                             f"format_version {FORMAT_VERSION}: {fix}")
+        try:
+            lo, hi = document["timestep_range"]
+            band = ExpertBand(int(lo), int(hi), int(document["num_train_timesteps"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"{source} is not a valid expert description: {error}") from None
+        model_type = document.get("model_type", "full")
+        if model_type not in MODEL_TYPES:
+            raise ModelError(f"{source}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        parameterisation = {k: v for k, v in document.items() if k not in _BAND_KEYS + _OWN_KEYS}
+        base = document.get("base_model")
+        return cls(band, parameterisation, model_type, None if base is None else str(base),
+                   str(document.get("weights", "trained")))
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> ExpertDescription:
+        """The description in `directory/expert.json`; ModelError naming the file when it is missing or bad."""
+        path = Path(directory) / EXPERT_FILE
+        if not path.is_file():
+            raise ModelError(f"{directory} is not an expertune expert: {path} is missing")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ModelError(f"{path} is not a valid expert description: {error}") from None
+        if not isinstance(document, dict):
+            raise ModelError(f"{path} is not a valid expert description: not a JSON object")
+        return cls.from_json(document, str(path))
+
+
+def expert_summary(band: ExpertBand, parameterisation: dict[str, Any]) -> dict[str, Any]:
+    """The band and parameterisation part of expert.json (what two experts must agree on to chain)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "timestep_range": band.to_json(),
+        "denoising_start": band.denoising_start,
+        "denoising_end": band.denoising_end,
+        **parameterisation,
+    }

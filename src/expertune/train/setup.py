@@ -1,0 +1,285 @@
+"""Everything a run holds, built once before the first step: the run object and its per-expert state.
+
+`setup_run(config)` goes, in order: accelerator and output directory → model components → noise schedule
+and expert band → validation plan (refuses a bad peer in seconds) → data and caches → trainable UNet,
+optimizer, LR schedule, engine strategy, EMA → resume from a checkpoint → metrics, trackers, validator.
+
+What belongs to one expert (its band, UNet, optimizer, EMA, data position, validator) lives in `ExpertRun`,
+what the whole job shares (accelerator, components, data, schedule, metrics) in `Run`, so a job that trains
+several experts holds several `ExpertRun`s and nothing else changes shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertune.config import Config
+from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
+from expertune.data.prepare import PreparedData, prepare_data
+from expertune.errors import ConfigError
+from expertune.experts import ExpertBand, band_from_settings
+from expertune.models.lora import add_lora_adapters
+from expertune.models.sdxl import SDXLComponents, load_components
+from expertune.schedule import NoiseSchedule
+from expertune.train.checkpoint import (
+    DataPosition,
+    TrainingState,
+    check_resume_compatible,
+    load_checkpoint,
+    read_checkpoint_document,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+)
+from expertune.train.ema import ExponentialMovingAverage
+from expertune.train.metrics import MetricsLog, truncate_metrics
+from expertune.train.optim import build_lr_scheduler, build_optimizer
+from expertune.train.outputs import check_output_dir, run_identity
+from expertune.train.runtime import has_accelerator, tracker_config
+from expertune.train.strategy import (
+    Replicated,
+    accelerator_options,
+    check_supported,
+    configure_deepspeed,
+    engine_requested,
+    strategy_for,
+    whole_model_loading,
+)
+from expertune.validate.plan import ValidationPlan
+
+log = logging.getLogger(__name__)
+
+
+def noise_schedule_for(config: Config, scheduler_config: dict[str, Any]) -> NoiseSchedule:
+    s = config.schedule
+    return NoiseSchedule.from_scheduler_config(
+        scheduler_config,
+        prediction_type=s.prediction_type,
+        rescale_betas_zero_snr=True if s.rescale_betas_zero_snr else None,
+        training_timestep_spacing=s.training_scheduler_timestep_spacing,
+        inference_timestep_spacing=s.inference_scheduler_timestep_spacing,
+    )
+
+
+def expert_band_for(config: Config, num_train_timesteps: int) -> ExpertBand:
+    b = config.band
+    try:
+        return band_from_settings(
+            num_train_timesteps,
+            refiner_training=b.refiner_training,
+            refiner_training_strength=b.refiner_training_strength,
+            refiner_training_invert_schedule=b.refiner_training_invert_schedule,
+            timestep_range=b.timestep_range,
+        )
+    except ValueError as error:
+        raise ConfigError(f"expert band: {error}") from None
+
+
+def total_optimizer_steps(config: Config, buckets: int | Sequence[Bucket], world_size: int) -> int:
+    t = config.train
+    if t.max_train_steps:
+        return int(t.max_train_steps)
+    epochs = t.num_train_epochs or 1
+    micro = batches_per_epoch(buckets, t.train_batch_size, world_size) * epochs
+    return max(1, -(-micro // t.gradient_accumulation_steps))
+
+
+@dataclass
+class ExpertRun:
+    """One expert being trained: its band, weights, optimizer, EMA, data position and validator."""
+
+    band: ExpertBand
+    plan: ValidationPlan
+    unet: Any  # as accelerate prepared it (what forward/backward and clipping see)
+    optimizer: Any
+    lr_scheduler: Any
+    strategy: Replicated  # how the UNet is spread over processes
+    ema: ExponentialMovingAverage | None
+    state: TrainingState  # what a checkpoint captures
+    stream: Iterator[MicroBatch] | None = None
+    validator: Any = None  # validate.samples.Validator, made once the metrics log exists
+    last_record: dict[str, Any] = field(default_factory=dict)
+    layout_epoch: int | None = None  # the epoch whose order `state.epoch_order` holds
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The UNet module itself (unwrapped by the strategy): what is exported."""
+        return self.strategy.unet
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.trained.parameters() if p.requires_grad]
+
+
+@dataclass
+class Run:
+    """What the whole job shares; `expert` is the one expert this job trains."""
+
+    config: Config
+    accelerator: Any
+    output_dir: Path
+    components: SDXLComponents
+    schedule: NoiseSchedule
+    prepared: PreparedData
+    identity: dict[str, Any]
+    total_steps: int
+    config_snapshot: dict[str, Any]
+    checkpoint_path: Path | None
+    metrics: MetricsLog
+    expert: ExpertRun
+    started: float
+    first_step_at: float | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def epoch_layout(self, epoch: int) -> list[int]:
+        return epoch_layout(self.config, self.prepared, self.accelerator.num_processes, epoch)
+
+    def stream_after(self, consumed: int) -> Iterator[MicroBatch]:
+        """The run's micro-batch stream, advanced past the `consumed` micro-batches of earlier steps."""
+        t = self.config.train
+        stream = micro_batches(self.prepared.buckets, t.train_batch_size, t.seed,
+                               rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
+        for _ in range(consumed):
+            next(stream)
+        return stream
+
+
+def epoch_layout(config: Config, prepared: PreparedData, world_size: int, epoch: int) -> list[int]:
+    """The epoch's order of items (its global batches, flattened): what a checkpoint records and checks."""
+    t = config.train
+    batches = epoch_batches(prepared.buckets, t.train_batch_size * world_size, t.seed, epoch, world_size=world_size)
+    return [index for batch in batches for index in batch]
+
+
+def make_accelerator(config: Config) -> Any:
+    """accelerate's Accelerator for this run (engine from the accelerate config, precision, trackers)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(config.train.output_dir)
+    logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
+    # accelerate keeps process-wide state; a second run in one process (the demo, a notebook) may use other
+    # precision settings. The process group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
+    check_supported(config, engine_requested() or "ddp")
+    return Accelerator(
+        # DDP on CPUs: cpu=True makes several processes a gloo group (MULTI_CPU); DeepSpeed and FSDP: see strategy
+        **accelerator_options(has_accelerator()),
+        mixed_precision=config.model.mixed_precision,
+        log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+    )
+
+
+def _trainable_unet(config: Config, unet: Any) -> Any:
+    """The UNet in training mode with the parameters this run trains (all of them, or LoRA adapters)."""
+    unet.train()
+    m = config.model
+    if m.model_type == "lora":
+        count = add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+        log.info("training LoRA adapters (rank %d): %.2fM parameters", m.lora_rank, count / 1e6)
+    else:
+        unet.requires_grad_(True)
+    if config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, plan: ValidationPlan,
+                 total_steps: int) -> ExpertRun:
+    """The expert's trainable UNet, optimizer, LR schedule and EMA, prepared by accelerate; state at step 0."""
+    t = config.train
+    unet = _trainable_unet(config, unet)
+    optimizer = build_optimizer(unet.parameters(), t)
+    lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        configure_deepspeed(accelerator, config)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    strategy = strategy_for(accelerator, unet, optimizer, t.gradient_accumulation_steps)
+    log.info("engine: %s (%d processes)", accelerator.distributed_type.value, accelerator.num_processes)
+    ema = None
+    if t.use_ema:
+        trainable = [p for p in strategy.unet.parameters() if p.requires_grad]
+        ema = ExponentialMovingAverage(trainable, t.ema_decay, "cpu" if t.ema_device == "cpu" else accelerator.device)
+    # One generator, the same on every rank: each rank draws the whole global batch's timesteps, noise and
+    # caption dropout and takes its own slice (see StepRandomness), so results do not depend on world size.
+    generator = torch.Generator().manual_seed(t.seed)
+    state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=strategy.unet, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema,
+                          strategy=strategy)
+    return ExpertRun(band, plan, unet, optimizer, lr_scheduler, strategy, ema, state)
+
+
+def resume(config: Config, path: Path, state: TrainingState, *, snapshot: dict[str, Any],
+           identity: dict[str, Any], prepared: PreparedData, world_size: int) -> None:
+    """Restore `state` from the checkpoint at `path`, refusing one that does not match this run."""
+    document = read_checkpoint_document(path)
+    check_resume_compatible(document, snapshot, identity, config.train.allow_config_change, path)
+    load_checkpoint(path, state)
+    if state.epoch_order and state.epoch_order != epoch_layout(config, prepared, world_size, state.data.epoch):
+        raise ConfigError(f"the data order stored in {path} does not match the datasets any more")
+    log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.data.epoch)
+
+
+def setup_run(config: Config) -> Run:
+    """Build the run `config` describes, resumed when it asks to be; every process calls this."""
+    from expertune.validate.plan import build_plan
+    from expertune.validate.samples import Validator
+
+    config.require_for_training()
+    started = time.monotonic()
+    t = config.train
+    output_dir = Path(t.output_dir)
+    accelerator = make_accelerator(config)
+    resuming = t.resume_from_checkpoint is not None
+    check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming,
+                     main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # no process looks at output_dir while the main one clears it
+    checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
+    torch.manual_seed(t.seed)
+    with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
+        m = config.model
+        components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
+    schedule = noise_schedule_for(config, components.scheduler_config)
+    for warning in schedule.warnings():
+        log.warning(warning)
+    band = expert_band_for(config, schedule.num_train_timesteps)
+    log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
+             band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
+    with whole_model_loading(accelerator):
+        plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
+    for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
+        frozen.to(accelerator.device)
+    with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
+        prepared = prepare_data(config, components, extra_prompts=plan.prompts_to_cache)
+    components.release_text_encoders()
+    total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
+    expert = build_expert(config, accelerator, components.unet, band, plan, total_steps)
+    identity, snapshot = run_identity(prepared, components.source), config.to_dict()
+    if checkpoint_path is not None:
+        resume(config, checkpoint_path, expert.state, snapshot=snapshot, identity=identity, prepared=prepared,
+               world_size=accelerator.num_processes)
+    if accelerator.is_main_process:
+        truncate_metrics(output_dir / "metrics.jsonl", expert.state.step)
+        remove_partial_checkpoints(output_dir)
+    if accelerator.is_main_process and config.logging.report_to != "none":
+        run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
+        accelerator.init_trackers(run_name, config=tracker_config(config))
+    metrics = MetricsLog(output_dir / "metrics.jsonl")
+    run = Run(config, accelerator, output_dir, components, schedule, prepared, identity, total_steps, snapshot,
+              checkpoint_path, metrics, expert, started)
+    expert.validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir,
+                                 metrics)
+    expert.stream = run.stream_after(expert.state.data.micro_batches_consumed)
+    expert.layout_epoch = expert.state.data.epoch if expert.state.epoch_order else None
+    return run
