@@ -31,6 +31,7 @@ from expertune.io_utils import atomic_write_json
 from expertune.models.lora import add_lora_adapters, save_lora_expert
 from expertune.models.sdxl import load_components, make_scheduler, save_expert_pipeline
 from expertune.schedule import NoiseSchedule
+from expertune.train import device as device_settings
 from expertune.train.checkpoint import (
     DataPosition,
     TrainingState,
@@ -41,6 +42,7 @@ from expertune.train.checkpoint import (
     read_checkpoint_document,
     remove_partial_checkpoints,
     resolve_checkpoint,
+    resume_requested,
     save_checkpoint,
 )
 from expertune.train.ema import ExponentialMovingAverage
@@ -51,6 +53,8 @@ from expertune.train.outputs import check_output_dir, run_identity
 from expertune.train.runtime import agreed, has_accelerator, library_versions, peak_memory_gib, tracker_config
 from expertune.train.prepare import PreparedData, prepare_data
 from expertune.train.signals import StopRequests
+from expertune.train.trackers import init_trackers, log_with
+from expertune.train.weighting import WeightTable, resolve_weighting
 from expertune.train.strategy import (
     accelerator_options,
     check_supported,
@@ -137,7 +141,7 @@ def train(config: Any) -> RunResult:
     started = time.monotonic()
     t, v = config.train, config.validation
     output_dir = Path(t.output_dir)
-    resuming = t.resume_from_checkpoint is not None
+    resuming = resume_requested(output_dir, t.resume_from_checkpoint)  # `latest` with none yet: a fresh run
     logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
 
     # accelerate keeps process-wide state; a second run in one process (the demo, a notebook) may use other
@@ -148,7 +152,7 @@ def train(config: Any) -> RunResult:
         # DDP on CPUs: cpu=True makes several processes a gloo group (MULTI_CPU); DeepSpeed and FSDP: see strategy
         **accelerator_options(has_accelerator()),
         mixed_precision=config.model.mixed_precision,
-        log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+        log_with=log_with(config, logging_dir),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
     deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
@@ -167,6 +171,13 @@ def train(config: Any) -> RunResult:
     band = expert_band_for(config, schedule.num_train_timesteps)
     log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
              band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
+    weights = WeightTable.build(schedule.alphas_cumprod, resolve_weighting(t.loss_weighting, t.snr_gamma),
+                                schedule.prediction_type, t.snr_gamma)
+    weight_summary = weights.band_summary(band.lo, band.hi)
+    log.info("loss weighting %s: mean weight %.4g over the band (min %.4g, max %.4g)", weights.weighting,
+             weight_summary["mean"], weight_summary["min"], weight_summary["max"])
+    if (starved := weights.starvation(band.lo, band.hi)) is not None:
+        log.warning(starved)
 
     with whole_model_loading(accelerator):
         plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
@@ -187,9 +198,13 @@ def train(config: Any) -> RunResult:
         unet.requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    bf16_weights = device_settings.hold_weights_in_bf16(unet, t.optimizer)
+    device_settings.apply_tf32(m.allow_tf32, accelerator.device)
+    device_settings.warn_if_bf16_is_slow(m.mixed_precision, accelerator.device)
+    device_settings.compile_unet(unet, m.dynamo_backend, accelerator.device)
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
     optimizer = build_optimizer(unet.parameters(), t)
-    lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
+    lr_scheduler = build_lr_scheduler(optimizer, t, total_steps, processes=accelerator.num_processes)
     if deepspeed:
         configure_deepspeed(accelerator, config)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -221,10 +236,11 @@ def train(config: Any) -> RunResult:
         remove_partial_checkpoints(output_dir)
 
     if accelerator.is_main_process and config.logging.report_to != "none":
-        run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
-        accelerator.init_trackers(run_name, config=tracker_config(config))
+        init_trackers(accelerator, config, tracker_config(config))
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir, metrics)
+    if bf16_weights:  # the pipelines feed float32 latents: autocast casts them for the bfloat16 UNet
+        validator.run = _under_autocast(validator.run, accelerator)
     if v.validation_on_startup:
         _validate(validator, strategy, accelerator, state.step)
     stream = _resumed_stream(config, prepared, accelerator, state.data.micro_batches_consumed)
@@ -253,7 +269,7 @@ def train(config: Any) -> RunResult:
                 batch = drop_captions(batch, mine.keep_caption)
                 last = position == len(group) - 1
                 with strategy.micro_step(accelerator, unet, last), accelerator.autocast():
-                    out = denoising_loss(unet, batch, schedule, mine)
+                    out = denoising_loss(unet, batch, schedule, mine, weights)
                     weight = batch.size / samples
                     accelerator.backward(out.loss * (weight * strategy.loss_scale))
                 step_loss += out.loss.detach().double().cpu() * weight
@@ -366,6 +382,8 @@ def train(config: Any) -> RunResult:
                 "to_first_step": round(first_step_at or 0.0, 3),
             },
             "peak_memory_gib": peak_memory_gib(accelerator.device),
+            "loss_weight": weight_summary,
+            "device": device_settings.describe(config),
             "config": config_snapshot,
             "versions": library_versions(),
         }
@@ -373,6 +391,13 @@ def train(config: Any) -> RunResult:
     accelerator.end_training()
     log.info("done: %d steps, expert %s saved to %s", total_steps, band, pipeline_dir)
     return RunResult(output_dir, pipeline_dir, band, total_steps, summary)
+
+
+def _under_autocast(run: Any, accelerator: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with accelerator.autocast():
+            return run(*args, **kwargs)
+    return wrapped
 
 
 def _validate(validator: Any, strategy: Any, accelerator: Any, step: int) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule, add_noise, training_target
+from expertune.train.weighting import WeightTable, weighted_mse
 
 
 @dataclass
@@ -65,8 +66,10 @@ class LossOutput:
     timesteps: torch.Tensor
 
 
-def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness) -> LossOutput:
-    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps."""
+def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness,
+                   weights: WeightTable | None = None) -> LossOutput:
+    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps, each sample
+    weighted by `weights` (train/weighting.py) when given and active."""
     latents = batch.latents
     noise = draws.noise.to(latents.device, latents.dtype)
     timesteps = draws.timesteps.to(latents.device)
@@ -79,5 +82,8 @@ def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, dra
         added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids},
         return_dict=False,
     )[0]
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    if weights is None or not weights.active:
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    else:
+        loss = weighted_mse(prediction, target, weights.for_timesteps(timesteps))
     return LossOutput(loss=loss, timesteps=timesteps)

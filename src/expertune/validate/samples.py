@@ -283,7 +283,7 @@ class Validator:
         return written
 
     def _log_image(self, name: str, image: Image.Image, step: int) -> None:
-        if self.config.logging.report_to != "tensorboard":
+        if self.config.logging.report_to not in ("tensorboard", "all"):
             return
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image(f"validation/{name}", np.asarray(image), step, dataformats="HWC")
