@@ -125,6 +125,7 @@ class Validator:
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.metrics = metrics  # a MetricsLog for metrics.jsonl, or None
+        self._peer: tuple[torch.dtype, Any] | None = None  # (dtype, UNet) of the peer expert, loaded on first use
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
         self.settings = SamplerSettings(self.v.validation_num_inference_steps, self.v.validation_guidance,
                                         self.v.validation_guidance_rescale, seed)
@@ -224,27 +225,47 @@ class Validator:
             result.append(ValidationImage(name, grid([clean, noised, made]), made, prompt))
         return result
 
-    def chain_images(self, unet: Any) -> list[ValidationImage]:
-        """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+    def peer_unet(self, dtype: torch.dtype) -> Any:
+        """The peer expert's UNet, loaded once per run (and kept, on the validation device): a full expert's own
+        UNet, or a LoRA expert's adapters merged into its base model's UNet."""
+        if self._peer is not None and self._peer[0] == dtype:
+            return self._peer[1]
+        from diffusers import UNet2DConditionModel
 
         peer = self.plan.peer
         assert peer is not None
-        dtype = next(unet.parameters()).dtype
-        peer_unet = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
-        peer_unet = peer_unet.to(self.accelerator.device).eval()
+        if peer.is_lora:
+            from diffusers import StableDiffusionXLPipeline
+
+            base = str(peer.description.get("base_model", ""))
+            loaded = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+            adapters, _ = StableDiffusionXLPipeline.lora_state_dict(str(peer.path))
+            loaded.load_lora_adapter(adapters, prefix="unet", adapter_name="peer")
+            loaded.fuse_lora()
+            loaded.unload_lora()  # plain weights with the adapters merged in: no peft wrappers at validation
+        else:
+            loaded = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
+        loaded = loaded.to(self.accelerator.device).eval()
+        self._peer = (dtype, loaded)
+        log.info("validation peer %s loaded once for this run", peer.path)
+        return loaded
+
+    def chain_images(self, unet: Any) -> list[ValidationImage]:
+        """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
+        from diffusers import DDPMScheduler
+
+        peer = self.plan.peer
+        assert peer is not None
+        peer_unet = self.peer_unet(next(unet.parameters()).dtype)
         peer_config = dict(DDPMScheduler.load_config(str(peer.path), subfolder="scheduler"))
         result = []
-        try:
-            for prompt in self.prompts():
-                stages = [self._stage(peer_unet, e.band, make_scheduler(peer_config["_class_name"], peer_config))
-                          if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
-                image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
-                                      num_inference_steps=self.settings.num_inference_steps,
-                                      height=self.resolution, width=self.resolution)[0]
-                result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
-        finally:
-            del peer_unet
+        for prompt in self.prompts():
+            stages = [self._stage(peer_unet, e.band, make_scheduler(peer_config["_class_name"], peer_config))
+                      if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
+            image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
+                                  num_inference_steps=self.settings.num_inference_steps,
+                                  height=self.resolution, width=self.resolution)[0]
+            result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
         return result
 
     # ---- one validation ------------------------------------------------------------------------
