@@ -159,3 +159,15 @@ def test_a_checkpoint_resumes_only_under_the_engine_layout_that_wrote_it(tmp_pat
     with pytest.raises(ConfigError, match="'torch'.*'fsdp-full'"):
         load_checkpoint(path, sharded)
     assert not torch.equal(sharded.unet[0].weight, state.unet[0].weight)  # nothing was half-restored
+
+
+def test_options_added_since_a_checkpoint_was_written_do_not_block_its_resume() -> None:
+    from expertune.config import Config
+    from expertune.train.checkpoint import config_changes
+
+    current = Config().to_dict()
+    older = {section: {k: v for k, v in values.items() if k not in ("snr_gamma", "allow_tf32")}
+             for section, values in current.items()}
+    assert config_changes(older, current) == []
+    changed = Config.from_flat({"snr_gamma": 5.0}).to_dict()
+    assert [c.name for c in config_changes(older, changed)] == ["snr_gamma"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from expertune.config.schema import FIELDS
 from expertune.errors import ConfigError, StorageError
 from expertune.io_utils import atomic_write_json
 
@@ -340,6 +341,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
         for name in sorted((set(before) | set(after)) - RUN_CONTROL_FIELDS):
+            if name not in before and name in FIELDS and after.get(name) == FIELDS[name].default:
+                continue  # an option added since the checkpoint was written, left at its default
             if before.get(name) != after.get(name):
                 changes.append(ConfigChange(section, name, before.get(name), after.get(name)))
     return changes

@@ -104,10 +104,12 @@ def log_with(config: Any, logging_dir: Path) -> list[Any] | None:
         trackers.append("tensorboard")
     if report_to in ("wandb", "all"):
         lg = config.logging
-        kwargs: dict[str, Any] = {"dir": str(logging_dir)}
+        kwargs: dict[str, Any] = {}
+        if not os.environ.get("WANDB_DIR"):  # W&B's own setting wins
+            logging_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["dir"] = str(logging_dir)
         if lg.tracker_run_name:
             kwargs["name"] = lg.tracker_run_name
-        logging_dir.mkdir(parents=True, exist_ok=True)
         trackers.append(ResilientWandBTracker(lg.tracker_project_name, **kwargs))
     return trackers
 
