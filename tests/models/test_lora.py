@@ -61,7 +61,8 @@ def test_a_lora_checkpoint_holds_only_the_adapters_and_their_optimizer_state(lor
     base_bytes = (tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert (folder / "unet.safetensors").stat().st_size < base_bytes / 4
     optimizer = load_file(folder / "optimizer.safetensors")
-    assert sum(v.numel() for v in optimizer.values()) <= 2 * sum(v.numel() for v in checkpoint.values()) + 64
+    # two moments per adapter weight and a step count per tensor: nothing of the frozen base
+    assert sum(v.numel() for v in optimizer.values()) <= 2 * sum(v.numel() for v in checkpoint.values()) + len(checkpoint)
 
     # resuming restores the adapters onto the pretrained base and continues
     env = write_stage_env(folder.parent.parent.parent, 1, tiny_model_dir, stage1.output_dir, small_dataset)
