@@ -188,3 +188,17 @@ def test_the_template_trains_to_an_exported_expert(tiny_model_dir: Path, small_d
     with caplog.at_level(logging.INFO):
         again = train(load_config(["--env", str(env)])[0])
     assert again.summary["resumed_from"].endswith("checkpoint-3")
+
+
+def test_ignored_values_a_user_counts_on_warn_with_their_reason(tmp_path: Path) -> None:
+    env = tmp_path / "c.env"
+    env.write_text('PUSH_TO_HUB="true"\nPUSH_CHECKPOINTS="true"\nHUB_MODEL_NAME=me/x\nDELETE_SMALL_IMAGES=1\n'
+                   "FLUX_LORA_TARGET=all\nMY_SETTING=1\n")
+    _, warnings = load_config(["--env", str(env)])
+    text = "\n".join(warnings)
+    assert "PUSH_TO_HUB=true ignored: expertune does not upload" in text
+    assert "PUSH_CHECKPOINTS=true ignored" in text and "HUB_MODEL_NAME" not in text  # an info line, not a warning
+    assert "DELETE_SMALL_IMAGES=1 ignored: expertune never deletes images" in text
+    assert "FLUX_LORA_TARGET" not in text  # Flux-only: an info line
+    assert "MY_SETTING is not a config.env variable expertune knows" in text  # still no silence for the unknown
+    assert len(warnings) == 4

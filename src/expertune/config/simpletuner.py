@@ -57,9 +57,8 @@ _ROWS = (
                                                "memory-efficient / flash kernels where the device has them"),
     TemplateVariable("PUSH_TO_HUB", "ignore", "expertune does not upload; upload the exported pipeline/ folder "
                                               "yourself (e.g. `hf upload NAME OUTPUT_DIR/pipeline`)", warn=True),
-    TemplateVariable("PUSH_CHECKPOINTS", "ignore", "expertune does not upload checkpoints (read only with "
-                                                   "PUSH_TO_HUB=true)", warn=True, only_with="PUSH_TO_HUB"),
-    TemplateVariable("HUB_MODEL_NAME", "ignore", "expertune does not upload (read only with PUSH_TO_HUB=true)",
+    TemplateVariable("PUSH_CHECKPOINTS", "ignore", "expertune does not upload checkpoints", warn=True, only_with="PUSH_TO_HUB"),
+    TemplateVariable("HUB_MODEL_NAME", "ignore", "expertune does not upload",
                      only_with="PUSH_TO_HUB"),
     TemplateVariable("MODEL_CARD_SAFE_FOR_WORK", "ignore", "expertune writes no hub model card"),
     TemplateVariable("METADATA_UPDATE_INTERVAL", "ignore", "expertune writes its bucket metadata once per cache "
@@ -68,7 +67,7 @@ _ROWS = (
                                               "VAE_BATCH_SIZE, TEXT_ENCODER_BATCH_SIZE)"),
     TemplateVariable("IMAGE_PROCESSING_BATCH_SIZE", "ignore", "images are resized and cropped as each VAE "
                                                               "batch is encoded (VAE_BATCH_SIZE)"),
-    TemplateVariable("AWS_MAX_POOL_CONNECTIONS", "ignore", "object-storage datasets are not read by expertune"),
+    TemplateVariable("AWS_MAX_POOL_CONNECTIONS", "ignore", "expertune reads local datasets only (no S3 connection pool)"),
     TemplateVariable("TORCH_NUM_THREADS", "ignore", "torch does not read it; set OMP_NUM_THREADS to bound CPU "
                                                     "threads"),
     TemplateVariable("DELETE_ERRORED_IMAGES", "ignore", "expertune never deletes images: unreadable ones are "
