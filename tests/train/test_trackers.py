@@ -36,7 +36,9 @@ def test_credentials_come_from_the_environment_or_netrc(tmp_path: Path, monkeypa
 
 
 def test_without_credentials_wandb_logs_offline_and_says_how_to_sync(no_credentials: Path, caplog) -> None:
-    tracker = ResilientWandBTracker("expertune-test", name="run-1")
+    (tracker,) = [t for t in log_with(Config.from_flat({"report_to": "wandb", "tracker_run_name": "run-1"}),
+                                      no_credentials.parent / "logs") if not isinstance(t, str)]
+    assert tracker.init_kwargs["dir"] == str(no_credentials)  # WANDB_DIR, read at each run
     with caplog.at_level(logging.INFO, logger="expertune.train"):
         tracker.start()  # no WANDB_MODE: it must not try to reach the network without credentials
     try:

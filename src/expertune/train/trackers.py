@@ -104,10 +104,10 @@ def log_with(config: Any, logging_dir: Path) -> list[Any] | None:
         trackers.append("tensorboard")
     if report_to in ("wandb", "all"):
         lg = config.logging
-        kwargs: dict[str, Any] = {}
-        if not os.environ.get("WANDB_DIR"):  # W&B's own setting wins
-            logging_dir.mkdir(parents=True, exist_ok=True)
-            kwargs["dir"] = str(logging_dir)
+        # W&B's own WANDB_DIR wins, read at each run (wandb caches its settings once per process).
+        folder = Path(os.environ.get("WANDB_DIR") or logging_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {"dir": str(folder)}
         if lg.tracker_run_name:
             kwargs["name"] = lg.tracker_run_name
         trackers.append(ResilientWandBTracker(lg.tracker_project_name, **kwargs))
