@@ -75,7 +75,9 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from expertune.infer.chain import generate_images, save_images
+    from expertune.infer.chain import generate_images, resolve_device, resolve_dtype, save_images
+
+    device = resolve_device(args.device)
 
     images = generate_images(
         args.expert,
@@ -89,6 +91,8 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         seed=args.seed,
         height=args.height,
         width=args.width,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
     )
     for path in save_images(images, args.out):
         print(f"wrote {path}")
@@ -201,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--device", default="auto",
+                          help="where to run: auto (a CUDA GPU when there is one, else MPS, else the CPU), cpu, "
+                          "cuda, cuda:N, mps")
+    generate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                          help="weights and activations: auto = fp16 on a GPU, fp32 on the CPU; the VAE stays "
+                          "fp32 where its config sets force_upcast (SDXL's overflows in fp16)")
     generate.add_argument("--out", default="expertune.png",
                           help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)

@@ -134,7 +134,7 @@ def test_env_expansion_quotes_continuations_and_comments(tmp_path):
     assert config.model.pretrained_model_name_or_path == "/os/model"
     assert config.train.learning_rate == 5e-7
     assert config.validation.validation_resolution == 64
-    assert len(warnings) == 1 and "BASE" in warnings[0]  # a helper variable is still reported
+    assert warnings == []  # BASE only feeds other variables' expansions: a helper, not an unknown variable
 
 
 def test_env_falls_back_to_os_environ(tmp_path, monkeypatch):
@@ -228,9 +228,9 @@ def test_unknown_cli_flag_with_suggestion():
 
 def test_unknown_flag_in_trainer_extra_args_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_env(tmp_path, 'A_B=1\nexport TRAINER_EXTRA_ARGS="--refiner_training --snr_gamma=5"\n')
+        load_env(tmp_path, 'A_B=1\nexport TRAINER_EXTRA_ARGS="--refiner_training --snr_gama=5"\n')
     message = str(info.value)
-    assert "--snr_gamma" in message and "config.env:2" in message and "TRAINER_EXTRA_ARGS" in message
+    assert "--snr_gama" in message and "config.env:2" in message and "TRAINER_EXTRA_ARGS" in message
 
 
 def test_unknown_env_variable_is_a_warning_naming_it_and_the_file(tmp_path, caplog):
@@ -358,8 +358,7 @@ UNSUPPORTED_CASES = {
     "use_dora": "--use_dora", "lora_type": "--lora_type=lycoris",
     "layer_freeze_strategy": "--layer_freeze_strategy=bitfit",
     "base_model_precision": "--base_model_precision=int8-quanto",
-    "optimizer": "--optimizer=adamw_bf16",
-    "read_batch_size": "--read_batch_size=8", "write_batch_size": "--write_batch_size=8",
+    "optimizer": "--optimizer=lion",
     "text_cache_ondemand": "--text_cache_ondemand", "text_cache_disable": "--text_cache_disable",
 }
 
@@ -376,9 +375,9 @@ def test_unsupported_features(name):
     assert info.value.exit_code == 2
 
 
-@pytest.mark.parametrize("value", ["adamw_bf16", "sgd", "lion"])
+@pytest.mark.parametrize("value", ["optimi-adamw", "sgd", "lion"])
 def test_unsupported_optimizers_point_to_the_supported_ones(value):
-    with pytest.raises(UnsupportedFeatureError, match="supported optimizers are adamw, adamw8bit"):
+    with pytest.raises(UnsupportedFeatureError, match="supported optimizers are adamw, adamw_bf16"):
         load_config([f"--optimizer={value}"])
 
 
@@ -395,7 +394,7 @@ def test_lora_settings():
 
 
 @pytest.mark.parametrize("line", ["USE_DORA=true", "USE_BITFIT=true",
-                                  'OPTIMIZER="adamw_bf16"'])
+                                  'OPTIMIZER="lion"', "STABLE_DIFFUSION_3=true", "CONTROLNET=true"])
 def test_unsupported_features_from_config_env(tmp_path, line):
     with pytest.raises(UnsupportedFeatureError) as info:
         load_env(tmp_path, f"export {line}\n")

@@ -54,14 +54,24 @@ def test_lora_expert_is_saved_for_diffusers(lora_experts, tiny_model_dir: Path) 
     assert not (plain == adapted).all(), "the trained adapters change the model's output"
 
 
-def test_only_adapters_train(lora_experts, tiny_model_dir: Path) -> None:
+def test_a_lora_checkpoint_holds_only_the_adapters_and_their_optimizer_state(lora_experts, tiny_model_dir: Path,
+                                                                               small_dataset: Path) -> None:
     stage1, _ = lora_experts
-    checkpoint = load_file(stage1.output_dir / "checkpoints" / "checkpoint-3" / "unet.safetensors")
-    base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    lora_keys = [k for k in checkpoint if "lora_" in k]
-    assert lora_keys
-    frozen = {k.replace(".base_layer", ""): v for k, v in checkpoint.items() if "lora_" not in k}
-    assert all(torch.equal(frozen[k], base[k]) for k in base)
+    folder = stage1.output_dir / "checkpoints" / "checkpoint-3"
+    checkpoint = load_file(folder / "unet.safetensors")
+    assert checkpoint and all("lora_" in key for key in checkpoint)  # not the frozen base UNet
+    base_bytes = (tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert (folder / "unet.safetensors").stat().st_size < base_bytes / 4
+    optimizer = load_file(folder / "optimizer.safetensors")
+    # two moments per adapter weight and a step count per tensor: nothing of the frozen base
+    assert sum(v.numel() for v in optimizer.values()) <= 2 * sum(v.numel() for v in checkpoint.values()) + len(checkpoint)
+
+    # resuming restores the adapters onto the pretrained base and continues
+    env = write_stage_env(folder.parent.parent.parent, 1, tiny_model_dir, stage1.output_dir, small_dataset)
+    config, _ = load_config(["--env", str(env), *LORA_FLAGS, "--max_train_steps=4",
+                             "--resume_from_checkpoint=latest", "--allow_config_change"])
+    resumed = train(config)
+    assert resumed.summary["resumed_from"].endswith("checkpoint-3") and resumed.steps == 4
 
 
 def test_generate_chains_lora_experts_over_a_shared_base(lora_experts, tmp_path: Path) -> None:
@@ -79,3 +89,20 @@ def test_lora_target_modules_must_match(tiny_model_dir: Path, small_dataset: Pat
     config, _ = load_config(["--env", str(env), *LORA_FLAGS, "--lora_target_modules=no_such_layer"])
     with pytest.raises(ConfigError, match="lora_target_modules='no_such_layer' matched no UNet module"):
         train(config)
+
+
+def test_a_lora_expert_works_as_the_validation_peer(lora_experts, tiny_model_dir: Path, small_dataset: Path,
+                                                    tmp_path: Path, caplog) -> None:
+    import logging
+
+    stage1, _ = lora_experts
+    env = write_stage_env(tmp_path, 2, tiny_model_dir, tmp_path / "stage2", small_dataset)
+    flags = [f for f in LORA_FLAGS if f != "--validation_disable"]
+    config, _ = load_config(["--env", str(env), *flags, "--max_train_steps=2", "--validation_step_interval=1",
+                             f"--validation_peer_expert={stage1.output_dir}"])
+    with caplog.at_level(logging.INFO, logger="expertune.validate"):
+        result = train(config)
+    chained = sorted((result.output_dir / "validation").rglob("chain_*.png"))
+    assert len(chained) == 2  # steps 1 and 2 (the final validation)
+    loads = [r for r in caplog.records if "loaded once" in r.getMessage()]
+    assert len(loads) == 1  # the peer is read from disk once per run, not at every validation

@@ -192,3 +192,15 @@ def test_a_stored_config_snapshot_is_migrated_before_resume_compares_it(tmp_path
         check_resume_compatible(stored, {"train": {"batch_size_per_process": 4}}, {}, False, tmp_path)
     with pytest.raises(ConfigError, match="version 3.*upgrade expertune"):
         check_resume_compatible({**stored, "config_version": 3}, {"train": {}}, {}, False, tmp_path)
+
+
+def test_options_added_since_a_checkpoint_was_written_do_not_block_its_resume() -> None:
+    from expertune.config import Config
+    from expertune.train.checkpoint import config_changes
+
+    current = Config().to_dict()
+    older = {section: {k: v for k, v in values.items() if k not in ("snr_gamma", "allow_tf32")}
+             for section, values in current.items()}
+    assert config_changes(older, current) == []
+    changed = Config.from_flat({"snr_gamma": 5.0}).to_dict()
+    assert [c.name for c in config_changes(older, changed)] == ["snr_gamma"]

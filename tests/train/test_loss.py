@@ -47,7 +47,8 @@ def test_loss_is_mse_against_the_v_target_inside_the_band(tiny_model_dir: Path) 
 
 def _train_section(**overrides):
     values = dict(optimizer="adamw", learning_rate=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0,
-                  adam_epsilon=1e-8, lr_scheduler="constant", lr_warmup_steps=0, lr_end=0.1)
+                  adam_epsilon=1e-8, lr_scheduler="constant", lr_warmup_steps=0, lr_end=0.1, lr_power=1.0,
+                  lr_num_cycles=1)
     values.update(overrides)
     return SimpleNamespace(**values)
 

@@ -131,3 +131,13 @@ def test_clip_model_that_cannot_load_is_refused_before_training(tmp_path: Path) 
     with pytest.raises(ModelError, match="pretrained_evaluation_model_name_or_path=.*cannot load a CLIP model"):
         build_plan(_config(evaluation_type="clip", pretrained_evaluation_model_name_or_path=str(tmp_path / "none")),
                    STAGE_1, V_ZSNR, tmp_path / "out")
+
+
+def test_a_band_no_inference_step_reaches_is_refused_before_training(tmp_path: Path) -> None:
+    narrow = ExpertBand(500, 510)  # 20 trailing steps: ..., 549, 499, ...: none inside
+    with pytest.raises(ConfigError, match=r"none of the 20 trailing inference timesteps falls in its band.*"
+                                          r"--validation_num_inference_steps=\d+ or more"):
+        build_plan(_config(validation_num_inference_steps=20), narrow, V_ZSNR, tmp_path)
+    assert build_plan(_config(validation_num_inference_steps=20, validation_disable=True), narrow, V_ZSNR, tmp_path)
+    assert build_plan(_config(validation_num_inference_steps=100), narrow, V_ZSNR, tmp_path) is not None
+    assert build_plan(_config(validation_num_inference_steps=4), STAGE_2, V_ZSNR, tmp_path) is not None

@@ -41,6 +41,7 @@ class _Lexer:
         self.pos, self.line = 0, 1
         self.vars: dict[str, str] = {}
         self.out: list[EnvAssignment] = []
+        self.referenced: set[str] = set()  # names some expansion read (helper variables such as BASE_DIR)
 
     # -- helpers ---------------------------------------------------------------------------
     def error(self, what: str, line: int | None = None) -> ConfigError:
@@ -74,6 +75,7 @@ class _Lexer:
         return self.text[start:self.pos]
 
     def lookup(self, name: str) -> str | None:
+        self.referenced.add(name)
         if name in self.vars:
             return self.vars[name]
         return self.environ.get(name)
@@ -256,15 +258,35 @@ def parse_env_text(text: str, filename: str = "config.env",
     return _Lexer(text, filename, os.environ if environ is None else environ).parse()
 
 
-def read_env_file(path: str | os.PathLike[str],
-                  environ: Mapping[str, str] | None = None) -> list[EnvAssignment]:
+@dataclass(frozen=True)
+class EnvDocument:
+    """A parsed config.env: its assignments in file order and the names its expansions referenced."""
+
+    assignments: list[EnvAssignment]
+    referenced: frozenset[str]
+
+
+def parse_env_document(text: str, filename: str = "config.env",
+                       environ: Mapping[str, str] | None = None) -> EnvDocument:
+    lexer = _Lexer(text, filename, os.environ if environ is None else environ)
+    assignments = lexer.parse()
+    return EnvDocument(assignments, frozenset(lexer.referenced))
+
+
+def read_env_document(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> EnvDocument:
     """Parse a config.env file; a missing or unreadable file is a ConfigError."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config.env file {p}: {exc}") from None
-    return parse_env_text(text, str(p), environ)
+    return parse_env_document(text, str(p), environ)
+
+
+def read_env_file(path: str | os.PathLike[str],
+                  environ: Mapping[str, str] | None = None) -> list[EnvAssignment]:
+    """Parse a config.env file; a missing or unreadable file is a ConfigError."""
+    return read_env_document(path, environ).assignments
 
 
 def final_assignments(assignments: list[EnvAssignment]) -> list[EnvAssignment]:

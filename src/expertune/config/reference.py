@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS, REQUIRED_FOR_TRAINING, SECTIONS, FieldSpec
+from expertune.config.simpletuner import TEMPLATE_VARIABLES
 from expertune.config.validate import UNSUPPORTED
 
 INTRO = """\
@@ -51,11 +52,16 @@ empty; a leading `~/` is the home directory. A variable set twice keeps its last
 `export TRAINER_EXTRA_ARGS="${TRAINER_EXTRA_ARGS} --more"` appends. Commands, `$(...)`, backticks, pipes
 and redirections are syntax errors naming the file and line.
 
-Each variable in the tables below sets its option. `TRAINER_EXTRA_ARGS` is split into words like a shell
-command line and read as flags. A boolean variable set to `true` (or `1`, `yes`, `on`) sets the option;
+Each variable in the tables below sets its option. `TRAINER_EXTRA_ARGS` and `DEBUG_EXTRA_ARGS` are split into
+words like a shell command line and read as flags (`DEBUG_EXTRA_ARGS` first, then `TRAINER_EXTRA_ARGS`, as in
+SimpleTuner's train.sh). A boolean variable set to `true` (or `1`, `yes`, `on`) sets the option;
 `false` (or `0`, `no`, `off`) adds nothing, as in SimpleTuner, so it does not override a TOML value.
 A variable set to the empty string sets nothing. `USE_BITFIT=true` means `layer_freeze_strategy=bitfit`.
-A variable that is not in the tables is ignored with a warning naming it and the file.
+Process-environment variables (`TOKENIZERS_PARALLELISM`, `CUDA_VISIBLE_DEVICES`, `HF_*`, `WANDB_*`, ...) are
+exported to the run's environment. A variable only read by other variables' `${...}` expansions (a helper such
+as `BASE_DIR`) draws no message. The other variables of SimpleTuner's config.env template are listed under
+[SimpleTuner template variables](#simpletuner-template-variables). Any other variable is ignored with a warning
+naming it and the file.
 
 ### Values
 
@@ -117,6 +123,14 @@ def render() -> str:
             "a flag or a TOML key and ignored with a warning (silently when the value is empty or `false`).", "",
             "| option | config.env |", "|---|---|"]
     out += [f"| `{flag}` | `{env}` |" for flag, env in IGNORED_OPTIONS.items()]
+    out += ["", "## SimpleTuner template variables", "",
+            "Variables of SimpleTuner's mid-2024 config.env template that set no option. `ignore`: a value that is "
+            "not empty or false logs one line with the reason (a warning where marked); `refuse`: a true value "
+            "stops the run with exit code 2.", "",
+            "| variable | action | reason |", "|---|---|---|"]
+    out += [f"| `{row.name}` | {row.action}{' (warning)' if row.warn else ''} | {row.reason}"
+            f"{f' (silent unless `{row.only_with}` is on)' if row.only_with else ''} |"
+            for row in TEMPLATE_VARIABLES.values()]
     out += ["", "## Unsupported features", "",
             "Asking for one of these stops the run with exit code 2 and the message shown.", "",
             "| option | when | message |", "|---|---|---|"]

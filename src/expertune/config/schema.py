@@ -36,7 +36,7 @@ def parse_timestep_range(text: str) -> tuple[int, int]:
 
 
 # The optimizers `train.optim.build_optimizer` builds; every list of them in messages and docs is this one.
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw8bit", "adafactor", "prodigy")
 
 
 def default_cache_dir() -> Path:
@@ -179,8 +179,18 @@ class ModelConfig:
                                    "Comma-separated UNet module names that get LoRA adapters (peft target_modules).")
     base_model_precision: str = opt("no_change", "Quantisation of the frozen base model weights.",
                                     env=("BASE_MODEL_PRECISION",))
-    mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32.",
+    mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32 "
+                                     "(except with optimizer=adamw_bf16).",
                                choices=("no", "bf16", "fp16"), env=("MIXED_PRECISION",))
+    pure_bf16: bool = opt(False, "SimpleTuner's PURE_BF16: hold the trained weights in bfloat16 with no float32 "
+                                 "copy; needs optimizer=adamw_bf16 (which always does so) and mixed_precision=bf16.",
+                          env=("PURE_BF16",))
+    allow_tf32: bool = opt(False, "Let float32 matmuls and convolutions on a CUDA GPU use TF32 tensor cores "
+                                  "(faster, ~10-bit mantissa); no effect elsewhere.", env=("ALLOW_TF32",))
+    dynamo_backend: str = opt("no", "torch.compile the trained UNet with this TorchDynamo backend (no: eager). "
+                                    "Refused where the backend cannot run (inductor needs a C++ compiler).",
+                              choices=("no", "inductor", "eager", "aot_eager", "cudagraphs"),
+                              aliases={"none": "no", "false": "no"}, env=("TRAINING_DYNAMO_BACKEND",))
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
     variant: str | None = opt(None, "Weights-file variant of the pretrained model, e.g. fp16.")
 
@@ -203,11 +213,15 @@ class DataConfig:
                                              ge=0, env=("ASPECT_BUCKET_ROUNDING",))
     caption_dropout_probability: float = opt(0.0, "Probability of training a sample with an empty caption.",
                                              ge=0, le=1, env=("CAPTION_DROPOUT_PROBABILITY",))
-    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1, on_resume="may_change")
+    vae_batch_size: int = opt(4, "Images per batch when encoding the VAE latent cache.", ge=1,
+                              env=("VAE_BATCH_SIZE",), on_resume="may_change")
     text_encoder_batch_size: int = opt(8, "Captions per batch when encoding the text-embedding cache.", ge=1,
                                        env=("TEXT_ENCODER_BATCH_SIZE",), on_resume="may_change")
-    read_batch_size: int | None = opt(None, "SimpleTuner cache read batch size.", ge=1, env=("READ_BATCH_SIZE",))
-    write_batch_size: int | None = opt(None, "SimpleTuner cache write batch size.", ge=1,
+    read_batch_size: int | None = opt(None, "SimpleTuner's cache read batch size: accepted and has no effect "
+                                            "(expertune reads each cache entry when a batch needs it).", ge=1,
+                                      env=("READ_BATCH_SIZE",))
+    write_batch_size: int | None = opt(None, "SimpleTuner's cache write batch size: accepted and has no effect "
+                                             "(expertune writes each cache entry as it is encoded).", ge=1,
                                        env=("WRITE_BATCH_SIZE",))
     text_cache_ondemand: bool = opt(False, "Encode captions during training instead of caching them.",
                                     env=("TEXT_CACHE_ONDEMAND",))
@@ -260,11 +274,16 @@ class TrainConfig:
                                             on_resume="not_compared")
     seed: int = opt(42, "Random seed of the run.", ge=0, env=("TRAINING_SEED",))
     learning_rate: float = opt(1e-6, "Peak learning rate.", gt=0, env=("LEARNING_RATE",))
-    lr_scheduler: str = opt("constant", "Learning-rate schedule.", env=("LR_SCHEDULE",),
-                            choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"))
-    lr_warmup_steps: int = opt(0, "Linear warm-up steps at the start of the schedule.", ge=0,
-                               env=("LR_WARMUP_STEPS",))
-    lr_end: float = opt(4e-7, "Final learning rate of the polynomial schedule.", ge=0, env=("LR_END",))
+    lr_scheduler: str = opt("constant", "Learning-rate schedule (see docs/usage.md, Learning-rate schedules): "
+                                        "diffusers' schedules, and SimpleTuner's cyclic sine.", env=("LR_SCHEDULE",),
+                            choices=("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
+                                     "polynomial", "sine"))
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps at the start of the schedule; for sine, the period of "
+                                  "its wave.", ge=0, env=("LR_WARMUP_STEPS",))
+    lr_end: float = opt(4e-7, "Final learning rate of the polynomial schedule; the lower bound of the sine "
+                              "wave.", ge=0, env=("LR_END",))
+    lr_num_cycles: int = opt(1, "Hard restarts of the cosine_with_restarts schedule.", ge=1)
+    lr_power: float = opt(1.0, "Power of the polynomial schedule (SimpleTuner's default was 0.8).", gt=0)
     train_batch_size: int = opt(1, "Samples per optimiser micro-batch.", ge=1, env=("TRAIN_BATCH_SIZE",))
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimiser step.", ge=1,
                                            env=("GRADIENT_ACCUMULATION_STEPS",))
@@ -277,9 +296,16 @@ class TrainConfig:
                                              "1 epoch).", ge=1, zero_is_none=True, env=("NUM_EPOCHS",),
                                              on_resume="may_change")
     max_grad_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).", ge=0)
-    optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw8bit (bitsandbytes, CUDA), adafactor "
-                                  "(memory-lean, factored second moments), prodigy (learning-rate free: use "
-                                  "learning_rate=1.0).",
+    snr_gamma: float | None = opt(None, "Min-SNR-gamma loss weighting with this gamma (5 is usual); sets "
+                                        "loss_weighting=min_snr (unset: no weighting).", gt=0, env=("MIN_SNR_GAMMA",))
+    loss_weighting: str | None = opt(None, "Per-sample loss weight over the expert's band (docs/usage.md, Loss "
+                                           "weighting): none, min_snr (needs snr_gamma), debiased (1/sqrt(SNR), "
+                                           "capped), or unset: min_snr when snr_gamma is set, else none.",
+                                     choices=("none", "min_snr", "debiased"))
+    optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw_bf16 (SimpleTuner's: bfloat16 weights, "
+                                  "stochastic rounding and a compensation buffer; needs mixed_precision=bf16), "
+                                  "adamw8bit (bitsandbytes, CUDA), adafactor (memory-lean, factored second "
+                                  "moments), prodigy (learning-rate free: use learning_rate=1.0).",
                          aliases={"adamw_torch": "adamw", "adamw_8bit": "adamw8bit", "bnb-adamw8bit": "adamw8bit"},
                          env=("OPTIMIZER",))
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
@@ -288,7 +314,7 @@ class TrainConfig:
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", gt=0)
     use_ema: bool = opt(False, "Keep an exponential moving average (EMA) of the UNet weights.", env=("USE_EMA",))
     ema_decay: float = opt(0.9999, "Upper bound of the EMA decay (diffusers EMAModel warms it up as "
-                                   "(1 + n) / (10 + n)).", gt=0, lt=1)
+                                   "(1 + n) / (10 + n)).", gt=0, lt=1, env=("EMA_DECAY",))
     ema_update_interval: int = opt(1, "Update the EMA every this many optimizer steps.", ge=1)
     ema_device: str = opt("accelerator", "Where the EMA weights live: with the model, or in CPU memory.",
                           choices=("accelerator", "cpu"))
@@ -374,7 +400,9 @@ class ValidationConfig:
 class LoggingConfig:
     """Metrics tracking."""
 
-    report_to: str = opt("tensorboard", "Where metrics go.", choices=("tensorboard", "none"))
+    report_to: str = opt("tensorboard", "Where metrics go: tensorboard, wandb (Weights & Biases; offline when "
+                                        "it has no credentials or network), all (both), none.",
+                         choices=("tensorboard", "wandb", "all", "none"))
     tracker_project_name: str = opt("expertune", "Project name given to the tracker.",
                                     env=("TRACKER_PROJECT_NAME",))
     tracker_run_name: str | None = opt(None, "Name of the run in the tracker (TensorBoard: its folder under "

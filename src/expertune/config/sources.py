@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from expertune.config.envfile import final_assignments, read_env_file
+from expertune.config.envfile import final_assignments, read_env_document
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS, SECTIONS, Config, FieldSpec
+from expertune.config.simpletuner import FLAG_VARIABLES, TEMPLATE_VARIABLES, is_off, is_process_variable
 from expertune.config.validate import coerce_value, parse_bool, suggest, validate_values
-from expertune.errors import ConfigError
+from expertune.errors import ConfigError, UnsupportedFeatureError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Layer:
 
     settings: list[Setting] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # logged at info level: ignored values that change nothing
+    environment: dict[str, str] = field(default_factory=dict)  # process-environment variables to export
 
 
 def _is_off(raw: Any) -> bool:
@@ -135,16 +138,26 @@ def read_toml(path: str | os.PathLike[str]) -> Layer:
 
 
 def read_env(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Layer:
-    """A SimpleTuner config.env file, mapped to settings through the variable table."""
-    layer, extra = Layer(), Layer()
-    for a in final_assignments(read_env_file(path, environ)):
+    """A SimpleTuner config.env file, mapped to settings through the variable table.
+
+    Order of precedence inside the file: option variables < DEBUG_EXTRA_ARGS < TRAINER_EXTRA_ARGS (the
+    order of SimpleTuner's train.sh command line). See config/simpletuner.py for the variables that set no
+    option (process environment, ignored, refused) and for helper variables.
+    """
+    layer = Layer()
+    flag_layers: dict[str, Layer] = {}
+    document = read_env_document(path, environ)
+    final = final_assignments(document.assignments)
+    values = {a.name: a.value for a in final}
+    for a in final:
         source = f"{path}:{a.line} ({a.name})"
-        if a.name == EXTRA_ARGS_VAR:
+        row = TEMPLATE_VARIABLES.get(a.name)
+        if a.name in FLAG_VARIABLES:
             try:
                 tokens = shlex.split(a.value)
             except ValueError as exc:
-                raise ConfigError(f"{path}:{a.line}: cannot split {EXTRA_ARGS_VAR}: {exc}") from None
-            extra, _ = parse_flags(tokens, source)
+                raise ConfigError(f"{path}:{a.line}: cannot split {a.name}: {exc}") from None
+            flag_layers[a.name], _ = parse_flags(tokens, source)
         elif a.name in ENV_FIELDS:
             spec = ENV_FIELDS[a.name]
             if a.value.strip() == "":
@@ -162,13 +175,37 @@ def read_env(path: str | os.PathLike[str], environ: Mapping[str, str] | None = N
         elif a.name in ENV_IGNORED:
             if not _is_off(a.value):
                 layer.warnings.append(_ignored_warning(a.name, f"{path}:{a.line}"))
+        elif row is not None:
+            if is_off(a.value) or (row.only_with and is_off(values.get(row.only_with, ""))):
+                continue
+            if row.action == "refuse":
+                raise UnsupportedFeatureError(f"{a.name}={a.value} (from {path}:{a.line}) is not supported: "
+                                              f"{row.reason}")
+            message = f"{path}:{a.line}: {a.name}={a.value} ignored: {row.reason}"
+            (layer.warnings if row.warn else layer.notes).append(message)
+        elif is_process_variable(a.name):
+            layer.environment[a.name] = a.value
+        elif a.name in document.referenced:
+            continue  # a helper: only read by other variables' ${...} expansions (BASE_DIR)
         else:
-            known = [*ENV_FIELDS, *ENV_IGNORED, EXTRA_ARGS_VAR]
+            known = [*ENV_FIELDS, *ENV_IGNORED, *TEMPLATE_VARIABLES, *FLAG_VARIABLES]
             layer.warnings.append(f"{path}:{a.line}: {a.name} is not a config.env variable expertune knows; "
                                   f"ignored{suggest(a.name, known)}")
-    layer.settings += extra.settings
-    layer.warnings += extra.warnings
+    for name in FLAG_VARIABLES:
+        extra = flag_layers.get(name)
+        if extra is not None:
+            layer.settings += extra.settings
+            layer.warnings += extra.warnings
     return layer
+
+
+def apply_process_environment(variables: Mapping[str, str]) -> None:
+    """Export config.env's process-environment variables (TOKENIZERS_PARALLELISM, HF_HOME, WANDB_MODE, ...),
+    as sourcing the file in a shell would: the file's value wins over the inherited one."""
+    for name, value in variables.items():
+        if os.environ.get(name) != value:
+            log.info("config.env sets %s=%s in the environment of the run", name, value)
+        os.environ[name] = value
 
 
 def _merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -179,6 +216,9 @@ def _merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str], list[st
         for s in layer.settings:
             values[s.name], sources[s.name] = s.value, s.source
         warnings += layer.warnings
+        for note in layer.notes:
+            log.info(note)
+        apply_process_environment(layer.environment)
     return values, sources, warnings
 
 

@@ -103,7 +103,6 @@ class Unsupported:
     message: str  # what to do instead / what IS supported
 
 
-
 UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("use_dora", "`true`", lambda v: v is True,
                 "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) or standard "
@@ -117,19 +116,13 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("base_model_precision", "not `no_change`", lambda v: v != "no_change",
                 "quantised base models are not supported; use base_model_precision=no_change "
                 "(with --mixed_precision=bf16 or fp16 to save memory)"),
-    Unsupported("read_batch_size", "set", lambda v: v is not None,
-                "cache I/O batch sizes are not configurable; remove it (vae_batch_size and "
-                "text_encoder_batch_size set the encoding batch sizes)"),
-    Unsupported("write_batch_size", "set", lambda v: v is not None,
-                "cache I/O batch sizes are not configurable; remove it (vae_batch_size and "
-                "text_encoder_batch_size set the encoding batch sizes)"),
     Unsupported("text_cache_ondemand", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("text_cache_disable", "`true`", lambda v: v is True,
                 "expertune always pre-computes and caches text embeddings; remove it"),
     Unsupported("optimizer", f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS,
-                f"supported optimizers are {', '.join(OPTIMIZERS)} (adamw8bit: bitsandbytes); for SimpleTuner's "
-                "adamw_bf16 use --optimizer=adamw with --mixed_precision=bf16"),
+                f"supported optimizers are {', '.join(OPTIMIZERS)} (adamw_bf16: SimpleTuner's bfloat16 AdamW; "
+                "adamw8bit: bitsandbytes)"),
 )
 
 for _row in UNSUPPORTED:
@@ -177,6 +170,25 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
     if values["export_ema"] and not values["use_ema"]:
         raise ConfigError(
             f"export_ema (from {src('export_ema')}) needs use_ema: add --use_ema, or drop --export_ema")
+    if values["optimizer"] == "adamw_bf16" and values["mixed_precision"] != "bf16":
+        raise ConfigError(
+            f"optimizer=adamw_bf16 (from {src('optimizer')}) trains bfloat16 weights and needs "
+            f"mixed_precision=bf16, not {show(values['mixed_precision'])} (from {src('mixed_precision')}); "
+            "set MIXED_PRECISION=bf16 (--mixed_precision=bf16), or use --optimizer=adamw")
+    if values["pure_bf16"] and values["optimizer"] != "adamw_bf16":
+        raise ConfigError(
+            f"pure_bf16 (from {src('pure_bf16')}) holds the trained weights in bfloat16, which only "
+            f"optimizer=adamw_bf16 updates without losing small steps; optimizer is {show(values['optimizer'])} "
+            f"(from {src('optimizer')}): set OPTIMIZER=adamw_bf16, or PURE_BF16=false to train float32 weights")
+    weighting, gamma = values["loss_weighting"], values["snr_gamma"]
+    if weighting == "min_snr" and gamma is None:
+        raise ConfigError(f"loss_weighting=min_snr (from {src('loss_weighting')}) needs snr_gamma: add "
+                          "--snr_gamma=5 (MIN_SNR_GAMMA=5)")
+    if weighting in ("none", "debiased") and gamma is not None:
+        raise ConfigError(
+            f"loss_weighting={weighting} (from {src('loss_weighting')}) and snr_gamma={show(gamma)} (from "
+            f"{src('snr_gamma')}) ask for two weightings; drop snr_gamma (MIN_SNR_GAMMA) or use "
+            "loss_weighting=min_snr")
     if values["eval_dataset_id"] is not None and values["eval_holdout_fraction"] is not None:
         raise ConfigError(
             f"eval_dataset_id={show(values['eval_dataset_id'])} (from {src('eval_dataset_id')}) and "

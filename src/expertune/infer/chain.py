@@ -118,6 +118,9 @@ def denoise_chain(
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     images: Any = latents
+    final_vae = stages[-1].components["vae"]
+    # A VAE kept in float32 beside a half-precision UNet (force_upcast): decode here, in the VAE's dtype.
+    decode_here = output_type != "latent" and final_vae.dtype != stages[-1].components["unet"].dtype
     for position, stage in enumerate(stages):
         last = position == len(stages) - 1
         common = dict(
@@ -128,7 +131,7 @@ def denoise_chain(
             num_images_per_prompt=num_images_per_prompt,
             generator=generator,
             denoising_end=stage.band.denoising_end,
-            output_type=output_type if last else "latent",
+            output_type=output_type if last and not decode_here else "latent",
         )
         if stage.adapter is not None:
             stage.components["unet"].set_adapters([stage.adapter])
@@ -140,8 +143,26 @@ def denoise_chain(
             pipe = StableDiffusionXLImg2ImgPipeline(**stage.components, requires_aesthetics_score=False)
             pipe.set_progress_bar_config(disable=True)
             images = pipe(**common, image=images, denoising_start=stage.band.denoising_start).images
+        if last and decode_here:
+            images = _decode(pipe, images, output_type)
         del pipe
     return images
+
+
+def _decode(pipe: Any, latents: torch.Tensor, output_type: str) -> Any:
+    """Latents -> images with the pipeline's VAE in its own dtype (float32 for an SDXL VAE: force_upcast)."""
+    vae = pipe.vae
+    config = vae.config
+    latents = latents.to(vae.device, vae.dtype)
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    with torch.no_grad():
+        images = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type=output_type)
 
 
 def _per_expert(values: float | Sequence[float], count: int, flag: str) -> list[float]:
@@ -157,12 +178,41 @@ def _per_expert(values: float | Sequence[float], count: int, flag: str) -> list[
     return listed
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; anything else is used as given."""
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto`: half precision (fp16) on a GPU, float32 on the CPU; else fp32, fp16 or bf16."""
+    if dtype == "auto":
+        return torch.float16 if device.split(":")[0] in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 class _PipelineLoader:
-    """Full experts load as their own pipelines; LoRA experts are adapters on one loaded base per model."""
+    """Full experts load as their own pipelines; LoRA experts are adapters on one loaded base per model.
+
+    Each expert directory (and each LoRA base) is read from disk once per invocation. Where the VAE's config
+    asks for it (`force_upcast`, as the SDXL VAE does: it overflows in fp16) the VAE stays float32.
+    """
 
     def __init__(self, dtype: torch.dtype, device: str) -> None:
         self.dtype, self.device = dtype, device
         self.bases: dict[str, Any] = {}
+        self.loads: list[str] = []
 
     def _pipeline(self, source: str | Path) -> Any:
         from diffusers import StableDiffusionXLPipeline
@@ -171,6 +221,9 @@ class _PipelineLoader:
             pipe = StableDiffusionXLPipeline.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise ModelError(f"could not load the SDXL pipeline {source}: {error}") from None
+        self.loads.append(str(source))
+        if self.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            pipe.vae.to(torch.float32)
         return pipe.to(self.device)
 
     def load(self, expert: ExpertInfo, index: int) -> tuple[Any, Any, str | None]:
@@ -200,14 +253,15 @@ def generate_images(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: str = "auto",
 ) -> list[Any]:
     """Run the chain and return `num_images` PIL images; image i starts from the noise of seed `seed + i`.
 
     `guidance_scale` and `guidance_rescale` are one value for all experts or one per entry of
     `expert_paths`, in that order (the chain itself runs in band order). `scheduler` is "saved" (each
     expert's own) or a key of `SCHEDULER_CLASSES`, built from each expert's saved scheduler config.
+    `device` "auto" is the GPU when there is one; `dtype` None is fp16 there and float32 on the CPU.
     """
     from expertune.infer.schedulers import scheduler_from_saved
 
@@ -218,6 +272,9 @@ def generate_images(
     rescales = dict(zip((e.path for e in experts),
                         _per_expert(guidance_rescale, len(experts), "--guidance_rescale")))
     chain = check_chain(experts)
+    device = resolve_device(device)
+    dtype = dtype if dtype is not None else resolve_dtype("auto", device)
+    log.info("generating on %s in %s", device, str(dtype).replace("torch.", ""))
     loader = _PipelineLoader(dtype, device)
     stages = []
     for index, expert in enumerate(chain):

@@ -243,6 +243,18 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def resume_requested(output_dir: Path, name: str | None) -> bool:
+    """Whether the run resumes: `latest` with no complete checkpoint yet starts a fresh run (SimpleTuner's
+    RESUME_CHECKPOINT=latest on a first run), and says so; any other name must exist (resolve_checkpoint)."""
+    if name is None:
+        return False
+    if name == "latest" and not list_checkpoints(output_dir):
+        log.info("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a fresh run",
+                 checkpoints_dir(output_dir))
+        return False
+    return True
+
+
 def resolve_checkpoint(output_dir: Path, name: str) -> Path:
     """`latest` → the newest complete checkpoint; else a checkpoint name under output_dir or a path."""
     if name == "latest":
@@ -352,6 +364,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
     for section in sorted(set(saved) | set(current)):
         before, after = saved.get(section, {}), current.get(section, {})
         for name in sorted(n for n in set(before) | set(after) if resume_rule(section, n) != "not_compared"):
+            if name not in before and name in FIELDS and after.get(name) == FIELDS[name].default:
+                continue  # an option added since the checkpoint was written, left at its default
             if before.get(name) != after.get(name):
                 changes.append(ConfigChange(section, name, before.get(name), after.get(name)))
     return changes

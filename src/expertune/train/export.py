@@ -11,6 +11,7 @@ from expertune.expert_format import ExpertDescription
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import save_lora_expert
 from expertune.models.sdxl import make_scheduler, save_expert_pipeline
+from expertune.train import device as device_settings
 from expertune.train.runtime import library_versions, peak_memory_gib
 from expertune.train.setup import ExpertRun, Run
 from expertune.train.strategy import whole_model_loading
@@ -49,6 +50,12 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     return description
 
 
+def expert_weight_summary(run: Run) -> dict[str, Any] | None:
+    """The expert's mean, min and max loss weight over its band (run.json `loss_weight`)."""
+    weights, band = run.expert.weights, run.expert.band
+    return None if weights is None else weights.band_summary(band.lo, band.hi)
+
+
 def write_summary(run: Run, expert: ExpertRun, description: ExpertDescription,
                   validation_files: list[Path]) -> dict[str, Any]:
     """run.json (main process): what was trained, from what, how fast, with which cache and data."""
@@ -72,6 +79,8 @@ def write_summary(run: Run, expert: ExpertRun, description: ExpertDescription,
             "to_first_step": round(run.first_step_at or 0.0, 3),
         },
         "peak_memory_gib": peak_memory_gib(run.accelerator.device),
+        "loss_weight": expert_weight_summary(run),
+        "device": device_settings.describe(run.config),
         "config": run.config_snapshot,
         "versions": library_versions(),
     }

@@ -110,7 +110,7 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
         batch = drop_captions(batch, mine.keep_caption)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \
                 accelerator.autocast():
-            out = denoising_loss(expert.unet, batch, run.schedule, mine)
+            out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights)
             weight = batch.size / samples
             accelerator.backward(out.loss * (weight * expert.strategy.loss_scale))
         step_loss += out.loss.detach().double().cpu() * weight

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from expertune.data.batches import TrainingBatch
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule, add_noise, training_target
+from expertune.train.weighting import WeightTable, weighted_mse
 
 
 @dataclass
@@ -49,12 +50,13 @@ class LossOutput:
 
 
 def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness,
-                   model_dtype: torch.dtype | None = None) -> LossOutput:
-    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps.
+                   model_dtype: torch.dtype | None = None, weights: WeightTable | None = None) -> LossOutput:
+    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps, each sample
+    weighted by `weights` (train/weighting.py) when given and active.
 
-    The one loss of the project: training minimises it, validation's held-out loss measures it. The noisy
-    input and target are computed in the batch's dtype; `model_dtype` casts what the UNet gets (a bf16 UNet
-    validated on float32 latents), None feeds the batch as it is.
+    The one loss of the project: training minimises it, validation's held-out loss measures it (with the
+    expert's own weighting). The noisy input and target are computed in the batch's dtype; `model_dtype` casts
+    what the UNet gets (a bf16 UNet validated on float32 latents), None feeds the batch as it is.
     """
     latents = batch.latents
     noise = draws.noise.to(latents.device, latents.dtype)
@@ -69,5 +71,8 @@ def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, dra
         added_cond_kwargs={"text_embeds": conditioning.pooled_embeds, "time_ids": conditioning.time_ids},
         return_dict=False,
     )[0]
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    if weights is None or not weights.active:
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    else:
+        loss = weighted_mse(prediction, target, weights.for_timesteps(timesteps))
     return LossOutput(loss=loss, timesteps=timesteps)

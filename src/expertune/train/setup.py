@@ -36,10 +36,14 @@ from expertune.train.checkpoint import (
     read_checkpoint_document,
     remove_partial_checkpoints,
     resolve_checkpoint,
+    resume_requested,
 )
+from expertune.train import device as device_settings
 from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
+from expertune.train.trackers import init_trackers, log_with
+from expertune.train.weighting import WeightTable, resolve_weighting
 from expertune.train.outputs import check_output_dir, run_identity
 from expertune.train.runtime import has_accelerator, tracker_config
 from expertune.train.strategy import (
@@ -106,6 +110,8 @@ class ExpertRun:
     validator: Any = None  # validate.samples.Validator, made once the metrics log exists
     last_record: dict[str, Any] = field(default_factory=dict)
     layout_epoch: int | None = None  # the epoch whose order `state.epoch_order` holds
+    weights: WeightTable | None = None  # the expert's loss weighting over the schedule (train/weighting.py)
+    bf16_weights: bool = False  # the UNet is held in bfloat16 (optimizer=adamw_bf16)
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -176,7 +182,7 @@ def make_accelerator(config: Config) -> Any:
         # DDP on CPUs: cpu=True makes several processes a gloo group (MULTI_CPU); DeepSpeed and FSDP: see strategy
         **accelerator_options(has_accelerator()),
         mixed_precision=config.model.mixed_precision,
-        log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+        log_with=log_with(config, logging_dir),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
 
@@ -195,13 +201,24 @@ def _trainable_unet(config: Config, unet: Any) -> Any:
     return unet
 
 
+def _device_settings(config: Config, accelerator: Any, unet: Any) -> bool:
+    """bf16 weights for adamw_bf16, TF32, the slow-bf16 warning and torch.compile; True when weights are bf16."""
+    m = config.model
+    bf16_weights = device_settings.hold_weights_in_bf16(unet, config.train.optimizer)
+    device_settings.apply_tf32(m.allow_tf32, accelerator.device)
+    device_settings.warn_if_bf16_is_slow(m.mixed_precision, accelerator.device)
+    device_settings.compile_unet(unet, m.dynamo_backend, accelerator.device)
+    return bf16_weights
+
+
 def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, plan: ValidationPlan,
-                 total_steps: int) -> ExpertRun:
+                 total_steps: int, weights: WeightTable) -> ExpertRun:
     """The expert's trainable UNet, optimizer, LR schedule and EMA, prepared by accelerate; state at step 0."""
     t = config.train
     unet = _trainable_unet(config, unet)
+    bf16_weights = _device_settings(config, accelerator, unet)
     optimizer = build_optimizer(unet.parameters(), t)
-    lr_scheduler = build_lr_scheduler(optimizer, t, total_steps)
+    lr_scheduler = build_lr_scheduler(optimizer, t, total_steps, processes=accelerator.num_processes)
     if accelerator.distributed_type.value == "DEEPSPEED":
         configure_deepspeed(accelerator, config)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -217,7 +234,8 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
     state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=strategy.unet, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema,
                           strategy=strategy)
-    return ExpertRun(band, plan, unet, optimizer, lr_scheduler, strategy, ema, state)
+    return ExpertRun(band, plan, unet, optimizer, lr_scheduler, strategy, ema, state, weights=weights,
+                     bf16_weights=bf16_weights)
 
 
 def resume(config: Config, path: Path, state: TrainingState, *, snapshot: dict[str, Any],
@@ -231,6 +249,26 @@ def resume(config: Config, path: Path, state: TrainingState, *, snapshot: dict[s
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.data.epoch)
 
 
+def loss_weights(config: Config, schedule: NoiseSchedule, band: ExpertBand) -> WeightTable:
+    """The expert's loss weighting, logged with its mean over the band; a warning when it starves the band."""
+    t = config.train
+    weights = WeightTable.build(schedule.alphas_cumprod, resolve_weighting(t.loss_weighting, t.snr_gamma),
+                                schedule.prediction_type, t.snr_gamma)
+    summary = weights.band_summary(band.lo, band.hi)
+    log.info("loss weighting %s: mean weight %.4g over the band (min %.4g, max %.4g)", weights.weighting,
+             summary["mean"], summary["min"], summary["max"])
+    if (starved := weights.starvation(band.lo, band.hi)) is not None:
+        log.warning(starved)
+    return weights
+
+
+def _under_autocast(run: Any, accelerator: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with accelerator.autocast():
+            return run(*args, **kwargs)
+    return wrapped
+
+
 def setup_run(config: Config) -> Run:
     """Build the run `config` describes, resumed when it asks to be; every process calls this."""
     from expertune.validate.plan import build_plan
@@ -241,7 +279,7 @@ def setup_run(config: Config) -> Run:
     t = config.train
     output_dir = Path(t.output_dir)
     accelerator = make_accelerator(config)
-    resuming = t.resume_from_checkpoint is not None
+    resuming = resume_requested(output_dir, t.resume_from_checkpoint)  # `latest` with none yet: a fresh run
     check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming,
                      main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()  # no process looks at output_dir while the main one clears it
@@ -256,6 +294,7 @@ def setup_run(config: Config) -> Run:
     band = expert_band_for(config, schedule.num_train_timesteps)
     log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
              band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
+    weights = loss_weights(config, schedule, band)
     with whole_model_loading(accelerator):
         plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
@@ -264,7 +303,7 @@ def setup_run(config: Config) -> Run:
         prepared = prepare_data(config, components, extra_prompts=plan.prompts_to_cache)
     components.release_text_encoders()
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
-    expert = build_expert(config, accelerator, components.unet, band, plan, total_steps)
+    expert = build_expert(config, accelerator, components.unet, band, plan, total_steps, weights)
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
     if checkpoint_path is not None:
         resume(config, checkpoint_path, expert.state, snapshot=snapshot, identity=identity, prepared=prepared,
@@ -273,13 +312,14 @@ def setup_run(config: Config) -> Run:
         truncate_metrics(output_dir / "metrics.jsonl", expert.state.step)
         remove_partial_checkpoints(output_dir)
     if accelerator.is_main_process and config.logging.report_to != "none":
-        run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
-        accelerator.init_trackers(run_name, config=tracker_config(config))
+        init_trackers(accelerator, config, tracker_config(config))
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     run = Run(config, accelerator, output_dir, components, schedule, prepared, identity, total_steps, snapshot,
               checkpoint_path, metrics, expert, started)
     expert.validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir,
                                  metrics)
+    if expert.bf16_weights:  # the pipelines feed float32 latents: autocast casts them for the bfloat16 UNet
+        expert.validator.run = _under_autocast(expert.validator.run, accelerator)
     expert.stream = run.stream_after(expert.state.data.micro_batches_consumed)
     expert.layout_epoch = expert.state.data.epoch if expert.state.epoch_order else None
     return run

@@ -105,14 +105,32 @@ class Replicated:
         self.optimizer = optimizer
         self.is_main = is_main
 
+    def _trained_names(self) -> set[str] | None:
+        """Names of the trained parameters when only part of the UNet trains (LoRA adapters), else None."""
+        named = dict(self.unet.named_parameters())
+        trained = {name for name, p in named.items() if p.requires_grad}
+        return None if len(trained) == len(named) else trained
+
     def snapshot(self) -> Snapshot:
+        """The weights that train (all of them, or only the LoRA adapters: the frozen base is the pretrained
+        model, which the run identity pins) and the optimizer state."""
         if not self.is_main:
             return Snapshot()
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
+        trained = self._trained_names()
+        state = self.unet.state_dict()
+        if trained is not None:
+            state = {k: v for k, v in state.items() if k in trained}
+        weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         return Snapshot(weights, self.optimizer.state_dict())
 
     def restore(self, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
-        self.unet.load_state_dict(weights, strict=True)
+        trained = self._trained_names()
+        if trained is None:
+            self.unet.load_state_dict(weights, strict=True)
+        else:
+            if set(weights) != trained:
+                raise ValueError(f"checkpoint holds {len(weights)} trained tensors, the model trains {len(trained)}")
+            self.unet.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(optimizer_state)
 
     def whole_unet(self, device: torch.device | str | None = None) -> torch.nn.Module | None:

@@ -22,7 +22,7 @@ from expertune.errors import ConfigError
 from expertune.expert_format import expert_summary
 from expertune.experts import ExpertBand
 from expertune.infer.chain import ExpertInfo, check_chain, read_expert
-from expertune.schedule import NoiseSchedule
+from expertune.schedule import NoiseSchedule, inference_timesteps
 
 if TYPE_CHECKING:
     from expertune.config.schema import Config
@@ -140,6 +140,26 @@ def prompt_texts(config: Config) -> list[str]:
     return sorted({t for t in texts if t})
 
 
+def steps_in_band(band: ExpertBand, schedule: NoiseSchedule, num_inference_steps: int) -> list[int]:
+    """The validation sampler's timesteps (inference spacing, steps offset 0) that fall inside the band."""
+    steps = inference_timesteps(schedule.num_train_timesteps, num_inference_steps, schedule.inference_timestep_spacing)
+    return [t for t in steps if band.lo <= t <= band.hi]
+
+
+def check_steps_reach_band(band: ExpertBand, schedule: NoiseSchedule, num_inference_steps: int) -> None:
+    """Refuse, before training, validation that would run no denoising step of this expert."""
+    if steps_in_band(band, schedule, num_inference_steps):
+        return
+    enough = next((n for n in range(num_inference_steps + 1, schedule.num_train_timesteps + 1)
+                   if steps_in_band(band, schedule, n)), None)
+    hint = (f"use --validation_num_inference_steps={enough} or more" if enough
+            else "widen the band")
+    raise ConfigError(
+        f"validation cannot run this expert: none of the {num_inference_steps} "
+        f"{schedule.inference_timestep_spacing} inference timesteps falls in its band {band}; {hint}, or set "
+        "--validation_disable")
+
+
 def this_run_expert(band: ExpertBand, schedule: NoiseSchedule, output_dir: Path) -> ExpertInfo:
     """The expert being trained, described as its expert.json will describe it."""
     return ExpertInfo(output_dir, band, expert_summary(band, schedule.describe()), label=f"this run ({output_dir})")
@@ -153,6 +173,7 @@ def build_plan(config: Config, band: ExpertBand, schedule: NoiseSchedule, output
     plan = ValidationPlan(negative_prompt=v.validation_negative_prompt)
     if v.validation_disable:
         return plan
+    check_steps_reach_band(band, schedule, v.validation_num_inference_steps)
     if v.validation_prompt:
         plan.prompts.append(ValidationPrompt(PROMPT_NAME, v.validation_prompt))
     if v.validation_prompt_library:

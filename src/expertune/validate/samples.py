@@ -122,6 +122,7 @@ class Validator:
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.metrics = metrics  # a MetricsLog for metrics.jsonl, or None
+        self._peer: tuple[torch.dtype, Any] | None = None  # (dtype, UNet) of the peer expert, loaded on first use
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
         self.settings = SamplerSettings(self.v.validation_num_inference_steps, self.v.validation_guidance,
                                         self.v.validation_guidance_rescale, seed)
@@ -223,26 +224,44 @@ class Validator:
             result.append(ValidationImage(name, grid([clean, noised, made]), made, prompt))
         return result
 
-    def chain_images(self, unet: Any) -> list[ValidationImage]:
-        """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
+    def peer_unet(self, dtype: torch.dtype) -> Any:
+        """The peer expert's UNet, loaded once per run (and kept, on the validation device): a full expert's own
+        UNet, or a LoRA expert's adapters merged into its base model's UNet."""
+        if self._peer is not None and self._peer[0] == dtype:
+            return self._peer[1]
         from diffusers import UNet2DConditionModel
 
         peer = self.plan.peer
         assert peer is not None
-        dtype = next(unet.parameters()).dtype
-        peer_unet = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
-        peer_unet = peer_unet.to(self.accelerator.device).eval()
+        if peer.is_lora:
+            from diffusers import StableDiffusionXLPipeline
+
+            base = str(peer.description.get("base_model", ""))
+            loaded = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+            adapters, _ = StableDiffusionXLPipeline.lora_state_dict(str(peer.path))
+            loaded.load_lora_adapter(adapters, prefix="unet", adapter_name="peer")
+            loaded.fuse_lora()
+            loaded.unload_lora()  # plain weights with the adapters merged in: no peft wrappers at validation
+        else:
+            loaded = UNet2DConditionModel.from_pretrained(str(peer.path), subfolder="unet", torch_dtype=dtype)
+        loaded = loaded.to(self.accelerator.device).eval()
+        self._peer = (dtype, loaded)
+        log.info("validation peer %s loaded once for this run", peer.path)
+        return loaded
+
+    def chain_images(self, unet: Any) -> list[ValidationImage]:
+        """Text-to-image through this expert and the peer, in band order, each with its own scheduler."""
+        peer = self.plan.peer
+        assert peer is not None
+        peer_unet = self.peer_unet(next(unet.parameters()).dtype)
         result = []
-        try:
-            for prompt in self.prompts():
-                stages = [self._stage(peer_unet, e.band, saved_scheduler(peer.path))
-                          if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
-                image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
-                                      num_inference_steps=self.settings.num_inference_steps,
-                                      height=self.resolution, width=self.resolution)[0]
-                result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
-        finally:
-            del peer_unet
+        for prompt in self.prompts():
+            stages = [self._stage(peer_unet, e.band, saved_scheduler(peer.path))
+                      if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
+            image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
+                                  num_inference_steps=self.settings.num_inference_steps,
+                                  height=self.resolution, width=self.resolution)[0]
+            result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
         return result
 
     # ---- one validation ------------------------------------------------------------------------
@@ -281,7 +300,7 @@ class Validator:
         return written
 
     def _log_image(self, name: str, image: Image.Image, step: int) -> None:
-        if self.config.logging.report_to != "tensorboard":
+        if self.config.logging.report_to not in ("tensorboard", "all"):
             return
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image(f"validation/{name}", np.asarray(image), step, dataformats="HWC")
