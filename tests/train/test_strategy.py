@@ -60,3 +60,11 @@ def test_lora_with_a_deepspeed_config_is_refused_before_launch(tmp_path: Path, c
     assert code == 2
     assert "DeepSpeed training does not support --model_type=lora" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_sharded_engines_refuse_adamw_bf16(engine: str) -> None:
+    config, _ = load_config(["--optimizer=adamw_bf16", "--mixed_precision=bf16"])
+    with pytest.raises(UnsupportedFeatureError, match="adamw_bf16"):
+        check_supported(config, engine)
+    check_supported(config, "ddp")

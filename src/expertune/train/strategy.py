@@ -89,6 +89,9 @@ def check_supported(config: Config, engine: str) -> None:
         problems.append("--use_ema (the EMA copy would have to be sharded too; train without it, or use DDP)")
     if config.train.optimizer == "adamw8bit":
         problems.append("--optimizer=adamw8bit (its quantised state cannot be gathered; use adamw or adafactor)")
+    if config.train.optimizer == "adamw_bf16":
+        problems.append("--optimizer=adamw_bf16 (its bfloat16 weights and compensation buffers are not gathered "
+                        f"by {name}; use adamw with --mixed_precision=bf16, or DDP)")
     if problems:
         raise UnsupportedFeatureError(f"{name} training does not support " + "; ".join(problems))
 
