@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from expertune.errors import ConfigError
+from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
 
 _META_KEY = "expertune"
 
@@ -155,7 +156,7 @@ def _num(value: float | None) -> str:
 # Sections
 # ---------------------------------------------------------------------------------------------
 
-SPACINGS = ("leading", "linspace", "trailing")
+SPACINGS = TIMESTEP_SPACINGS  # one list, in schedule.py
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ class ScheduleConfig:
     """Noise schedule and parameterisation."""
 
     prediction_type: str | None = opt(None, "What the UNet predicts (unset: keep the model's own).",
-                                      choices=("epsilon", "v_prediction", "sample"))
+                                      choices=PREDICTION_TYPES)
     rescale_betas_zero_snr: bool = opt(False, "Rescale the betas to zero terminal SNR.")
     training_scheduler_timestep_spacing: str = opt(
         "trailing", "Recorded in expert.json only: training draws every integer timestep of the band "
