@@ -1,6 +1,6 @@
 """The noise schedule and the parameterisation being trained: pure tensor maths, no I/O.
 
-References (restated in ../shared/REFERENCE.md §2): SDXL's scaled-linear betas; zero terminal SNR by
+References: SDXL's scaled-linear betas; zero terminal SNR by
 Lin et al. 2023, Algorithm 1; v-prediction by Salimans & Ho 2022 (`v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0`).
 `NoiseSchedule` is the single source of truth for the prediction type: the loss target, the saved
 scheduler config, `expert.json` and the validation sampler all read it from here.

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from expertune.demo.recipe import recipe_env
 
-# The recipe's config.env blocks, verbatim from the seed, shipped with the tests (a clone has no ../shared/).
+# The recipe's config.env blocks, verbatim from the seed except the MODEL_NAME value (filled in anyway), shipped
+# with the tests (a clone has no ../shared/).
 SEED = Path(__file__).resolve().parents[1] / "assets" / "recipe_config_env.txt"
 FILLED_IN = ("export MODEL_NAME=", "export OUTPUT_DIR=", "export DATALOADER_CONFIG=")
 

@@ -1,4 +1,4 @@
-"""The recipe's config.env blocks (../shared/seed/mixture-of-experts.txt), as users bring them.
+"""The recipe's config.env blocks (the user-facing mixture-of-experts recipe), as users bring them.
 
 Word for word except MODEL_NAME, OUTPUT_DIR and DATALOADER_CONFIG, which are filled in. Stage 2 is stage 1's
 file with the recipe's stage-2 lines appended, as the recipe says ("update the following values").

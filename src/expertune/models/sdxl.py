@@ -60,23 +60,23 @@ def _load(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
         raise ModelError(f"could not load '{subfolder}' of model {source!r}: {error}") from None
 
 
-def check_sdxl_layout(unet_config: Any, text_width_1: int, text_width_2: int, pooled_width: int, source: str) -> None:
+def check_sdxl_layout(unet_layout: Any, text_width_1: int, text_width_2: int, pooled_width: int, source: str) -> None:
     """Refuse a model whose UNet is not SDXL-shaped (text_time conditioning, two text encoders)."""
     problems = []
-    if getattr(unet_config, "addition_embed_type", None) != "text_time":
+    if getattr(unet_layout, "addition_embed_type", None) != "text_time":
         problems.append(
-            f"unet addition_embed_type is {getattr(unet_config, 'addition_embed_type', None)!r}, "
+            f"unet addition_embed_type is {getattr(unet_layout, 'addition_embed_type', None)!r}, "
             "SDXL-layout models use 'text_time' (an SD 1.x/2.x UNet cannot be trained as an SDXL expert)"
         )
-    if unet_config.cross_attention_dim != text_width_1 + text_width_2:
+    if unet_layout.cross_attention_dim != text_width_1 + text_width_2:
         problems.append(
-            f"unet cross_attention_dim {unet_config.cross_attention_dim} != text encoder widths "
+            f"unet cross_attention_dim {unet_layout.cross_attention_dim} != text encoder widths "
             f"{text_width_1} + {text_width_2}"
         )
-    expected_projection = pooled_width + 6 * (unet_config.addition_time_embed_dim or 0)
-    if unet_config.projection_class_embeddings_input_dim != expected_projection:
+    expected_projection = pooled_width + 6 * (unet_layout.addition_time_embed_dim or 0)
+    if unet_layout.projection_class_embeddings_input_dim != expected_projection:
         problems.append(
-            f"unet projection_class_embeddings_input_dim {unet_config.projection_class_embeddings_input_dim} "
+            f"unet projection_class_embeddings_input_dim {unet_layout.projection_class_embeddings_input_dim} "
             f"!= pooled width {pooled_width} + 6 x addition_time_embed_dim"
         )
     if problems:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from expertune.config import Config
 from expertune.errors import UnsupportedFeatureError
 
-log = logging.getLogger("expertune.train")
+log = logging.getLogger(__name__)
 
 
 def apply_tf32(allowed: bool, device: torch.device) -> bool:
@@ -122,7 +123,7 @@ def _inductor_problem(device: torch.device) -> str | None:
     return None
 
 
-def describe(config: Any) -> dict[str, Any]:
+def describe(config: Config) -> dict[str, Any]:
     """The device settings, as recorded in run.json."""
     m = config.model
     return {"mixed_precision": m.mixed_precision, "bf16_weights": config.train.optimizer == "adamw_bf16",

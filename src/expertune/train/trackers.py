@@ -16,7 +16,9 @@ from urllib.parse import urlparse
 
 from accelerate.tracking import WandBTracker
 
-log = logging.getLogger("expertune.train")
+from expertune.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def wandb_credentials_present() -> bool:
@@ -94,7 +96,7 @@ class ResilientWandBTracker(WandBTracker):
             self.run = None
 
 
-def log_with(config: Any, logging_dir: Path) -> list[Any] | None:
+def log_with(config: Config, logging_dir: Path) -> list[Any] | None:
     """What `Accelerator(log_with=...)` gets for `report_to`: tensorboard, wandb, all (both) or none."""
     report_to = config.logging.report_to
     if report_to == "none":
@@ -114,7 +116,7 @@ def log_with(config: Any, logging_dir: Path) -> list[Any] | None:
     return trackers
 
 
-def init_trackers(accelerator: Any, config: Any, values: dict[str, Any]) -> None:
+def init_trackers(accelerator: Any, config: Config, values: dict[str, Any]) -> None:
     """Start the trackers (main process): TensorBoard logs under logging_dir/<run name>; W&B in the project
     tracker_project_name, run tracker_run_name, files under logging_dir."""
     run_name = config.logging.tracker_run_name or config.logging.tracker_project_name
