@@ -102,7 +102,7 @@ def held_out_samples(stage: ChainStage, images: Sequence[Image.Image], prompts: 
     from expertune.validate.metrics import HeldOutSample
 
     c = stage.components
-    pixels = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"))).permute(2, 0, 1) for i in images])
+    pixels = torch.stack([torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1) for i in images])
     pixels = pixels.float().div(127.5).sub(1.0)
     with torch.no_grad():
         latents = encode_latents(c["vae"], pixels)
