@@ -1,7 +1,8 @@
-"""The demo dataset: public-domain/CC0 photographs shipped inside scikit-image, plus drawn shapes.
+"""Captioned images on disk as a user's dataset, and the dataloader JSON that names them.
 
-Everything is generated offline and deterministically; captions are written as sibling .txt files
-(caption_strategy=textfile), the layout a user's own dataset has.
+Images are written with sibling .txt captions (caption_strategy=textfile), the layout a user's own dataset
+has; `draw_shape` makes small offline test images (tests and benchmarks). The demo's own images are the
+world's (`expertune.world.dataset`).
 """
 
 from __future__ import annotations
@@ -13,18 +14,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from expertune.io_utils import atomic_write_bytes, atomic_write_json
-
-# (skimage.data loader, caption). Licences per each loader's docstring: public domain or CC0.
-PHOTOGRAPHS = (
-    ("astronaut", "a photograph of an astronaut in a white spacesuit in front of a flag"),
-    ("chelsea", "a photograph of a tabby cat with green eyes"),
-    ("coffee", "a photograph of a cup of coffee on a saucer, seen from above"),
-    ("rocket", "a photograph of a rocket on its launch pad under a blue sky"),
-    ("hubble_deep_field", "a telescope photograph of many distant galaxies on a black sky"),
-    ("retina", "a medical photograph of a human retina, orange with red blood vessels"),
-    ("brick", "a grey photograph of a brick wall texture"),
-    ("grass", "a grey photograph of a grass texture"),
-)
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -44,16 +33,6 @@ SHAPES = (
     ("circle", "yellow", "red"),
     ("square", "green", "blue"),
 )
-MAX_SIDE = 256
-
-
-def _photo(name: str) -> Image.Image:
-    import skimage.data
-
-    array = getattr(skimage.data, name)()
-    image = Image.fromarray(array).convert("RGB")
-    image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
-    return image
 
 
 def draw_shape(shape: str, colour: str, background: str, size: int = 192) -> Image.Image:
@@ -79,17 +58,6 @@ def save_captioned_image(image: Image.Image, path: Path, caption: str) -> None:
         image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     atomic_write_bytes(path.with_suffix(".txt"), (caption + "\n").encode("utf-8"))
-
-
-def write_demo_dataset(directory: str | os.PathLike) -> Path:
-    """Write the images with .txt captions into `directory/images`; returns that folder."""
-    images = Path(directory) / "images"
-    for index, (name, caption) in enumerate(PHOTOGRAPHS):
-        save_captioned_image(_photo(name), images / f"photo_{index:02d}_{name}.jpg", caption)
-    for index, (shape, colour, background) in enumerate(SHAPES):
-        caption = f"a {colour} {shape} on a {background} background"
-        save_captioned_image(draw_shape(shape, colour, background), images / f"shape_{index:02d}.png", caption)
-    return images
 
 
 def write_dataloader_config(path: str | os.PathLike, images: Path, cache_dir: Path, resolution: int) -> Path:
