@@ -95,6 +95,14 @@ class ChainStage:
     adapter: str | None = None  # a LoRA expert: the adapter to activate on the shared base UNet
 
 
+def chain_components(pipe: Any) -> dict[str, Any]:
+    """A loaded SDXL pipeline's components as a `ChainStage` takes them (no IP-adapter image encoder)."""
+    components = dict(pipe.components)
+    for optional in ("image_encoder", "feature_extractor"):
+        components.pop(optional, None)
+    return components
+
+
 def denoise_chain(
     stages: Sequence[ChainStage],
     conditioning: dict[str, Any],
@@ -279,10 +287,8 @@ def generate_images(
     stages = []
     for index, expert in enumerate(chain):
         pipe, saved_scheduler, adapter = loader.load(expert, index)
-        components = dict(pipe.components)
+        components = chain_components(pipe)
         components["scheduler"] = scheduler_from_saved(scheduler, saved_scheduler, str(expert.path))
-        for optional in ("image_encoder", "feature_extractor"):
-            components.pop(optional, None)
         stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter))
         log.info("expert %d/%d %s: %s (guidance %g, rescale %g, %s)", len(stages), len(chain), expert.band,
                  expert.path, scales[expert.path], rescales[expert.path], type(components["scheduler"]).__name__)

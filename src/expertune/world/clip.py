@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from expertune.models.layouts import TextEncoderShape
 from expertune.models.tiny import MAX_TOKENS, _text_encoder_config
+from expertune.world.optim import warmup_cosine
 from expertune.world.scene import Combination, all_combinations, render, scenes
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,6 @@ class _Batches:
         return [s.caption for s in drawn], pixels
 
 
-def _lr_lambda(total: int):
-    return lambda step: min(1.0, (step + 1) / 100) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / total)))
-
-
 def train_eval_clip(tokenizer, combinations: list[Combination], recipe: ClipRecipe, log_every: int = 100):
     """The evaluation CLIP: (CLIPModel, CLIPProcessor, loss rows)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
@@ -122,7 +119,7 @@ def train_eval_clip(tokenizer, combinations: list[Combination], recipe: ClipReci
     processor = CLIPProcessor(image_processor=image_processor(recipe.image_size), tokenizer=tokenizer)
     batches = _Batches(combinations, recipe.batch, recipe.seed, processor.image_processor, recipe.shape_siblings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(recipe.steps))
     rows = []
     model.train()
     for step in range(recipe.steps):
@@ -158,7 +155,7 @@ def train_text_encoders(tokenizer_1, tokenizer_2, combinations: list[Combination
     batches = _Batches(combinations, recipe.batch, recipe.seed, image_processor(recipe.image_size),
                        recipe.shape_siblings)
     optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(recipe.steps))
     rows = []
     for step in range(recipe.steps):
         captions, pixels = batches.next()

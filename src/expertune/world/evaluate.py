@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from expertune.experts import ExpertBand
-from expertune.infer.chain import ChainStage, check_chain, denoise_chain, read_expert
+from expertune.infer.chain import ChainStage, chain_components, check_chain, denoise_chain, read_expert
 from expertune.world.scene import parse_caption, read_colours
 
 
@@ -27,10 +27,7 @@ def _pipeline_components(path: str | os.PathLike) -> dict:
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    components = dict(pipe.components)
-    for optional in ("image_encoder", "feature_extractor"):
-        components.pop(optional, None)
-    return components
+    return chain_components(pipe)
 
 
 def expert_stages(paths: Sequence[str | os.PathLike], guidance: float = 5.0, rescale: float = 0.7) -> list[ChainStage]:

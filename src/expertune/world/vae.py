@@ -9,7 +9,6 @@ The loss is L1 + MSE in pixel space with a tiny KL term, so flat colours come ba
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from expertune.models.layouts import vae_config
+from expertune.world.optim import warmup_cosine
 from expertune.world.scene import IMAGE_SIZE, Combination, render_batch, scenes
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def train_vae(combinations: list[Combination], recipe: VaeRecipe, log_every: int
     vae = AutoencoderKL(**world_vae_config())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     total = recipe.crop_steps + recipe.full_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 100) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / total))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
     rows: list[dict] = []
     vae.train()
     for step in range(total):
