@@ -85,6 +85,7 @@ def run_task(task: dict) -> dict:
     from expertune.config import load_config
     from expertune.schedule import NoiseSchedule
     from expertune.train.loop import train
+    from expertune.validate.metrics import ClipScorer
     from expertune.world.evaluate import (chain_held_out_loss, chain_subbands, clip_score, colour_accuracy,
                                           expert_stages, held_out_samples, sample_chain)
     from expertune.world.scene import HELD_OUT, render
@@ -115,7 +116,7 @@ def run_task(task: dict) -> dict:
     pick = lambda items, index: [items[i] for i in index]  # noqa: E731
     result = {
         "arm": task["arm"], "seed": task["seed"], **losses,
-        "clip": clip_score(images, prompts, task["clip"]),
+        "clip": clip_score(images, prompts, ClipScorer(task["clip"])),
         **{f"held_out/{k}": v for k, v in colour_accuracy(pick(images, held_index), pick(prompts, held_index)).as_dict().items()},
         **{f"seen/{k}": v for k, v in colour_accuracy(pick(images, seen_index), pick(prompts, seen_index)).as_dict().items()},
         **colour_accuracy(images, prompts).as_dict(),

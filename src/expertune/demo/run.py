@@ -101,9 +101,11 @@ def _final_scalars(stage_dir: Path) -> tuple[dict, dict]:
 def compare_chains(base: Path, experts: list[Path], clip: Path, out: Path) -> dict:
     """Before/after on the held-out prompts (two seeds each) and the palette grid of the trained chain."""
     from expertune.infer.chain import image_grid, save_png
+    from expertune.validate.metrics import ClipScorer
     from expertune.world.evaluate import base_stages, clip_score, colour_accuracy, expert_stages, sample_chain
 
     prompts = [c.caption for c in HELD_OUT] * 2
+    scorer = ClipScorer(str(clip))  # one world CLIP for every score below
     before_stages = base_stages(base, guidance=GUIDANCE)
     after_stages = expert_stages(experts, guidance=GUIDANCE, rescale=GUIDANCE_RESCALE)
     before = sample_chain(before_stages, prompts, steps=INFERENCE_STEPS)
@@ -119,10 +121,10 @@ def compare_chains(base: Path, experts: list[Path], clip: Path, out: Path) -> di
             save_png(image, out / "samples" / folder / f"{index:02d}_{text.replace(' ', '_')}.png")
     return {
         "held_out_prompts": {
-            "before": {"clip": clip_score(before, prompts, clip), **colour_accuracy(before, prompts).as_dict()},
-            "after": {"clip": clip_score(after, prompts, clip), **colour_accuracy(after, prompts).as_dict()},
+            "before": {"clip": clip_score(before, prompts, scorer), **colour_accuracy(before, prompts).as_dict()},
+            "after": {"clip": clip_score(after, prompts, scorer), **colour_accuracy(after, prompts).as_dict()},
         },
-        "palette": {"clip": clip_score(palette_images, palette, clip), **colour_accuracy(palette_images, palette).as_dict()},
+        "palette": {"clip": clip_score(palette_images, palette, scorer), **colour_accuracy(palette_images, palette).as_dict()},
     }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 
 from expertune.experts import ExpertBand
 from expertune.infer.chain import ChainStage, chain_components, check_chain, denoise_chain, read_expert
+from expertune.validate.metrics import ClipScorer
 from expertune.world.scene import parse_caption, read_colours
 
 
@@ -84,11 +84,9 @@ def colour_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> Co
     return ColourScore(float(np.mean(fg)), float(np.mean(bg)), float(np.mean(both)))
 
 
-def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], clip_dir: str | os.PathLike) -> float:
-    """Mean CLIP score (torchmetrics, 0..100) under the world CLIP."""
-    from expertune.validate.metrics import ClipScorer
-
-    scorer = ClipScorer(str(clip_dir))
+def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], scorer: ClipScorer) -> float:
+    """Mean CLIP score (torchmetrics, 0..100) of the images against their prompts; load `scorer` once per model
+    (`ClipScorer(world / "clip")`) and reuse it."""
     return float(np.mean([scorer.score(image, prompt) for image, prompt in zip(images, prompts)]))
 
 
