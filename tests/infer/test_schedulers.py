@@ -62,10 +62,10 @@ def test_an_order_2_sampler_gets_diffusers_extra_step_at_the_hand_off() -> None:
 def test_unknown_choice_and_a_class_that_would_drop_the_parameterisation(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="--scheduler 'heun' is not one of: saved, "):
         scheduler_from_saved("heun", V_ZSNR)
-    # LMS has no zero-SNR option; diffusers would keep the key in its config and silently ignore it.
-    monkeypatch.setitem(schedulers.SCHEDULER_CLASSES, "lms", "LMSDiscreteScheduler")
-    with pytest.raises(ModelError, match=r"lms does not keep rescale_betas_zero_snr of stage2: saved True, "
-                                         r"LMSDiscreteScheduler has 'no such option'"):
-        scheduler_from_saved("lms", V_ZSNR, "stage2")
-    assert scheduler_from_saved("lms", SDXL).config.prediction_type == "epsilon"  # nothing to lose: fine
+    # PNDM has no zero-SNR option; diffusers would keep the key in its config and silently ignore it.
+    monkeypatch.setitem(schedulers.SCHEDULER_CLASSES, "pndm", "PNDMScheduler")
+    with pytest.raises(ModelError, match=r"pndm does not keep rescale_betas_zero_snr of stage2: saved True, "
+                                         r"PNDMScheduler has 'no such option'"):
+        scheduler_from_saved("pndm", V_ZSNR, "stage2")
+    assert scheduler_from_saved("pndm", SDXL).config.prediction_type == "epsilon"  # nothing to lose: fine
     assert scheduler_from_saved("saved", V_ZSNR) is V_ZSNR
