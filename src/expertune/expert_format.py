@@ -110,3 +110,94 @@ def expert_summary(band: ExpertBand, parameterisation: dict[str, Any]) -> dict[s
         "denoising_end": band.denoising_end,
         **parameterisation,
     }
+
+
+# ---- the mixture: OUTPUT_DIR/mixture.json ---------------------------------------------------------------
+#
+#     {
+#       "format_version": 1,
+#       "experts": [                            chain order: the first denoises from pure noise
+#         {"path": "expert-0/pipeline", "timestep_range": [350, 999], "denoising_start": null,
+#          "denoising_end": 0.65, "model_type": "full"},
+#         ...
+#       ],
+#       "num_train_timesteps": 1000, "prediction_type": ..., ...   the parameterisation all experts share
+#     }
+
+MIXTURE_FILE = "mixture.json"
+MIXTURE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MixtureMember:
+    """One expert of a mixture: where it is (relative to the mixture directory) and the band it owns."""
+
+    path: str
+    band: ExpertBand
+    model_type: str = "full"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "timestep_range": self.band.to_json(), "denoising_start": self.band.denoising_start,
+                "denoising_end": self.band.denoising_end, "model_type": self.model_type}
+
+
+@dataclass(frozen=True)
+class MixtureDescription:
+    """A mixture of experts on disk: its experts in chain order and the parameterisation they share."""
+
+    experts: tuple[MixtureMember, ...]
+    parameterisation: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": MIXTURE_FORMAT_VERSION, "experts": [m.to_json() for m in self.experts],
+                **self.parameterisation}
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MIXTURE_FILE
+        atomic_write_json(path, self.to_json())
+        return path
+
+    def expert_dirs(self, directory: str | os.PathLike) -> list[Path]:
+        return [Path(directory) / m.path for m in self.experts]
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> MixtureDescription:
+        """The mixture in `directory/mixture.json`, checked: version, bands that tile the schedule in chain
+        order, and each expert's own expert.json agreeing with its entry. ModelError names the problem."""
+        from expertune.experts import partition_problems
+
+        path = Path(directory) / MIXTURE_FILE
+        if not path.is_file():
+            raise ModelError(f"{directory} is not an expertune mixture: {path} is missing (a single expert has "
+                             "expert.json instead: pass it with --experts)")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ModelError(f"{path} is not a valid mixture description: {error}") from None
+        version = document.get("format_version") if isinstance(document, dict) else None
+        if version != MIXTURE_FORMAT_VERSION:
+            newer = isinstance(version, int) and version > MIXTURE_FORMAT_VERSION
+            fix = "upgrade expertune to read it" if newer else "train it again with this expertune"
+            raise ModelError(f"{path} is a mixture of format_version {version!r}; this expertune reads "
+                             f"format_version {MIXTURE_FORMAT_VERSION}: {fix}")
+        try:
+            n = int(document["num_train_timesteps"])
+            members = tuple(MixtureMember(str(e["path"]), ExpertBand(int(e["timestep_range"][0]),
+                                                                    int(e["timestep_range"][1]), n),
+                                          str(e.get("model_type", "full"))) for e in document["experts"])
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ModelError(f"{path} is not a valid mixture description: {error}") from None
+        if not members:
+            raise ModelError(f"{path} lists no experts")
+        problems = partition_problems([m.band for m in members])
+        if [m.band for m in members] != sorted((m.band for m in members), key=lambda b: -b.hi):
+            problems.append("experts are not listed in chain order (highest noise first)")
+        if problems:
+            raise ModelError(f"{path}: " + "; ".join(problems))
+        for member in members:
+            own = ExpertDescription.read(Path(directory) / member.path)
+            if own.band != member.band:
+                raise ModelError(f"{path}: expert {member.path} owns {own.band} by its expert.json, but the mixture "
+                                 f"lists {member.band}")
+        parameterisation = {k: v for k, v in document.items() if k not in ("format_version", "experts")}
+        return cls(members, parameterisation)

@@ -101,6 +101,10 @@ EXPECTED = {
     "refiner_training": ("band", bool, False, False), "refiner_training_strength": ("band", float, False, 0.2),
     "refiner_training_invert_schedule": ("band", bool, False, False),
     "timestep_range": ("band", str, True, None), "timestep_sampling": ("band", str, False, "uniform"),
+    "mixture_boundaries": ("mixture", str, True, None), "mixture_schedule": ("mixture", str, False, "alternate"),
+    "mixture_switch_every": ("mixture", int, False, 1), "mixture_offload_inactive": ("mixture", bool, False, False),
+    "expert_models": ("mixture", str, True, None), "expert_learning_rates": ("mixture", str, True, None),
+    "expert_loss_weightings": ("mixture", str, True, None), "expert_ema_decays": ("mixture", str, True, None),
     "prediction_type": ("schedule", str, True, None), "rescale_betas_zero_snr": ("schedule", bool, False, False),
     "training_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
     "inference_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
@@ -147,7 +151,7 @@ EXPECTED = {
 
 
 def test_field_registry_matches_the_specification():
-    assert list(SECTIONS) == ["model", "data", "band", "schedule", "train", "validation", "logging"]
+    assert list(SECTIONS) == ["model", "data", "band", "mixture", "schedule", "train", "validation", "logging"]
     assert set(FIELDS) == set(EXPECTED)
     for name, (section, typ, optional, default) in EXPECTED.items():
         spec = FIELDS[name]

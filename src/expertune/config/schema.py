@@ -248,6 +248,42 @@ class BandConfig:
                                  choices=("uniform", "stratified"))
 
 
+def _check_mixture_boundaries(text: str) -> None:
+    """The syntax of `mixture_boundaries` (where they fall is checked against the schedule at setup)."""
+    from expertune.mixture import parse_boundaries
+
+    try:
+        parse_boundaries(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """Several experts trained in one job (docs/mixtures.md): the plan, who trains when, per-expert settings."""
+
+    mixture_boundaries: str | None = opt(
+        None, "Train every expert of a mixture in one job: boundaries highest first, each a timestep (350), "
+        "snr:X or logsnr:X on the run's schedule; N boundaries make N + 1 experts.",
+        check=_check_mixture_boundaries)
+    mixture_schedule: str = opt("alternate", "Which expert trains each step of a joint job: take turns "
+                                "(alternate), by band size (proportional), or by a drawn timestep (timestep).",
+                                choices=("alternate", "proportional", "timestep"))
+    mixture_switch_every: int = opt(1, "Steps each expert trains before the next one's turn "
+                                       "(mixture_schedule=alternate).", ge=1)
+    mixture_offload_inactive: bool = opt(False, "Keep the experts that are not training in CPU memory (weights "
+                                                "and optimizer state) and move each onto the accelerator for "
+                                                "its turn.", on_resume="may_change")
+    expert_models: str | None = opt(None, "Model each expert starts from, comma-separated in chain order (unset: "
+                                          "all start from pretrained_model_name_or_path).")
+    expert_learning_rates: str | None = opt(None, "Peak learning rate per expert, comma-separated in chain order, "
+                                                  "or one for all (unset: learning_rate).")
+    expert_loss_weightings: str | None = opt(None, "loss_weighting per expert, comma-separated in chain order, or "
+                                                   "one for all (unset: loss_weighting).")
+    expert_ema_decays: str | None = opt(None, "EMA decay per expert with --use_ema, comma-separated in chain "
+                                              "order, or one for all (unset: ema_decay).")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Noise schedule and parameterisation."""
@@ -412,7 +448,8 @@ class LoggingConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "data": DataConfig, "band": BandConfig, "schedule": ScheduleConfig,
+    "model": ModelConfig, "data": DataConfig, "band": BandConfig, "mixture": MixtureConfig,
+    "schedule": ScheduleConfig,
     "train": TrainConfig, "validation": ValidationConfig, "logging": LoggingConfig,
 }
 
@@ -457,6 +494,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     band: BandConfig = field(default_factory=BandConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

@@ -167,6 +167,7 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
         raise ConfigError(
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
             f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
+    check_mixture_fields(values, sources)
     if values["export_ema"] and not values["use_ema"]:
         raise ConfigError(
             f"export_ema (from {src('export_ema')}) needs use_ema: add --use_ema, or drop --export_ema")
@@ -194,6 +195,27 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             f"eval_dataset_id={show(values['eval_dataset_id'])} (from {src('eval_dataset_id')}) and "
             f"eval_holdout_fraction={show(values['eval_holdout_fraction'])} (from {src('eval_holdout_fraction')}) "
             "both choose the held-out images; use one")
+
+
+def check_mixture_fields(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """A mixture plan chooses every expert's band itself; per-expert lists need a plan."""
+    def src(name: str) -> str:
+        return sources.get(name, "defaults")
+
+    plan = values["mixture_boundaries"]
+    if plan is not None:
+        for other in ("refiner_training", "timestep_range"):
+            if values[other] not in (None, False):
+                raise ConfigError(
+                    f"mixture_boundaries={show(plan)} (from {src('mixture_boundaries')}) gives every expert its "
+                    f"band, and {other} (from {src(other)}) would choose one band for a single expert: drop "
+                    f"{other}, or drop mixture_boundaries to train one expert")
+        return
+    for name in ("expert_models", "expert_learning_rates", "expert_loss_weightings", "expert_ema_decays"):
+        if values[name] is not None:
+            raise ConfigError(f"{name}={show(values[name])} (from {src(name)}) sets a value per expert of a "
+                              "mixture, but mixture_boundaries is unset: add --mixture_boundaries (e.g. 350 for "
+                              f"two experts), or drop {name}")
 
 
 def validate_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:

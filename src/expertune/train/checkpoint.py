@@ -8,6 +8,9 @@ A checkpoint is a directory `<output_dir>/checkpoints/checkpoint-<step>`:
     state.safetensors       RNG states and the current epoch's data order (uint8 / int64 tensors)
     state.json              step, data position, LR-scheduler and optimizer scalars, config snapshot
 
+A mixture job's checkpoint holds every expert: `expert-<k>/` with those files for expert k (chain order) and
+a top `state.json` with the job step (the sum of the experts' steps), the expert count and the config.
+
 It is assembled under a hidden temporary name and renamed into place, so a directory named
 `checkpoint-<step>` is always complete. No pickle anywhere: tensors go through safetensors, the rest JSON.
 """
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,51 +121,34 @@ def _scheduler_state(lr_scheduler: Any) -> dict[str, Any]:
 
 def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dict[str, Any],
                     run_identity: dict[str, Any], snapshot: Any | None = None) -> Path:
-    """Write checkpoint-<step> atomically; a failure (e.g. a full disk) leaves no partial checkpoint.
+    """Write checkpoint-<step> of a one-expert run atomically; a failure (e.g. a full disk) leaves no partial
+    checkpoint. `snapshot` holds the full weights and optimizer state gathered beforehand on every process (a
+    collective, see train.strategy); without it they are taken from the state's whole UNet and optimizer."""
+    return save_job_checkpoint(output_dir, [state], config_snapshot, run_identity, [snapshot])
 
-    `snapshot` holds the full weights and optimizer state gathered beforehand on every process (a collective,
-    see train.strategy); without it they are taken from the state's whole UNet and optimizer.
-    """
-    parallel = state.parallel()
-    if snapshot is None:
-        snapshot = parallel.snapshot()
+
+def save_job_checkpoint(output_dir: Path, states: Sequence[TrainingState], config_snapshot: dict[str, Any],
+                        run_identity: dict[str, Any], snapshots: Sequence[Any | None] | None = None) -> Path:
+    """checkpoint-<job step> holding every expert of the job: one expert's files at the top, or (a mixture)
+    `expert-<k>/` with each expert's files and a top `state.json` naming how many there are."""
+    snapshots = list(snapshots) if snapshots is not None else [None] * len(states)
+    step = sum(state.step for state in states)
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"checkpoint-{state.step}"
+    target = root / f"checkpoint-{step}"
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
+    job = {"config": config_snapshot, "config_version": CONFIG_VERSION, "run_identity": run_identity}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in snapshot.weights.items()},
-                  str(scratch / "unet.safetensors"))
-        optimizer_tensors, optimizer_meta = _flatten_optimizer(snapshot.optimizer)
-        save_file(optimizer_tensors, str(scratch / "optimizer.safetensors"))
-        rng = {
-            "generator": state.generator.get_state(),
-            "torch_cpu": torch.get_rng_state(),
-            "epoch_order": torch.tensor(state.epoch_order, dtype=torch.int64),
-        }
-        if torch.cuda.is_available():
-            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{index}"] = cuda_state
-        save_file(rng, str(scratch / "state.safetensors"))
-        ema_meta = None
-        if state.ema is not None:
-            ema_state = state.ema.state_dict()
-            save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema_state["shadow_params"])},
-                      str(scratch / "ema.safetensors"))
-            ema_meta = {k: v for k, v in ema_state.items() if k != "shadow_params"}
-        document = {
-            "format_version": FORMAT_VERSION,
-            "step": state.step,
-            "data": vars(state.data),
-            "lr_scheduler": _scheduler_state(state.lr_scheduler),
-            "optimizer": optimizer_meta,
-            "optimizer_layout": parallel.layout,
-            "ema": ema_meta,
-            "config": config_snapshot,
-            "config_version": CONFIG_VERSION,
-            "run_identity": run_identity,
-        }
-        atomic_write_json(scratch / "state.json", document)
+        if len(states) == 1:
+            _write_expert(scratch, states[0], snapshots[0], job)
+        else:
+            for index, (state, snapshot) in enumerate(zip(states, snapshots)):
+                folder = scratch / expert_folder(index)
+                folder.mkdir()
+                _write_expert(folder, state, snapshot, {})
+                _fsync_dir(folder)
+            atomic_write_json(scratch / "state.json", {"format_version": FORMAT_VERSION, "step": step,
+                                                       "experts": len(states), **job})
         _fsync_dir(scratch)
         if target.exists():
             shutil.rmtree(target)
@@ -179,6 +166,48 @@ def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dic
         raise
     log.info("saved checkpoint %s", target)
     return target
+
+
+def expert_folder(index: int) -> str:
+    """Where expert `index` of a mixture keeps its files inside a checkpoint."""
+    return f"expert-{index}"
+
+
+def _write_expert(directory: Path, state: TrainingState, snapshot: Any | None, job: dict[str, Any]) -> None:
+    """One expert's weights, optimizer, RNG, EMA and state.json (with the job's fields `job`) into `directory`."""
+    parallel = state.parallel()
+    if snapshot is None:
+        snapshot = parallel.snapshot()
+    save_file({k: v.detach().contiguous().cpu() for k, v in snapshot.weights.items()},
+              str(directory / "unet.safetensors"))
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(snapshot.optimizer)
+    save_file(optimizer_tensors, str(directory / "optimizer.safetensors"))
+    rng = {
+        "generator": state.generator.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "epoch_order": torch.tensor(state.epoch_order, dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{index}"] = cuda_state
+    save_file(rng, str(directory / "state.safetensors"))
+    ema_meta = None
+    if state.ema is not None:
+        ema_state = state.ema.state_dict()
+        save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(ema_state["shadow_params"])},
+                  str(directory / "ema.safetensors"))
+        ema_meta = {k: v for k, v in ema_state.items() if k != "shadow_params"}
+    document = {
+        "format_version": FORMAT_VERSION,
+        "step": state.step,
+        "data": vars(state.data),
+        "lr_scheduler": _scheduler_state(state.lr_scheduler),
+        "optimizer": optimizer_meta,
+        "optimizer_layout": parallel.layout,
+        "ema": ema_meta,
+        **job,
+    }
+    atomic_write_json(directory / "state.json", document)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -212,13 +241,26 @@ def other_format(path: Path) -> str | None:
 
 def is_complete(path: Path) -> bool:
     """All files present and state.json readable (a renamed-in checkpoint always is, unless damaged later)."""
-    if not all((path / name).is_file() for name in REQUIRED_FILES):
+    document = _read_document(path)
+    if document is None or document.get("format_version") != FORMAT_VERSION:
         return False
+    count = document.get("experts")
+    if count is None:
+        return _expert_complete(path, document)
+    folders = [path / expert_folder(k) for k in range(int(count))]
+    return all((d := _read_document(f)) is not None and _expert_complete(f, d) for f in folders)
+
+
+def _read_document(path: Path) -> dict[str, Any] | None:
     try:
         document = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return False
-    if document.get("format_version") != FORMAT_VERSION:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _expert_complete(path: Path, document: dict[str, Any]) -> bool:
+    if not all((path / name).is_file() for name in REQUIRED_FILES):
         return False
     return document.get("ema") is None or (path / "ema.safetensors").is_file()
 
@@ -279,9 +321,25 @@ def read_checkpoint_document(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
-def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler, EMA and RNG into `state`; returns the state.json document."""
+def load_checkpoint(path: Path, states: TrainingState | Sequence[TrainingState]) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler, EMA and RNG into the state of each expert of the job (one, or a
+    mixture's in chain order); returns the checkpoint's top state.json document."""
+    targets = [states] if isinstance(states, TrainingState) else list(states)
     document = read_checkpoint_document(path)
+    count = document.get("experts")
+    if (count or 1) != len(targets):
+        raise ConfigError(f"checkpoint {path} holds {count or 1} expert(s) and this run trains {len(targets)}: resume "
+                          "it with the mixture_boundaries that wrote it")
+    if count is None:
+        _load_expert(path, document, targets[0])
+    else:
+        for index, state in enumerate(targets):
+            folder = path / expert_folder(index)
+            _load_expert(folder, read_checkpoint_document(folder), state)
+    return document
+
+
+def _load_expert(path: Path, document: dict[str, Any], state: TrainingState) -> None:
     parallel = state.parallel()
     layout = document.get("optimizer_layout", "torch")
     if layout != parallel.layout:
@@ -309,7 +367,6 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     state.step = int(document["step"])
     state.data = DataPosition(**document["data"])
     state.epoch_order = rng["epoch_order"].tolist()
-    return document
 
 
 def remove_partial_checkpoints(output_dir: Path) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from expertune.train.checkpoint import prune_checkpoints, save_checkpoint
-from expertune.train.setup import ExpertRun, Run
+from expertune.train.checkpoint import prune_checkpoints, save_job_checkpoint
+from expertune.train.setup import Run
 
 
 class Checkpointer:
-    """Saves `checkpoint-<step>` by step or epoch interval, on a stop request, and once at the end."""
+    """Saves `checkpoint-<step>` (every expert of the job in one) by step or epoch interval, on a stop
+    request, and once at the end. Steps are job steps: in a mixture, each trains one expert."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -15,30 +16,30 @@ class Checkpointer:
         self.step_interval = t.checkpoint_step_interval
         self.epoch_interval = t.checkpoint_epoch_interval
         self.enabled = bool(self.step_interval or self.epoch_interval)
-        self.last_saved: int | None = run.expert.state.step if run.checkpoint_path is not None else None
+        self.last_saved: int | None = run.step if run.checkpoint_path is not None else None
 
     def due(self, step: int, epoch_done: bool, epoch: int) -> bool:
         by_step = bool(self.step_interval) and step % self.step_interval == 0
         by_epoch = bool(self.epoch_interval) and epoch_done and (epoch + 1) % self.epoch_interval == 0
         return by_step or by_epoch
 
-    def maybe_save(self, expert: ExpertRun, epoch_done: bool, epoch: int, *, stopping: bool = False) -> None:
+    def maybe_save(self, epoch_done: bool, epoch: int, *, stopping: bool = False) -> None:
         """Save when an interval says so or the run is stopping."""
-        if stopping or self.due(expert.state.step, epoch_done, epoch):
-            self.save(expert)
+        if stopping or self.due(self.run.step, epoch_done, epoch):
+            self.save()
 
-    def save_final(self, expert: ExpertRun) -> None:
+    def save_final(self) -> None:
         """The last step's checkpoint, unless checkpoints are off or it was just saved."""
         self.run.accelerator.wait_for_everyone()
-        if self.enabled and self.last_saved != expert.state.step:
-            self.save(expert)
+        if self.enabled and self.last_saved != self.run.step:
+            self.save()
 
-    def save(self, expert: ExpertRun) -> None:
+    def save(self) -> None:
         run = self.run
-        snapshot = expert.strategy.snapshot()  # every rank: gathering sharded state is a collective
+        snapshots = [expert.strategy.snapshot() for expert in run.experts]  # every rank: a collective when sharded
         if run.is_main:
-            save_checkpoint(run.output_dir, expert.state, run.config_snapshot, run.identity, snapshot)
+            save_job_checkpoint(run.output_dir, [e.state for e in run.experts], run.config_snapshot, run.identity,
+                                snapshots)
             prune_checkpoints(run.output_dir, run.config.train.checkpoints_total_limit)
         run.accelerator.wait_for_everyone()
-        self.last_saved = expert.state.step
-
+        self.last_saved = run.step

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expertune.expert_format import ExpertDescription
+from expertune.expert_format import ExpertDescription, MixtureDescription, MixtureMember
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import save_lora_expert
 from expertune.models.sdxl import make_scheduler, save_expert_pipeline
@@ -19,8 +19,15 @@ from expertune.train.strategy import whole_model_loading
 log = logging.getLogger(__name__)
 
 
-def pipeline_dir_for(run: Run) -> Path:
-    return run.output_dir / ("lora" if run.config.model.model_type == "lora" else "pipeline")
+def expert_dir_for(run: Run, expert: ExpertRun) -> Path:
+    """Where the expert is saved: `pipeline/` (or `lora/`), under `expert-<k>/` in a mixture."""
+    name = "lora" if run.config.model.model_type == "lora" else "pipeline"
+    return run.output_dir / f"expert-{expert.index}" / name if run.is_mixture else run.output_dir / name
+
+
+def result_dir(run: Run) -> Path:
+    """What the run made: the one expert's directory, or the mixture's (the output directory, mixture.json)."""
+    return run.output_dir if run.is_mixture else expert_dir_for(run, run.expert)
 
 
 def final_weights(run: Run, expert: ExpertRun) -> Any | None:
@@ -32,6 +39,16 @@ def final_weights(run: Run, expert: ExpertRun) -> Any | None:
     return expert.strategy.whole_unet(run.accelerator.device)  # sharded engines: gathered on the main process
 
 
+def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription]:
+    """Save every expert of the job (main process) and, for a mixture, mixture.json; their descriptions."""
+    descriptions = [export_expert(run, expert, final) for expert, final in zip(run.experts, finals)]
+    if run.is_mixture and run.is_main:
+        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), e.band,
+                                      run.config.model.model_type) for e in run.experts)
+        MixtureDescription(members, run.schedule.describe()).write(run.output_dir)
+    return descriptions
+
+
 def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:
     """Save the expert (main process) and return its expert.json description."""
     config, components, schedule = run.config, run.components, run.schedule
@@ -41,7 +58,7 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     if not run.is_main:
         return description
     scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))
-    destination = pipeline_dir_for(run)
+    destination = expert_dir_for(run, expert)
     if config.model.model_type == "lora":
         save_lora_expert(expert.trained, scheduler, description, destination)
     else:
@@ -50,26 +67,26 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     return description
 
 
-def expert_weight_summary(run: Run) -> dict[str, Any] | None:
+def expert_weight_summary(expert: ExpertRun) -> dict[str, Any] | None:
     """The expert's mean, min and max loss weight over its band (run.json `loss_weight`)."""
-    weights, band = run.expert.weights, run.expert.band
+    weights, band = expert.weights, expert.band
     return None if weights is None else weights.band_summary(band.lo, band.hi)
 
 
-def write_summary(run: Run, expert: ExpertRun, description: ExpertDescription,
-                  validation_files: list[Path]) -> dict[str, Any]:
-    """run.json (main process): what was trained, from what, how fast, with which cache and data."""
+def write_summary(run: Run, descriptions: list[ExpertDescription], validation_files: list[Path]) -> dict[str, Any]:
+    """run.json (main process): what was trained, from what, how fast, with which cache and data. A mixture's
+    lists every expert under `experts` (with its own steps, final metrics and loss weighting)."""
     if not run.is_main:
         return {}
-    prepared, state = run.prepared, expert.state
-    summary = {
+    prepared, first = run.prepared, run.experts[0]
+    summary: dict[str, Any] = {
         "format_version": 1,
-        "expert": description.to_json(),
+        "expert": descriptions[0].to_json(),
         "steps": run.total_steps,
         "resumed_from": str(run.checkpoint_path) if run.checkpoint_path else None,
-        "epochs_started": state.data.epoch + 1,
+        "epochs_started": max(e.state.data.epoch for e in run.experts) + 1,
         "samples_per_epoch": len(prepared.items),
-        "final": expert.last_record,
+        "final": first.last_record,
         "cache": prepared.cache_stats,
         "skipped_images": prepared.skipped,
         "buckets": prepared.bucket_table,
@@ -79,10 +96,19 @@ def write_summary(run: Run, expert: ExpertRun, description: ExpertDescription,
             "to_first_step": round(run.first_step_at or 0.0, 3),
         },
         "peak_memory_gib": peak_memory_gib(run.accelerator.device),
-        "loss_weight": expert_weight_summary(run),
+        "loss_weight": expert_weight_summary(first),
         "device": device_settings.describe(run.config),
         "config": run.config_snapshot,
         "versions": library_versions(),
     }
+    if run.is_mixture:
+        del summary["expert"], summary["final"], summary["loss_weight"]
+        summary["mixture"] = {
+            "schedule": run.config.mixture.mixture_schedule,
+            "experts": [{"expert": d.to_json(), "path": str(expert_dir_for(run, e).relative_to(run.output_dir)),
+                         "steps": e.state.step, "final": e.last_record, "loss_weight": expert_weight_summary(e),
+                         "learning_rate": e.config.train.learning_rate if e.config else None}
+                        for e, d in zip(run.experts, descriptions)],
+        }
     atomic_write_json(run.output_dir / "run.json", summary)
     return summary

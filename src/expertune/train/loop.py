@@ -21,8 +21,9 @@ from expertune.errors import TrainingInterrupted
 from expertune.experts import ExpertBand
 from expertune.train.checkpoint import DataPosition, checkpoints_dir
 from expertune.train.checkpointer import Checkpointer
-from expertune.train.export import export_expert, final_weights, pipeline_dir_for, write_summary
+from expertune.train.export import export_experts, final_weights, result_dir, write_summary
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
 from expertune.train.runtime import agreed
 from expertune.train.setup import (  # noqa: F401  (re-exported: the loop's helpers, as before)
@@ -41,41 +42,47 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     output_dir: Path
-    pipeline_dir: Path
-    band: ExpertBand
+    pipeline_dir: Path  # the expert's directory; a mixture's: the output directory, which holds mixture.json
+    band: ExpertBand  # the expert's band; a mixture's: the whole schedule
     steps: int
     summary: dict[str, Any]
 
 
 def train(config: Config) -> RunResult:
-    """Train one expert as `config` describes and save it as a diffusers pipeline with expert.json."""
+    """Train the expert (or every expert of the mixture) `config` describes and save it as diffusers pipelines
+    with expert.json (and mixture.json)."""
     from tqdm.auto import tqdm
 
     run = setup_run(config)
-    expert, total = run.expert, run.total_steps
     checkpointer = Checkpointer(run)
-    validation = PeriodicValidation(config, run.accelerator, total)
-    validation.at_startup(expert)
-    progress = tqdm(total=total, initial=expert.state.step, desc=f"training {expert.band}",
+    validation = PeriodicValidation(config, run.accelerator, run.total_steps)
+    validation.at_startup(run)
+    progress = tqdm(total=run.total_steps, initial=run.step, desc=f"training {describe_bands(run)}",
                     disable=not run.accelerator.is_local_main_process)
-    with StopRequests() as stop, progress:
-        while expert.state.step < total:
+    with StopRequests() as stop, progress, ActiveExpert(run) as active:
+        while run.step < run.total_steps:
+            expert = active.take(run.next_expert())
             tail = train_step(run, expert)
             log_step(run, expert.last_record, progress)
             stopping = agreed(run.accelerator, stop.requested)
-            checkpointer.maybe_save(expert, tail.epoch_end, tail.epoch, stopping=stopping)
+            checkpointer.maybe_save(tail.epoch_end, tail.epoch, stopping=stopping)
             if stopping:
                 stop_run(run, stop.received)
-            validation.maybe_run(expert)
-    checkpointer.save_final(expert)
-    final = final_weights(run, expert)
-    description = export_expert(run, expert, final)  # first, so a failing validation cannot lose the expert
-    files = validation.final(expert, final)
+            validation.maybe_run(run)
+    checkpointer.save_final()
+    finals = [final_weights(run, expert) for expert in run.experts]
+    descriptions = export_experts(run, finals)  # first, so a failing validation cannot lose an expert
+    files = validation.final(run, finals)
     run.metrics.close()
-    summary = write_summary(run, expert, description, files)
+    summary = write_summary(run, descriptions, files)
     run.accelerator.end_training()
-    log.info("done: %d steps, expert %s saved to %s", total, expert.band, pipeline_dir_for(run))
-    return RunResult(run.output_dir, pipeline_dir_for(run), expert.band, total, summary)
+    log.info("done: %d steps, %s saved to %s", run.total_steps, describe_bands(run), result_dir(run))
+    band = run.experts[0].band if len(run.experts) == 1 else ExpertBand.full(run.schedule.num_train_timesteps)
+    return RunResult(run.output_dir, result_dir(run), band, run.total_steps, summary)
+
+
+def describe_bands(run: Run) -> str:
+    return str(run.experts[0].band) if len(run.experts) == 1 else f"{len(run.experts)} experts"
 
 
 def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
@@ -94,7 +101,7 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     leave the step's metrics in `expert.last_record`. Returns the step's last micro-batch."""
     accelerator, t = run.accelerator, run.config.train
     step_started = time.monotonic()
-    step = expert.state.step + 1
+    step = expert.state.step + 1  # the expert's own step; the job's is run.step + 1
     assert expert.stream is not None
     group = [next(expert.stream) for _ in range(t.gradient_accumulation_steps)]
     samples = sum(len(m.indices) for m in group)
@@ -127,8 +134,10 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     if accelerator.num_processes > 1:
         step_loss = accelerator.reduce(step_loss.float().to(accelerator.device), "mean").cpu()
     timesteps = torch.cat(step_timesteps)
-    record = {
-        "step": step,
+    record: dict[str, Any] = {"step": run.step}
+    if run.is_mixture:
+        record.update(expert=expert.index, expert_step=step)
+    record |= {
         "epoch": tail.epoch,
         "loss": float(step_loss),
         "lr": float(expert.lr_scheduler.get_last_lr()[0]),
@@ -160,7 +169,8 @@ def log_step(run: Run, record: dict[str, Any], progress: Any) -> None:
     """The step's metrics to metrics.jsonl and the trackers (main process), and the progress bar."""
     if run.is_main:
         run.metrics.write(record)
-        run.accelerator.log({f"train/{k}": record[k] for k in ("loss", "lr", "grad_norm") if k in record},
+        prefix = f"train/expert_{record['expert']}/" if "expert" in record else "train/"
+        run.accelerator.log({f"{prefix}{k}": record[k] for k in ("loss", "lr", "grad_norm") if k in record},
                             step=record["step"])
     progress.update(1)
     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", step=record["step"])
@@ -171,5 +181,5 @@ def stop_run(run: Run, signal_number: int | None) -> None:
     run.metrics.close()
     run.accelerator.end_training()
     raise TrainingInterrupted(
-        f"interrupted at step {run.expert.state.step}/{run.total_steps}; checkpoint saved in "
+        f"interrupted at step {run.step}/{run.total_steps}; checkpoint saved in "
         f"{checkpoints_dir(run.output_dir)}. Continue with --resume_from_checkpoint latest", signal_number or 15)

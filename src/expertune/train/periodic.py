@@ -1,4 +1,9 @@
-"""When a run validates: at startup (on request), every `validation_step_interval` steps, after the export."""
+"""When a run validates: at startup (on request), every `validation_step_interval` steps, after the export.
+
+In a mixture every expert is validated its own way at each validation, the whole chain of the current
+experts is validated too (by the first expert's validator), and the held-out loss of the mixture, each
+timestep scored by the expert that owns it, is logged as `eval/mixture_loss`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from expertune.config import Config
-from expertune.train.setup import ExpertRun
+from expertune.train.setup import ExpertRun, Run
 
 
 class PeriodicValidation:
-    """Decides whether a validation is due and runs the expert's validator (main process; a sharded UNet is
+    """Decides whether a validation is due and runs the experts' validators (main process; a sharded UNet is
     first gathered into one copy, with every rank taking part)."""
 
     def __init__(self, config: Config, accelerator: Any, total_steps: int) -> None:
@@ -18,29 +23,58 @@ class PeriodicValidation:
         self.accelerator = accelerator
         self.total_steps = total_steps
 
-    def at_startup(self, expert: ExpertRun) -> None:
+    def at_startup(self, run: Run) -> None:
         if self.v.validation_on_startup:
-            self.run(expert, expert.state.step)
+            self.run(run, run.step)
 
-    def maybe_run(self, expert: ExpertRun) -> None:
+    def maybe_run(self, run: Run) -> None:
         """The interval validation; the last step is validated by `final` after the export."""
-        step, interval = expert.state.step, self.v.validation_step_interval
+        step, interval = run.step, self.v.validation_step_interval
         if interval and step % interval == 0 and step < self.total_steps:
-            self.run(expert, step)
+            self.run(run, step)
 
-    def run(self, expert: ExpertRun, step: int) -> None:
+    def run(self, run: Run, step: int) -> None:
         if self.v.validation_disable:
             return
-        strategy = expert.strategy
-        if not strategy.sharded:
-            expert.validator.run(strategy.unet, step)
-            return
-        whole = strategy.whole_unet(self.accelerator.device)
-        if whole is not None:
-            expert.validator.run(whole, step)
-            del whole
-        self.accelerator.wait_for_everyone()
+        unets = [self._whole(expert) for expert in run.experts]
+        if all(unet is not None for unet in unets):
+            self._validate(run, unets, step)
+        del unets
+        if any(expert.strategy.sharded for expert in run.experts):
+            self.accelerator.wait_for_everyone()
 
-    def final(self, expert: ExpertRun, unet: Any | None) -> list[Path]:
-        """Validate the exported weights (`unet`: the whole UNet on the main process, None elsewhere)."""
-        return expert.validator.run(unet, self.total_steps) if unet is not None else []
+    def _whole(self, expert: ExpertRun) -> Any | None:
+        strategy = expert.strategy
+        return strategy.unet if not strategy.sharded else strategy.whole_unet(self.accelerator.device)
+
+    def _validate(self, run: Run, unets: list[Any], step: int) -> list[Path]:
+        written: list[Path] = []
+        if run.is_mixture:
+            run.experts[0].validator.chain_with = [(unet, e.band) for unet, e in zip(unets, run.experts)]
+        for expert, unet in zip(run.experts, unets):
+            written += expert.validator.run(unet, step)
+        if run.is_mixture and run.is_main:
+            log_mixture_loss(run, step)
+        return written
+
+    def final(self, run: Run, unets: list[Any | None]) -> list[Path]:
+        """Validate the exported weights (`unets`: each expert's whole UNet on the main process, None elsewhere)."""
+        if any(unet is None for unet in unets):
+            return []
+        return self._validate(run, unets, self.total_steps)
+
+
+def mixture_loss(parts: list[tuple[int, float]], num_train_timesteps: int) -> float:
+    """The held-out loss over the whole schedule from each expert's loss over its own band: the mean over
+    timesteps, so each band counts by its size. `parts`: (band size, the expert's mean loss over its band)."""
+    return sum(size * loss for size, loss in parts) / num_train_timesteps
+
+
+def log_mixture_loss(run: Run, step: int) -> None:
+    values = [expert.validator.last_values.get("eval/loss") for expert in run.experts]
+    if any(value is None for value in values):
+        return
+    loss = mixture_loss([(e.band.size, float(v)) for e, v in zip(run.experts, values)],  # type: ignore[arg-type]
+                        run.schedule.num_train_timesteps)
+    run.accelerator.log({"eval/mixture_loss": loss}, step=step)
+    run.metrics.write({"step": step, "kind": "validation", "expert": "mixture", "eval/mixture_loss": loss})

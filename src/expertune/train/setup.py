@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from expertune.config import Config
+from expertune.config.schema import FIELDS
 from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
 from expertune.data.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
+from expertune.mixture import per_expert, plan_bands, step_owners, steps_per_expert
 from expertune.experts import ExpertBand, band_from_settings
 from expertune.models.lora import add_lora_adapters
 from expertune.models.sdxl import SDXLComponents, load_components
@@ -85,6 +87,60 @@ def expert_band_for(config: Config, num_train_timesteps: int) -> ExpertBand:
         raise ConfigError(f"expert band: {error}") from None
 
 
+def expert_bands_for(config: Config, schedule: NoiseSchedule) -> list[ExpertBand]:
+    """The bands this job trains, in chain order: the mixture plan's, or the one band of a single expert."""
+    plan = config.mixture.mixture_boundaries
+    if plan is None:
+        return [expert_band_for(config, schedule.num_train_timesteps)]
+    try:
+        return plan_bands(plan, schedule.alphas_cumprod)
+    except ValueError as error:
+        raise ConfigError(f"mixture plan: {error}") from None
+
+
+def expert_config(config: Config, index: int, count: int) -> Config:
+    """`config` as expert `index` of `count` sees it: the per-expert learning rate, loss weighting and EMA
+    decay of a mixture (`expert_*` options) in place of the shared ones."""
+    mix, t = config.mixture, config.train
+    if count == 1 and config.mixture.mixture_boundaries is None:
+        return config
+    weightings = FIELDS["loss_weighting"].choices or ()
+
+    def weighting(text: str) -> str | None:
+        if text in ("", "default"):
+            return None
+        if text not in weightings:
+            raise ValueError(f"not one of: {', '.join(weightings)}")
+        if text == "min_snr" and t.snr_gamma is None:
+            raise ValueError("min_snr needs --snr_gamma")
+        return text
+
+    try:
+        lr = per_expert(mix.expert_learning_rates, count, "expert_learning_rates", _positive, t.learning_rate)
+        loss = per_expert(mix.expert_loss_weightings, count, "expert_loss_weightings", weighting, t.loss_weighting)
+        decay = per_expert(mix.expert_ema_decays, count, "expert_ema_decays", _unit_interval, t.ema_decay)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if mix.expert_ema_decays is not None and not t.use_ema:
+        raise ConfigError(f"expert_ema_decays={mix.expert_ema_decays!r} needs --use_ema")
+    train = replace(t, learning_rate=lr[index], loss_weighting=loss[index], ema_decay=decay[index])
+    return replace(config, train=train)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise ValueError("must be in (0, 1)")
+    return value
+
+
 def total_optimizer_steps(config: Config, buckets: int | Sequence[Bucket], world_size: int) -> int:
     t = config.train
     if t.max_train_steps:
@@ -98,6 +154,7 @@ def total_optimizer_steps(config: Config, buckets: int | Sequence[Bucket], world
 class ExpertRun:
     """One expert being trained: its band, weights, optimizer, EMA, data position and validator."""
 
+    index: int  # place in the chain (0: the expert that starts from pure noise)
     band: ExpertBand
     plan: ValidationPlan
     unet: Any  # as accelerate prepared it (what forward/backward and clipping see)
@@ -112,6 +169,8 @@ class ExpertRun:
     layout_epoch: int | None = None  # the epoch whose order `state.epoch_order` holds
     weights: WeightTable | None = None  # the expert's loss weighting over the schedule (train/weighting.py)
     bf16_weights: bool = False  # the UNet is held in bfloat16 (optimizer=adamw_bf16)
+    config: Config | None = None  # the run's config as this expert sees it (`expert_config`)
+    total_steps: int = 0  # this expert's own optimizer steps in the job
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -125,7 +184,7 @@ class ExpertRun:
 
 @dataclass
 class Run:
-    """What the whole job shares; `expert` is the one expert this job trains."""
+    """What the whole job shares; `experts` are the experts it trains, in chain order (one, or a mixture)."""
 
     config: Config
     accelerator: Any
@@ -138,13 +197,33 @@ class Run:
     config_snapshot: dict[str, Any]
     checkpoint_path: Path | None
     metrics: MetricsLog
-    expert: ExpertRun
+    experts: list[ExpertRun]
     started: float
+    owners: list[int] = field(default_factory=list)  # the expert of each job step (a mixture; mixture.py)
     first_step_at: float | None = None
 
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.config.mixture.mixture_boundaries is not None
+
+    @property
+    def expert(self) -> ExpertRun:
+        """The one expert of a single-expert job."""
+        assert len(self.experts) == 1, "a mixture job has several experts: use run.experts"
+        return self.experts[0]
+
+    @property
+    def step(self) -> int:
+        """Job steps done: each trains exactly one expert, so the sum of the experts' own steps."""
+        return sum(expert.state.step for expert in self.experts)
+
+    def next_expert(self) -> ExpertRun:
+        """The expert that trains the next job step."""
+        return self.experts[self.owners[self.step]] if self.owners else self.experts[0]
 
     def epoch_layout(self, epoch: int) -> list[int]:
         return epoch_layout(self.config, self.prepared, self.accelerator.num_processes, epoch)
@@ -212,7 +291,7 @@ def _device_settings(config: Config, accelerator: Any, unet: Any) -> bool:
 
 
 def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, plan: ValidationPlan,
-                 total_steps: int, weights: WeightTable) -> ExpertRun:
+                 total_steps: int, weights: WeightTable, index: int = 0) -> ExpertRun:
     """The expert's trainable UNet, optimizer, LR schedule and EMA, prepared by accelerate; state at step 0."""
     t = config.train
     unet = _trainable_unet(config, unet)
@@ -234,19 +313,20 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
     state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=strategy.unet, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema,
                           strategy=strategy)
-    return ExpertRun(band, plan, unet, optimizer, lr_scheduler, strategy, ema, state, weights=weights,
-                     bf16_weights=bf16_weights)
+    return ExpertRun(index, band, plan, unet, optimizer, lr_scheduler, strategy, ema, state, weights=weights,
+                     bf16_weights=bf16_weights, config=config, total_steps=total_steps)
 
 
-def resume(config: Config, path: Path, state: TrainingState, *, snapshot: dict[str, Any],
+def resume(config: Config, path: Path, states: list[TrainingState], *, snapshot: dict[str, Any],
            identity: dict[str, Any], prepared: PreparedData, world_size: int) -> None:
-    """Restore `state` from the checkpoint at `path`, refusing one that does not match this run."""
+    """Restore every expert's state from the checkpoint at `path`, refusing one that does not match this run."""
     document = read_checkpoint_document(path)
     check_resume_compatible(document, snapshot, identity, config.train.allow_config_change, path)
-    load_checkpoint(path, state)
-    if state.epoch_order and state.epoch_order != epoch_layout(config, prepared, world_size, state.data.epoch):
-        raise ConfigError(f"the data order stored in {path} does not match the datasets any more")
-    log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.data.epoch)
+    load_checkpoint(path, states)
+    for state in states:
+        if state.epoch_order and state.epoch_order != epoch_layout(config, prepared, world_size, state.data.epoch):
+            raise ConfigError(f"the data order stored in {path} does not match the datasets any more")
+    log.info("resumed from %s at step %d (epoch %d)", path, sum(s.step for s in states), states[0].data.epoch)
 
 
 def loss_weights(config: Config, schedule: NoiseSchedule, band: ExpertBand) -> WeightTable:
@@ -272,7 +352,6 @@ def _under_autocast(run: Any, accelerator: Any) -> Any:
 def setup_run(config: Config) -> Run:
     """Build the run `config` describes, resumed when it asks to be; every process calls this."""
     from expertune.validate.plan import build_plan
-    from expertune.validate.samples import Validator
 
     config.require_for_training()
     started = time.monotonic()
@@ -291,35 +370,106 @@ def setup_run(config: Config) -> Run:
     schedule = noise_schedule_for(config, components.scheduler_config)
     for warning in schedule.warnings():
         log.warning(warning)
-    band = expert_band_for(config, schedule.num_train_timesteps)
-    log.info("expert band %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
-             band, schedule.num_train_timesteps, schedule.prediction_type, schedule.rescale_betas_zero_snr)
-    weights = loss_weights(config, schedule, band)
-    with whole_model_loading(accelerator):
-        plan = build_plan(config, band, schedule, output_dir, device=accelerator.device)  # refuses a bad peer early
+    bands = expert_bands_for(config, schedule)
+    if len(bands) > 1:
+        check_mixture_engine(config, accelerator)
+    log.info("expert band%s %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
+             "s" if len(bands) > 1 else "", ", ".join(map(str, bands)), schedule.num_train_timesteps,
+             schedule.prediction_type, schedule.rescale_betas_zero_snr)
+    configs = [expert_config(config, k, len(bands)) for k in range(len(bands))]
+    weights = [loss_weights(c, schedule, band) for c, band in zip(configs, bands)]
+    with whole_model_loading(accelerator):  # refuses a bad peer early
+        plans = [build_plan(config, band, schedule, output_dir, device=accelerator.device) for band in bands]
     for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
         frozen.to(accelerator.device)
     with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
-        prepared = prepare_data(config, components, extra_prompts=plan.prompts_to_cache)
+        prepared = prepare_data(config, components, extra_prompts=[p for plan in plans for p in plan.prompts_to_cache])
     components.release_text_encoders()
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
-    expert = build_expert(config, accelerator, components.unet, band, plan, total_steps, weights)
+    mix = config.mixture
+    owners = (step_owners(mix.mixture_schedule, bands, total_steps, switch_every=mix.mixture_switch_every, seed=t.seed)
+              if len(bands) > 1 else [])
+    shares = steps_per_expert(owners, len(bands)) if owners else [total_steps]
+    unets = expert_unets(config, components, len(bands))
+    experts = [build_expert(c, accelerator, unet, band, plan, share, w, index=k)
+               for k, (c, unet, band, plan, share, w) in enumerate(zip(configs, unets, bands, plans, shares, weights))]
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
     if checkpoint_path is not None:
-        resume(config, checkpoint_path, expert.state, snapshot=snapshot, identity=identity, prepared=prepared,
-               world_size=accelerator.num_processes)
+        resume(config, checkpoint_path, [e.state for e in experts], snapshot=snapshot, identity=identity,
+               prepared=prepared, world_size=accelerator.num_processes)
+    job_step = sum(e.state.step for e in experts)
     if accelerator.is_main_process:
-        truncate_metrics(output_dir / "metrics.jsonl", expert.state.step)
+        truncate_metrics(output_dir / "metrics.jsonl", job_step)
         remove_partial_checkpoints(output_dir)
     if accelerator.is_main_process and config.logging.report_to != "none":
         init_trackers(accelerator, config, tracker_config(config))
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     run = Run(config, accelerator, output_dir, components, schedule, prepared, identity, total_steps, snapshot,
-              checkpoint_path, metrics, expert, started)
-    expert.validator = Validator(config, plan, components, schedule, band, prepared, accelerator, output_dir,
-                                 metrics)
-    if expert.bf16_weights:  # the pipelines feed float32 latents: autocast casts them for the bfloat16 UNet
-        expert.validator.run = _under_autocast(expert.validator.run, accelerator)
-    expert.stream = run.stream_after(expert.state.data.micro_batches_consumed)
-    expert.layout_epoch = expert.state.data.epoch if expert.state.epoch_order else None
+              checkpoint_path, metrics, experts, started, owners=owners)
+    for expert in experts:
+        attach_validator(run, expert)
+        expert.stream = run.stream_after(expert.state.data.micro_batches_consumed)
+        expert.layout_epoch = expert.state.data.epoch if expert.state.epoch_order else None
+    if len(experts) > 1:
+        log.info("mixture of %d experts, schedule %s: steps per expert %s", len(experts), mix.mixture_schedule,
+                 ", ".join(str(s) for s in shares))
     return run
+
+
+def attach_validator(run: Run, expert: ExpertRun) -> None:
+    """The expert's validator (its images in a folder and metrics under keys of its own in a mixture)."""
+    from expertune.validate.samples import Validator
+
+    expert.validator = Validator(expert.config or run.config, expert.plan, run.components, run.schedule, expert.band,
+                                 run.prepared, run.accelerator, run.output_dir, run.metrics,
+                                 expert_index=expert.index if run.is_mixture else None)
+    if expert.bf16_weights:  # the pipelines feed float32 latents: autocast casts them for the bfloat16 UNet
+        expert.validator.run = _under_autocast(expert.validator.run, run.accelerator)
+
+
+def check_mixture_engine(config: Config, accelerator: Any) -> None:
+    """A joint job trains several UNets: DDP (or one process) only; offloading only with one process."""
+    engine = accelerator.distributed_type.value
+    if engine in ("DEEPSPEED", "FSDP"):
+        raise ConfigError(f"mixture_boundaries={config.mixture.mixture_boundaries!r}: a joint job of several experts "
+                          f"runs under DDP or in one process, not {engine}; train each expert in its own job "
+                          "(--timestep_range) under that engine, or use a DDP accelerate config")
+    if config.mixture.mixture_offload_inactive and accelerator.num_processes > 1:
+        raise ConfigError("mixture_offload_inactive moves experts between devices, which a DDP-wrapped UNet does "
+                          "not allow: use it with one process, or turn it off")
+
+
+def expert_unets(config: Config, components: SDXLComponents, count: int) -> list[Any]:
+    """Each expert's starting UNet: its `expert_models` entry, else a copy of the pretrained model's."""
+    import copy
+
+    models = per_expert(config.mixture.expert_models, count, "expert_models", str, "") if count > 1 else [""]
+    unets = []
+    for k, source in enumerate(models):
+        if source and source != components.source:
+            unets.append(load_expert_unet(source, components, k))
+        else:
+            unets.append(components.unet if not any(u is components.unet for u in unets)
+                         else copy.deepcopy(components.unet))
+    return unets
+
+
+def load_expert_unet(source: str, components: SDXLComponents, index: int) -> Any:
+    """Expert `index`'s UNet from the model `source`, which must take the shared conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    from expertune.errors import ModelError
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    except (OSError, ValueError) as error:
+        raise ModelError(f"expert_models entry {index} ({source}): cannot load its UNet: {error}") from None
+    mine, base = unet.config, components.unet.config
+    for key in ("cross_attention_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                "in_channels", "out_channels"):
+        if mine.get(key) != base.get(key):
+            raise ModelError(f"expert_models entry {index} ({source}): its UNet has {key}={mine.get(key)!r} but "
+                             f"{components.source}'s has {base.get(key)!r}; the experts share text embeddings and "
+                             "latents, so they need the same conditioning layout")
+    log.info("expert %d starts from %s", index, source)
+    return unet

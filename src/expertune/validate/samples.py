@@ -111,7 +111,7 @@ class Validator:
 
     def __init__(self, config: Config, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
                  band: ExpertBand, prepared: Any, accelerator: Any, output_dir: Path,
-                 metrics: Any | None = None) -> None:
+                 metrics: Any | None = None, expert_index: int | None = None) -> None:
         self.config = config
         self.v = config.validation
         self.plan = plan
@@ -122,6 +122,11 @@ class Validator:
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.metrics = metrics  # a MetricsLog for metrics.jsonl, or None
+        # A mixture's expert: its images in validation/step_N/expert_<k>/, its tracker keys under expert_<k>/.
+        self.expert_index = expert_index
+        self.label = "" if expert_index is None else f"expert_{expert_index}"
+        self.chain_with: list[tuple[Any, ExpertBand]] = []  # a mixture's current experts, for the chain images
+        self.last_values: dict[str, float] = {}  # the metrics of the last validation
         self._peer: tuple[torch.dtype, Any] | None = None  # (dtype, UNet) of the peer expert, loaded on first use
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
         self.settings = SamplerSettings(self.v.validation_num_inference_steps, self.v.validation_guidance,
@@ -264,6 +269,17 @@ class Validator:
             result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
         return result
 
+    def mixture_chain_images(self) -> list[ValidationImage]:
+        """Text-to-image through every expert of the mixture as they are now (`chain_with`), in chain order."""
+        result = []
+        for prompt in self.prompts():
+            stages = [self._stage(unet, band, self.scheduler()) for unet, band in self.chain_with]
+            image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
+                                  num_inference_steps=self.settings.num_inference_steps,
+                                  height=self.resolution, width=self.resolution)[0]
+            result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
+        return result
+
     # ---- one validation ------------------------------------------------------------------------
 
     def run(self, unet: Any, step: int) -> list[Path]:
@@ -278,12 +294,17 @@ class Validator:
                 images = self.text_to_image(unet) if self.band.holds_start else self.partial_denoise_images(unet)
                 if self.plan.peer is not None:
                     images += self.chain_images(unet)
+                if self.chain_with:
+                    images += self.mixture_chain_images()
                 values = self.held_out(unet, self.accelerator.device) if self.held_out else {}
                 if self.plan.clip is not None:
                     values.update(self.plan.clip.scores([(i.name, i.output, i.prompt) for i in images]))
         finally:
             unet.train(was_training)
+        self.last_values = dict(values)
         folder = self.output_dir / "validation" / f"step_{step:06d}"
+        if self.label:
+            folder = folder / self.label
         written = []
         for item in images:
             path = folder / f"{item.name}.png"
@@ -291,9 +312,10 @@ class Validator:
             written.append(path)
             self._log_image(item.name, item.image, step)
         if values:
-            self.accelerator.log(values, step=step)
+            self.accelerator.log({self._tag(k): v for k, v in values.items()}, step=step)
         if self.metrics is not None:
-            self.metrics.write({"step": step, "kind": "validation", **values,
+            own = {} if self.expert_index is None else {"expert": self.expert_index}
+            self.metrics.write({"step": step, "kind": "validation", **own, **values,
                                 "seconds": round(time.monotonic() - started, 4)})
         log.info("validation at step %d: %d images in %s%s", step, len(written), folder,
                  "".join(f", {k}={v:.4g}" for k, v in values.items() if k in ("eval/loss", "clip/mean")))
@@ -303,4 +325,8 @@ class Validator:
         if self.config.logging.report_to not in ("tensorboard", "all"):
             return
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image(f"validation/{name}", np.asarray(image), step, dataformats="HWC")
+        tracker.add_image(self._tag(f"validation/{name}"), np.asarray(image), step, dataformats="HWC")
+
+    def _tag(self, key: str) -> str:
+        """A tracker key, under the expert's label in a mixture (`expert_1/eval/loss`)."""
+        return f"{self.label}/{key}" if self.label else key
