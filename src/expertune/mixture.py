@@ -116,8 +116,9 @@ def plan_bands(text: str, alphas_cumprod: torch.Tensor) -> list[ExpertBand]:
     for (upper, high), (lower, low) in zip(zip(boundaries, cuts), zip(boundaries[1:], cuts[1:])):
         if low >= high:
             what = "an empty band" if low == high else "bands out of order"
-            raise ValueError(f"mixture_boundaries {shown}: {lower.text} is not below {upper.text} ({what}); "
-                             "list the boundaries highest timestep first, each strictly below the one before")
+            raise ValueError(f"mixture_boundaries {shown}: {lower.text} (t = {low}) is not below {upper.text} "
+                             f"(t = {high}): {what}; list the boundaries highest timestep first, each strictly below "
+                             "the one before (SNR thresholds therefore rise: snr:0.5,snr:5)")
     edges = [n, *cuts, 0]
     return [ExpertBand(edges[k + 1], edges[k] - 1, n) for k in range(len(edges) - 1)]
 

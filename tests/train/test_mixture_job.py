@@ -1,0 +1,193 @@
+"""All experts of a mixture trained in one job: the rows of metrics.jsonl, the saved mixture, one checkpoint that
+holds every expert and resumes bitwise (also after SIGKILL), joint training equal to separate jobs, DDP, and
+validation of the chain and of each expert."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import FAST_FLAGS
+from expertune.cli import main
+from expertune.config import load_config
+from expertune.expert_format import ExpertDescription, MixtureDescription
+from expertune.experts import ExpertBand
+from expertune.train.loop import train
+from expertune.train.metrics import read_metrics
+
+pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
+
+WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+THREE = "700,350"
+BANDS = [ExpertBand(700, 999), ExpertBand(350, 699), ExpertBand(0, 349)]
+
+
+def _flags(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [*FAST_FLAGS, "--report_to=none", "--validation_disable", "--train_batch_size=2", "--lr_scheduler=constant",
+            f"--pretrained_model_name_or_path={model}", f"--data_backend_config={data}", f"--output_dir={output}",
+            "--prediction_type=v_prediction", "--rescale_betas_zero_snr", *extra]
+
+
+def _config(model: Path, data: Path, output: Path, *extra: str):
+    config, _ = load_config(_flags(model, data, output, *extra))
+    return config
+
+
+def _same(a: Path, b: Path) -> bool:
+    left, right = load_file(a), load_file(b)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.fixture(scope="module")
+def three_experts(tiny_model_dir: Path, small_dataset: Path, tmp_path_factory) -> Path:
+    """A three-expert job of 9 steps, experts taking turns, checkpoints every 3 steps."""
+    output = tmp_path_factory.mktemp("mixture") / "run"
+    train(_config(tiny_model_dir, small_dataset, output, f"--mixture_boundaries={THREE}", "--max_train_steps=9",
+                  "--checkpoint_step_interval=3", "--expert_learning_rates=1e-4,5e-5,2e-4"))
+    return output
+
+
+def test_every_row_names_its_expert_and_its_timesteps_lie_in_that_band(three_experts: Path) -> None:
+    rows = read_metrics(three_experts / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    assert [r["expert"] for r in rows] == [0, 1, 2] * 3
+    assert [r["expert_step"] for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for row in rows:
+        band = BANDS[row["expert"]]
+        assert band.lo <= row["timestep_min"] <= row["timestep_max"] <= band.hi, row
+    assert [r["lr"] for r in rows[:3]] == [1e-4, 5e-5, 2e-4]  # a learning rate per expert
+
+
+def test_the_mixture_on_disk_is_plain_diffusers_experts_listed_in_chain_order(three_experts: Path,
+                                                                              tiny_model_dir: Path) -> None:
+    mixture = MixtureDescription.read(three_experts)
+    assert [m.band for m in mixture.experts] == [ExpertBand(700, 999), ExpertBand(350, 699), ExpertBand(0, 349)]
+    assert [m.path for m in mixture.experts] == [f"expert-{k}/pipeline" for k in range(3)]
+    assert mixture.parameterisation["prediction_type"] == "v_prediction"
+    assert mixture.parameterisation["rescale_betas_zero_snr"] is True
+    base = load_file(tiny_model_dir / WEIGHTS)
+    weights = [load_file(three_experts / m.path / WEIGHTS) for m in mixture.experts]
+    for k, member in enumerate(mixture.experts):
+        assert ExpertDescription.read(three_experts / member.path).band == member.band
+        assert any(not torch.equal(weights[k][name], base[name]) for name in base), f"expert {k} did not train"
+    assert any(not torch.equal(weights[0][n], weights[1][n]) for n in base)  # three different experts
+    summary = json.loads((three_experts / "run.json").read_text())
+    assert [e["steps"] for e in summary["mixture"]["experts"]] == [3, 3, 3]
+    assert [e["learning_rate"] for e in summary["mixture"]["experts"]] == [1e-4, 5e-5, 2e-4]
+
+
+def test_one_checkpoint_holds_every_expert_and_resumes_exactly(three_experts: Path, tiny_model_dir: Path,
+                                                               small_dataset: Path, tmp_path: Path) -> None:
+    checkpoint = three_experts / "checkpoints" / "checkpoint-6"
+    assert json.loads((checkpoint / "state.json").read_text())["experts"] == 3
+    assert [json.loads((checkpoint / f"expert-{k}" / "state.json").read_text())["step"] for k in range(3)] == [2, 2, 2]
+    output = tmp_path / "resumed"
+    flags = [f"--mixture_boundaries={THREE}", "--checkpoint_step_interval=3", "--expert_learning_rates=1e-4,5e-5,2e-4"]
+    train(_config(tiny_model_dir, small_dataset, output, *flags, "--max_train_steps=4"))
+    train(_config(tiny_model_dir, small_dataset, output, *flags, "--max_train_steps=9",
+                  "--resume_from_checkpoint=checkpoint-3", "--allow_config_change"))
+    for k in range(3):
+        assert _same(output / f"expert-{k}" / "pipeline" / WEIGHTS, three_experts / f"expert-{k}" / "pipeline" / WEIGHTS)
+    assert [r["loss"] for r in read_metrics(output / "metrics.jsonl")] == \
+        [r["loss"] for r in read_metrics(three_experts / "metrics.jsonl")]
+
+
+def test_joint_training_equals_separate_jobs_of_each_expert(tiny_model_dir: Path, small_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """Each expert keeps its own data stream and random stream, seeded as a job of its own would be: two
+    experts taking turns for 6 steps are bitwise the experts of two 3-step jobs on their bands."""
+    joint = tmp_path / "joint"
+    train(_config(tiny_model_dir, small_dataset, joint, "--mixture_boundaries=350", "--max_train_steps=6"))
+    for k, band in enumerate(["350,999", "0,349"]):
+        alone = tmp_path / f"alone-{k}"
+        train(_config(tiny_model_dir, small_dataset, alone, f"--timestep_range={band}", "--max_train_steps=3"))
+        assert _same(joint / f"expert-{k}" / "pipeline" / WEIGHTS, alone / "pipeline" / WEIGHTS), k
+
+
+def _launch(model: Path, data: Path, output: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "expertune.cli", "train",
+            *_flags(model, data, output, "--mixture_boundaries=350", "--max_train_steps=8",
+                    "--checkpoint_step_interval=1", "--mixture_schedule=proportional", *extra)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tiny_model_dir: Path, small_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    process = _launch(tiny_model_dir, small_dataset, reference)
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, out
+    rng = random.Random(20261202)
+    output, kills = tmp_path / "killed", 0
+    for _ in range(6):
+        resume = ["--resume_from_checkpoint=latest"] if any((output / "checkpoints").glob("checkpoint-*")) else [
+            "--overwrite_output_dir"]
+        process = _launch(tiny_model_dir, small_dataset, output, *resume)
+        if kills < 2:
+            deadline, target = time.monotonic() + 120, rng.randint(1, 7)
+            while time.monotonic() < deadline and process.poll() is None:
+                path = output / "metrics.jsonl"
+                if path.exists() and len(read_metrics(path)) >= target:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+        out, _ = process.communicate(timeout=240)
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL, out
+    assert kills >= 1 and process.returncode == 0, out
+    for k in range(2):
+        assert _same(output / f"expert-{k}" / "pipeline" / WEIGHTS, reference / f"expert-{k}" / "pipeline" / WEIGHTS)
+    rows = read_metrics(output / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["expert"] for r in rows] == [r["expert"] for r in read_metrics(reference / "metrics.jsonl")]
+
+
+def test_two_processes_train_the_mixture_as_one_process_with_twice_the_batch(tiny_model_dir: Path, small_dataset: Path,
+                                                                              tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--mixture_boundaries=350", "--max_train_steps=4", "--adam_epsilon=1e-2"]
+    train(_config(tiny_model_dir, small_dataset, one, *common))
+    flags = _flags(tiny_model_dir, small_dataset, two, *common)
+    flags = [f for f in flags if f != "--train_batch_size=2"] + ["--train_batch_size=1", "--num_processes=2"]
+    assert main(["train", *flags]) == 0
+    for k in range(2):
+        a = load_file(one / f"expert-{k}" / "pipeline" / WEIGHTS)
+        b = load_file(two / f"expert-{k}" / "pipeline" / WEIGHTS)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    assert [r["expert"] for r in read_metrics(two / "metrics.jsonl")] == [0, 1, 0, 1]
+
+
+def test_validation_of_each_expert_the_chain_and_the_mixture_loss(tiny_model_dir: Path, small_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    output = tmp_path / "validated"
+    flags = [f for f in _flags(tiny_model_dir, small_dataset, output) if f != "--validation_disable"]
+    config, _ = load_config([*flags, "--mixture_boundaries=350", "--max_train_steps=2", "--validation_step_interval=1",
+                             "--validation_using_datasets", "--eval_holdout_fraction=0.17",
+                             "--eval_timesteps_per_subband=2"])
+    train(config)
+    step1 = output / "validation" / "step_000001"
+    assert (step1 / "expert_0" / "text_to_image_prompt.png").is_file()  # text-to-image up to the hand-off
+    assert sorted(p.name for p in (step1 / "expert_1").glob("partial_denoise_*.png"))  # from real images
+    assert (step1 / "expert_0" / "chain_prompt.png").is_file()  # the whole chain of the current experts
+    rows = read_metrics(output / "metrics.jsonl", kind="validation")
+    by_expert = {(r["step"], r["expert"]): r for r in rows}
+    for step in (1, 2):
+        low, high = by_expert[(step, 1)]["eval/loss"], by_expert[(step, 0)]["eval/loss"]
+        assert by_expert[(step, "mixture")]["eval/mixture_loss"] == pytest.approx((650 * high + 350 * low) / 1000)
+    # Step 2 trained expert 1 only: expert 0's held-out loss is unchanged, expert 1's moved.
+    assert by_expert[(2, 0)]["eval/loss"] == by_expert[(1, 0)]["eval/loss"]
+    assert by_expert[(2, 1)]["eval/loss"] != by_expert[(1, 1)]["eval/loss"]
