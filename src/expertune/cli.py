@@ -75,12 +75,17 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from expertune.infer.chain import generate_images, resolve_device, resolve_dtype, save_images
+    from expertune.errors import ConfigError
+    from expertune.infer.chain import generate_images, mixture_expert_paths, resolve_device, resolve_dtype, save_images
 
     device = resolve_device(args.device)
 
+    if bool(args.expert) == bool(args.mixture):
+        raise ConfigError("generate needs the experts: --mixture DIR (a mixture's output directory), or --expert "
+                          "once per expert")
+    experts = mixture_expert_paths(args.mixture) if args.mixture else args.expert
     images = generate_images(
-        args.expert,
+        experts,
         args.prompt,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -187,9 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(handler=_cmd_cache, config_flags=True)
 
     generate = verbs.add_parser("generate", help="chain trained experts into images")
-    generate.add_argument("--expert", action="append", required=True,
+    generate.add_argument("--expert", action="append",
                           help="an expert pipeline dir (or a training output dir); repeat, any order")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--mixture", default=None,
+                          help="a mixture's directory (the output_dir of a --mixture_boundaries run, with mixture.json)")
+    generate.add_argument("--prompt", action="append", required=True,
+                          help="the prompt; repeat once per expert (order of --expert, chain order with --mixture) "
+                               "to give each expert its own")
     generate.add_argument("--negative_prompt", default=None)
     generate.add_argument("--steps", type=int, default=30, help="inference steps of the whole chain")
     generate.add_argument("--guidance", type=float, action="append",

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import FAST_FLAGS
@@ -191,3 +193,39 @@ def test_validation_of_each_expert_the_chain_and_the_mixture_loss(tiny_model_dir
     # Step 2 trained expert 1 only: expert 0's held-out loss is unchanged, expert 1's moved.
     assert by_expert[(2, 0)]["eval/loss"] == by_expert[(1, 0)]["eval/loss"]
     assert by_expert[(2, 1)]["eval/loss"] != by_expert[(1, 1)]["eval/loss"]
+
+
+def test_generate_mixture_equals_the_plain_diffusers_chain_of_three_experts(three_experts: Path, tmp_path: Path) -> None:
+    """What docs/mixtures.md shows: the first expert text-to-image up to its `denoising_end`, each middle one
+    `StableDiffusionXLImg2ImgPipeline` with `denoising_start` and `denoising_end`, the last from its start."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from expertune.infer.chain import generate_images, mixture_expert_paths
+
+    mixture = MixtureDescription.read(three_experts)
+    paths = [str(three_experts / m.path) for m in mixture.experts]
+    prompt, steps = "a red circle on a blue background", 12
+    generator = torch.Generator().manual_seed(0)
+    common = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=7.5, generator=generator)
+    first = StableDiffusionXLPipeline.from_pretrained(paths[0])
+    latents = first(**common, denoising_end=mixture.experts[0].band.denoising_end, output_type="latent",
+                    height=64, width=64).images
+    for member, path in zip(mixture.experts[1:], paths[1:]):
+        later = StableDiffusionXLImg2ImgPipeline.from_pretrained(path)
+        last = member is mixture.experts[-1]
+        latents = later(**common, image=latents, denoising_start=member.band.denoising_start,
+                        denoising_end=member.band.denoising_end, output_type="pil" if last else "latent").images
+    expected = np.asarray(latents[0])
+    ours = generate_images(mixture_expert_paths(three_experts), prompt, num_inference_steps=steps, device="cpu",
+                           height=64, width=64)[0]
+    assert np.array_equal(np.asarray(ours), expected)
+    out = tmp_path / "mixture.png"
+    assert main(["generate", "--mixture", str(three_experts), "--prompt", prompt, "--steps", str(steps),
+                 "--device", "cpu", "--height", "64", "--width", "64", "--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), expected)
+    # A prompt per expert: each expert is conditioned on its own, and the image changes.
+    own = generate_images(paths, [prompt, prompt, "a green square on a white background"], num_inference_steps=steps,
+                          device="cpu", height=64, width=64)[0]
+    assert not np.array_equal(np.asarray(own), expected)
+    assert main(["generate", "--mixture", str(three_experts), "--prompt", "a", "--prompt", "b", "--device", "cpu",
+                 "--out", str(out)]) == 2  # two prompts for three experts: refused, exit 2

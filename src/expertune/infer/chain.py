@@ -61,6 +61,13 @@ def read_expert(path: str | os.PathLike) -> ExpertInfo:
     return ExpertInfo(root, description.band, description.to_json())
 
 
+def mixture_expert_paths(directory: str | os.PathLike) -> list[Path]:
+    """The experts of the mixture in `directory` (its mixture.json, checked), in chain order."""
+    from expertune.expert_format import MixtureDescription
+
+    return MixtureDescription.read(directory).expert_dirs(directory)
+
+
 def check_chain(experts: Sequence[ExpertInfo]) -> list[ExpertInfo]:
     """Order experts by band (highest noise first); refuse gaps, overlaps and mixed parameterisations.
 
@@ -93,6 +100,7 @@ class ChainStage:
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     adapter: str | None = None  # a LoRA expert: the adapter to activate on the shared base UNet
+    conditioning: dict[str, Any] | None = None  # this expert's own prompt (else the chain's)
 
 
 def chain_components(pipe: Any) -> dict[str, Any]:
@@ -132,7 +140,7 @@ def denoise_chain(
     for position, stage in enumerate(stages):
         last = position == len(stages) - 1
         common = dict(
-            **conditioning,
+            **(stage.conditioning if stage.conditioning is not None else conditioning),
             num_inference_steps=num_inference_steps,
             guidance_scale=stage.guidance_scale,
             guidance_rescale=stage.guidance_rescale,
@@ -250,7 +258,7 @@ class _PipelineLoader:
 
 def generate_images(
     expert_paths: Sequence[str | os.PathLike],
-    prompt: str,
+    prompt: str | Sequence[str],
     *,
     negative_prompt: str | None = None,
     num_inference_steps: int = 30,
@@ -266,8 +274,9 @@ def generate_images(
 ) -> list[Any]:
     """Run the chain and return `num_images` PIL images; image i starts from the noise of seed `seed + i`.
 
-    `guidance_scale` and `guidance_rescale` are one value for all experts or one per entry of
-    `expert_paths`, in that order (the chain itself runs in band order). `scheduler` is "saved" (each
+    `prompt`, `guidance_scale` and `guidance_rescale` are one value for all experts or one per entry of
+    `expert_paths`, in that order (the chain itself runs in band order): with a prompt per expert, each
+    expert is conditioned on its own (the recipe's separate prompts for the base and the refiner). `scheduler` is "saved" (each
     expert's own) or a key of `SCHEDULER_CLASSES`, built from each expert's saved scheduler config.
     `device` "auto" is the GPU when there is one; `dtype` None is fp16 there and float32 on the CPU.
     """
@@ -279,6 +288,7 @@ def generate_images(
     scales = dict(zip((e.path for e in experts), _per_expert(guidance_scale, len(experts), "--guidance")))
     rescales = dict(zip((e.path for e in experts),
                         _per_expert(guidance_rescale, len(experts), "--guidance_rescale")))
+    prompts = dict(zip((e.path for e in experts), per_expert_prompts(prompt, len(experts))))
     chain = check_chain(experts)
     device = resolve_device(device)
     dtype = dtype if dtype is not None else resolve_dtype("auto", device)
@@ -289,7 +299,8 @@ def generate_images(
         pipe, saved_scheduler, adapter = loader.load(expert, index)
         components = chain_components(pipe)
         components["scheduler"] = scheduler_from_saved(scheduler, saved_scheduler, str(expert.path))
-        stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter))
+        own = {"prompt": prompts[expert.path], "negative_prompt": negative_prompt}
+        stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter, own))
         log.info("expert %d/%d %s: %s (guidance %g, rescale %g, %s)", len(stages), len(chain), expert.band,
                  expert.path, scales[expert.path], rescales[expert.path], type(components["scheduler"]).__name__)
     first = stages[0].components
@@ -297,7 +308,7 @@ def generate_images(
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
     return list(denoise_chain(
         stages,
-        {"prompt": prompt, "negative_prompt": negative_prompt},
+        stages[0].conditioning or {},
         num_inference_steps=num_inference_steps,
         generator=generators,
         height=height or size,
@@ -306,7 +317,18 @@ def generate_images(
     ))
 
 
-def generate(expert_paths: Sequence[str | os.PathLike], prompt: str, **options: Any) -> Any:
+def per_expert_prompts(prompt: str | Sequence[str], count: int) -> list[str]:
+    """One prompt for every expert, or exactly one per expert."""
+    listed = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(listed) == 1:
+        return listed * count
+    if len(listed) != count:
+        raise ConfigError(f"--prompt was given {len(listed)} times for {count} experts; give it once (all experts) "
+                          "or once per expert, in the order of --expert (chain order with --mixture)")
+    return listed
+
+
+def generate(expert_paths: Sequence[str | os.PathLike], prompt: str | Sequence[str], **options: Any) -> Any:
     """Run the chain and return one PIL image (see `generate_images` for the options)."""
     return generate_images(expert_paths, prompt, **options, num_images=1)[0]
 
