@@ -12,6 +12,10 @@ costs the same:
                much it is trained
   branching    eDiff-I style: a shared fine-tune on [0, 999] for S/2 steps, then split into the two experts for
                the other S/2 (0.65 / 0.35 again), each starting from the shared weights
+  joint_two    the recipe's two experts trained together in one job (`--mixture_boundaries 350`,
+               `--mixture_schedule proportional`: the same 0.65 / 0.35 shares of the S steps, interleaved)
+  three_experts  a mixture of three (`--mixture_boundaries 700,350`: [700, 999], [350, 699], [0, 349]) in one
+               job, steps in proportion to the bands (0.30 / 0.35 / 0.35 S)
 
 Metrics per (arm, seed): the chain's held-out loss in 8 sub-bands of [0, 999] (5 in the high-noise band, 3 in the
 low; each timestep scored by the expert that owns it, fixed noise), the world CLIP's score of the chained samples,
@@ -38,12 +42,14 @@ from pathlib import Path
 
 BOUNDARY = 350
 HIGH_SHARE = (1000 - BOUNDARY) / 1000
-ARMS = ("one_model", "two_experts", "branching")
+ARMS = ("one_model", "two_experts", "branching", "joint_two", "three_experts")
+MIXTURES = {"joint_two": "350", "three_experts": "700,350"}
+Band = tuple[int, int] | str  # a timestep range, or a mixture plan (--mixture_boundaries)
 
 
-def plan(arm: str, steps: int) -> list[tuple[str, tuple[int, int], int, str]]:
-    """(name, band, steps, start from: 'base' or an earlier run's name) of each training run of an arm."""
-    def split(total: int, start: str) -> list[tuple[str, tuple[int, int], int, str]]:
+def plan(arm: str, steps: int) -> list[tuple[str, Band, int, str]]:
+    """(name, band or mixture plan, steps, start from: 'base' or an earlier run's name) of each training run."""
+    def split(total: int, start: str) -> list[tuple[str, Band, int, str]]:
         high = round(total * HIGH_SHARE)
         return [("stage1", (BOUNDARY, 999), high, start), ("stage2", (0, BOUNDARY - 1), total - high, start)]
 
@@ -54,14 +60,18 @@ def plan(arm: str, steps: int) -> list[tuple[str, tuple[int, int], int, str]]:
     if arm == "branching":
         shared = steps // 2
         return [("shared", (0, 999), shared, "base"), *split(steps - shared, "shared")]
+    if arm in MIXTURES:
+        return [("mixture", MIXTURES[arm], steps, "base")]
     raise ValueError(arm)
 
 
-def train_flags(model: Path, output: Path, dataloader: Path, band: tuple[int, int], steps: int, seed: int,
+def train_flags(model: Path, output: Path, dataloader: Path, band: Band, steps: int, seed: int,
                 learning_rate: float) -> list[str]:
+    which = ([f"--mixture_boundaries={band}", "--mixture_schedule=proportional"] if isinstance(band, str)
+             else [f"--timestep_range={band[0]},{band[1]}"])
     return [
         f"--pretrained_model_name_or_path={model}", f"--output_dir={output}", f"--data_backend_config={dataloader}",
-        f"--timestep_range={band[0]},{band[1]}", "--prediction_type=v_prediction", "--rescale_betas_zero_snr",
+        *which, "--prediction_type=v_prediction", "--rescale_betas_zero_snr",
         "--training_scheduler_timestep_spacing=trailing", "--inference_scheduler_timestep_spacing=trailing",
         "--resolution=64", "--train_batch_size=8", f"--max_train_steps={steps}", f"--learning_rate={learning_rate}",
         "--lr_scheduler=cosine", f"--lr_warmup_steps={max(1, steps // 20)}", "--caption_dropout_probability=0.1",
@@ -100,7 +110,12 @@ def run_task(task: dict) -> dict:
         config, _ = load_config(flags)
         train(config)
         outputs[name] = root / name
-    experts = [outputs[name] for name, *_ in plan(task["arm"], task["steps"]) if name != "shared"]
+    if task["arm"] in MIXTURES:
+        from expertune.infer.chain import mixture_expert_paths
+
+        experts = mixture_expert_paths(outputs["mixture"])
+    else:
+        experts = [outputs[name] for name, *_ in plan(task["arm"], task["steps"]) if name != "shared"]
     from expertune.demo.run import GUIDANCE, GUIDANCE_RESCALE
 
     stages = expert_stages(experts, guidance=GUIDANCE, rescale=GUIDANCE_RESCALE)
@@ -202,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--out", default="outputs/expert_study")
     parser.add_argument("--world", default=None, help="world model dir (default: the committed one)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms to run (of {', '.join(ARMS)})")
+    parser.add_argument("--merge", default=None,
+                        help="an earlier results.json (same S and seeds) whose arms not run now join the summary")
     args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",")]
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"--arms: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
     seeds = args.seeds or (2 if args.quick else 3)
     steps = args.steps or (40 if args.quick else 800)
 
@@ -222,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_only(load_config(train_flags(base, out / "cache_run", dataloader, (0, 999), 1, 0, 1e-4))[0], progress=False)
     tasks = [{"arm": arm, "seed": seed, "steps": steps, "out": str(out), "base": str(base), "clip": str(clip),
               "dataloader": str(dataloader), "learning_rate": args.learning_rate}
-             for seed in range(seeds) for arm in ARMS]
+             for seed in range(seeds) for arm in arms]
     environment_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.environ.update(environment_threads)
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
@@ -232,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{result['arm']:>12} seed {result['seed']}: eval/loss {result['eval/loss']:.4f} clip "
                   f"{result['clip']:.1f} colours {100 * result['colour/both']:.0f}% ({result['seconds']:.0f} s)",
                   flush=True)
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        if (earlier["steps"], earlier["seeds"]) != (steps, seeds):
+            parser.error(f"--merge {args.merge}: S = {earlier['steps']}, {earlier['seeds']} seeds, not {steps}, {seeds}")
+        results += [r for r in earlier["results"] if r["arm"] not in arms]
     results.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
     summary = summarise(results)
     table = markdown_table(summary, seeds, steps)

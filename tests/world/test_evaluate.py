@@ -33,5 +33,39 @@ def test_a_subband_without_an_owner_is_refused() -> None:
     from expertune.world.evaluate import chain_held_out_loss
 
     stage = ChainStage({"unet": None}, ExpertBand(350, 999, 1000))
-    with pytest.raises(ValueError, match="no expert of the chain owns"):
+    with pytest.raises(ValueError, match="the experts of the chain do not cover sub-band"):
         chain_held_out_loss([stage], [], None, [ExpertBand(0, 349, 1000)])
+
+
+def test_each_timestep_of_a_straddling_subband_is_scored_by_its_owner() -> None:
+    """Sub-bands cut for one hand-off (350) scored on a chain of three: the sub-band across t = 700 mixes the
+    two experts that own its two pieces, and a change to one expert moves only the sub-bands it owns part of."""
+    import copy
+
+    import torch
+
+    from expertune.infer.chain import ChainStage
+    from expertune.schedule import NoiseSchedule
+    from expertune.world import PRETRAINED
+    from expertune.world.evaluate import base_stages, chain_held_out_loss, held_out_samples
+
+    base = base_stages(PRETRAINED / "base")[0]
+    drawn = scenes(all_combinations()[:2], 1, seed=5)
+    samples = held_out_samples(base, [render(s) for s in drawn], [s.caption for s in drawn])
+    schedule = NoiseSchedule.from_scheduler_config(dict(base.components["scheduler"].config))
+    broken = copy.deepcopy(base.components["unet"])
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            parameter.zero_()
+    def chain(top):
+        return [ChainStage({**base.components, "unet": top}, ExpertBand(700, 999, 1000)),
+                ChainStage(base.components, ExpertBand(350, 699, 1000)),
+                ChainStage(base.components, ExpertBand(0, 349, 1000))]
+    subbands = chain_subbands((350,), 1000, 8)
+    same = chain_held_out_loss(chain(base.components["unet"]), samples, schedule, subbands, seed=1)
+    moved = chain_held_out_loss(chain(broken), samples, schedule, subbands, seed=1)
+    straddling = [b for b in subbands if b.lo < 700 <= b.hi]
+    assert len(straddling) == 1
+    for band in subbands:
+        key = f"eval/loss_{band.lo}_{band.hi}"
+        assert (moved[key] != same[key]) == (band.hi >= 700), key

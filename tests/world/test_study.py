@@ -19,12 +19,25 @@ def test_every_arm_spends_the_same_steps_and_tiles_the_schedule(steps: int) -> N
         runs = study.plan(arm, steps)
         assert sum(r[2] for r in runs) == steps, arm
         final = [r for r in runs if r[0] != "shared"]
-        covered = sorted(t for _, band, _, _ in final for t in range(band[0], band[1] + 1))
+        bands = [b for _, band, _, _ in final for b in _bands(band)]
+        covered = sorted(t for band in bands for t in range(band[0], band[1] + 1))
         assert covered == list(range(1000)), arm
     stage1, stage2 = study.plan("two_experts", 800)
     assert (stage1[1], stage1[2], stage2[1], stage2[2]) == ((350, 999), 520, (0, 349), 280)
     shared, *experts = study.plan("branching", 800)
     assert shared[2] == 400 and all(start == "shared" for *_, start in experts)
+    assert [(lo, hi) for lo, hi in _bands(study.plan("three_experts", 800)[0][1])] == [(700, 999), (350, 699), (0, 349)]
+
+
+def _bands(band) -> list[tuple[int, int]]:
+    """A run's band, or each expert's band of a mixture plan, on the world's (SDXL) schedule."""
+    if not isinstance(band, str):
+        return [band]
+    from expertune.mixture import plan_bands
+    from expertune.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_scheduler_config({"num_train_timesteps": 1000})
+    return [(b.lo, b.hi) for b in plan_bands(band, schedule.alphas_cumprod)]
 
 
 def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
@@ -36,6 +49,24 @@ def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
     assert summary["one_model"]["clip"] == (10.0, 10.0)
     table = study.markdown_table(summary, seeds=3, steps=800)
     assert "| loss 0–349 | 2.0000 ± 1.0000 |" in table and "| clip | 10.0 ± 10.0 |" in table
+
+
+@pytest.mark.integration
+def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_path: Path) -> None:
+    from expertune.demo.dataset import write_dataloader_config
+    from expertune.world import PRETRAINED
+    from expertune.world.dataset import write_world_dataset
+    from expertune.world.scene import HELD_OUT, scenes
+
+    images = write_world_dataset(tmp_path / "data", scenes(list(HELD_OUT), 1, seed=0))
+    dataloader = write_dataloader_config(tmp_path / "dataloader.json", images, tmp_path / "cache", 64)
+    result = study.run_task({"arm": "three_experts", "seed": 0, "steps": 3, "out": str(tmp_path),
+                             "base": str(PRETRAINED / "base"), "clip": str(PRETRAINED / "clip"),
+                             "dataloader": str(dataloader), "learning_rate": 1e-4})
+    run = tmp_path / "three_experts" / "seed0" / "mixture"
+    assert [(run / f"expert-{k}" / "pipeline" / "expert.json").is_file() for k in range(3)] == [True] * 3
+    assert (run / "mixture.json").is_file()
+    assert len([k for k in result if k.startswith("eval/loss_")]) == 8 and result["eval/loss"] > 0
 
 
 @pytest.mark.integration

@@ -124,18 +124,27 @@ def chain_subbands(boundaries: Sequence[int] = (350,), num_train_timesteps: int 
 
 def chain_held_out_loss(stages: Sequence[ChainStage], samples, schedule, subbands: Sequence[ExpertBand], *,
                         timesteps_per_subband: int = 4, seed: int = 0) -> dict[str, float]:
-    """The chain's held-out loss per sub-band, each scored by the expert that owns it, at fixed noise."""
-    from expertune.validate.metrics import HeldOutLoss
+    """The chain's held-out loss per sub-band, each timestep scored by the expert that owns it, at fixed noise.
+
+    A sub-band that straddles a hand-off (a chain with more experts than the sub-bands were cut for) is cut at
+    the hand-off; its loss is the mean of the pieces' losses weighted by their sizes, each piece scored by its
+    owner with a share of the sub-band's timesteps.
+    """
+    from expertune.validate.metrics import HeldOutLoss, loss_key
 
     result: dict[str, float] = {}
     for sub in subbands:
-        owners = [s for s in stages if s.band.lo <= sub.lo and sub.hi <= s.band.hi]
-        if not owners:
-            raise ValueError(f"no expert of the chain owns all of sub-band {sub}")
-        measured = HeldOutLoss(samples, sub, schedule, subbands=1, timesteps_per_subband=timesteps_per_subband,
-                               seed=seed + sub.lo)
-        values = measured(owners[0].components["unet"], "cpu")
-        values.pop("eval/loss", None)
-        result.update(values)
+        pieces = [(stage, ExpertBand(max(sub.lo, stage.band.lo), min(sub.hi, stage.band.hi), sub.num_train_timesteps))
+                  for stage in stages if stage.band.lo <= sub.hi and sub.lo <= stage.band.hi]
+        if sum(piece.size for _, piece in pieces) != sub.size:
+            raise ValueError(f"the experts of the chain do not cover sub-band {sub}")
+        total = 0.0
+        for stage, piece in pieces:
+            count = timesteps_per_subband if len(pieces) == 1 else max(1, round(timesteps_per_subband * piece.size / sub.size))
+            measured = HeldOutLoss(samples, piece, schedule, subbands=1, timesteps_per_subband=count,
+                                   seed=seed + piece.lo)
+            values = measured(stage.components["unet"], "cpu")
+            total += values[loss_key(piece)] * piece.size / sub.size
+        result[loss_key(sub)] = total
     result["eval/loss"] = float(np.mean(list(result.values())))
     return result
