@@ -229,3 +229,20 @@ def test_generate_mixture_equals_the_plain_diffusers_chain_of_three_experts(thre
     assert not np.array_equal(np.asarray(own), expected)
     assert main(["generate", "--mixture", str(three_experts), "--prompt", "a", "--prompt", "b", "--device", "cpu",
                  "--out", str(out)]) == 2  # two prompts for three experts: refused, exit 2
+
+
+def test_a_lora_mixture_saves_one_adapter_set_per_expert_and_chains_them(tiny_model_dir: Path, small_dataset: Path,
+                                                                         tmp_path: Path) -> None:
+    output = tmp_path / "lora"
+    train(_config(tiny_model_dir, small_dataset, output, "--mixture_boundaries=350", "--max_train_steps=4",
+                  "--model_type=lora", "--lora_rank=4", "--learning_rate=1e-3"))
+    mixture = MixtureDescription.read(output)
+    assert [m.path for m in mixture.experts] == ["expert-0/lora", "expert-1/lora"]
+    assert [m.model_type for m in mixture.experts] == ["lora", "lora"]
+    adapters = [load_file(next((output / m.path).glob("*.safetensors"))) for m in mixture.experts]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # two sets, trained apart
+    out = tmp_path / "lora.png"
+    assert main(["generate", "--mixture", str(output), "--prompt", "a red circle", "--steps", "6", "--device", "cpu",
+                 "--height", "64", "--width", "64", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
