@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache, LatentPlan
 from expertune.cache.store import CacheStore
-from expertune.data.batches import Bucket, TrainingItem
+from expertune.data.batches import Bucket, TimeIdLayout, TrainingItem
 from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
 from expertune.data.dataloader import DataloaderConfig, DatasetDefaults, DatasetSpec, load_dataloader_config
@@ -146,7 +146,8 @@ def prepare_data(
     are `eval_items`.
     """
     dataloader = load_datasets(config)
-    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
+    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
+                               time_ids=time_id_layout(config, components))
     skips = _Skips()
     skipped, skip = skips.entries, skips.add
     found, planned = _plan_images(dataloader, latent_cache, skips, progress)
@@ -174,11 +175,12 @@ def prepare_data(
         log.info("%d images held out of training for the per-band validation loss", len(eval_items))
     buckets = _buckets(items, planned)
 
-    if components.text_encoder_1 is None or components.text_encoder_2 is None:
+    if any(encoder is None for encoder in components.text_encoders):
         raise RuntimeError("text encoders were released before the embedding cache was built")
+    # The refiner layout's entries (text encoder 2 only) are keyed apart from the base layout's in the same store.
     embed_cache = EmbedCache(
-        (components.tokenizer_1, components.tokenizer_2),
-        (components.text_encoder_1, components.text_encoder_2),
+        components.tokenizers,  # type: ignore[arg-type]
+        components.text_encoders,  # type: ignore[arg-type]
         store=CacheStore(dataloader.text_embeds.cache_dir),
         batch_size=config.data.text_encoder_batch_size,
     )
@@ -198,6 +200,11 @@ def prepare_data(
     _log_bucket_table(prepared, config.train.train_batch_size * config.train.num_processes)
     log.info("cache: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
     return prepared
+
+
+def time_id_layout(config: Config, components: SDXLComponents) -> TimeIdLayout:
+    """The added time ids the model's UNet takes: SDXL's six, or the refiner's five with `data_aesthetic_score`."""
+    return TimeIdLayout(config.data.data_aesthetic_score if components.requires_aesthetics_score else None)
 
 
 def _buckets(items: list[TrainingItem], planned: dict[tuple[str, Path], LatentPlan]) -> list[Bucket]:
@@ -256,6 +263,6 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
         with_unet=False,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
+    for frozen in components.frozen_modules():
         frozen.to(device)
     return prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)
