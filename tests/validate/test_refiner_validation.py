@@ -54,6 +54,19 @@ def test_the_run_reads_the_refiner_caches(refiner_setup) -> None:
     assert time_ids.shape == (5,) and float(time_ids[4]) == 6.5  # data_aesthetic_score as the fifth time id
     embeds, pooled = prepared.embed_cache.load(item.captions[0])
     assert embeds.shape == (77, components.text_encoder_2.config.hidden_size)
+    # What a training step feeds the UNet: bigG-only embeddings and the five time ids, and the loss runs on them.
+    from expertune.data.batches import MicroBatch
+    from expertune.experts import ExpertBand
+    from expertune.train.loop import load_batch
+    from expertune.train.loss import denoising_loss, draw_randomness
+
+    batch = load_batch(prepared, MicroBatch(epoch=0, position=0, indices=(0, 1), global_size=2))
+    assert batch.prompt_embeds.shape[-1] == 32 and batch.time_ids.shape == (2, 5)
+    assert batch.time_ids[:, 4].tolist() == [6.5, 6.5]
+    draws = draw_randomness(ExpertBand(0, 349), torch.Generator().manual_seed(0), 2, tuple(batch.latents.shape[1:]))
+    with torch.no_grad():
+        loss = denoising_loss(components.unet, batch, refiner_setup[2], draws).loss
+    assert torch.isfinite(loss) and float(loss) > 0
 
 
 def test_partial_denoising_is_diffusers_refiner_pipeline_from_the_noised_image(refiner_setup, tiny_refiner_dir: Path,
