@@ -259,6 +259,6 @@ def check_shared_vae(components: Sequence[SDXLComponents], names: Sequence[str])
                 f"(fingerprints {module_fingerprint(first.vae)[:12]} and {module_fingerprint(other.vae)[:12]}, "
                 f"dtypes {next(first.vae.parameters()).dtype} and {next(other.vae.parameters()).dtype}): their "
                 "latents differ, so one latent cache cannot serve both and a chain would hand one expert latents "
-                "of another VAE. Use models that ship the same VAE (the SDXL refiner ships SDXL's), or replace "
-                f"the vae/ folder of {other.source} with that of {first.source}"
+                "of another VAE. Use models that ship the same VAE weights, or replace the vae/ folder of "
+                f"{other.source} with that of {first.source}"
             )
