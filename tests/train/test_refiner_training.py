@@ -68,6 +68,16 @@ def test_refiner_trains_its_band_sharing_latents_but_not_text_embeddings(refiner
     assert validation == ["partial_denoise_00.png", "partial_denoise_01.png"]
 
 
+
+def test_cache_verb_on_the_refiner_finds_everything_the_run_encoded(refiner_run, tiny_refiner_dir: Path) -> None:
+    root, _ = refiner_run
+    stats = root / "refiner-cache.json"
+    assert main(["cache", f"--pretrained_model_name_or_path={tiny_refiner_dir}",
+                 f"--data_backend_config={root / 'dataloader.json'}", *FAST_FLAGS, f"--stats_json={stats}"]) == 0
+    assert json.loads(stats.read_text())["cache"] == {"latents_encoded": 0, "latents_reused": 6,
+                                                      "embeds_encoded": 0, "embeds_reused": 7}
+
+
 def test_refiner_expert_is_a_plain_refiner_pipeline(refiner_run, tiny_refiner_dir: Path) -> None:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 

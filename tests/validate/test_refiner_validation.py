@@ -118,3 +118,9 @@ def test_a_refiner_holding_the_first_timestep_or_with_a_base_peer_is_refused(ref
     with pytest.raises(ConfigError, match="base-peer has the SDXL base layout and this run's model the refiner "
                                           "layout.*expertune generate"):
         _validator(refiner_setup, ExpertBand(0, 349), tmp_path, validation_peer_expert=str(peer))
+    other_refiner = tmp_path / "refiner-peer"
+    shutil.copytree(refiner_setup[1].source, other_refiner)
+    ExpertDescription(ExpertBand(350, 999), refiner_setup[2].describe()).write(other_refiner)
+    with pytest.raises(ConfigError, match="both have the SDXL refiner layout: one of two chained experts starts "
+                                          "from pure noise"):
+        _validator(refiner_setup, ExpertBand(0, 349), tmp_path, validation_peer_expert=str(other_refiner))

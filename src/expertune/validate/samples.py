@@ -120,7 +120,15 @@ def _check_layout_validation(components: SDXLComponents, band: ExpertBand, plan:
             f"the model has the SDXL refiner layout (aesthetic-score time ids) and this expert's band {band} holds "
             f"the first timestep {band.hi}: a refiner cannot make validation images from pure noise. Train it on a "
             "low-noise band (--refiner_training, or --timestep_range below the top) or set --validation_disable")
-    if plan.peer is not None and (peer_kind := expert_layout_kind(plan.peer)) != components.layout_kind:
+    if plan.peer is None:
+        return
+    peer_kind = expert_layout_kind(plan.peer)
+    if components.is_refiner and peer_kind == components.layout_kind:
+        raise ConfigError(
+            f"validation_peer_expert {plan.peer.path} and this run's model both have the SDXL refiner layout: one "
+            "of two chained experts starts from pure noise, which a refiner cannot. Give the chain a base-layout "
+            "expert at the top and chain the saved experts with `expertune generate`")
+    if peer_kind != components.layout_kind:
         raise ConfigError(
             f"validation_peer_expert {plan.peer.path} has the SDXL {peer_kind} layout and this run's model the "
             f"{components.layout_kind} layout: validating their chain needs each expert's own text encoders, "
