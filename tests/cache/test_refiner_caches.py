@@ -116,3 +116,34 @@ def test_refiner_time_ids_are_diffusers_add_time_ids(refiner_pipe) -> None:
     assert torch.equal(TimeIdLayout(6.0)(cached), positive)
     assert torch.equal(refiner_time_ids(cached, 2.5), negative)
     assert torch.equal(TimeIdLayout()(cached), cached) and (TimeIdLayout().count, TimeIdLayout(6.0).count) == (6, 5)
+
+
+def test_one_run_data_serves_a_refiner_expert_with_its_own_embeddings(models, tiny_model_dir: Path,
+                                                                      small_dataset: Path, tmp_path: Path) -> None:
+    from expertune.config import load_config
+    from expertune.data.prepare import prepare_data, prepared_for_model
+    from expertune.demo.dataset import write_dataloader_config
+    from expertune.models.tiny import build_tiny_refiner
+
+    base, refiner = models
+    dataloader = write_dataloader_config(tmp_path / "dataloader.json", small_dataset.parent / "images",
+                                         tmp_path / "cache", resolution=64)
+    config, _ = load_config([f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_backend_config={dataloader}",
+                             "--resolution=64", "--data_aesthetic_score=4.5"])
+    prepared = prepare_data(config, base, extra_prompts=["a validation prompt"], progress=False)
+    view = prepared_for_model(prepared, config, refiner, name="expert 1", extra_prompts=["a validation prompt"],
+                              progress=False)
+    assert view.items == prepared.items and view.buckets == prepared.buckets
+    assert (view.cache_stats["embeds_encoded"], view.cache_stats["embeds_reused"]) == (7, 0)
+    item = view.items[0]
+    base_latent, base_ids = prepared.latent_cache.load(item.record, item.spec)
+    latent, ids = view.latent_cache.load(item.record, item.spec)
+    assert torch.equal(latent, base_latent) and ids.tolist() == [*base_ids[:4].tolist(), 4.5]
+    assert view.embed_cache.load(item.captions[0])[0].shape == (77, 32)
+    assert prepared.embed_cache.load(item.captions[0])[0].shape == (77, 48)  # the base's view is unchanged
+    assert prepared_for_model(prepared, config, refiner, name="expert 1",
+                              progress=False).cache_stats["embeds_encoded"] == 0
+    alone = load_components(str(build_tiny_refiner(tmp_path / "own-vae", seed=1)), with_unet=False)
+    with pytest.raises(ConfigError, match=r"expert 1 \(.*own-vae\) has another VAE than the one this run's "
+                                          r"latents were encoded with"):
+        prepared_for_model(prepared, config, alone, name="expert 1", progress=False)

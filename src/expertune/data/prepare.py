@@ -18,7 +18,7 @@ them); the run goes on while at least one image is usable and stops with a DataE
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,15 +175,7 @@ def prepare_data(
         log.info("%d images held out of training for the per-band validation loss", len(eval_items))
     buckets = _buckets(items, planned)
 
-    if any(encoder is None for encoder in components.text_encoders):
-        raise RuntimeError("text encoders were released before the embedding cache was built")
-    # The refiner layout's entries (text encoder 2 only) are keyed apart from the base layout's in the same store.
-    embed_cache = EmbedCache(
-        components.tokenizers,  # type: ignore[arg-type]
-        components.text_encoders,  # type: ignore[arg-type]
-        store=CacheStore(dataloader.text_embeds.cache_dir),
-        batch_size=config.data.text_encoder_batch_size,
-    )
+    embed_cache = build_embed_cache(config, components, dataloader)
     captions = sorted({caption for record, _ in usable for caption in record.captions} | set(extra_prompts or []))
     embed_stats = embed_cache.ensure(captions, progress=progress)
     stats = {
@@ -200,6 +192,52 @@ def prepare_data(
     _log_bucket_table(prepared, config.train.train_batch_size * config.train.num_processes)
     log.info("cache: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
     return prepared
+
+
+def build_embed_cache(config: Config, components: SDXLComponents, dataloader: DataloaderConfig) -> EmbedCache:
+    """The text-embedding cache of `components`' layout in the dataloader's text-embeds store (text encoders held).
+
+    The refiner layout's entries (text encoder 2 only) are keyed apart from the base layout's in the same store.
+    """
+    if any(encoder is None for encoder in components.text_encoders):
+        raise RuntimeError("text encoders were released before the embedding cache was built")
+    return EmbedCache(
+        components.tokenizers,  # type: ignore[arg-type]
+        components.text_encoders,  # type: ignore[arg-type]
+        store=CacheStore(dataloader.text_embeds.cache_dir),
+        batch_size=config.data.text_encoder_batch_size,
+    )
+
+
+def prepared_for_model(prepared: PreparedData, config: Config, components: SDXLComponents, *, name: str,
+                       extra_prompts: list[str] | None = None, progress: bool = True) -> PreparedData:
+    """The run's data for another model of it (an expert of another layout, e.g. the SDXL refiner's): the same
+    items, buckets and latents (read with that model's time ids), and that model's own text embeddings, encoded
+    for every caption and `extra_prompts` now (its text encoders must still be held).
+
+    Refuses (ConfigError naming `name`, both fingerprints and the fix) a model whose VAE differs from the one the
+    latents were encoded with: its latents would be other entries, and a chain would hand it foreign latents.
+    """
+    from expertune.cache.store import module_fingerprint
+    from expertune.errors import ConfigError
+
+    latents = prepared.latent_cache
+    fingerprint, dtype = module_fingerprint(components.vae), next(components.vae.parameters()).dtype
+    if (fingerprint, dtype) != (latents.fingerprint, latents.dtype):
+        raise ConfigError(
+            f"{name} ({components.source}) has another VAE than the one this run's latents were encoded with "
+            f"(fingerprints {fingerprint[:12]} and {latents.fingerprint[:12]}, dtypes {dtype} and {latents.dtype}): "
+            "experts of one run share the latent cache and hand latents to each other. Use models that ship the "
+            f"same VAE weights, or replace the vae/ folder of {components.source}")
+    embed_cache = build_embed_cache(config, components, prepared.dataloader)
+    captions = {caption for item in prepared.items + prepared.eval_items for caption in item.captions}
+    stats = embed_cache.ensure(sorted(captions | set(extra_prompts or [])), progress=progress)
+    log.info("%s: %d text embeddings encoded, %d reused (%s layout)", name, stats.encoded, stats.reused,
+             components.layout_kind)
+    view = replace(prepared, latent_cache=latents.with_time_ids(time_id_layout(config, components)),
+                   embed_cache=embed_cache,
+                   cache_stats={**prepared.cache_stats, "embeds_encoded": stats.encoded, "embeds_reused": stats.reused})
+    return view
 
 
 def time_id_layout(config: Config, components: SDXLComponents) -> TimeIdLayout:
