@@ -3,10 +3,13 @@
 Builds an SSD-1B-layout pipeline (or SDXL, or tiny) from its config — random weights, no download —
 and a small generated dataset, then runs `expertune train` exactly as a user would (the recipe's
 flags, `load_config` + `train`), and prints seconds per step and peak memory as JSON lines.
-With --chain it also trains stage 2 and chains both experts with `expertune generate`'s code.
+With --chain it also trains stage 2 and chains both experts with `expertune generate`'s code; with
+--stage2_layout sdxl_refiner stage 2 starts from a refiner-layout model (the SDXL refiner's architecture,
+sharing stage 1's VAE and text encoder 2), the issue's "SSD-1B base with the SDXL refiner as the low-noise expert".
 
     python bench/real_size_step.py --layout ssd1b --resolution 512 --steps 2 --optimizer adafactor   # CPU, 24 GiB
     python bench/real_size_step.py --layout ssd1b --resolution 1024 --steps 10 --chain    # one GPU
+    python bench/real_size_step.py --layout ssd1b --stage2_layout sdxl_refiner --resolution 1024 --steps 10 --chain
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import torch
 from expertune.config import load_config
 from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
 from expertune.infer.chain import generate
-from expertune.models.layouts import sdxl_layout, ssd1b_layout
-from expertune.models.tiny import build_random_pipeline, tiny_layout
+from expertune.models.layouts import sdxl_layout, sdxl_refiner_layout, ssd1b_layout
+from expertune.models.tiny import build_random_pipeline, tiny_layout, tiny_refiner_layout
 from expertune.train.metrics import read_metrics
 from expertune.train.loop import train
 
 LAYOUTS = {"ssd1b": ssd1b_layout, "sdxl": sdxl_layout, "tiny": tiny_layout}
+REFINER_LAYOUTS = {"sdxl_refiner": sdxl_refiner_layout, "tiny_refiner": tiny_refiner_layout}
 
 
 def emit(**figures) -> None:
@@ -71,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--validate", action="store_true", help="make validation images at the end")
     parser.add_argument("--chain", action="store_true", help="also train stage 2 and chain the two experts")
+    parser.add_argument("--stage2_layout", choices=["same", *sorted(REFINER_LAYOUTS)], default="same",
+                        help="stage 2's model: the same as stage 1, or a refiner-layout model sharing its VAE and "
+                             "text encoder 2")
     parser.add_argument("--work", default="outputs/real_size")
     args = parser.parse_args(argv)
 
@@ -85,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     emit(event="model_built", seconds=round(time.monotonic() - started, 1))
 
+    stage2_model = model
+    if args.stage2_layout != "same":
+        stage2_model = build_random_pipeline(work / f"model-{args.stage2_layout}", REFINER_LAYOUTS[args.stage2_layout](),
+                                             seed=1, device=device, vae_from=model, text_encoder_from=model)
+        emit(event="refiner_built", seconds=round(time.monotonic() - started, 1))
+
     images = work / "images"
     for index in range(args.images):
         shape, colour, background = SHAPES[index % len(SHAPES)]
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         out = work / f"stage{stage}"
-        config, _ = load_config(stage_flags(stage, args, model, data, out))
+        config, _ = load_config(stage_flags(stage, args, model if stage == 1 else stage2_model, data, out))
         result = train(config)
         steps = [r["seconds"] for r in read_metrics(out / "metrics.jsonl")]
         summary = result.summary

@@ -29,6 +29,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_refiner_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL-refiner-layout `StableDiffusionXLImg2ImgPipeline` directory (seed 1) with the VAE, text
+    encoder 2 and tokenizer 2 of `tiny_model_dir`, as the real refiner ships SDXL's. Treat as read-only."""
+    from expertune.models.tiny import build_tiny_refiner
+
+    return build_tiny_refiner(tmp_path_factory.mktemp("models") / "tiny-refiner", seed=1, vae_from=tiny_model_dir,
+                              text_encoder_from=tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny random CLIPModel + CLIPProcessor directory (seed 0), built offline. Treat as read-only."""
     from expertune.models.tiny import build_tiny_clip

@@ -98,6 +98,8 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         width=args.width,
         device=device,
         dtype=resolve_dtype(args.dtype, device),
+        aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
     )
     for path in save_images(images, args.out):
         print(f"wrote {path}")
@@ -125,8 +127,16 @@ def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
-    from expertune.models.tiny import build_tiny_pipeline
+    from expertune.models.tiny import build_tiny_pipeline, build_tiny_refiner
 
+    if args.refiner:
+        path = build_tiny_refiner(args.directory, seed=args.seed, vae_from=args.share_with,
+                                  text_encoder_from=args.share_with)
+        print(f"wrote a tiny SDXL-refiner-layout pipeline to {path}")
+        return 0
+    if args.share_with:
+        print("--share_with needs --refiner", file=sys.stderr)
+        return 2
     path = build_tiny_pipeline(args.directory, seed=args.seed)
     print(f"wrote a tiny SDXL-layout pipeline to {path}")
     return 0
@@ -220,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                           help="weights and activations: auto = fp16 on a GPU, fp32 on the CPU; the VAE stays "
                           "fp32 where its config sets force_upcast (SDXL's overflows in fp16)")
+    generate.add_argument("--aesthetic_score", type=float, default=6.0,
+                          help="aesthetic-score time id of refiner-layout experts (diffusers' default 6.0)")
+    generate.add_argument("--negative_aesthetic_score", type=float, default=2.5,
+                          help="the same for their negative branch (diffusers' default 2.5)")
     generate.add_argument("--out", default="expertune.png",
                           help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)
@@ -253,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = verbs.add_parser("tiny-model", help="write a tiny SDXL-layout diffusers pipeline")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--refiner", action="store_true",
+                      help="the SDXL refiner's layout (text encoder 2 only, aesthetic-score time ids), saved as a "
+                      "StableDiffusionXLImg2ImgPipeline")
+    tiny.add_argument("--share_with", default=None, metavar="BASE_DIR",
+                      help="with --refiner: copy the VAE, text encoder 2 and tokenizer 2 of this tiny base")
     tiny.set_defaults(handler=_cmd_tiny_model)
 
     clip = verbs.add_parser("tiny-clip", help="write a tiny random CLIP model and processor (offline)")

@@ -145,6 +145,10 @@ EXPECTED = {
     "eval_holdout_fraction": ("validation", float, True, None),
     "eval_subbands": ("validation", int, False, 4),
     "eval_timesteps_per_subband": ("validation", int, False, 4),
+    # The SDXL refiner layout (docs/refiner.md)
+    "data_aesthetic_score": ("data", float, False, 7.0),
+    "validation_aesthetic_score": ("validation", float, False, 6.0),
+    "validation_negative_aesthetic_score": ("validation", float, False, 2.5),
     "report_to": ("logging", str, False, "tensorboard"), "tracker_project_name": ("logging", str, False, "expertune"),
     "tracker_run_name": ("logging", str, True, None), "logging_dir": ("logging", str, True, None),
 }

@@ -1,9 +1,15 @@
-"""The text-embedding cache: SDXL's two-encoder prompt embeddings, one entry per caption.
+"""The text-embedding cache: SDXL's prompt embeddings, one entry per caption and text layout.
 
 `encode_prompts` reproduces diffusers' `StableDiffusionXLPipeline.encode_prompt` (clip_skip None,
 no guidance): penultimate hidden states of both CLIP encoders concatenated (encoder 1 first), and the
 pooled `text_embeds` of encoder 2. SSD-1B and SDXL share both encoders, so one cache serves both
 experts and both models (REFERENCE.md §3).
+
+The SDXL refiner layout has text encoder 2 only: given one tokenizer and one encoder, `encode_prompts` is
+`StableDiffusionXLImg2ImgPipeline.encode_prompt` of a pipeline with `text_encoder=None` (bigG's penultimate
+hidden states alone, and its pooled `text_embeds`). Its entries are of another kind
+(`REFINER_EMBED_KIND`) and their keys name one encoder, so they never collide with base-layout entries of
+the same caption, even in the same store and with the same text encoder 2.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EMBED_KIND = "sdxl_text_embeds"
+REFINER_EMBED_KIND = "sdxl_refiner_text_embeds"  # text encoder 2 only (the SDXL refiner layout)
 HIDDEN_LAYER = -2  # SDXL reads the penultimate layer (clip_skip None)
 
 
@@ -40,10 +47,12 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds [B, 77, d1 + d2], pooled [B, d_pool]), as diffusers' SDXL `encode_prompt`.
 
-    Runs under `torch.no_grad()`; prompt_embeds take the second encoder's dtype, as in diffusers.
+    With one tokenizer and one encoder (the refiner layout: text encoder 2 only), prompt_embeds are
+    [B, 77, d2]. Runs under `torch.no_grad()`; prompt_embeds take the last encoder's dtype, as in diffusers.
     """
-    if len(tokenizers) != 2 or len(text_encoders) != 2:
-        raise ValueError("SDXL needs two tokenizers and two text encoders (CLIP-L, then OpenCLIP bigG)")
+    if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+        raise ValueError("SDXL needs two tokenizers and two text encoders (CLIP-L, then OpenCLIP bigG); the "
+                         "refiner layout one of each (OpenCLIP bigG)")
     _warn_truncated(tokenizers[0], prompts)
     hidden: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
@@ -62,7 +71,7 @@ def encode_prompts(
             hidden.append(output.hidden_states[HIDDEN_LAYER])
     if pooled is None:
         raise ValueError("the second text encoder must return pooled text_embeds (CLIPTextModelWithProjection)")
-    embeds = torch.cat(hidden, dim=-1).to(dtype=next(text_encoders[1].parameters()).dtype)
+    embeds = torch.cat(hidden, dim=-1).to(dtype=next(text_encoders[-1].parameters()).dtype)
     return embeds, pooled
 
 
@@ -101,22 +110,30 @@ def tokenizer_digest(tokenizer: CLIPTokenizer) -> str:
 
 
 class EmbedCache:
-    """Encodes captions into `store` and reads them back; keys cover the caption and both encoders."""
+    """Encodes captions into `store` and reads them back; keys cover the caption, the layout and every encoder.
+
+    Two tokenizers and encoders: the SDXL base layout. One of each (text encoder 2): the refiner layout, whose
+    entries are of `REFINER_EMBED_KIND`.
+    """
 
     def __init__(
         self,
-        tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
-        text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+        tokenizers: tuple[CLIPTokenizer, CLIPTokenizer] | tuple[CLIPTokenizer],
+        text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection] | tuple[CLIPTextModelWithProjection],
         *,
         store: CacheStore,
         batch_size: int,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+            raise ValueError("EmbedCache takes two tokenizers and encoders (SDXL base layout) or one of each "
+                             "(the refiner layout's text encoder 2)")
         self.tokenizers = tuple(tokenizers)
         self.text_encoders = tuple(text_encoders)
         self.store = store
         self.batch_size = int(batch_size)
+        self.kind = EMBED_KIND if len(self.text_encoders) == 2 else REFINER_EMBED_KIND
         self._parts: dict[str, Any] = {
             "encoders": [module_fingerprint(encoder) for encoder in self.text_encoders],
             "encoder_dtypes": [str(next(encoder.parameters()).dtype) for encoder in self.text_encoders],
@@ -129,7 +146,7 @@ class EmbedCache:
 
     def key_for(self, caption: str) -> str:
         if caption not in self._keys:
-            self._keys[caption] = cache_key(EMBED_KIND, {**self._parts, "caption": caption})
+            self._keys[caption] = cache_key(self.kind, {**self._parts, "caption": caption})
         return self._keys[caption]
 
     def ensure(self, captions: Iterable[str], *, progress: bool = True) -> CacheStats:
@@ -150,12 +167,12 @@ class EmbedCache:
     def _encode_batch(self, batch: list[str]) -> list[Encoded | str]:
         embeds, pooled = encode_prompts(self.tokenizers, self.text_encoders, batch)
         return [
-            ({"prompt_embeds": embed, "pooled_prompt_embeds": pool}, {"caption": caption, "kind": EMBED_KIND})
+            ({"prompt_embeds": embed, "pooled_prompt_embeds": pool}, {"caption": caption, "kind": self.kind})
             for caption, embed, pool in zip(batch, embeds, pooled)
         ]
 
     def load(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds [77, d1 + d2], pooled [d_pool]) of a cached caption, as float32."""
+        """(prompt_embeds [77, d1 + d2] (refiner: [77, d2]), pooled [d_pool]) of a cached caption, as float32."""
         key = self.key_for(caption)
         entry = self.store.get(key)
         tensors = entry[0] if entry is not None else {}

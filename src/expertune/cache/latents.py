@@ -6,10 +6,17 @@ bit for bit. (Sampling at train time would need the cached std as well; not done
 produced the latent is stored with it as SDXL time ids. Which size and crop an image gets is its
 dataset's `BucketRule`; the key covers the resulting plan, not the settings that led to it, so two
 datasets (or jobs) that crop an image the same way share its entry.
+
+The key covers the VAE by its content (`module_fingerprint`: class, config, weights), not by the model it
+came from, so two models with the same VAE — SDXL base and its refiner, or an SSD-1B base — share every
+latent; `check_shared_vae` is the one refusal of models whose VAEs differ where one cache must serve both.
+Entries hold SDXL base's six time ids; a `TimeIdLayout` turns them into what a refiner-layout UNet takes at
+`load`, so the entry itself does not depend on the layout.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ from expertune.cache.store import (
     fill_entries,
     module_fingerprint,
 )
+from expertune.data.batches import TimeIdLayout
 from expertune.data.dataloader import DatasetSpec
 from expertune.data.records import ImageRecord
 from expertune.data.transforms import (
@@ -41,10 +49,12 @@ from expertune.data.transforms import (
     image_to_tensor,
     load_image,
 )
-from expertune.errors import DataError
+from expertune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+
+    from expertune.models.sdxl import SDXLComponents
 
 LATENT_KIND = "vae_latent"
 LATENT_STATISTIC = "mean"
@@ -71,7 +81,8 @@ class LatentCache:
     """Encodes images into per-dataset stores (`spec.cache_dir_vae`) and reads them back."""
 
     def __init__(
-        self, vae: AutoencoderKL, *, seed: int, batch_size: int, max_pixels: int = MAX_IMAGE_PIXELS
+        self, vae: AutoencoderKL, *, seed: int, batch_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
+        time_ids: TimeIdLayout = TimeIdLayout(),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -79,10 +90,17 @@ class LatentCache:
         self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.max_pixels = int(max_pixels)
+        self.time_ids = time_ids  # what `load` returns: SDXL's six time ids, or the refiner's five
         self.dtype = next(vae.parameters()).dtype
         self.fingerprint = module_fingerprint(vae)
         self._stores: dict[Path, CacheStore] = {}
         self._infos: dict[tuple[Path, int, int], ImageInfo] = {}
+
+    def with_time_ids(self, time_ids: TimeIdLayout) -> LatentCache:
+        """The same cache (stores, VAE, memoised image hashes) whose `load` gives `time_ids`' layout."""
+        view = copy.copy(self)
+        view.time_ids = time_ids
+        return view
 
     def store_for(self, spec: DatasetSpec) -> CacheStore:
         root = Path(spec.cache_dir_vae)
@@ -202,7 +220,8 @@ class LatentCache:
         return encode_latents(self.vae, pixels)
 
     def load(self, record: ImageRecord, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent [4, h, w] float32, already scaled; time_ids [6] float32) of a cached image."""
+        """(latent [4, h, w] float32, already scaled; time_ids [6] float32, or [5] with the refiner's
+        `TimeIdLayout`) of a cached image."""
         planned = self.planned(record, spec)
         store = self.store_for(spec)
         entry = store.get(planned.key)
@@ -213,4 +232,33 @@ class LatentCache:
                 f"{record.path}: no usable cached latent in {store.root} (key {planned.key}). "
                 "Run the latent caching step (`expertune cache`, or LatentCache.ensure) for this dataset first."
             )
-        return latent.to(torch.float32), time_ids.to(torch.float32)
+        return latent.to(torch.float32), self.time_ids(time_ids.to(torch.float32))
+
+
+def same_vae(a: SDXLComponents, b: SDXLComponents) -> bool:
+    """Whether two models' VAEs are the same (class, config, weights, dtype): then they share every latent."""
+    if a.vae is b.vae:
+        return True
+    return (next(a.vae.parameters()).dtype == next(b.vae.parameters()).dtype
+            and module_fingerprint(a.vae) == module_fingerprint(b.vae))
+
+
+def check_shared_vae(components: Sequence[SDXLComponents], names: Sequence[str]) -> None:
+    """Refuse models whose VAEs differ where one latent cache must serve them all (experts of one mixture).
+
+    `names` says how the message names each model (e.g. "expert 1 (stabilityai/...)"); ConfigError naming the
+    first two that differ, their VAE fingerprints, and the fix.
+    """
+    if len(components) != len(names):
+        raise ValueError(f"{len(components)} models but {len(names)} names")
+    for index in range(1, len(components)):
+        if not same_vae(components[0], components[index]):
+            first, other = components[0], components[index]
+            raise ConfigError(
+                f"{names[0]} ({first.source}) and {names[index]} ({other.source}) have different VAEs "
+                f"(fingerprints {module_fingerprint(first.vae)[:12]} and {module_fingerprint(other.vae)[:12]}, "
+                f"dtypes {next(first.vae.parameters()).dtype} and {next(other.vae.parameters()).dtype}): their "
+                "latents differ, so one latent cache cannot serve both and a chain would hand one expert latents "
+                "of another VAE. Use models that ship the same VAE weights, or replace the vae/ folder of "
+                f"{other.source} with that of {first.source}"
+            )

@@ -230,6 +230,10 @@ class DataConfig:
     cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
                                       "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).",
                                       on_resume="may_change")
+    # The SDXL refiner layout (docs/refiner.md); SimpleTuner's name and default.
+    data_aesthetic_score: float = opt(7.0, "Aesthetic score every training image is conditioned on when the model "
+                                           "has the SDXL refiner layout (its fifth time id; ignored otherwise).",
+                                      ge=0)
 
 
 @dataclass(frozen=True)
@@ -431,6 +435,12 @@ class ValidationConfig:
     eval_subbands: int = opt(4, "Equal sub-bands of the expert's band the held-out loss is reported for.", ge=1)
     eval_timesteps_per_subband: int = opt(4, "Fixed timesteps per sub-band at which each held-out image is "
                                              "scored.", ge=1)
+    # The SDXL refiner layout (docs/refiner.md): diffusers' pipeline defaults.
+    validation_aesthetic_score: float = opt(6.0, "Aesthetic score of the validation images of a refiner-layout "
+                                                 "expert (diffusers' aesthetic_score).", ge=0)
+    validation_negative_aesthetic_score: float = opt(2.5, "Aesthetic score of the negative branch of a "
+                                                          "refiner-layout expert's validation images (diffusers' "
+                                                          "negative_aesthetic_score).", ge=0)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class TrainingBatch:
     latents: torch.Tensor  # [B, 4, h, w], already scaled by the VAE's scaling factor
     prompt_embeds: torch.Tensor  # [B, 77, d1 + d2]
     pooled_embeds: torch.Tensor  # [B, d_pool]
-    time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+    time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w (refiner: [B, 5])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TrainingBatch":
         return TrainingBatch(*(t.to(device=device, dtype=dtype) for t in
@@ -52,6 +52,36 @@ class TrainingBatch:
     @property
     def size(self) -> int:
         return int(self.latents.shape[0])
+
+
+@dataclass(frozen=True)
+class TimeIdLayout:
+    """How a cached crop's six SDXL time ids become the added time ids a UNet is conditioned on.
+
+    `aesthetic_score` None: SDXL base's six, as cached (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w). A number: the SDXL refiner's five, (orig_h, orig_w, crop_top, crop_left, aesthetic_score), as
+    diffusers' `StableDiffusionXLImg2ImgPipeline._get_add_time_ids` builds them with
+    `requires_aesthetics_score=True`. The latent cache stores the six either way, so the two layouts share it.
+    """
+
+    aesthetic_score: float | None = None
+
+    @property
+    def count(self) -> int:
+        return 6 if self.aesthetic_score is None else 5
+
+    def __call__(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """[..., 6] cached time ids → [..., count]."""
+        if self.aesthetic_score is None:
+            return time_ids
+        return refiner_time_ids(time_ids, self.aesthetic_score)
+
+
+def refiner_time_ids(time_ids: torch.Tensor, aesthetic_score: float) -> torch.Tensor:
+    """[..., 6] SDXL time ids → the refiner's [..., 5]: the original size and crop, then the aesthetic score."""
+    score = torch.full((*time_ids.shape[:-1], 1), float(aesthetic_score), dtype=time_ids.dtype,
+                       device=time_ids.device)
+    return torch.cat([time_ids[..., :4], score], dim=-1)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ them); the run goes on while at least one image is usable and stops with a DataE
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache, LatentPlan
 from expertune.cache.store import CacheStore
-from expertune.data.batches import Bucket, TrainingItem
+from expertune.data.batches import Bucket, TimeIdLayout, TrainingItem
 from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
 from expertune.data.dataloader import DataloaderConfig, DatasetDefaults, DatasetSpec, load_dataloader_config
@@ -146,7 +146,8 @@ def prepare_data(
     are `eval_items`.
     """
     dataloader = load_datasets(config)
-    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
+    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
+                               time_ids=time_id_layout(config, components))
     skips = _Skips()
     skipped, skip = skips.entries, skips.add
     found, planned = _plan_images(dataloader, latent_cache, skips, progress)
@@ -174,14 +175,7 @@ def prepare_data(
         log.info("%d images held out of training for the per-band validation loss", len(eval_items))
     buckets = _buckets(items, planned)
 
-    if components.text_encoder_1 is None or components.text_encoder_2 is None:
-        raise RuntimeError("text encoders were released before the embedding cache was built")
-    embed_cache = EmbedCache(
-        (components.tokenizer_1, components.tokenizer_2),
-        (components.text_encoder_1, components.text_encoder_2),
-        store=CacheStore(dataloader.text_embeds.cache_dir),
-        batch_size=config.data.text_encoder_batch_size,
-    )
+    embed_cache = build_embed_cache(config, components, dataloader)
     captions = sorted({caption for record, _ in usable for caption in record.captions} | set(extra_prompts or []))
     embed_stats = embed_cache.ensure(captions, progress=progress)
     stats = {
@@ -198,6 +192,57 @@ def prepare_data(
     _log_bucket_table(prepared, config.train.train_batch_size * config.train.num_processes)
     log.info("cache: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
     return prepared
+
+
+def build_embed_cache(config: Config, components: SDXLComponents, dataloader: DataloaderConfig) -> EmbedCache:
+    """The text-embedding cache of `components`' layout in the dataloader's text-embeds store (text encoders held).
+
+    The refiner layout's entries (text encoder 2 only) are keyed apart from the base layout's in the same store.
+    """
+    if any(encoder is None for encoder in components.text_encoders):
+        raise RuntimeError("text encoders were released before the embedding cache was built")
+    return EmbedCache(
+        components.tokenizers,  # type: ignore[arg-type]
+        components.text_encoders,  # type: ignore[arg-type]
+        store=CacheStore(dataloader.text_embeds.cache_dir),
+        batch_size=config.data.text_encoder_batch_size,
+    )
+
+
+def prepared_for_model(prepared: PreparedData, config: Config, components: SDXLComponents, *, name: str,
+                       extra_prompts: list[str] | None = None, progress: bool = True) -> PreparedData:
+    """The run's data for another model of it (an expert of another layout, e.g. the SDXL refiner's): the same
+    items, buckets and latents (read with that model's time ids), and that model's own text embeddings, encoded
+    for every caption and `extra_prompts` now (its text encoders must still be held).
+
+    Refuses (ConfigError naming `name`, both fingerprints and the fix) a model whose VAE differs from the one the
+    latents were encoded with: its latents would be other entries, and a chain would hand it foreign latents.
+    """
+    from expertune.cache.store import module_fingerprint
+    from expertune.errors import ConfigError
+
+    latents = prepared.latent_cache
+    fingerprint, dtype = module_fingerprint(components.vae), next(components.vae.parameters()).dtype
+    if (fingerprint, dtype) != (latents.fingerprint, latents.dtype):
+        raise ConfigError(
+            f"{name} ({components.source}) has another VAE than the one this run's latents were encoded with "
+            f"(fingerprints {fingerprint[:12]} and {latents.fingerprint[:12]}, dtypes {dtype} and {latents.dtype}): "
+            "experts of one run share the latent cache and hand latents to each other. Use models that ship the "
+            f"same VAE weights, or replace the vae/ folder of {components.source}")
+    embed_cache = build_embed_cache(config, components, prepared.dataloader)
+    captions = {caption for item in prepared.items + prepared.eval_items for caption in item.captions}
+    stats = embed_cache.ensure(sorted(captions | set(extra_prompts or [])), progress=progress)
+    log.info("%s: %d text embeddings encoded, %d reused (%s layout)", name, stats.encoded, stats.reused,
+             components.layout_kind)
+    view = replace(prepared, latent_cache=latents.with_time_ids(time_id_layout(config, components)),
+                   embed_cache=embed_cache,
+                   cache_stats={**prepared.cache_stats, "embeds_encoded": stats.encoded, "embeds_reused": stats.reused})
+    return view
+
+
+def time_id_layout(config: Config, components: SDXLComponents) -> TimeIdLayout:
+    """The added time ids the model's UNet takes: SDXL's six, or the refiner's five with `data_aesthetic_score`."""
+    return TimeIdLayout(config.data.data_aesthetic_score if components.requires_aesthetics_score else None)
 
 
 def _buckets(items: list[TrainingItem], planned: dict[tuple[str, Path], LatentPlan]) -> list[Bucket]:
@@ -256,6 +301,6 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
         with_unet=False,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
+    for frozen in components.frozen_modules():
         frozen.to(device)
     return prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)

@@ -6,6 +6,12 @@ Each expert is a plain diffusers SDXL pipeline directory holding `expert.json`; 
 `denoise_chain` is that loop over in-memory components: `expertune generate` feeds it pipelines loaded
 from disk, validation feeds it the UNet being trained (and a peer expert's) with cached text embeddings.
 `check_chain` is the one guard both use: same parameterisation, bands that tile the schedule.
+
+An expert of the SDXL refiner layout (text encoder 2 only, `requires_aesthetics_score`; docs/refiner.md)
+runs exactly as diffusers' refiner pipeline does: `StableDiffusionXLImg2ImgPipeline` with
+`requires_aesthetics_score=True`, prompt embeddings of its own text encoder 2, and the time ids
+(orig size, crop, `aesthetic_score`) / (..., `negative_aesthetic_score`). It continues a chain; it cannot
+start one from pure noise (diffusers' text-to-image pipeline has no aesthetic-score time ids).
 """
 
 from __future__ import annotations
@@ -91,16 +97,44 @@ def check_chain(experts: Sequence[ExpertInfo]) -> list[ExpertInfo]:
     return [experts[i] for i in order_chain([e.band for e in experts])]
 
 
+AESTHETIC_SCORE = 6.0  # diffusers' StableDiffusionXLImg2ImgPipeline defaults
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
 @dataclass
 class ChainStage:
-    """One expert of a chain: pipeline components (`unet` and `scheduler` its own), band and guidance."""
+    """One expert of a chain: pipeline components (`unet` and `scheduler` its own), band and guidance.
+
+    `requires_aesthetics_score` marks a refiner-layout expert (its components hold no text encoder 1); it gets
+    `aesthetic_score` / `negative_aesthetic_score` as time ids. `conditioning`, when set, replaces the chain's
+    text conditioning for this stage (precomputed embeddings differ between the base and refiner layouts).
+    """
 
     components: dict[str, Any]  # vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler
     band: ExpertBand
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     adapter: str | None = None  # a LoRA expert: the adapter to activate on the shared base UNet
-    conditioning: dict[str, Any] | None = None  # this expert's own prompt (else the chain's)
+    requires_aesthetics_score: bool = False
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+    force_zeros_for_empty_prompt: bool = True
+    conditioning: dict[str, Any] | None = None  # this expert's own prompt or embeddings (else the chain's)
+
+
+def pipeline_flags(pipe: Any) -> dict[str, bool]:
+    """The `ChainStage` flags a loaded pipeline's config sets (a text-to-image pipeline has no aesthetic score)."""
+    config = pipe.config
+    return {"requires_aesthetics_score": bool(config.get("requires_aesthetics_score", False)),
+            "force_zeros_for_empty_prompt": bool(config.get("force_zeros_for_empty_prompt", True))}
+
+
+def expert_layout_kind(expert: ExpertInfo) -> str:
+    """"refiner" or "base": the layout of a saved expert's pipeline (of its base model for a LoRA expert)."""
+    from expertune.models.sdxl import layout_kind_of, read_pipeline_index
+
+    source = str(expert.description.get("base_model", "")) if expert.is_lora else str(expert.path)
+    return layout_kind_of(read_pipeline_index(source))
 
 
 def chain_components(pipe: Any) -> dict[str, Any]:
@@ -137,6 +171,11 @@ def denoise_chain(
     final_vae = stages[-1].components["vae"]
     # A VAE kept in float32 beside a half-precision UNet (force_upcast): decode here, in the VAE's dtype.
     decode_here = output_type != "latent" and final_vae.dtype != stages[-1].components["unet"].dtype
+    if latents is None and stages[0].requires_aesthetics_score:
+        raise ConfigError(
+            f"the expert of band {stages[0].band} has the SDXL refiner layout (aesthetic-score time ids), which "
+            "cannot start a chain from pure noise: put a base-layout expert above it, or give it images to "
+            "continue (partial denoising)")
     for position, stage in enumerate(stages):
         last = position == len(stages) - 1
         common = dict(
@@ -152,13 +191,18 @@ def denoise_chain(
         if stage.adapter is not None:
             stage.components["unet"].set_adapters([stage.adapter])
         if images is None:
-            pipe = StableDiffusionXLPipeline(**stage.components)
+            pipe = StableDiffusionXLPipeline(**stage.components,
+                                             force_zeros_for_empty_prompt=stage.force_zeros_for_empty_prompt)
             pipe.set_progress_bar_config(disable=True)
             images = pipe(**common, height=height, width=width).images
         else:
-            pipe = StableDiffusionXLImg2ImgPipeline(**stage.components, requires_aesthetics_score=False)
+            pipe = StableDiffusionXLImg2ImgPipeline(**stage.components,
+                                                    requires_aesthetics_score=stage.requires_aesthetics_score,
+                                                    force_zeros_for_empty_prompt=stage.force_zeros_for_empty_prompt)
             pipe.set_progress_bar_config(disable=True)
-            images = pipe(**common, image=images, denoising_start=stage.band.denoising_start).images
+            images = pipe(**common, image=images, denoising_start=stage.band.denoising_start,
+                          aesthetic_score=stage.aesthetic_score,
+                          negative_aesthetic_score=stage.negative_aesthetic_score).images
         if last and decode_here:
             images = _decode(pipe, images, output_type)
         del pipe
@@ -231,10 +275,14 @@ class _PipelineLoader:
         self.loads: list[str] = []
 
     def _pipeline(self, source: str | Path) -> Any:
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+        from expertune.models.sdxl import REFINER_LAYOUT, layout_kind_of, read_pipeline_index
+
+        refiner = layout_kind_of(read_pipeline_index(str(source))) == REFINER_LAYOUT
+        pipeline_class = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
         try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True)
+            pipe = pipeline_class.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise ModelError(f"could not load the SDXL pipeline {source}: {error}") from None
         self.loads.append(str(source))
@@ -271,8 +319,12 @@ def generate_images(
     width: int | None = None,
     dtype: torch.dtype | None = None,
     device: str = "auto",
+    aesthetic_score: float = AESTHETIC_SCORE,
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
 ) -> list[Any]:
     """Run the chain and return `num_images` PIL images; image i starts from the noise of seed `seed + i`.
+
+    Refiner-layout experts get `aesthetic_score` / `negative_aesthetic_score` (diffusers' defaults).
 
     `prompt`, `guidance_scale` and `guidance_rescale` are one value for all experts or one per entry of
     `expert_paths`, in that order (the chain itself runs in band order): with a prompt per expert, each
@@ -300,7 +352,9 @@ def generate_images(
         components = chain_components(pipe)
         components["scheduler"] = scheduler_from_saved(scheduler, saved_scheduler, str(expert.path))
         own = {"prompt": prompts[expert.path], "negative_prompt": negative_prompt}
-        stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter, own))
+        stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter,
+                                 aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                                 conditioning=own, **pipeline_flags(pipe)))
         log.info("expert %d/%d %s: %s (guidance %g, rescale %g, %s)", len(stages), len(chain), expert.band,
                  expert.path, scales[expert.path], rescales[expert.path], type(components["scheduler"]).__name__)
     first = stages[0].components

@@ -25,12 +25,21 @@ class TextEncoderShape:
 
 @dataclass(frozen=True)
 class PipelineLayout:
-    """Everything that sizes an SDXL-layout pipeline built from configs."""
+    """Everything that sizes an SDXL-layout pipeline built from configs.
+
+    `text_encoder_1` None is the SDXL refiner's layout: text encoder 2 only, the UNet conditioned on five
+    time ids (orig_h, orig_w, crop_top, crop_left, aesthetic_score), saved as a
+    `StableDiffusionXLImg2ImgPipeline` with `requires_aesthetics_score=True`.
+    """
 
     unet: dict
     vae: dict
-    text_encoder_1: TextEncoderShape
+    text_encoder_1: TextEncoderShape | None
     text_encoder_2: TextEncoderShape
+
+    @property
+    def is_refiner(self) -> bool:
+        return self.text_encoder_1 is None
 
 
 def vae_config(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
@@ -89,6 +98,29 @@ def ssd1b_unet_config() -> dict:
     return config
 
 
+def sdxl_refiner_unet_config() -> dict:
+    """The SDXL refiner UNet (2.3B parameters): four blocks of 384 base channels, attention in the middle two
+    (four transformer layers each, 64-channel heads), bigG-only cross-attention (1280), and an added embedding
+    of the pooled text (1280) plus five time ids (5 x 256 = 1280): 2560."""
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=(384, 768, 1536, 1536),
+        layers_per_block=2,
+        attention_head_dim=(6, 12, 24, 24),
+        transformer_layers_per_block=4,
+        cross_attention_dim=1280,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
+    )
+
+
 def sdxl_vae_config() -> dict:
     return vae_config((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024,
                       force_upcast=True)
@@ -100,3 +132,8 @@ def ssd1b_layout() -> PipelineLayout:
 
 def sdxl_layout() -> PipelineLayout:
     return PipelineLayout(sdxl_unet_config(), sdxl_vae_config(), CLIP_L, OPEN_CLIP_BIGG)
+
+
+def sdxl_refiner_layout() -> PipelineLayout:
+    """stabilityai's SDXL refiner: its UNet, the SDXL VAE, OpenCLIP bigG only."""
+    return PipelineLayout(sdxl_refiner_unet_config(), sdxl_vae_config(), None, OPEN_CLIP_BIGG)

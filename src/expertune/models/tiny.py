@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,6 +108,33 @@ def tiny_unet_config(sample_size: int = 16, *, text_widths: tuple[int, int] = (T
     )
 
 
+REFINER_TIME_IDS = 5  # orig_h, orig_w, crop_top, crop_left, aesthetic_score
+
+
+def tiny_refiner_unet_config(sample_size: int = 16, *, text_width: int = TEXT_ENCODER_2_WIDTH,
+                             pooled_width: int = POOLED_WIDTH, time_embed_dim: int = TIME_EMBED_DIM) -> dict:
+    """The SDXL refiner's UNet shape at toy width: four blocks, attention in the middle two and in the mid
+    block, cross-attention over text encoder 2 only, five time ids."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=(16, 32, 48, 48),
+        layers_per_block=1,
+        norm_num_groups=16,
+        attention_head_dim=(2, 4, 4, 4),
+        transformer_layers_per_block=1,
+        cross_attention_dim=text_width,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=pooled_width + REFINER_TIME_IDS * time_embed_dim,
+    )
+
+
 def tiny_vae_config(sample_size: int = 128) -> dict:
     return vae_config((8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=sample_size,
                       force_upcast=False)
@@ -131,20 +159,46 @@ def tiny_layout() -> PipelineLayout:
     return PipelineLayout(tiny_unet_config(), tiny_vae_config(), TINY_TEXT_ENCODER_1, TINY_TEXT_ENCODER_2)
 
 
+def tiny_refiner_layout() -> PipelineLayout:
+    """The SDXL refiner's layout at toy size: the tiny base's VAE and text encoder 2 shapes, no text encoder 1."""
+    return PipelineLayout(tiny_refiner_unet_config(), tiny_vae_config(), None, TINY_TEXT_ENCODER_2)
+
+
 def build_tiny_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Write a complete `StableDiffusionXLPipeline` directory of a tiny SDXL-layout model."""
     return build_random_pipeline(directory, tiny_layout(), seed=seed)
 
 
+def build_tiny_refiner(directory: str | os.PathLike, seed: int = 0, *, vae_from: str | os.PathLike | None = None,
+                       text_encoder_from: str | os.PathLike | None = None) -> Path:
+    """Write a `StableDiffusionXLImg2ImgPipeline` directory of a tiny SDXL-refiner-layout model.
+
+    `vae_from` / `text_encoder_from` name a saved pipeline (the tiny base) whose VAE / text encoder 2 and
+    tokenizer 2 are copied instead of drawn, as the real refiner ships SDXL's VAE and bigG encoder.
+    """
+    return build_random_pipeline(directory, tiny_refiner_layout(), seed=seed, vae_from=vae_from,
+                                 text_encoder_from=text_encoder_from)
+
+
 def build_random_pipeline(
-    directory: str | os.PathLike, layout: PipelineLayout, *, seed: int = 0, device: str = "cpu"
+    directory: str | os.PathLike, layout: PipelineLayout, *, seed: int = 0, device: str = "cpu",
+    vae_from: str | os.PathLike | None = None, text_encoder_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write a randomly initialised SDXL-layout pipeline of the given layout, offline and seeded.
 
+    A base layout is saved as a `StableDiffusionXLPipeline`, a refiner layout (`text_encoder_1` None) as a
+    `StableDiffusionXLImg2ImgPipeline` with `requires_aesthetics_score=True` and no text encoder 1 nor tokenizer.
+    `vae_from` / `text_encoder_from` copy the VAE / text encoder 2 and tokenizer 2 of a saved pipeline.
     The directory is assembled under a temporary name beside `directory` and renamed into place.
     `device` only speeds up initialisation of large layouts; the same seed gives the same bytes per device.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     with staged_directory(directory) as staged, tempfile.TemporaryDirectory() as tokenizers:
@@ -159,22 +213,35 @@ def build_random_pipeline(
             torch.manual_seed(seed)
             if device != "cpu":
                 torch.cuda.manual_seed_all(seed)
-            text_encoder_1 = CLIPTextModel(_text_encoder_config(layout.text_encoder_1, ids_1))
+            text_encoder_1 = (None if layout.text_encoder_1 is None
+                              else CLIPTextModel(_text_encoder_config(layout.text_encoder_1, ids_1)))
             text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(layout.text_encoder_2, ids_2))
             vae = AutoencoderKL(**layout.vae)
             unet = UNet2DConditionModel(**layout.unet)
+        if vae_from is not None:
+            vae = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae", use_safetensors=True)
+        if text_encoder_from is not None:
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                str(text_encoder_from), subfolder="text_encoder_2", use_safetensors=True)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(str(text_encoder_from), subfolder="tokenizer_2")
         scheduler = EulerDiscreteScheduler(**tiny_scheduler_config())
 
-        pipeline = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder_1,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer_1,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-        )
+        if layout.is_refiner:
+            pipeline: Any = StableDiffusionXLImg2ImgPipeline(
+                vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+                unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=True,
+            )
+        else:
+            pipeline = StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=text_encoder_1,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer_1,
+                tokenizer_2=tokenizer_2,
+                unet=unet,
+                scheduler=scheduler,
+                force_zeros_for_empty_prompt=True,
+            )
         pipeline.save_pretrained(str(staged), safe_serialization=True)
     return Path(directory)
 

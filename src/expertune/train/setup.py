@@ -380,7 +380,7 @@ def setup_run(config: Config) -> Run:
     weights = [loss_weights(c, schedule, band) for c, band in zip(configs, bands)]
     with whole_model_loading(accelerator):  # refuses a bad peer early
         plans = [build_plan(config, band, schedule, output_dir, device=accelerator.device) for band in bands]
-    for frozen in (components.vae, components.text_encoder_1, components.text_encoder_2):
+    for frozen in components.frozen_modules():  # (no text encoder 1 in the SDXL refiner layout)
         frozen.to(accelerator.device)
     with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
         prepared = prepare_data(config, components, extra_prompts=[p for plan in plans for p in plan.prompts_to_cache])

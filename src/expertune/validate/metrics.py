@@ -105,7 +105,7 @@ class HeldOutSample:
     """One held-out image as training would see it: cached latent, time ids, text embeddings."""
 
     latent: torch.Tensor  # [4, h, w], scaled
-    time_ids: torch.Tensor  # [6]
+    time_ids: torch.Tensor  # [6] (the refiner layout: [5])
     prompt_embeds: torch.Tensor  # [77, d]
     pooled_embeds: torch.Tensor  # [d_pool]
 

@@ -8,6 +8,11 @@
   `denoising_start`, which adds no noise itself; REFERENCE.md §4). Saved as grids input | noised | output
   (`partial_denoise_NN`, `partial_denoise_input_<name>`).
 - With `--validation_peer_expert`, the full chain through both experts as well (`chain_<name>`).
+- An expert of the SDXL refiner layout is validated as the refiner is used: partial denoising through
+  `StableDiffusionXLImg2ImgPipeline` with `requires_aesthetics_score`, its own (text encoder 2) embeddings
+  and `--validation_aesthetic_score` / `--validation_negative_aesthetic_score` time ids. Its band must not
+  hold t = N-1 (it cannot start from pure noise), and its peer must be of the same layout (a chain of a base
+  and a refiner conditions each on its own text encoders: `expertune generate` runs it).
 
 Each validation then measures the held-out loss per sub-band and, with `--evaluation_type clip`, the CLIP
 score of every output against its prompt (`validate/metrics.py`). Images go to
@@ -106,6 +111,31 @@ def grid(images: Sequence[Image.Image]) -> Image.Image:
     return image_grid(images, columns=len(images))
 
 
+def _check_layout_validation(components: SDXLComponents, band: ExpertBand, plan: ValidationPlan) -> None:
+    """Refuse what a refiner-layout expert cannot be validated by (see the module doc), before any training."""
+    from expertune.infer.chain import expert_layout_kind
+
+    if components.is_refiner and band.holds_start:
+        raise ConfigError(
+            f"the model has the SDXL refiner layout (aesthetic-score time ids) and this expert's band {band} holds "
+            f"the first timestep {band.hi}: a refiner cannot make validation images from pure noise. Train it on a "
+            "low-noise band (--refiner_training, or --timestep_range below the top) or set --validation_disable")
+    if plan.peer is None:
+        return
+    peer_kind = expert_layout_kind(plan.peer)
+    if components.is_refiner and peer_kind == components.layout_kind:
+        raise ConfigError(
+            f"validation_peer_expert {plan.peer.path} and this run's model both have the SDXL refiner layout: one "
+            "of two chained experts starts from pure noise, which a refiner cannot. Give the chain a base-layout "
+            "expert at the top and chain the saved experts with `expertune generate`")
+    if peer_kind != components.layout_kind:
+        raise ConfigError(
+            f"validation_peer_expert {plan.peer.path} has the SDXL {peer_kind} layout and this run's model the "
+            f"{components.layout_kind} layout: validating their chain needs each expert's own text encoders, "
+            "which a run does not hold. Drop --validation_peer_expert and chain the saved experts with "
+            "`expertune generate`")
+
+
 class Validator:
     """Validation images and metrics for one expert at chosen steps; main process only."""
 
@@ -134,6 +164,8 @@ class Validator:
         self.resolution = self.v.validation_resolution or BucketRule(
             config.data.resolution, config.data.resolution_type).square_edge()
         self.held_out = self._held_out_loss() if prepared.eval_items and not self.v.validation_disable else None
+        if not self.v.validation_disable:
+            _check_layout_validation(components, band, plan)
         sources = self.v.validation_using_datasets or plan.inputs or plan.peer
         if not band.holds_start and not self.v.validation_disable and (self.v.validation_using_datasets or plan.inputs):
             steps = self.settings.num_inference_steps  # checked now, not at the first validation
@@ -188,7 +220,10 @@ class Validator:
         c = self.components
         parts = dict(vae=c.vae, text_encoder=None, text_encoder_2=None, tokenizer=c.tokenizer_1,
                      tokenizer_2=c.tokenizer_2, unet=unet, scheduler=scheduler)
-        return ChainStage(parts, band, self.settings.guidance_scale, self.settings.guidance_rescale)
+        return ChainStage(parts, band, self.settings.guidance_scale, self.settings.guidance_rescale,
+                          requires_aesthetics_score=c.requires_aesthetics_score,
+                          aesthetic_score=self.v.validation_aesthetic_score,
+                          negative_aesthetic_score=self.v.validation_negative_aesthetic_score)
 
     def _encode_input(self, path: Path) -> torch.Tensor:
         image = load_image(path)
