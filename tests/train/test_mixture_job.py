@@ -246,3 +246,35 @@ def test_a_lora_mixture_saves_one_adapter_set_per_expert_and_chains_them(tiny_mo
     assert main(["generate", "--mixture", str(output), "--prompt", "a red circle", "--steps", "6", "--device", "cpu",
                  "--height", "64", "--width", "64", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_a_mixture_of_a_base_and_the_refiner_architecture(tiny_model_dir: Path, tiny_refiner_dir: Path,
+                                                          small_dataset: Path, tmp_path: Path) -> None:
+    """The low-noise expert starts from a model of the SDXL refiner layout (text encoder 2 only, aesthetic-score
+    time ids): trained in the same job on the shared latents with its own text embeddings, validated in the chain,
+    saved as a plain refiner pipeline and chained by generate --mixture."""
+    from expertune.errors import ConfigError
+
+    output = tmp_path / "base-and-refiner"
+    flags = [f for f in _flags(tiny_model_dir, small_dataset, output) if f != "--validation_disable"]
+    config, _ = load_config([*flags, "--mixture_boundaries=350", f"--expert_models=,{tiny_refiner_dir}",
+                             "--max_train_steps=4", "--validation_using_datasets"])
+    train(config)
+    rows = read_metrics(output / "metrics.jsonl")
+    assert [r["expert"] for r in rows] == [0, 1, 0, 1]
+    assert all(r["timestep_max"] <= 349 for r in rows if r["expert"] == 1)
+    index = json.loads((output / "expert-1" / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline" and index["requires_aesthetics_score"] is True
+    assert index["text_encoder"] == [None, None]
+    refiner = load_file(output / "expert-1" / "pipeline" / WEIGHTS)
+    start = load_file(tiny_refiner_dir / WEIGHTS)
+    assert refiner.keys() == start.keys() and any(not torch.equal(refiner[k], start[k]) for k in start)
+    final = output / "validation" / "step_000004"
+    assert (final / "expert_0" / "chain_prompt.png").is_file()  # base then refiner, each with its own embeddings
+    assert sorted(p.name for p in (final / "expert_1").glob("partial_denoise_*.png"))
+    out = tmp_path / "chain.png"
+    assert main(["generate", "--mixture", str(output), "--prompt", "a red circle", "--steps", "6", "--device", "cpu",
+                 "--height", "64", "--width", "64", "--out", str(out)]) == 0
+    with pytest.raises(ConfigError, match="has the SDXL refiner layout, and expert 0 owns"):
+        train(_config(tiny_model_dir, small_dataset, tmp_path / "refused", "--mixture_boundaries=350",
+                      f"--expert_models={tiny_refiner_dir},"))

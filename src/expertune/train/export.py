@@ -51,7 +51,7 @@ def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription
 
 def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:
     """Save the expert (main process) and return its expert.json description."""
-    config, components, schedule = run.config, run.components, run.schedule
+    config, components, schedule = run.config, run.components_of(expert), run.schedule
     description = ExpertDescription(
         expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
         weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")

@@ -50,7 +50,7 @@ class PeriodicValidation:
     def _validate(self, run: Run, unets: list[Any], step: int) -> list[Path]:
         written: list[Path] = []
         if run.is_mixture:
-            run.experts[0].validator.chain_with = [(unet, e.band) for unet, e in zip(unets, run.experts)]
+            run.experts[0].validator.chain_with = [(unet, e.validator) for unet, e in zip(unets, run.experts)]
         for expert, unet in zip(run.experts, unets):
             written += expert.validator.run(unet, step)
         if run.is_mixture and run.is_main:

@@ -171,6 +171,8 @@ class ExpertRun:
     bf16_weights: bool = False  # the UNet is held in bfloat16 (optimizer=adamw_bf16)
     config: Config | None = None  # the run's config as this expert sees it (`expert_config`)
     total_steps: int = 0  # this expert's own optimizer steps in the job
+    components: SDXLComponents | None = None  # a mixture expert's own model (`expert_models`); None: the run's
+    prepared: PreparedData | None = None  # the run's data with that model's text embeddings and time ids
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -220,6 +222,12 @@ class Run:
     def step(self) -> int:
         """Job steps done: each trains exactly one expert, so the sum of the experts' own steps."""
         return sum(expert.state.step for expert in self.experts)
+
+    def components_of(self, expert: ExpertRun) -> SDXLComponents:
+        return expert.components or self.components
+
+    def data_of(self, expert: ExpertRun) -> PreparedData:
+        return expert.prepared or self.prepared
 
     def next_expert(self) -> ExpertRun:
         """The expert that trains the next job step."""
@@ -382,17 +390,24 @@ def setup_run(config: Config) -> Run:
         plans = [build_plan(config, band, schedule, output_dir, device=accelerator.device) for band in bands]
     for frozen in components.frozen_modules():  # (no text encoder 1 in the SDXL refiner layout)
         frozen.to(accelerator.device)
+    models = expert_components(config, components, bands, accelerator)
+    prompts = [p for plan in plans for p in plan.prompts_to_cache]
     with accelerator.main_process_first():  # rank 0 fills the caches; the others then find every entry
-        prepared = prepare_data(config, components, extra_prompts=[p for plan in plans for p in plan.prompts_to_cache])
-    components.release_text_encoders()
+        prepared = prepare_data(config, components, extra_prompts=prompts)
+        views = expert_data(config, prepared, components, models, prompts, accelerator.device)
+    for model in {id(m): m for m in [components, *models]}.values():
+        model.release_text_encoders()
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
     mix = config.mixture
     owners = (step_owners(mix.mixture_schedule, bands, total_steps, switch_every=mix.mixture_switch_every, seed=t.seed)
               if len(bands) > 1 else [])
     shares = steps_per_expert(owners, len(bands)) if owners else [total_steps]
-    unets = expert_unets(config, components, len(bands))
     experts = [build_expert(c, accelerator, unet, band, plan, share, w, index=k)
-               for k, (c, unet, band, plan, share, w) in enumerate(zip(configs, unets, bands, plans, shares, weights))]
+               for k, (c, unet, band, plan, share, w) in enumerate(zip(configs, expert_unets(models), bands, plans,
+                                                                       shares, weights))]
+    for expert, model, view in zip(experts, models, views):
+        if model is not components:
+            expert.components, expert.prepared = model, view
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
     if checkpoint_path is not None:
         resume(config, checkpoint_path, [e.state for e in experts], snapshot=snapshot, identity=identity,
@@ -420,8 +435,8 @@ def attach_validator(run: Run, expert: ExpertRun) -> None:
     """The expert's validator (its images in a folder and metrics under keys of its own in a mixture)."""
     from expertune.validate.samples import Validator
 
-    expert.validator = Validator(expert.config or run.config, expert.plan, run.components, run.schedule, expert.band,
-                                 run.prepared, run.accelerator, run.output_dir, run.metrics,
+    expert.validator = Validator(expert.config or run.config, expert.plan, run.components_of(expert), run.schedule,
+                                 expert.band, run.data_of(expert), run.accelerator, run.output_dir, run.metrics,
                                  expert_index=expert.index if run.is_mixture else None)
     if expert.bf16_weights:  # the pipelines feed float32 latents: autocast casts them for the bfloat16 UNet
         expert.validator.run = _under_autocast(expert.validator.run, run.accelerator)
@@ -439,37 +454,54 @@ def check_mixture_engine(config: Config, accelerator: Any) -> None:
                           "not allow: use it with one process, or turn it off")
 
 
-def expert_unets(config: Config, components: SDXLComponents, count: int) -> list[Any]:
-    """Each expert's starting UNet: its `expert_models` entry, else a copy of the pretrained model's."""
+def expert_components(config: Config, components: SDXLComponents, bands: list[ExpertBand],
+                      accelerator: Any) -> list[SDXLComponents]:
+    """The model each expert starts from: its `expert_models` entry (loaded once per distinct model, its frozen
+    modules on the device for caching), else the run's. A model of the SDXL refiner layout cannot own the band
+    that starts from pure noise."""
+    if len(bands) == 1:
+        return [components]
+    sources = per_expert(config.mixture.expert_models, len(bands), "expert_models", str, "")
+    loaded = {components.source: components}
+    result = []
+    for k, (source, band) in enumerate(zip(sources, bands)):
+        source = source or components.source
+        if source not in loaded:
+            with whole_model_loading(accelerator):
+                loaded[source] = load_components(source)
+            for frozen in loaded[source].frozen_modules():
+                frozen.to(accelerator.device)
+            log.info("expert %d starts from %s (%s layout)", k, source, loaded[source].layout_kind)
+        model = loaded[source]
+        if model.is_refiner and band.holds_start:
+            raise ConfigError(f"expert_models entry {k} ({source}) has the SDXL refiner layout, and expert {k} owns "
+                              f"{band}, which starts from pure noise: a refiner only continues a chain. Give that band "
+                              "a base-layout model (the refiner usually takes the last, low-noise band)")
+        result.append(model)
+    return result
+
+
+def expert_data(config: Config, prepared: PreparedData, components: SDXLComponents, models: list[SDXLComponents],
+                prompts: list[str], device: Any) -> list[PreparedData]:
+    """Each expert's view of the run's data: the run's own, or (another model) the same items and shared latents
+    with that model's text embeddings and time ids (`prepared_for_model`, which refuses another VAE)."""
+    from expertune.data.prepare import prepared_for_model
+
+    views: dict[int, PreparedData] = {id(components): prepared}
+    for k, model in enumerate(models):
+        if id(model) not in views:
+            views[id(model)] = prepared_for_model(prepared, config, model, name=f"expert_models entry {k}",
+                                                  extra_prompts=prompts)
+    return [views[id(model)] for model in models]
+
+
+def expert_unets(models: list[SDXLComponents]) -> list[Any]:
+    """Each expert's starting UNet: the first expert of a model takes that model's UNet, later ones a copy."""
     import copy
 
-    models = per_expert(config.mixture.expert_models, count, "expert_models", str, "") if count > 1 else [""]
+    taken: set[int] = set()
     unets = []
-    for k, source in enumerate(models):
-        if source and source != components.source:
-            unets.append(load_expert_unet(source, components, k))
-        else:
-            unets.append(components.unet if not any(u is components.unet for u in unets)
-                         else copy.deepcopy(components.unet))
+    for model in models:
+        unets.append(copy.deepcopy(model.unet) if id(model) in taken else model.unet)
+        taken.add(id(model))
     return unets
-
-
-def load_expert_unet(source: str, components: SDXLComponents, index: int) -> Any:
-    """Expert `index`'s UNet from the model `source`, which must take the shared conditioning."""
-    from diffusers import UNet2DConditionModel
-
-    from expertune.errors import ModelError
-
-    try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-    except (OSError, ValueError) as error:
-        raise ModelError(f"expert_models entry {index} ({source}): cannot load its UNet: {error}") from None
-    mine, base = unet.config, components.unet.config
-    for key in ("cross_attention_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                "in_channels", "out_channels"):
-        if mine.get(key) != base.get(key):
-            raise ModelError(f"expert_models entry {index} ({source}): its UNet has {key}={mine.get(key)!r} but "
-                             f"{components.source}'s has {base.get(key)!r}; the experts share text embeddings and "
-                             "latents, so they need the same conditioning layout")
-    log.info("expert %d starts from %s", index, source)
-    return unet

@@ -155,7 +155,9 @@ class Validator:
         # A mixture's expert: its images in validation/step_N/expert_<k>/, its tracker keys under expert_<k>/.
         self.expert_index = expert_index
         self.label = "" if expert_index is None else f"expert_{expert_index}"
-        self.chain_with: list[tuple[Any, ExpertBand]] = []  # a mixture's current experts, for the chain images
+        # A mixture's current experts (UNet, its validator), for the chain images: each stage is built and
+        # conditioned by its own expert's validator (its model's layout and cached text embeddings).
+        self.chain_with: list[tuple[Any, Validator]] = []
         self.last_values: dict[str, float] = {}  # the metrics of the last validation
         self._peer: tuple[torch.dtype, Any] | None = None  # (dtype, UNet) of the peer expert, loaded on first use
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
@@ -308,7 +310,11 @@ class Validator:
         """Text-to-image through every expert of the mixture as they are now (`chain_with`), in chain order."""
         result = []
         for prompt in self.prompts():
-            stages = [self._stage(unet, band, self.scheduler()) for unet, band in self.chain_with]
+            stages = []
+            for unet, owner in self.chain_with:
+                stage = owner._stage(unet, owner.band, owner.scheduler())
+                stage.conditioning = owner._conditioning(prompt.text)
+                stages.append(stage)
             image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
                                   num_inference_steps=self.settings.num_inference_steps,
                                   height=self.resolution, width=self.resolution)[0]
