@@ -272,6 +272,9 @@ def test_a_mixture_of_a_base_and_the_refiner_architecture(tiny_model_dir: Path, 
     final = output / "validation" / "step_000004"
     assert (final / "expert_0" / "chain_prompt.png").is_file()  # base then refiner, each with its own embeddings
     assert sorted(p.name for p in (final / "expert_1").glob("partial_denoise_*.png"))
+    experts = json.loads((output / "run.json").read_text())["mixture"]["experts"]
+    assert experts[1]["model"] == str(tiny_refiner_dir)
+    assert experts[1]["cache"]["latents_encoded"] == 0 and experts[1]["cache"]["embeds_encoded"] > 0  # shared latents
     out = tmp_path / "chain.png"
     assert main(["generate", "--mixture", str(output), "--prompt", "a red circle", "--steps", "6", "--device", "cpu",
                  "--height", "64", "--width", "64", "--out", str(out)]) == 0

@@ -236,7 +236,11 @@ def prepared_for_model(prepared: PreparedData, config: Config, components: SDXLC
              components.layout_kind)
     view = replace(prepared, latent_cache=latents.with_time_ids(time_id_layout(config, components)),
                    embed_cache=embed_cache,
-                   cache_stats={**prepared.cache_stats, "embeds_encoded": stats.encoded, "embeds_reused": stats.reused})
+                   # What this view did: it reads the run's latents (encodes none) and has its own embeddings.
+                   cache_stats={**prepared.cache_stats, "latents_encoded": 0,
+                                "latents_reused": prepared.cache_stats.get("latents_encoded", 0)
+                                + prepared.cache_stats.get("latents_reused", 0),
+                                "embeds_encoded": stats.encoded, "embeds_reused": stats.reused})
     return view
 
 

@@ -107,7 +107,8 @@ def write_summary(run: Run, descriptions: list[ExpertDescription], validation_fi
             "schedule": run.config.mixture.mixture_schedule,
             "experts": [{"expert": d.to_json(), "path": str(expert_dir_for(run, e).relative_to(run.output_dir)),
                          "steps": e.state.step, "final": e.last_record, "loss_weight": expert_weight_summary(e),
-                         "learning_rate": e.config.train.learning_rate if e.config else None}
+                         "learning_rate": e.config.train.learning_rate if e.config else None,
+                         "model": run.components_of(e).source, "cache": run.data_of(e).cache_stats}
                         for e, d in zip(run.experts, descriptions)],
         }
     atomic_write_json(run.output_dir / "run.json", summary)
