@@ -109,3 +109,12 @@ MESSY_SKIPPED = {  # file -> words its reason must hold
     "zero.png": "empty (0 bytes)", "truncated.png": "truncated", "notimage.jpg": "cannot read the image",
     "bomb.png": "over the limit", "tiny.png": "below minimum_image_size 32", "latin1.png": "not UTF-8",
 }
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensor names and bit-identical values."""
+    import torch
+    from safetensors.torch import load_file
+
+    left, right = load_file(a), load_file(b)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)

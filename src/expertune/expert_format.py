@@ -35,6 +35,14 @@ _BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_
 _OWN_KEYS = ("model_type", "base_model", "weights")
 
 
+def check_format_version(version: Any, reads: int, what: str) -> None:
+    """Refuse a file of another `format_version`, naming both versions and the fix (`what`: "X is an expert")."""
+    if version != reads:
+        newer = isinstance(version, int) and version > reads
+        fix = "upgrade expertune to read it" if newer else "train it again with this expertune"
+        raise ModelError(f"{what} of format_version {version!r}; this expertune reads format_version {reads}: {fix}")
+
+
 @dataclass(frozen=True)
 class ExpertDescription:
     """What an expert is: its band, the parameterisation it was trained under, and what was saved."""
@@ -67,12 +75,7 @@ class ExpertDescription:
 
     @classmethod
     def from_json(cls, document: dict[str, Any], source: str = EXPERT_FILE) -> ExpertDescription:
-        version = document.get("format_version")
-        if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
-            fix = "upgrade expertune to read it" if newer else "train it again with this expertune"
-            raise ModelError(f"{source} is an expert of format_version {version!r}; this expertune reads "
-                             f"format_version {FORMAT_VERSION}: {fix}")
+        check_format_version(document.get("format_version"), FORMAT_VERSION, f"{source} is an expert")
         try:
             lo, hi = document["timestep_range"]
             band = ExpertBand(int(lo), int(hi), int(document["num_train_timesteps"]))
@@ -169,17 +172,13 @@ class MixtureDescription:
         path = Path(directory) / MIXTURE_FILE
         if not path.is_file():
             raise ModelError(f"{directory} is not an expertune mixture: {path} is missing (a single expert has "
-                             "expert.json instead: pass it with --experts)")
+                             "expert.json instead: pass it with --expert)")
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ModelError(f"{path} is not a valid mixture description: {error}") from None
         version = document.get("format_version") if isinstance(document, dict) else None
-        if version != MIXTURE_FORMAT_VERSION:
-            newer = isinstance(version, int) and version > MIXTURE_FORMAT_VERSION
-            fix = "upgrade expertune to read it" if newer else "train it again with this expertune"
-            raise ModelError(f"{path} is a mixture of format_version {version!r}; this expertune reads "
-                             f"format_version {MIXTURE_FORMAT_VERSION}: {fix}")
+        check_format_version(version, MIXTURE_FORMAT_VERSION, f"{path} is a mixture")
         try:
             n = int(document["num_train_timesteps"])
             members = tuple(MixtureMember(str(e["path"]), ExpertBand(int(e["timestep_range"][0]),

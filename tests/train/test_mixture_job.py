@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import FAST_FLAGS
+from helpers import FAST_FLAGS, same_weights
 from expertune.cli import main
 from expertune.config import load_config
 from expertune.expert_format import ExpertDescription, MixtureDescription
@@ -42,11 +42,6 @@ def _flags(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
 def _config(model: Path, data: Path, output: Path, *extra: str):
     config, _ = load_config(_flags(model, data, output, *extra))
     return config
-
-
-def _same(a: Path, b: Path) -> bool:
-    left, right = load_file(a), load_file(b)
-    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def test_one_checkpoint_holds_every_expert_and_resumes_exactly(three_experts: Pa
     train(_config(tiny_model_dir, small_dataset, output, *flags, "--max_train_steps=9",
                   "--resume_from_checkpoint=checkpoint-3", "--allow_config_change"))
     for k in range(3):
-        assert _same(output / f"expert-{k}" / "pipeline" / WEIGHTS, three_experts / f"expert-{k}" / "pipeline" / WEIGHTS)
+        assert same_weights(output / f"expert-{k}" / "pipeline" / WEIGHTS, three_experts / f"expert-{k}" / "pipeline" / WEIGHTS)
     assert [r["loss"] for r in read_metrics(output / "metrics.jsonl")] == \
         [r["loss"] for r in read_metrics(three_experts / "metrics.jsonl")]
 
@@ -112,7 +107,7 @@ def test_joint_training_equals_separate_jobs_of_each_expert(tiny_model_dir: Path
     for k, band in enumerate(["350,999", "0,349"]):
         alone = tmp_path / f"alone-{k}"
         train(_config(tiny_model_dir, small_dataset, alone, f"--timestep_range={band}", "--max_train_steps=3"))
-        assert _same(joint / f"expert-{k}" / "pipeline" / WEIGHTS, alone / "pipeline" / WEIGHTS), k
+        assert same_weights(joint / f"expert-{k}" / "pipeline" / WEIGHTS, alone / "pipeline" / WEIGHTS), k
 
 
 def _launch(model: Path, data: Path, output: Path, *extra: str) -> subprocess.Popen:
@@ -151,7 +146,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tiny_model_d
         assert process.returncode == -signal.SIGKILL, out
     assert kills >= 1 and process.returncode == 0, out
     for k in range(2):
-        assert _same(output / f"expert-{k}" / "pipeline" / WEIGHTS, reference / f"expert-{k}" / "pipeline" / WEIGHTS)
+        assert same_weights(output / f"expert-{k}" / "pipeline" / WEIGHTS, reference / f"expert-{k}" / "pipeline" / WEIGHTS)
     rows = read_metrics(output / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["expert"] for r in rows] == [r["expert"] for r in read_metrics(reference / "metrics.jsonl")]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FAST_FLAGS, write_stage_env
+from helpers import FAST_FLAGS, same_weights, write_stage_env
 from expertune.config import load_config
 from expertune.errors import ConfigError, StorageError
 from expertune.train.loop import train
@@ -29,11 +29,6 @@ QUICK = [*FAST_FLAGS, "--report_to=none", "--validation_disable", "--train_batch
 def _config(env: Path, output: Path, *flags: str):
     config, _ = load_config(["--env", str(env), *QUICK, f"--output_dir={output}", *flags])
     return config
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    left, right = load_file(a), load_file(b)
-    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ def test_resume_continues_exactly(stage1_env: Path, reference_run: Path, tmp_pat
     resumed = train(_config(stage1_env, output, "--max_train_steps=8", "--checkpoint_step_interval=4",
                             "--resume_from_checkpoint=latest", "--allow_config_change"))
     assert resumed.summary["resumed_from"].endswith("checkpoint-4")
-    assert _same_weights(output / UNET, reference_run / UNET)
+    assert same_weights(output / UNET, reference_run / UNET)
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == list(range(1, 9))
     reference_losses = [r["loss"] for r in read_metrics(reference_run / "metrics.jsonl")]
     assert [r["loss"] for r in read_metrics(output / "metrics.jsonl")] == reference_losses
@@ -108,7 +103,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(stage1_env: 
             break
         assert process.returncode == -signal.SIGKILL, out
     assert kills >= 1 and process.returncode == 0, out
-    assert _same_weights(output / UNET, reference_run / UNET)
+    assert same_weights(output / UNET, reference_run / UNET)
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == list(range(1, 9))
 
 
@@ -125,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stage1_env: Path, referenc
     process = _launch(stage1_env, output, "--checkpoint_step_interval=100", "--resume_from_checkpoint=latest")
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, out
-    assert _same_weights(output / UNET, reference_run / UNET)
+    assert same_weights(output / UNET, reference_run / UNET)
 
 
 def test_ema_is_checkpointed_and_exported(stage1_env: Path, tmp_path: Path) -> None:

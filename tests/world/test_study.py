@@ -51,17 +51,27 @@ def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
     assert "| loss 0–349 | 2.0000 ± 1.0000 |" in table and "| clip | 10.0 ± 10.0 |" in table
 
 
-@pytest.mark.integration
-def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_path: Path) -> None:
+def _world_dataloader(folder: Path) -> Path:
+    """A dataloader JSON over one image of each held-out combination (a tiny fine-tuning set)."""
     from expertune.demo.dataset import write_dataloader_config
-    from expertune.world import PRETRAINED
     from expertune.world.dataset import write_world_dataset
     from expertune.world.scene import HELD_OUT, scenes
 
-    images = write_world_dataset(tmp_path / "data", scenes(list(HELD_OUT), 1, seed=0))
-    dataloader = write_dataloader_config(tmp_path / "dataloader.json", images, tmp_path / "cache", 64)
+    images = write_world_dataset(folder / "data", scenes(list(HELD_OUT), 1, seed=0))
+    return write_dataloader_config(folder / "dataloader.json", images, folder / "cache", 64)
+
+
+def _world_models() -> dict[str, str]:
+    from expertune.world import PRETRAINED
+
+    return {"base": str(PRETRAINED / "base"), "clip": str(PRETRAINED / "clip")}
+
+
+@pytest.mark.integration
+def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_path: Path) -> None:
+    dataloader = _world_dataloader(tmp_path)
     result = study.run_task({"arm": "three_experts", "seed": 0, "steps": 3, "out": str(tmp_path),
-                             "base": str(PRETRAINED / "base"), "clip": str(PRETRAINED / "clip"),
+                             **_world_models(),
                              "dataloader": str(dataloader), "learning_rate": 1e-4})
     run = tmp_path / "three_experts" / "seed0" / "mixture"
     assert [(run / f"expert-{k}" / "pipeline" / "expert.json").is_file() for k in range(3)] == [True] * 3
@@ -71,15 +81,9 @@ def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_pat
 
 @pytest.mark.integration
 def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: Path) -> None:
-    from expertune.demo.dataset import write_dataloader_config
-    from expertune.world import PRETRAINED
-    from expertune.world.dataset import write_world_dataset
-    from expertune.world.scene import HELD_OUT, scenes
-
-    images = write_world_dataset(tmp_path / "data", scenes(list(HELD_OUT), 1, seed=0))
-    dataloader = write_dataloader_config(tmp_path / "dataloader.json", images, tmp_path / "cache", 64)
+    dataloader = _world_dataloader(tmp_path)
     result = study.run_task({"arm": "branching", "seed": 0, "steps": 4, "out": str(tmp_path),
-                             "base": str(PRETRAINED / "base"), "clip": str(PRETRAINED / "clip"),
+                             **_world_models(),
                              "dataloader": str(dataloader), "learning_rate": 1e-4})
     assert [p.name for p in (tmp_path / "branching" / "seed0").iterdir() if p.is_dir()] != []
     for name in ("shared", "stage1", "stage2"):
