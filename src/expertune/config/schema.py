@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from expertune.errors import ConfigError
+from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
 
 _META_KEY = "expertune"
@@ -206,7 +207,7 @@ class DataConfig:
                                   "(pixel), megapixels (area) or pixels of an equal-area square's edge "
                                   "(pixel_area).", gt=0, env=("RESOLUTION",))
     resolution_type: str = opt("pixel", "How resolution is measured, for datasets that set none.",
-                               choices=("pixel", "area", "pixel_area"), env=("RESOLUTION_TYPE",))
+                               choices=RESOLUTION_TYPES, env=("RESOLUTION_TYPE",))
     minimum_image_size: float | None = opt(None, "Skip images smaller than this, in the unit of resolution_type "
                                                  "(datasets that set none; 0 or unset: no minimum).",
                                            ge=0, env=("MINIMUM_RESOLUTION",))

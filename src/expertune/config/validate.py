@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from expertune.config.schema import FIELDS, OPTIMIZERS, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
+from expertune.resolution import resolution_problem
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -153,12 +154,13 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             "refiner_training: add --refiner_training (the inverted schedule trains the base expert's "
             "high-noise band of a refiner_training split)")
     resolution, resolution_type = values["resolution"], values["resolution_type"]
-    if resolution_type == "area" and resolution > 16:
+    problem = resolution_problem(resolution, resolution_type, bucket_edge=False)
+    if problem == "megapixels":
         raise ConfigError(
             f"resolution={show(resolution)} (from {src('resolution')}) with resolution_type=area "
             f"(from {src('resolution_type')}) means {show(resolution)} megapixels; give megapixels "
             "(1.0 is about 1024 x 1024) or use resolution_type=pixel_area for an edge in pixels")
-    if resolution_type != "area" and (not float(resolution).is_integer() or resolution < 8):
+    if problem == "whole_pixels":
         raise ConfigError(
             f"resolution={show(resolution)} (from {src('resolution')}) is not a whole number of pixels >= 8 "
             f"as resolution_type={resolution_type} (from {src('resolution_type')}) needs; give pixels, or "
