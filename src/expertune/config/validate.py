@@ -1,18 +1,17 @@
-"""Value conversion, the unsupported-feature table and the cross-field checks.
+"""Value conversion, the unsupported-feature check and the cross-field checks.
 
-Every error names the field, the value, where it came from and what is allowed. The
-``UNSUPPORTED`` table is the one place that lists features expertune lacks: when a feature lands,
-delete its row (and docs/configuration.md is regenerated from it).
+Every error names the field, the value, where it came from and what is allowed. The features
+expertune lacks are declared on their options (``opt(..., unsupported=Unsupported(...))`` in
+config.schema); ``UNSUPPORTED`` is the list derived from them.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from expertune.config.schema import FIELDS, OPTIMIZERS, Config, FieldSpec
+from expertune.config.schema import UNSUPPORTED, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
 from expertune.resolution import resolution_problem
 
@@ -92,42 +91,6 @@ def coerce_value(spec: FieldSpec, raw: Any, source: str) -> Any:
     if not ok:
         raise _bad(spec, raw, source)
     return value
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    """A row of the unsupported-feature table: ``name`` with a value where ``applies`` is true."""
-
-    name: str
-    when: str  # the triggering values, in words (docs)
-    applies: Callable[[Any], bool]
-    message: str  # what to do instead / what IS supported
-
-
-UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("use_dora", "`true`", lambda v: v is True,
-                "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) or standard "
-                "LoRA adapters (model_type=lora)"),
-    Unsupported("lora_type", "not `standard`", lambda v: v != "standard",
-                "LoRA variants are not supported; use standard LoRA adapters (model_type=lora, lora_type=standard) "
-                "or full UNet weights (model_type=full)"),
-    Unsupported("layer_freeze_strategy", "`bitfit`", lambda v: v == "bitfit",
-                "BitFit freezing is not supported; expertune trains all UNet weights (model_type=full) or LoRA "
-                "adapters (model_type=lora): use layer_freeze_strategy=none (USE_BITFIT=false)"),
-    Unsupported("base_model_precision", "not `no_change`", lambda v: v != "no_change",
-                "quantised base models are not supported; use base_model_precision=no_change "
-                "(with --mixed_precision=bf16 or fp16 to save memory)"),
-    Unsupported("text_cache_ondemand", "`true`", lambda v: v is True,
-                "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("text_cache_disable", "`true`", lambda v: v is True,
-                "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("optimizer", f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS,
-                f"supported optimizers are {', '.join(OPTIMIZERS)} (adamw_bf16: SimpleTuner's bfloat16 AdamW; "
-                "adamw8bit: bitsandbytes)"),
-)
-
-for _row in UNSUPPORTED:
-    assert _row.name in FIELDS, _row.name
 
 
 def check_unsupported(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
