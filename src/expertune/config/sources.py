@@ -66,7 +66,8 @@ def parse_flags(argv: list[str], source: str = "command line", *,
 
     Returns the layer and, when ``allow_files``, the ``--config`` / ``--env`` paths found.
     """
-    layer, files = Layer(), {}
+    layer = Layer()
+    files: dict[str, str] = {}
     i = 0
     while i < len(argv):
         token = argv[i]
