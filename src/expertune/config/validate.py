@@ -54,30 +54,42 @@ def coerce_value(spec: FieldSpec, raw: Any, source: str) -> Any:
             return None
         raise _bad(spec, raw, source)
     if spec.type is bool:
-        value = raw if isinstance(raw, bool) else parse_bool(raw) if isinstance(raw, str) else None
-        if value is None:
-            raise _bad(spec, raw, source)
-        return value
+        return _coerce_bool(spec, raw, source)
     if spec.type is str:
-        if not isinstance(raw, str):
-            raise _bad(spec, raw, source)
-        value = spec.aliases.get(raw, raw)
-        if spec.choices and value not in spec.choices:
-            raise _bad(spec, raw, source, suggest(value, spec.choices))
-        if spec.check is not None:
-            try:
-                spec.check(value)
-            except ConfigError as exc:
-                raise ConfigError(f"invalid value for {spec.name} (from {source}): {exc}") from None
-        return value
-    # int or float
+        return _coerce_text(spec, raw, source)
+    return _coerce_number(spec, raw, source)
+
+
+def _coerce_bool(spec: FieldSpec, raw: Any, source: str) -> bool:
+    value = raw if isinstance(raw, bool) else parse_bool(raw) if isinstance(raw, str) else None
+    if value is None:
+        raise _bad(spec, raw, source)
+    return value
+
+
+def _coerce_text(spec: FieldSpec, raw: Any, source: str) -> str:
+    if not isinstance(raw, str):
+        raise _bad(spec, raw, source)
+    value = spec.aliases.get(raw, raw)
+    if spec.choices and value not in spec.choices:
+        raise _bad(spec, raw, source, suggest(value, spec.choices))
+    if spec.check is not None:
+        try:
+            spec.check(value)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid value for {spec.name} (from {source}): {exc}") from None
+    return value
+
+
+def _coerce_number(spec: FieldSpec, raw: Any, source: str) -> float | None:
+    """An int or float field's value (an int for int fields); None for 0 where 0 means unset."""
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise _bad(spec, raw, source)
     try:
         if spec.type is int:
             if isinstance(raw, float):
                 raise ValueError
-            value = int(raw)
+            value: float = int(raw)
         else:
             value = float(raw)
     except ValueError:
