@@ -11,12 +11,15 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from accelerate.tracking import WandBTracker
 
 from expertune.config import Config
+
+if TYPE_CHECKING:  # wandb is imported only when a run reports to it
+    from wandb.sdk.wandb_run import Run as WandbRun
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class ResilientWandBTracker(WandBTracker):
 
     def __init__(self, project: str, **init_kwargs: Any) -> None:
         super().__init__(project, **init_kwargs)
-        self.run = None
+        self.run: WandbRun | None = None
         self.mode: str | None = None
 
     def start(self) -> None:  # accelerate calls it on the main process only (init_trackers there)
