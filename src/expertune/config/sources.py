@@ -107,6 +107,7 @@ def parse_flags(argv: list[str], source: str = "command line", *,
                 raise ConfigError(f"--{name} given twice on the command line ({files[name]!r} and {value!r})")
             files[name] = value
             continue
+        assert spec is not None  # an option of FIELDS: every other name was handled above
         layer.settings.append(Setting(name, coerce_value(spec, value, source), source))
     return layer, files
 
