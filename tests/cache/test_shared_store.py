@@ -95,7 +95,7 @@ def test_stage_2_started_while_stage_1_builds_the_store(tiny_model_dir: Path, tm
     latent_store, embed_store = latents.store_for(spec), embeds.store
 
     # Hold half the latent entries, so stage 1 is still building when stage 2 starts.
-    held: list[EntryLock] = [latent_store.lock(key) for key in sorted(latent_keys)[:4]]  # type: ignore[misc]
+    held: list[EntryLock] = [latent_store.lock(key) for key in sorted(latent_keys)[:4]]
     command = [sys.executable, "-m", "expertune.cli"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     jobs: list[subprocess.Popen] = []

@@ -300,3 +300,17 @@ def test_reference_mentions_every_option_env_variable_and_unsupported_row():
     for row in UNSUPPORTED:
         assert row.message in text
     assert "TOML" in text and "TRAINER_EXTRA_ARGS" in text and "one epoch" in text
+
+
+def test_the_option_lists_are_derived_from_the_field_definitions():
+    from expertune.config.schema import REQUIRED_FOR_TRAINING, UNSUPPORTED
+
+    assert REQUIRED_FOR_TRAINING == ("pretrained_model_name_or_path", "data_backend_config", "output_dir")
+    assert all(FIELDS[name].required_for_training for name in REQUIRED_FOR_TRAINING)
+    assert [row.name for row in UNSUPPORTED] == [n for n, spec in FIELDS.items() if spec.unsupported is not None]
+    for row in UNSUPPORTED:
+        assert FIELDS[row.name].unsupported is row and not row.applies(FIELDS[row.name].default)
+    # One message shared by two options still names each of them.
+    assert FIELDS["text_cache_disable"].unsupported.message == FIELDS["text_cache_ondemand"].unsupported.message
+    assert {FIELDS[n].unsupported.name for n in ("text_cache_disable", "text_cache_ondemand")} == {
+        "text_cache_disable", "text_cache_ondemand"}

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -214,6 +214,12 @@ class CacheStore:
         except FileNotFoundError:
             return []
         return [line.split(" ", 1)[0] for line in text.splitlines() if line.strip()]
+
+    @overload
+    def lock(self, key: str, *, blocking: Literal[True] = True) -> EntryLock: ...
+
+    @overload
+    def lock(self, key: str, *, blocking: bool) -> EntryLock | None: ...
 
     def lock(self, key: str, *, blocking: bool = True) -> EntryLock | None:
         """Exclusive lock of one entry (`<key>.lock` beside it); None when `blocking` is False and it is held."""

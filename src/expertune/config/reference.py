@@ -1,12 +1,12 @@
-"""The option reference, rendered from the schema: docs/configuration.md and `expertune train --help`."""
+"""The option reference, rendered from the schema's field definitions: docs/configuration.md and
+`expertune train --help`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from expertune.config.schema import FIELDS, IGNORED_OPTIONS, REQUIRED_FOR_TRAINING, SECTIONS, FieldSpec
+from expertune.config.schema import FIELDS, IGNORED_OPTIONS, REQUIRED_FOR_TRAINING, SECTIONS, UNSUPPORTED, FieldSpec
 from expertune.config.simpletuner import TEMPLATE_VARIABLES
-from expertune.config.validate import UNSUPPORTED
 
 INTRO = """\
 # Configuration reference
@@ -106,7 +106,6 @@ _LIMITED = " See [Unsupported features](#unsupported-features)."
 
 
 def render() -> str:
-    limited = {row.name for row in UNSUPPORTED}
     required = ", ".join(f"`{n}` (`{'`/`'.join(FIELDS[n].env)}`)" for n in REQUIRED_FOR_TRAINING)
     out = [INTRO.replace("{required}", required)]
     for section, cls in SECTIONS.items():
@@ -116,7 +115,7 @@ def render() -> str:
         for spec in FIELDS.values():
             if spec.section == section:
                 out.append(f"| `{spec.name}` | {_fmt_env(spec)} | {spec.type_name} | {_fmt_default(spec.default)} "
-                           f"| {spec.allowed_text()} | {spec.doc}{_LIMITED if spec.name in limited else ''} |")
+                           f"| {spec.allowed_text()} | {spec.doc}{_LIMITED if spec.unsupported else ''} |")
         out.append("")
     out += ["## Recognised but ignored", "",
             "These SimpleTuner options have no expertune equivalent. They are accepted as a config.env variable,",
@@ -139,7 +138,7 @@ def render() -> str:
 
 
 def render_markdown_reference() -> str:
-    """The text of docs/configuration.md, generated from FIELDS and the rule tables."""
+    """The text of docs/configuration.md, generated from FIELDS (and the SimpleTuner tables)."""
     return render()
 
 
@@ -152,7 +151,12 @@ def options_help() -> str:
         for spec in FIELDS.values():
             if spec.section == section:
                 default = "unset" if spec.default is None else repr(spec.default)
-                out.append(f"  {spec.flag}  (default {default}; {spec.allowed_text()})")
+                facts = [f"default {default}", spec.allowed_text()]
+                if spec.required_for_training:
+                    facts.append("required")
+                if spec.unsupported:
+                    facts.append("refused when " + spec.unsupported.when.replace("`", ""))
+                out.append(f"  {spec.flag}  ({'; '.join(facts)})")
                 out.append(f"      {spec.doc}")
     return "\n".join(out)
 

@@ -2,9 +2,10 @@
 
 Every field name is globally unique and equals the user's flag name (without ``--``), so the
 nested sections also have a flat view (``Config.flat()``). Field metadata carries the doc line,
-the allowed values, numeric bounds and the config.env variable names that set the field.
-``FIELDS`` is the registry built from the dataclasses; ``render_markdown_reference()`` turns it
-into docs/configuration.md.
+the allowed values, numeric bounds, the config.env variable names that set the field, whether
+training needs it, the values expertune refuses (and why) and what resuming does when it changed.
+``FIELDS`` is the registry built from the dataclasses; every list of options (the required ones, the
+unsupported values, docs/configuration.md and `expertune train --help`) is derived from it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import os
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from expertune.errors import ConfigError
+from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
 
 _META_KEY = "expertune"
@@ -54,6 +56,23 @@ RESUME_RULES = ("refused", "may_change", "not_compared")
 MAY_CHANGE_SECTIONS = ("validation", "logging")
 
 
+@dataclass(frozen=True)
+class Unsupported:
+    """Values of an option that expertune lacks the feature for: asking for one stops the run with `message`.
+
+    When the feature lands, delete the option's ``unsupported=`` (docs/configuration.md is regenerated from it).
+    """
+
+    when: str  # the triggering values, in words (docs)
+    applies: Callable[[Any], bool]
+    message: str  # what to do instead / what IS supported
+    name: str = ""  # the option; filled in from the field that declares it
+
+
+def _is_true(value: Any) -> bool:
+    return value is True
+
+
 def opt(
     default: Any,
     doc: str,
@@ -69,12 +88,15 @@ def opt(
     zero_is_none: bool = False,
     check: Callable[[Any], Any] | None = None,
     on_resume: str | None = None,
+    required_for_training: bool = False,
+    unsupported: Unsupported | None = None,
 ) -> Any:
     """Declare a config field with its metadata (see FieldSpec for the meaning of each)."""
     assert on_resume in (None, *RESUME_RULES), on_resume
     meta = dict(doc=doc, choices=choices, env=env, env_true_value=env_true_value,
                 aliases=dict(aliases or {}), ge=ge, gt=gt, le=le, lt=lt,
-                zero_is_none=zero_is_none, check=check, on_resume=on_resume)
+                zero_is_none=zero_is_none, check=check, on_resume=on_resume,
+                required_for_training=required_for_training, unsupported=unsupported)
     return field(default=default, metadata={_META_KEY: meta})
 
 
@@ -99,6 +121,8 @@ class FieldSpec:
     zero_is_none: bool = False  # 0 means "unset" (SimpleTuner habit)
     check: Callable[[Any], Any] | None = None  # extra validator; raises ConfigError
     on_resume: str | None = None  # RESUME_RULES; None: "may_change" in MAY_CHANGE_SECTIONS, else "refused"
+    required_for_training: bool = False  # `expertune train` refuses to start while it is unset
+    unsupported: Unsupported | None = None  # values refused because expertune lacks the feature
 
     @property
     def resume_rule(self) -> str:
@@ -165,21 +189,30 @@ class ModelConfig:
 
     pretrained_model_name_or_path: str | None = opt(
         None, "Local diffusers directory or Hugging Face hub id of the SDXL-family model to start from.",
-        env=("MODEL_NAME",))
+        env=("MODEL_NAME",), required_for_training=True)
     model_family: str = opt("sdxl", "Model architecture family.", choices=("sdxl",), env=("MODEL_FAMILY",))
     model_type: str = opt("full", "Train the full UNet weights (full) or adapters (lora).",
                           choices=("full", "lora"), env=("MODEL_TYPE",))
-    use_dora: bool = opt(False, "Train DoRA adapters.", env=("USE_DORA",))
+    use_dora: bool = opt(False, "Train DoRA adapters.", env=("USE_DORA",), unsupported=Unsupported(
+        "`true`", _is_true, "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) "
+        "or standard LoRA adapters (model_type=lora)"))
     layer_freeze_strategy: str = opt("none", "Which UNet weights to freeze.", choices=("none", "bitfit"),
-                                     env=("USE_BITFIT",), env_true_value="bitfit")
-    lora_type: str = opt("standard", "Kind of LoRA adapter (LoRA training only).", env=("LORA_TYPE",))
+                                     env=("USE_BITFIT",), env_true_value="bitfit", unsupported=Unsupported(
+        "`bitfit`", lambda v: v == "bitfit", "BitFit freezing is not supported; expertune trains all UNet weights "
+        "(model_type=full) or LoRA adapters (model_type=lora): use layer_freeze_strategy=none (USE_BITFIT=false)"))
+    lora_type: str = opt("standard", "Kind of LoRA adapter (LoRA training only).", env=("LORA_TYPE",),
+                         unsupported=Unsupported(
+        "not `standard`", lambda v: v != "standard", "LoRA variants are not supported; use standard LoRA adapters "
+        "(model_type=lora, lora_type=standard) or full UNet weights (model_type=full)"))
     lora_rank: int = opt(16, "Rank of the LoRA adapters (model_type=lora).", ge=1)
     lora_alpha: float | None = opt(None, "LoRA scaling alpha (unset: equal to lora_rank, a scale of 1).", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path during training.", ge=0, lt=1)
     lora_target_modules: str = opt("to_k,to_q,to_v,to_out.0",
                                    "Comma-separated UNet module names that get LoRA adapters (peft target_modules).")
     base_model_precision: str = opt("no_change", "Quantisation of the frozen base model weights.",
-                                    env=("BASE_MODEL_PRECISION",))
+                                    env=("BASE_MODEL_PRECISION",), unsupported=Unsupported(
+        "not `no_change`", lambda v: v != "no_change", "quantised base models are not supported; use "
+        "base_model_precision=no_change (with --mixed_precision=bf16 or fp16 to save memory)"))
     mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32 "
                                      "(except with optimizer=adamw_bf16).",
                                choices=("no", "bf16", "fp16"), env=("MIXED_PRECISION",))
@@ -196,17 +229,21 @@ class ModelConfig:
     variant: str | None = opt(None, "Weights-file variant of the pretrained model, e.g. fp16.")
 
 
+_ALWAYS_CACHED = Unsupported("`true`", _is_true, "expertune always pre-computes and caches text embeddings; "
+                             "remove it")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Datasets, buckets and the embedding caches."""
 
     data_backend_config: str | None = opt(None, "Path of the dataloader JSON file (list of datasets).",
-                                          env=("DATALOADER_CONFIG",))
+                                          env=("DATALOADER_CONFIG",), required_for_training=True)
     resolution: float = opt(1024, "Training resolution of datasets that set none: pixels of the shorter edge "
                                   "(pixel), megapixels (area) or pixels of an equal-area square's edge "
                                   "(pixel_area).", gt=0, env=("RESOLUTION",))
     resolution_type: str = opt("pixel", "How resolution is measured, for datasets that set none.",
-                               choices=("pixel", "area", "pixel_area"), env=("RESOLUTION_TYPE",))
+                               choices=RESOLUTION_TYPES, env=("RESOLUTION_TYPE",))
     minimum_image_size: float | None = opt(None, "Skip images smaller than this, in the unit of resolution_type "
                                                  "(datasets that set none; 0 or unset: no minimum).",
                                            ge=0, env=("MINIMUM_RESOLUTION",))
@@ -225,8 +262,9 @@ class DataConfig:
                                              "(expertune writes each cache entry as it is encoded).", ge=1,
                                        env=("WRITE_BATCH_SIZE",))
     text_cache_ondemand: bool = opt(False, "Encode captions during training instead of caching them.",
-                                    env=("TEXT_CACHE_ONDEMAND",))
-    text_cache_disable: bool = opt(False, "Do not cache text embeddings.", env=("TEXT_CACHE_DISABLE",))
+                                    env=("TEXT_CACHE_ONDEMAND",), unsupported=_ALWAYS_CACHED)
+    text_cache_disable: bool = opt(False, "Do not cache text embeddings.", env=("TEXT_CACHE_DISABLE",),
+                                   unsupported=_ALWAYS_CACHED)
     cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
                                       "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).",
                                       on_resume="may_change")
@@ -309,7 +347,7 @@ class TrainConfig:
     """The optimisation loop and where its results go."""
 
     output_dir: str | None = opt(None, "Directory the run writes its model, logs and run.json to.",
-                                 env=("OUTPUT_DIR",))
+                                 env=("OUTPUT_DIR",), required_for_training=True)
     overwrite_output_dir: bool = opt(False, "Replace an earlier run found in output_dir (otherwise the run is "
                                             "refused, so nothing is overwritten by accident).",
                                             on_resume="not_compared")
@@ -348,7 +386,9 @@ class TrainConfig:
                                   "adamw8bit (bitsandbytes, CUDA), adafactor (memory-lean, factored second "
                                   "moments), prodigy (learning-rate free: use learning_rate=1.0).",
                          aliases={"adamw_torch": "adamw", "adamw_8bit": "adamw8bit", "bnb-adamw8bit": "adamw8bit"},
-                         env=("OPTIMIZER",))
+                         env=("OPTIMIZER",), unsupported=Unsupported(
+        f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS, f"supported optimizers are "
+        f"{', '.join(OPTIMIZERS)} (adamw_bf16: SimpleTuner's bfloat16 AdamW; adamw8bit: bitsandbytes)"))
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay.", ge=0)
@@ -463,9 +503,6 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig, "validation": ValidationConfig, "logging": LoggingConfig,
 }
 
-# Settings `expertune train` cannot run without (load_config does not require them).
-REQUIRED_FOR_TRAINING = ("pretrained_model_name_or_path", "output_dir", "data_backend_config")
-
 # SimpleTuner options from the config.env table that expertune has no field for: accepted and ignored
 # with a warning (silently when the value is empty or false), whether they come as an env variable,
 # a flag or a TOML key. Flag name -> config.env variable.
@@ -489,12 +526,20 @@ def _build_fields() -> dict[str, FieldSpec]:
             base = next(a for a in args if a is not type(None)) if optional else hint
             if f.name in registry:
                 raise AssertionError(f"duplicate config field {f.name}")
+            meta = dict(f.metadata[_META_KEY])
+            if meta["unsupported"] is not None:
+                meta["unsupported"] = replace(meta["unsupported"], name=f.name)
             registry[f.name] = FieldSpec(name=f.name, section=section, type=base, optional=optional,
-                                         default=f.default, **f.metadata[_META_KEY])
+                                         default=f.default, **meta)
     return registry
 
 
 FIELDS: dict[str, FieldSpec] = _build_fields()
+
+# Settings `expertune train` cannot run without (load_config does not require them), in field order.
+REQUIRED_FOR_TRAINING: tuple[str, ...] = tuple(n for n, spec in FIELDS.items() if spec.required_for_training)
+# The values expertune refuses for lack of the feature, one row per option that has some.
+UNSUPPORTED: tuple[Unsupported, ...] = tuple(spec.unsupported for spec in FIELDS.values() if spec.unsupported)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def parse_flags(argv: list[str], source: str = "command line", *,
 
     Returns the layer and, when ``allow_files``, the ``--config`` / ``--env`` paths found.
     """
-    layer, files = Layer(), {}
+    layer = Layer()
+    files: dict[str, str] = {}
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -75,7 +76,8 @@ def parse_flags(argv: list[str], source: str = "command line", *,
             raise ConfigError(f"unexpected argument {token!r} (from {source}); options look like --name=value")
         name, has_eq, value = token[2:].partition("=")
         nxt = argv[i] if i < len(argv) else None
-        takes_next = not has_eq and nxt is not None and not nxt.startswith("--")
+        # The next token when it can be this option's value (`--name value`).
+        following = nxt if not has_eq and nxt is not None and not nxt.startswith("--") else None
         spec = FIELDS.get(name)
         if spec is not None and spec.type is bool:
             if not has_eq and nxt is not None and parse_bool(nxt) is not None:  # `--flag false`
@@ -83,13 +85,13 @@ def parse_flags(argv: list[str], source: str = "command line", *,
             elif not has_eq:
                 value = "true"
         elif spec is not None or name in FILE_OPTIONS:
-            if takes_next:
-                value, i = nxt, i + 1
+            if following is not None:
+                value, i = following, i + 1
             elif not has_eq:
                 raise ConfigError(f"option --{name} (from {source}) needs a value: --{name}=VALUE")
         elif name in IGNORED_OPTIONS:
-            if takes_next:
-                value, i = nxt, i + 1
+            if following is not None:
+                value, i = following, i + 1
             elif not has_eq:
                 value = "true"
             if not _is_off(value):
@@ -105,6 +107,7 @@ def parse_flags(argv: list[str], source: str = "command line", *,
                 raise ConfigError(f"--{name} given twice on the command line ({files[name]!r} and {value!r})")
             files[name] = value
             continue
+        assert spec is not None  # an option of FIELDS: every other name was handled above
         layer.settings.append(Setting(name, coerce_value(spec, value, source), source))
     return layer, files
 

@@ -1,19 +1,19 @@
-"""Value conversion, the unsupported-feature table and the cross-field checks.
+"""Value conversion, the unsupported-feature check and the cross-field checks.
 
-Every error names the field, the value, where it came from and what is allowed. The
-``UNSUPPORTED`` table is the one place that lists features expertune lacks: when a feature lands,
-delete its row (and docs/configuration.md is regenerated from it).
+Every error names the field, the value, where it came from and what is allowed. The features
+expertune lacks are declared on their options (``opt(..., unsupported=Unsupported(...))`` in
+config.schema); ``UNSUPPORTED`` is the list derived from them.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from expertune.config.schema import FIELDS, OPTIMIZERS, Config, FieldSpec
+from expertune.config.schema import UNSUPPORTED, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
+from expertune.resolution import resolution_problem
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -54,30 +54,42 @@ def coerce_value(spec: FieldSpec, raw: Any, source: str) -> Any:
             return None
         raise _bad(spec, raw, source)
     if spec.type is bool:
-        value = raw if isinstance(raw, bool) else parse_bool(raw) if isinstance(raw, str) else None
-        if value is None:
-            raise _bad(spec, raw, source)
-        return value
+        return _coerce_bool(spec, raw, source)
     if spec.type is str:
-        if not isinstance(raw, str):
-            raise _bad(spec, raw, source)
-        value = spec.aliases.get(raw, raw)
-        if spec.choices and value not in spec.choices:
-            raise _bad(spec, raw, source, suggest(value, spec.choices))
-        if spec.check is not None:
-            try:
-                spec.check(value)
-            except ConfigError as exc:
-                raise ConfigError(f"invalid value for {spec.name} (from {source}): {exc}") from None
-        return value
-    # int or float
+        return _coerce_text(spec, raw, source)
+    return _coerce_number(spec, raw, source)
+
+
+def _coerce_bool(spec: FieldSpec, raw: Any, source: str) -> bool:
+    value = raw if isinstance(raw, bool) else parse_bool(raw) if isinstance(raw, str) else None
+    if value is None:
+        raise _bad(spec, raw, source)
+    return value
+
+
+def _coerce_text(spec: FieldSpec, raw: Any, source: str) -> str:
+    if not isinstance(raw, str):
+        raise _bad(spec, raw, source)
+    value = spec.aliases.get(raw, raw)
+    if spec.choices and value not in spec.choices:
+        raise _bad(spec, raw, source, suggest(value, spec.choices))
+    if spec.check is not None:
+        try:
+            spec.check(value)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid value for {spec.name} (from {source}): {exc}") from None
+    return value
+
+
+def _coerce_number(spec: FieldSpec, raw: Any, source: str) -> float | None:
+    """An int or float field's value (an int for int fields); None for 0 where 0 means unset."""
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise _bad(spec, raw, source)
     try:
         if spec.type is int:
             if isinstance(raw, float):
                 raise ValueError
-            value = int(raw)
+            value: float = int(raw)
         else:
             value = float(raw)
     except ValueError:
@@ -91,42 +103,6 @@ def coerce_value(spec: FieldSpec, raw: Any, source: str) -> Any:
     if not ok:
         raise _bad(spec, raw, source)
     return value
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    """A row of the unsupported-feature table: ``name`` with a value where ``applies`` is true."""
-
-    name: str
-    when: str  # the triggering values, in words (docs)
-    applies: Callable[[Any], bool]
-    message: str  # what to do instead / what IS supported
-
-
-UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("use_dora", "`true`", lambda v: v is True,
-                "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) or standard "
-                "LoRA adapters (model_type=lora)"),
-    Unsupported("lora_type", "not `standard`", lambda v: v != "standard",
-                "LoRA variants are not supported; use standard LoRA adapters (model_type=lora, lora_type=standard) "
-                "or full UNet weights (model_type=full)"),
-    Unsupported("layer_freeze_strategy", "`bitfit`", lambda v: v == "bitfit",
-                "BitFit freezing is not supported; expertune trains all UNet weights (model_type=full) or LoRA "
-                "adapters (model_type=lora): use layer_freeze_strategy=none (USE_BITFIT=false)"),
-    Unsupported("base_model_precision", "not `no_change`", lambda v: v != "no_change",
-                "quantised base models are not supported; use base_model_precision=no_change "
-                "(with --mixed_precision=bf16 or fp16 to save memory)"),
-    Unsupported("text_cache_ondemand", "`true`", lambda v: v is True,
-                "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("text_cache_disable", "`true`", lambda v: v is True,
-                "expertune always pre-computes and caches text embeddings; remove it"),
-    Unsupported("optimizer", f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS,
-                f"supported optimizers are {', '.join(OPTIMIZERS)} (adamw_bf16: SimpleTuner's bfloat16 AdamW; "
-                "adamw8bit: bitsandbytes)"),
-)
-
-for _row in UNSUPPORTED:
-    assert _row.name in FIELDS, _row.name
 
 
 def check_unsupported(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
@@ -153,12 +129,13 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             "refiner_training: add --refiner_training (the inverted schedule trains the base expert's "
             "high-noise band of a refiner_training split)")
     resolution, resolution_type = values["resolution"], values["resolution_type"]
-    if resolution_type == "area" and resolution > 16:
+    problem = resolution_problem(resolution, resolution_type, bucket_edge=False)
+    if problem == "megapixels":
         raise ConfigError(
             f"resolution={show(resolution)} (from {src('resolution')}) with resolution_type=area "
             f"(from {src('resolution_type')}) means {show(resolution)} megapixels; give megapixels "
             "(1.0 is about 1024 x 1024) or use resolution_type=pixel_area for an edge in pixels")
-    if resolution_type != "area" and (not float(resolution).is_integer() or resolution < 8):
+    if problem == "whole_pixels":
         raise ConfigError(
             f"resolution={show(resolution)} (from {src('resolution')}) is not a whole number of pixels >= 8 "
             f"as resolution_type={resolution_type} (from {src('resolution_type')}) needs; give pixels, or "

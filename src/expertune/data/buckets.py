@@ -32,8 +32,8 @@ import math
 from dataclasses import dataclass
 
 from expertune.data.transforms import CropPlan, plan_crop
+from expertune.resolution import RESOLUTION_TYPES
 
-RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 CROP_ASPECTS = ("square", "preserve")
 CROP_STYLES = ("center", "random", "corner")
 ALIGNMENTS = (8, 16, 24, 32, 64)

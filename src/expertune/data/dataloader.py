@@ -17,6 +17,12 @@ from typing import Any
 
 from expertune.data.buckets import ALIGNMENTS, CROP_ASPECTS, CROP_STYLES, DEFAULT_ALIGNMENT, RESOLUTION_TYPES, BucketRule
 from expertune.errors import ConfigError
+from expertune.resolution import (
+    implausible_megapixels,
+    nearest_multiples_of_8,
+    resolution_problem,
+    resolution_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +356,7 @@ def _size_limits(entry: _Entry, resolution_type: str, defaults: DatasetDefaults)
     maximum = entry.number("maximum_image_size", default=None, minimum=0, strict=True)
     if resolution_type == "area":
         for field, value in (("minimum_image_size", minimum), ("maximum_image_size", maximum)):
-            if value is not None and value > 16:
+            if value is not None and implausible_megapixels(value):
                 raise entry.error(
                     field,
                     f"{value:g} megapixels is implausible with \"resolution_type\": \"area\"",
@@ -380,28 +386,27 @@ def _resolution(entry: _Entry, resolution_type: str, default: float) -> float:
     resolution = entry.number("resolution", default=default, minimum=0, strict=True)
     assert resolution is not None
     source = "" if entry.has("resolution") else " (the run's --resolution, which this entry does not override)"
-    if resolution_type == "area":
-        if resolution > 16:
-            raise entry.error(
-                "resolution",
-                f"{resolution:g}{source} with \"resolution_type\": \"area\" means {resolution:g} megapixels",
-                "Give megapixels (1.0 is about 1024 x 1024), or use \"resolution_type\": \"pixel_area\" for an edge in pixels.",
-            )
-        return float(resolution)
-    if not float(resolution).is_integer() or resolution < 8:
+    problem = resolution_problem(resolution, resolution_type)
+    if problem == "megapixels":
+        raise entry.error(
+            "resolution",
+            f"{resolution:g}{source} with \"resolution_type\": \"area\" means {resolution:g} megapixels",
+            "Give megapixels (1.0 is about 1024 x 1024), or use \"resolution_type\": \"pixel_area\" for an edge in pixels.",
+        )
+    if problem == "whole_pixels":
         raise entry.error(
             "resolution",
             f"{resolution!r}{source} is not a whole number of pixels >= 8 (resolution_type {resolution_type})",
             "Give pixels (e.g. 1024), or use \"resolution_type\": \"area\" for megapixels.",
         )
-    resolution = int(resolution)
-    if resolution_type == "pixel" and resolution % 8:
+    if problem == "multiple_of_8":
+        below, above = nearest_multiples_of_8(int(resolution))
         raise entry.error(
             "resolution",
-            f"{resolution}{source} is not a multiple of 8 (the VAE downsamples by 8)",
-            f"Use {resolution - resolution % 8} or {resolution - resolution % 8 + 8}.",
+            f"{int(resolution)}{source} is not a multiple of 8 (the VAE downsamples by 8)",
+            f"Use {below} or {above}.",
         )
-    return resolution
+    return resolution_value(resolution, resolution_type)
 
 
 def _text_embeds_spec(source: Path, embeds: list[tuple[_Entry, bool]], default_cache_dir: Path) -> TextEmbedsSpec:

@@ -19,8 +19,8 @@ class Checkpointer:
         self.last_saved: int | None = run.step if run.checkpoint_path is not None else None
 
     def due(self, step: int, epoch_done: bool, epoch: int) -> bool:
-        by_step = bool(self.step_interval) and step % self.step_interval == 0
-        by_epoch = bool(self.epoch_interval) and epoch_done and (epoch + 1) % self.epoch_interval == 0
+        by_step = self.step_interval is not None and step % self.step_interval == 0
+        by_epoch = self.epoch_interval is not None and epoch_done and (epoch + 1) % self.epoch_interval == 0
         return by_step or by_epoch
 
     def maybe_save(self, epoch_done: bool, epoch: int, *, stopping: bool = False) -> None:

@@ -11,14 +11,21 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from accelerate.tracking import WandBTracker
 
 from expertune.config import Config
 
+if TYPE_CHECKING:  # wandb is imported only when a run reports to it
+    from wandb.sdk.wandb_run import Run as WandbRun
+
 log = logging.getLogger(__name__)
+
+WandbMode = Literal["online", "offline", "disabled"]
+# WANDB_MODE values that decide the mode themselves (dryrun is wandb's older name of offline).
+_FORCED_MODES: dict[str, WandbMode] = {"disabled": "disabled", "dryrun": "offline", "offline": "offline"}
 
 
 def wandb_credentials_present() -> bool:
@@ -38,7 +45,7 @@ class ResilientWandBTracker(WandBTracker):
 
     def __init__(self, project: str, **init_kwargs: Any) -> None:
         super().__init__(project, **init_kwargs)
-        self.run = None
+        self.run: WandbRun | None = None
         self.mode: str | None = None
 
     def start(self) -> None:  # accelerate calls it on the main process only (init_trackers there)
@@ -49,8 +56,9 @@ class ResilientWandBTracker(WandBTracker):
                         "goes on without W&B")
             return
         requested = os.environ.get("WANDB_MODE", "").lower()
-        if requested in ("disabled", "dryrun", "offline"):
-            modes = ["offline" if requested == "dryrun" else requested]
+        modes: list[WandbMode]
+        if requested in _FORCED_MODES:
+            modes = [_FORCED_MODES[requested]]
         elif not wandb_credentials_present():
             log.warning("--report_to wandb: no W&B credentials (WANDB_API_KEY or `wandb login`): logging offline")
             modes = ["offline"]

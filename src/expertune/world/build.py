@@ -298,8 +298,10 @@ def build_world(out: str | os.PathLike, recipe_name: str = "full", work: str | o
     if recipe_name not in RECIPES:
         raise ExpertuneError(f"unknown world recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
     started = time.perf_counter()
-    scratch = tempfile.mkdtemp(prefix="expertune-world-") if work is None else None
-    work_dir = Path(work or scratch).resolve()
+    scratch: str | None = None  # a work folder of our own, removed at the end
+    if work is None:
+        scratch = work = tempfile.mkdtemp(prefix="expertune-world-")
+    work_dir = Path(work).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         for phase in PHASES:
