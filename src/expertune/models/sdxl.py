@@ -113,10 +113,11 @@ def check_sdxl_layout(unet_layout: Any, text_width_1: int | None, text_width_2: 
             f"unet addition_embed_type is {getattr(unet_layout, 'addition_embed_type', None)!r}, "
             "SDXL-layout models use 'text_time' (an SD 1.x/2.x UNet cannot be trained as an SDXL expert)"
         )
-    widths = text_width_2 if refiner else text_width_1 + text_width_2
+    if text_width_1 is None:
+        widths, described = text_width_2, f"text encoder 2 width {text_width_2} (the refiner layout has no text encoder 1)"
+    else:
+        widths, described = text_width_1 + text_width_2, f"text encoder widths {text_width_1} + {text_width_2}"
     if unet_layout.cross_attention_dim != widths:
-        described = (f"text encoder 2 width {text_width_2} (the refiner layout has no text encoder 1)" if refiner
-                     else f"text encoder widths {text_width_1} + {text_width_2}")
         problems.append(f"unet cross_attention_dim {unet_layout.cross_attention_dim} != {described}")
     time_ids = TIME_IDS[REFINER_LAYOUT if refiner else BASE_LAYOUT]
     time_dim = unet_layout.addition_time_embed_dim or 0
