@@ -253,13 +253,20 @@ def epoch_layout(config: Config, prepared: PreparedData, world_size: int, epoch:
     return [index for batch in batches for index in batch]
 
 
+def required(value: str | None, name: str) -> str:
+    """A setting `Config.require_for_training` has checked is set (ConfigError naming it, should it not be)."""
+    if value is None:
+        raise ConfigError(f"{name} is unset: set --{name}")
+    return value
+
+
 def make_accelerator(config: Config) -> Any:
     """accelerate's Accelerator for this run (engine from the accelerate config, precision, trackers)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    output_dir = Path(config.train.output_dir)
+    output_dir = Path(required(config.train.output_dir, "output_dir"))
     logging_dir = Path(config.logging.logging_dir) if config.logging.logging_dir else output_dir / "logs"
     # accelerate keeps process-wide state; a second run in one process (the demo, a notebook) may use other
     # precision settings. The process group itself (PartialState) is kept.
@@ -364,17 +371,19 @@ def setup_run(config: Config) -> Run:
     config.require_for_training()
     started = time.monotonic()
     t = config.train
-    output_dir = Path(t.output_dir)
+    output_dir = Path(required(t.output_dir, "output_dir"))
     accelerator = make_accelerator(config)
     resuming = resume_requested(output_dir, t.resume_from_checkpoint)  # `latest` with none yet: a fresh run
     check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming,
                      main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()  # no process looks at output_dir while the main one clears it
-    checkpoint_path = resolve_checkpoint(output_dir, t.resume_from_checkpoint) if resuming else None
+    checkpoint_path = (resolve_checkpoint(output_dir, required(t.resume_from_checkpoint, "resume_from_checkpoint"))
+                       if resuming else None)
     torch.manual_seed(t.seed)
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
-        components = load_components(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant)
+        components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
+                                     revision=m.revision, variant=m.variant)
     schedule = noise_schedule_for(config, components.scheduler_config)
     for warning in schedule.warnings():
         log.warning(warning)
