@@ -3,12 +3,14 @@
 `prepare_data` is the one path that both `expertune train` and `expertune cache` take, so the cache
 verb builds exactly the entries a run of the same config will look up, and prints the same stats:
 
-1. read the dataloader JSON and find every captioned image (`discover_records`);
-2. read each image's header and hash its bytes; skip what cannot be read, what is over the pixel
-   limit, and what `minimum_image_size` / `maximum_image_size` leave out; plan each image's bucket
-   and crop (`BucketRule`);
-3. encode the missing latents (an image that fails to decode is skipped), then the missing text
-   embeddings of every caption and validation prompt;
+1. read the dataloader JSON and find every captioned image (`discover_records`: a directory walk, or
+   one listing of an `aws` entry's bucket);
+2. read each image's header and hash its bytes — unless the persistent file index (`data.file_index`,
+   `<cache dir>/file_index.jsonl`) knows the file unchanged; an `aws` image is fetched first, and only
+   then; skip what cannot be read, what is over the pixel limit, and what `minimum_image_size` /
+   `maximum_image_size` leave out; plan each image's bucket and crop (`BucketRule`);
+3. encode the missing latents (an image that fails to decode is skipped; an `aws` image whose latent
+   is missing is fetched first), then the missing text embeddings of every caption and validation prompt;
 4. group the items into buckets (one dataset, one size) and log the bucket table.
 
 Every image left out is logged with its file and reason and returned in `skipped` (run.json lists
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +35,7 @@ from expertune.data.batches import Bucket, TrainingItem
 from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
 from expertune.data.dataloader import DataloaderConfig, DatasetDefaults, DatasetSpec, load_dataloader_config
+from expertune.data.file_index import INDEX_NAME, FileIndex
 from expertune.data.records import ImageRecord, discover_records
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
@@ -111,9 +115,11 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
     plan; what cannot be used is added to `skips`."""
     found: list[tuple[DatasetSpec, list[ImageRecord]]] = []
     for spec in dataloader.datasets:
-        records, left_out = discover_records(spec)
+        records, left_out = discover_records(spec, latent_cache.index)
         for path, reason in left_out:
             skips.add(spec, path, reason, logged=True)  # discover_records logged it
+        # An object the index does not know must be fetched to be hashed; a known one is not fetched.
+        records = _fetched(spec, records, lambda record: not latent_cache.known(record), skips)
         found.append((spec, records))
     planned: dict[tuple[str, Path], LatentPlan] = {}
     total = sum(len(records) for _, records in found)
@@ -135,6 +141,38 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
     return found, planned
 
 
+def _fetched(spec: DatasetSpec, records: list[ImageRecord], needed: Callable[[ImageRecord], bool],
+             skips: _Skips) -> list[ImageRecord]:
+    """`records`, with the objects of an `aws` entry that `needed` picks downloaded (concurrently,
+    atomically) into the local mirror unless a complete copy is there; those that fail are skipped."""
+    if spec.remote is None:
+        return records
+    from expertune.data.remote import RemoteObject, S3Dataset
+
+    jobs = []
+    for record in records:
+        if record.remote_key is None or record.stamp is None or not needed(record):
+            continue
+        try:
+            if record.path.stat().st_size == record.stamp.size:
+                continue  # fetched by an earlier step or run (written atomically: whole or absent)
+        except OSError:
+            pass
+        jobs.append((record.remote_key, record.path,
+                     RemoteObject(record.remote_key, record.stamp.size, record.stamp.version)))
+    if not jobs:
+        return records
+    log.info("dataset %r: fetching %d objects from %s", spec.id, len(jobs), spec.remote.url(spec.remote.prefix))
+    failures = S3Dataset(spec).fetch_many(jobs)
+    kept = []
+    for record in records:
+        if record.remote_key in failures:
+            skips.add(spec, record.path, failures[record.remote_key])
+        else:
+            kept.append(record)
+    return kept
+
+
 def prepare_data(
     config: Config, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
 ) -> PreparedData:
@@ -146,12 +184,21 @@ def prepare_data(
     are `eval_items`.
     """
     dataloader = load_datasets(config)
-    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size)
+    index = FileIndex(config.resolved_cache_dir() / INDEX_NAME)
+    latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
+                               index=index)
     skips = _Skips()
     skipped, skip = skips.entries, skips.add
     found, planned = _plan_images(dataloader, latent_cache, skips, progress)
+    index.flush()
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
+    def lacks_latent(record: ImageRecord, spec: DatasetSpec) -> bool:
+        return not latent_cache.store_for(spec).contains(planned[(spec.id, record.path)].key)
+
+    for position, (spec, records) in enumerate(found):
+        records = [record for record in records if (spec.id, record.path) in planned]
+        found[position] = (spec, _fetched(spec, records, lambda r, s=spec: lacks_latent(r, s), skips))
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
     latent_stats = latent_cache.ensure(kept, progress=progress)
     failed = dict(latent_stats.failed)

@@ -1,0 +1,142 @@
+"""A persistent index of what was learnt from each input file, so a restart re-reads no image bytes.
+
+An entry is keyed by a `FileStamp`: the file's identity (its absolute path, or `s3://bucket/key` for an
+object), its size, and its version (a local file's mtime in nanoseconds, an object's ETag). A stamp
+is cheap to get — one `stat`, or the listing a bucket needs anyway — and any edit changes it, so a
+changed file misses the index and is read again; an unchanged one is not read at all. Values are
+small JSON objects (an image's SHA-256 and size, a caption file's text).
+
+The index is one append-only JSON-lines file beside the caches (`<cache dir>/file_index.jsonl`).
+`flush` appends the new entries in one `O_APPEND` write, so several jobs may share it; a torn or
+unknown line is ignored (the file is only a cache: losing an entry costs one re-read, never a wrong
+answer, since the stamp must match exactly). When most lines are superseded the file is rewritten
+atomically (`compact`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expertune.io_utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "file_index.jsonl"
+INDEX_VERSION = 1  # bump when a value's meaning changes: older lines are then ignored
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file: identity, size in bytes, and mtime_ns or ETag."""
+
+    identity: str
+    size: int
+    version: str
+
+
+def local_stamp(path: str | os.PathLike) -> FileStamp:
+    """The stamp of a local file (one `stat`); OSError when it cannot be stat'ed."""
+    absolute = os.path.abspath(path)
+    stat = os.stat(absolute)
+    return FileStamp(identity=absolute, size=stat.st_size, version=str(stat.st_mtime_ns))
+
+
+class FileIndex:
+    """Stamp -> JSON value, loaded once from `path` (None: in memory only), appended to by `flush`."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[tuple[str, str], tuple[int, str, dict[str, Any]]] | None = None
+        self._new: list[tuple[str, FileStamp, dict[str, Any]]] = []
+        self._lines = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def _load(self) -> dict[tuple[str, str], tuple[int, str, dict[str, Any]]]:
+        if self._entries is not None:
+            return self._entries
+        entries: dict[tuple[str, str], tuple[int, str, dict[str, Any]]] = {}
+        if self.path is not None:
+            try:
+                text = self.path.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                text = ""
+            except OSError as exc:
+                logger.warning("file index %s cannot be read (%s); every file is read again", self.path, exc)
+                text = ""
+            for line in text.splitlines():
+                self._lines += 1
+                try:
+                    row = json.loads(line)
+                    if row["x"] != INDEX_VERSION:
+                        continue
+                    entries[(row["k"], row["i"])] = (int(row["s"]), str(row["v"]), dict(row["d"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line (a crash mid-append) or an older format
+        self._entries = entries
+        return entries
+
+    def get(self, kind: str, stamp: FileStamp) -> dict[str, Any] | None:
+        """The value stored for exactly this stamp (identity, size and version all equal), else None."""
+        found = self._load().get((kind, stamp.identity))
+        if found is not None and found[0] == stamp.size and found[1] == stamp.version:
+            self.hits += 1
+            return found[2]
+        self.misses += 1
+        return None
+
+    def put(self, kind: str, stamp: FileStamp, value: dict[str, Any]) -> None:
+        """Remember `value` for `stamp` (replacing an older version of the file); written by `flush`."""
+        self._load()[(kind, stamp.identity)] = (stamp.size, stamp.version, dict(value))
+        self._new.append((kind, stamp, dict(value)))
+
+    @staticmethod
+    def _line(kind: str, identity: str, size: int, version: str, value: dict[str, Any]) -> str:
+        row = {"x": INDEX_VERSION, "k": kind, "i": identity, "s": size, "v": version, "d": value}
+        return json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+    def flush(self) -> None:
+        """Append the entries added since the last flush (one write); compact when mostly superseded."""
+        if self.path is None or not self._new:
+            self._new.clear()
+            return
+        data = "".join(self._line(kind, s.identity, s.size, s.version, v) for kind, s, v in self._new).encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a read-only cache dir: the run goes on, the next one re-reads
+            logger.warning("file index %s cannot be written (%s); the next run reads these files again",
+                           self.path, exc)
+            self._new.clear()
+            return
+        self._lines += len(self._new)
+        self._new.clear()
+        if self._lines > 1000 and self._lines > 2 * len(self._load()):
+            self.compact()
+
+    def compact(self) -> None:
+        """Rewrite the file with one line per live entry (atomically; appends racing it may be lost, and
+        are then simply re-read by a later run)."""
+        if self.path is None:
+            return
+        entries = self._load()
+        data = "".join(self._line(kind, identity, size, version, value)
+                       for (kind, identity), (size, version, value) in entries.items()).encode()
+        try:
+            atomic_write_bytes(self.path, data)
+        except OSError as exc:
+            logger.warning("file index %s cannot be compacted (%s)", self.path, exc)
+            return
+        self._lines = len(entries)
