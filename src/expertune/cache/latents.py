@@ -103,7 +103,6 @@ class LatentCache:
         Kept in the file index under the file's stamp (`stamp`, else path, size and mtime from one
         `stat`): the bytes of a file are read once, across runs; an edited file is read again.
         """
-        path = Path(path)
         if stamp is None:
             try:
                 stamp = local_stamp(path)

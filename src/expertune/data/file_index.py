@@ -6,7 +6,9 @@ is cheap to get — one `stat`, or the listing a bucket needs anyway — and any
 changed file misses the index and is read again; an unchanged one is not read at all. Values are
 small JSON objects (an image's SHA-256 and size, a caption file's text).
 
-The index is one append-only JSON-lines file beside the caches (`<cache dir>/file_index.jsonl`).
+The index is one append-only file beside the caches (`<cache dir>/file_index.jsonl`), a line per entry:
+`<format>\t<kind>\t<size>\t<version>\t<identity as a JSON string>\t<value as JSON>` (tab-separated so a
+restart splits lines instead of parsing JSON; a value is parsed only when it is looked up).
 `flush` appends the new entries in one `O_APPEND` write, so several jobs may share it; a torn or
 unknown line is ignored (the file is only a cache: losing an entry costs one re-read, never a wrong
 answer, since the stamp must match exactly). When most lines are superseded the file is rewritten
@@ -41,7 +43,9 @@ class FileStamp:
 
 def local_stamp(path: str | os.PathLike) -> FileStamp:
     """The stamp of a local file (one `stat`); OSError when it cannot be stat'ed."""
-    absolute = os.path.abspath(path)
+    absolute = os.fspath(path)
+    if not os.path.isabs(absolute):
+        absolute = os.path.abspath(absolute)
     stat = os.stat(absolute)
     return FileStamp(identity=absolute, size=stat.st_size, version=str(stat.st_mtime_ns))
 
@@ -51,7 +55,8 @@ class FileIndex:
 
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = Path(path) if path is not None else None
-        self._entries: dict[tuple[str, str], tuple[int, str, dict[str, Any]]] | None = None
+        # (kind, identity) -> (size, version, value: a dict, or its JSON text until first looked up)
+        self._entries: dict[tuple[str, str], tuple[int, str, dict[str, Any] | str]] | None = None
         self._new: list[tuple[str, FileStamp, dict[str, Any]]] = []
         self._lines = 0
         self.hits = 0
@@ -60,10 +65,11 @@ class FileIndex:
     def __len__(self) -> int:
         return len(self._load())
 
-    def _load(self) -> dict[tuple[str, str], tuple[int, str, dict[str, Any]]]:
+    def _load(self) -> dict[tuple[str, str], tuple[int, str, dict[str, Any] | str]]:
         if self._entries is not None:
             return self._entries
-        entries: dict[tuple[str, str], tuple[int, str, dict[str, Any]]] = {}
+        entries: dict[tuple[str, str], tuple[int, str, dict[str, Any] | str]] = {}
+        prefix = f"{INDEX_VERSION}\t"
         if self.path is not None:
             try:
                 text = self.path.read_text(encoding="utf-8", errors="replace")
@@ -74,22 +80,36 @@ class FileIndex:
                 text = ""
             for line in text.splitlines():
                 self._lines += 1
+                fields = line.split("\t", 5)
+                if len(fields) != 6 or not line.startswith(prefix) or not line.endswith("}"):
+                    continue  # a torn line (a crash mid-append) or another format
+                _, kind, size, version, identity, value = fields
                 try:
-                    row = json.loads(line)
-                    if row["x"] != INDEX_VERSION:
-                        continue
-                    entries[(row["k"], row["i"])] = (int(row["s"]), str(row["v"]), dict(row["d"]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn line (a crash mid-append) or an older format
+                    name = identity[1:-1] if "\\" not in identity else json.loads(identity)
+                    entries[(kind, name)] = (int(size), version, value)
+                except (ValueError, TypeError):
+                    continue
         self._entries = entries
         return entries
 
     def get(self, kind: str, stamp: FileStamp) -> dict[str, Any] | None:
         """The value stored for exactly this stamp (identity, size and version all equal), else None."""
-        found = self._load().get((kind, stamp.identity))
+        entries = self._load()
+        found = entries.get((kind, stamp.identity))
         if found is not None and found[0] == stamp.size and found[1] == stamp.version:
+            value = found[2]
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    value = None
+                if not isinstance(value, dict):
+                    del entries[(kind, stamp.identity)]
+                    self.misses += 1
+                    return None
+                entries[(kind, stamp.identity)] = (found[0], found[1], value)
             self.hits += 1
-            return found[2]
+            return value
         self.misses += 1
         return None
 
@@ -99,9 +119,11 @@ class FileIndex:
         self._new.append((kind, stamp, dict(value)))
 
     @staticmethod
-    def _line(kind: str, identity: str, size: int, version: str, value: dict[str, Any]) -> str:
-        row = {"x": INDEX_VERSION, "k": kind, "i": identity, "s": size, "v": version, "d": value}
-        return json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n"
+    def _line(kind: str, identity: str, size: int, version: str, value: dict[str, Any] | str) -> str:
+        if any(char in kind + version for char in "\t\n\r"):
+            raise ValueError(f"file index kind and version must not hold tabs or newlines: {kind!r}, {version!r}")
+        data = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return f"{INDEX_VERSION}\t{kind}\t{size}\t{version}\t{json.dumps(identity, ensure_ascii=False)}\t{data}\n"
 
     def flush(self) -> None:
         """Append the entries added since the last flush (one write); compact when mostly superseded."""

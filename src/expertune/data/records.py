@@ -53,7 +53,7 @@ class Discovery(NamedTuple):
 
 def _image_paths(directory: Path) -> list[Path]:
     """Images under `directory`, recursively, following links once; hidden names are skipped."""
-    found: list[Path] = []
+    found: list[str] = []
     visited: set[str] = set()
     for root, dirnames, filenames in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
@@ -63,9 +63,10 @@ def _image_paths(directory: Path) -> list[Path]:
         visited.add(real)
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(root) / name)
-    return sorted(found)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(root, name))
+    found.sort(key=lambda path: path.split(os.sep))  # the order of Path's own comparison, part by part
+    return [Path(path) for path in found]
 
 
 def _caption_from_filename(path: Path) -> str:
@@ -104,7 +105,7 @@ def _recalled(index: FileIndex | None, stamp: FileStamp) -> tuple[tuple[str, ...
 
 def _captions_from_textfile(path: Path, index: FileIndex | None = None) -> tuple[tuple[str, ...], str | None]:
     """(captions, None) or ((), reason) for the sibling `<stem>.txt` of `path` (from `index` when unchanged)."""
-    caption_file = path.with_suffix(".txt")
+    caption_file = os.path.splitext(os.fspath(path))[0] + ".txt"
     try:
         stamp = local_stamp(caption_file)
     except FileNotFoundError:
@@ -115,12 +116,12 @@ def _captions_from_textfile(path: Path, index: FileIndex | None = None) -> tuple
     if recalled is not None:
         return recalled
     try:
-        data = caption_file.read_bytes()
+        data = Path(caption_file).read_bytes()
     except FileNotFoundError:
         return (), f"caption file {caption_file} is missing"
     except OSError as exc:
         return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
-    result = parse_captions(data, str(caption_file))
+    result = parse_captions(data, caption_file)
     _remember(index, stamp, result)
     return result
 
