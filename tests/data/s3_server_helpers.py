@@ -87,7 +87,8 @@ def start_proxy(proxy: FlakyProxy) -> ThreadingHTTPServer:
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                     self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            length_header = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length_header or str(len(data)))
             if failure == "cut":
                 self.send_header("Connection", "close")
                 self.end_headers()

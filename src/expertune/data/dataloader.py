@@ -29,7 +29,7 @@ _IMAGE_FIELDS = frozenset(
         "id", "type", "dataset_type", "disabled", "disable", "instance_data_dir", "caption_strategy",
         "instance_prompt", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
         "cache_dir_vae", "repeats", "disable_validation", "probability", "minimum_image_size",
-        "maximum_image_size", "target_downsample_size", "aspect_bucket_alignment",
+        "maximum_image_size", "target_downsample_size", "aspect_bucket_alignment", "manifest", "exclude_file",
     }
 )
 _TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disable", "default", "cache_dir"})
@@ -81,6 +81,8 @@ class DatasetSpec:
     probability: float = 1.0  # relative weight of this dataset when batches are interleaved
     aspect_rounding: int | None = None  # decimal places of aspect ratios (--aspect_bucket_rounding)
     remote: S3Location | None = None  # an `aws` entry: objects are fetched into instance_data_dir (a local mirror)
+    manifest: Path | None = None  # JSONL/CSV/Parquet of the images: no walk, no listing (data.manifest)
+    exclude_file: Path | None = None  # images to leave out, one per line (`expertune audit --write-exclude`)
 
     @property
     def rule(self) -> BucketRule:
@@ -345,9 +347,27 @@ def _mirror_dir(remote: S3Location, default_cache_dir: Path) -> Path:
     return default_cache_dir / "objects" / remote.bucket / remote.prefix
 
 
+def _existing_file(entry: _Entry, field: str, suffixes: tuple[str, ...] | None = None) -> Path | None:
+    path = entry.path(field)
+    if path is None:
+        return None
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise entry.error(field, f"{path.name} is not one of {', '.join(suffixes)}", "Name a file of one of these kinds.")
+    if not path.is_file():
+        raise entry.error(field, f"file {path} does not exist",
+                          "Fix the path (relative paths are resolved against the current directory).")
+    return path
+
+
 def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default_cache_dir: Path,
                 remote: S3Location | None = None) -> DatasetSpec:
+    from expertune.data.manifest import MANIFEST_FORMATS
+
+    manifest = _existing_file(entry, "manifest", MANIFEST_FORMATS)
+    exclude_file = _existing_file(entry, "exclude_file")
     directory = entry.path("instance_data_dir")
+    if remote is None and directory is None and manifest is not None:
+        directory = manifest.parent  # the manifest's relative paths are then relative to its folder
     if remote is not None:
         if directory is not None:
             raise entry.error("instance_data_dir", "is not used by an \"aws\" entry (its images are in the bucket)",
@@ -409,6 +429,8 @@ def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default
         probability=float(probability),
         aspect_rounding=defaults.aspect_bucket_rounding,
         remote=remote,
+        manifest=manifest,
+        exclude_file=exclude_file,
     )
 
 

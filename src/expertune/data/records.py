@@ -13,10 +13,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from expertune.data.dataloader import CAPTION_STRATEGIES, DatasetSpec
 from expertune.data.file_index import FileIndex, FileStamp, local_stamp
+from expertune.data.remote import RemoteObject as RemoteObjectType
 from expertune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ImageRecord:
     dataset_id: str
     stamp: FileStamp | None = None  # known from the listing (an object's size and ETag); None: stat `path`
     remote_key: str | None = None  # the object key of an `aws` entry's image
+    declared_size: tuple[int, int] | None = None  # (h, w) a manifest gives; the file's header decides
 
 
 class SkippedImage(NamedTuple):
@@ -220,6 +222,94 @@ def _discover_remote(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
     return _finish(spec, records, skipped, len(images), location.url(location.prefix))
 
 
+def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
+    """A dataset with a manifest: its rows, without walking or listing; for a bucket, each object's size
+    and ETag by a HEAD request (no bytes), which also finds the keys that do not exist."""
+    from expertune.data.manifest import read_manifest
+
+    assert spec.manifest is not None
+    rows = read_manifest(spec.manifest, remote=spec.remote is not None)
+    records: list[ImageRecord] = []
+    skipped: list[SkippedImage] = []
+    heads: dict[str, Any] = {}
+    texts: dict[str, bytes | str] = {}
+    if spec.remote is not None:
+        from expertune.data.remote import S3Dataset
+
+        bucket = S3Dataset(spec)
+        bucket.check()
+        keys = [spec.remote.prefix + row.path for row in rows]
+        heads = bucket.head_many(keys)
+        if spec.caption_strategy == "textfile":
+            texts = bucket.read_many(str(PurePosixPath(key).with_suffix(".txt"))
+                                     for key, row in zip(keys, rows) if row.captions is None and heads.get(key))
+    for row in rows:
+        path = Path(row.path) if Path(row.path).is_absolute() else spec.instance_data_dir / row.path
+        declared = (row.height, row.width) if row.width and row.height else None
+        stamp, key = None, None
+        reason: str | None = None
+        if spec.remote is not None:
+            key = spec.remote.prefix + row.path
+            head = heads.get(key)
+            if not isinstance(head, RemoteObjectType):
+                reason = head if isinstance(head, str) else f"object {spec.remote.url(key)} does not exist"
+            else:
+                stamp = FileStamp(spec.remote.url(key), head.size, head.etag)
+        if reason is None:
+            if row.captions is not None:
+                captions: tuple[str, ...] = row.captions
+            elif spec.caption_strategy == "textfile" and key is not None:
+                text_key = str(PurePosixPath(key).with_suffix(".txt"))
+                content = texts.get(text_key, "")
+                captions, reason = ((), content or f"caption file {spec.remote.url(text_key)} is missing") \
+                    if isinstance(content, str) else parse_captions(content, spec.remote.url(text_key))
+            elif spec.caption_strategy == "textfile":
+                captions, reason = _captions_from_textfile(path, index)
+            else:
+                captions, reason = _other_captions(spec, path)
+        if reason is not None:
+            reason = f"{reason} (manifest {spec.manifest.name} line {row.line})"
+            logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
+            skipped.append(SkippedImage(path=path, reason=reason))
+        else:
+            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=stamp,
+                                       remote_key=key, declared_size=declared))
+    records.sort(key=lambda record: record.path)
+    return _finish(spec, records, skipped, len(rows), str(spec.manifest))
+
+
+def read_exclusions(path: Path) -> frozenset[str]:
+    """The entries of an exclude file: one image per line (a path, or an `s3://` URL); `#` lines are comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the exclude file ({exc}). Fix the entry's \"exclude_file\".") from None
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def exclusion_names(spec: DatasetSpec, record: ImageRecord) -> tuple[str, ...]:
+    """The names an exclude file may use for `record`: its path, its path relative to the dataset, its URL."""
+    names = [str(record.path)]
+    try:
+        names.append(record.path.relative_to(spec.instance_data_dir).as_posix())
+    except ValueError:
+        pass
+    if record.stamp is not None and record.stamp.identity.startswith("s3://"):
+        names.append(record.stamp.identity)
+    return tuple(names)
+
+
+def _excluded(spec: DatasetSpec, found: Discovery) -> Discovery:
+    if spec.exclude_file is None:
+        return found
+    excluded = read_exclusions(spec.exclude_file)
+    kept = [r for r in found.records if not any(name in excluded for name in exclusion_names(spec, r))]
+    if len(kept) != len(found.records):
+        logger.info("dataset %r: %d images left out by exclude_file %s", spec.id, len(found.records) - len(kept),
+                    spec.exclude_file)
+    return Discovery(records=kept, skipped=found.skipped)
+
+
 def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
     """Every image of `spec` that has a caption, sorted by path; skipped images and why.
 
@@ -227,10 +317,19 @@ def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Disco
     `instance_data_dir`), or when the bucket cannot be used (named, with the fix). A dataset whose
     every image is skipped is returned empty, with a warning: the run goes on while another dataset
     has usable images (`prepare_data` stops when none has). Caption files found unchanged in `index`
-    are not read again.
+    are not read again. Images named in the entry's `exclude_file` are left out (logged as a count).
     """
-    if spec.remote is not None:
-        return _discover_remote(spec, index)
+    if spec.manifest is not None:
+        found = _from_manifest(spec, index)
+    elif spec.remote is not None:
+        found = _discover_remote(spec, index)
+    else:
+        found = _discover_local(spec, index)
+    return _excluded(spec, found)
+
+
+def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
+    """A local entry: a walk of its directory."""
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
     paths = _image_paths(spec.instance_data_dir)

@@ -169,6 +169,23 @@ class S3Dataset:
             raise
         return RemoteObject(key=key, size=int(response["ContentLength"]), etag=str(response.get("ETag", "")).strip('"'))
 
+    def head_many(self, keys: Iterable[str]) -> dict[str, RemoteObject | str | None]:
+        """{key: its RemoteObject, None when it does not exist, or why it cannot be asked} (concurrent HEADs)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys = list(keys)
+
+        def one(key: str) -> RemoteObject | str | None:
+            try:
+                return self.head(key)
+            except (ClientError, BotoCoreError) as exc:
+                return f"object {self.location.url(key)} cannot be asked for its size ({exc})"
+
+        if not keys:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(keys))) as pool:
+            return dict(zip(keys, pool.map(one, keys)))
+
     # ---- reading ---------------------------------------------------------------------------------
 
     def read(self, key: str) -> tuple[bytes, str]:
