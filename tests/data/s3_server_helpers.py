@@ -29,7 +29,8 @@ def free_port() -> int:
 @dataclass
 class FlakyProxy:
     """Forwards to the server; `fail(path_suffix, times, how)` makes the next `times` GETs of a matching path
-    fail (`how`: "503" answers Service Unavailable, "cut" sends half the body then closes)."""
+    fail (`how`: "503" answers Service Unavailable (SlowDown), "STATUS:Code" answers that S3 error, "cut"
+    sends half the body then closes)."""
 
     target: str
     url: str = ""
@@ -71,9 +72,10 @@ def start_proxy(proxy: FlakyProxy) -> ThreadingHTTPServer:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             failure = proxy._failure(self.command, self.path)
-            if failure == "503":
-                payload = b"<Error><Code>SlowDown</Code><Message>try again</Message></Error>"
-                self.send_response(503)
+            if failure is not None and failure != "cut":
+                status, code = failure.split(":") if ":" in failure else (failure, "SlowDown")
+                payload = f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>".encode()
+                self.send_response(int(status))
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

@@ -121,6 +121,18 @@ def test_no_such_bucket_names_the_entry_and_the_fix(s3, tmp_path: Path) -> None:
     assert "does not exist" in message and "aws_bucket_name" in message and error.value.exit_code == 2
 
 
+@pytest.mark.parametrize("code, words", [("AccessDenied", "access denied"),
+                                         ("InvalidAccessKeyId", "the credentials were refused")])
+def test_refused_requests_name_the_entry_and_the_fix(s3, tmp_path: Path, code: str, words: str) -> None:
+    bucket = s3.bucket()
+    s3.flaky.fail(f"/{bucket}", 1, f"403:{code}")  # the server's answer to the first listing request
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url})
+    with pytest.raises(DataError) as error:
+        discover_records(_spec(loader, tmp_path / "cache"))
+    assert "'bucket-images'" in str(error.value) and words in str(error.value)
+    assert "aws_access_key_id" in str(error.value)
+
+
 def test_endpoint_down_is_a_clear_error(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(remote, "REQUEST_ATTEMPTS", 1)  # no backoff waits: nothing listens there
@@ -229,3 +241,12 @@ def test_both_stages_train_from_a_bucket_and_share_caches(s3, tmp_path: Path, ti
     # Stage 2 lists the bucket once and reads no object at all: sizes and ETags match the file index.
     assert image_gets(requests2) == [] and not [p for m, p in requests2 if m == "GET" and p.endswith(".txt")]
     assert run1["skipped_images"] == run2["skipped_images"] == []
+
+
+def test_the_cli_exits_2_naming_the_entry(s3, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from expertune.cli import main
+
+    loader = _loader(tmp_path, {"aws_bucket_name": "expertune-no-such-bucket", "aws_endpoint_url": s3.endpoint})
+    assert main(["audit", str(loader), "--cache_dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("expertune: error: dataset 'bucket-images'") and "does not exist" in error
