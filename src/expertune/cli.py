@@ -165,7 +165,7 @@ def _cmd_audit(args: argparse.Namespace, rest: list[str]) -> int:
     loader = load_dataloader_config(args.dataloader, default_resolution=args.resolution, default_cache_dir=cache,
                                     defaults=defaults)
     settings = AuditSettings(min_quality=args.min_quality, max_aspect=args.max_aspect)
-    reports = audit(loader.datasets, settings)
+    reports = audit(loader.datasets, settings, cache)
     if args.json:
         print(json.dumps({"dataloader": str(loader.source), "datasets": [r.to_json() for r in reports]}, indent=2))
     else:

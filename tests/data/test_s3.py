@@ -250,3 +250,24 @@ def test_the_cli_exits_2_naming_the_entry(s3, tmp_path: Path, capsys: pytest.Cap
     assert main(["audit", str(loader), "--cache_dir", str(tmp_path / "cache")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("expertune: error: dataset 'bucket-images'") and "does not exist" in error
+
+
+def test_the_mirror_is_refetched_when_the_object_changes_even_at_the_same_size(s3, tmp_path: Path) -> None:
+    from expertune.data.mirror import fetch_records, is_current
+
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="a.png", Body=b"A" * 100)
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url,
+                                "caption_strategy": "filename"})
+    spec = _spec(loader, tmp_path / "cache")
+    index = FileIndex(tmp_path / "index.jsonl")
+    (record,) = discover_records(spec, index).records
+    assert not is_current(record, index)
+    assert fetch_records(spec, [record], index) == {} and record.path.read_bytes() == b"A" * 100
+    assert is_current(record, index)
+    s3.flaky.requests.clear()
+    assert fetch_records(spec, [record], index) == {} and s3.flaky.requests == []  # mirrored: not fetched again
+    s3.client.put_object(Bucket=bucket, Key="a.png", Body=b"B" * 100)  # same size, new ETag
+    (changed,) = discover_records(spec, index).records
+    assert changed.stamp.version != record.stamp.version and not is_current(changed, index)
+    assert fetch_records(spec, [changed], index) == {} and changed.path.read_bytes() == b"B" * 100

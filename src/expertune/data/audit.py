@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from expertune.data.dataloader import DatasetSpec
+from expertune.data.file_index import INDEX_NAME, FileIndex
+from expertune.data.mirror import fetch_records
 from expertune.data.records import ImageRecord, discover_records
 from expertune.io_utils import atomic_write_bytes
 
@@ -192,33 +194,16 @@ def _name(spec: DatasetSpec, record: ImageRecord) -> str:
     return str(record.path)
 
 
-def _fetch_all(spec: DatasetSpec, records: list[ImageRecord]) -> dict[str, str]:
-    """Fetch an `aws` entry's objects into its local mirror (unless a complete copy is there): {key: reason}."""
-    if spec.remote is None:
-        return {}
-    from expertune.data.remote import RemoteObject, S3Dataset
-
-    jobs = []
-    for record in records:
-        assert record.remote_key is not None and record.stamp is not None
-        try:
-            if record.path.stat().st_size == record.stamp.size:
-                continue
-        except OSError:
-            pass
-        jobs.append((record.remote_key, record.path,
-                     RemoteObject(record.remote_key, record.stamp.size, record.stamp.version)))
-    return S3Dataset(spec).fetch_many(jobs)
-
-
-def audit_dataset(spec: DatasetSpec, settings: AuditSettings) -> DatasetAudit:
+def audit_dataset(spec: DatasetSpec, settings: AuditSettings, index: FileIndex | None = None) -> DatasetAudit:
+    """One dataset's report; an `aws` entry's objects are fetched to its mirror (kept current via `index`)."""
     start = time.perf_counter()
     report = DatasetAudit(id=spec.id)
-    records, skipped = discover_records(spec)
+    index = index if index is not None else FileIndex(None)
+    records, skipped = discover_records(spec, index)
     for path, reason in skipped:
         report.flag(str(path), "no_caption" if reason.startswith("caption file") or "caption" in reason.split(":")[0]
                     else "unreadable", reason)
-    failures = _fetch_all(spec, records)
+    failures = fetch_records(spec, records, index) if spec.remote is not None else {}
     readable = []
     for record in records:
         if record.remote_key in failures:
@@ -328,6 +313,12 @@ def write_exclude(path: str | os.PathLike, reports: Sequence[DatasetAudit]) -> i
     return len(names)
 
 
-def audit(datasets: Sequence[DatasetSpec], settings: AuditSettings) -> list[DatasetAudit]:
-    """Every dataset's report, in file order (a bucket that cannot be used raises its DataError)."""
-    return [audit_dataset(spec, settings) for spec in datasets]
+def audit(datasets: Sequence[DatasetSpec], settings: AuditSettings, cache_dir: Path | None = None
+          ) -> list[DatasetAudit]:
+    """Every dataset's report, in file order (a bucket that cannot be used raises its DataError). With
+    `cache_dir`, its file index is used and extended (caption texts, mirrored objects' versions)."""
+    index = FileIndex(cache_dir / INDEX_NAME if cache_dir is not None else None)
+    try:
+        return [audit_dataset(spec, settings, index) for spec in datasets]
+    finally:
+        index.flush()

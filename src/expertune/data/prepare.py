@@ -119,7 +119,7 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
         for path, reason in left_out:
             skips.add(spec, path, reason, logged=True)  # discover_records logged it
         # An object the index does not know must be fetched to be hashed; a known one is not fetched.
-        records = _fetched(spec, records, lambda record: not latent_cache.known(record), skips)
+        records = _fetched(spec, records, lambda record: not latent_cache.known(record), skips, latent_cache.index)
         found.append((spec, records))
     planned: dict[tuple[str, Path], LatentPlan] = {}
     total = sum(len(records) for _, records in found)
@@ -142,28 +142,14 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
 
 
 def _fetched(spec: DatasetSpec, records: list[ImageRecord], needed: Callable[[ImageRecord], bool],
-             skips: _Skips) -> list[ImageRecord]:
-    """`records`, with the objects of an `aws` entry that `needed` picks downloaded (concurrently,
-    atomically) into the local mirror unless a complete copy is there; those that fail are skipped."""
+             skips: _Skips, index: FileIndex) -> list[ImageRecord]:
+    """`records`, with the objects of an `aws` entry that `needed` picks fetched into the local mirror
+    (`data.mirror`: concurrently, atomically, unless the listed version is there); failures are skipped."""
     if spec.remote is None:
         return records
-    from expertune.data.remote import RemoteObject, S3Dataset
+    from expertune.data.mirror import fetch_records
 
-    jobs = []
-    for record in records:
-        if record.remote_key is None or record.stamp is None or not needed(record):
-            continue
-        try:
-            if record.path.stat().st_size == record.stamp.size:
-                continue  # fetched by an earlier step or run (written atomically: whole or absent)
-        except OSError:
-            pass
-        jobs.append((record.remote_key, record.path,
-                     RemoteObject(record.remote_key, record.stamp.size, record.stamp.version)))
-    if not jobs:
-        return records
-    log.info("dataset %r: fetching %d objects from %s", spec.id, len(jobs), spec.remote.url(spec.remote.prefix))
-    failures = S3Dataset(spec).fetch_many(jobs)
+    failures = fetch_records(spec, [record for record in records if needed(record)], index)
     kept = []
     for record in records:
         if record.remote_key in failures:
@@ -198,7 +184,8 @@ def prepare_data(
 
     for position, (spec, records) in enumerate(found):
         records = [record for record in records if (spec.id, record.path) in planned]
-        found[position] = (spec, _fetched(spec, records, lambda r, s=spec: lacks_latent(r, s), skips))
+        found[position] = (spec, _fetched(spec, records, lambda r, s=spec: lacks_latent(r, s), skips, index))
+    index.flush()
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
     latent_stats = latent_cache.ensure(kept, progress=progress)
     failed = dict(latent_stats.failed)
