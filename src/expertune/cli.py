@@ -1,4 +1,4 @@
-"""The `expertune` command: train, cache, generate, demo, world, tiny-model, tiny-clip."""
+"""The `expertune` command: train, cache, audit, generate, demo, world, tiny-model, tiny-clip."""
 
 from __future__ import annotations
 
@@ -167,6 +167,31 @@ def _cmd_world_verify(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace, rest: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from expertune.config.schema import default_cache_dir
+    from expertune.data.audit import AuditSettings, audit, format_report, write_exclude
+    from expertune.data.dataloader import DatasetDefaults, load_dataloader_config
+
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    defaults = DatasetDefaults(resolution=args.resolution, resolution_type=args.resolution_type)
+    loader = load_dataloader_config(args.dataloader, default_resolution=args.resolution, default_cache_dir=cache,
+                                    defaults=defaults)
+    settings = AuditSettings(min_quality=args.min_quality, max_aspect=args.max_aspect)
+    reports = audit(loader.datasets, settings, cache)
+    if args.json:
+        print(json.dumps({"dataloader": str(loader.source), "datasets": [r.to_json() for r in reports]}, indent=2))
+    else:
+        print(format_report(reports))
+    if args.write_exclude:
+        count = write_exclude(args.write_exclude, reports)
+        print(f"{count} images written to {args.write_exclude}; name it in an entry's \"exclude_file\"",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from expertune.config.reference import options_help
     from expertune.infer.schedulers import SCHEDULER_CLASSES
@@ -200,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--stats_json", default=None, metavar="FILE",
                        help="also write the cache stats, bucket table and skipped images to this JSON file")
     cache.set_defaults(handler=_cmd_cache, config_flags=True)
+
+    audit = verbs.add_parser(
+        "audit", help="report the images a careful user would leave out of a stage-2 set",
+        description="Read a dataloader JSON (local or bucket datasets) and report, per dataset, the images "
+        "below the training resolution, heavily compressed JPEGs, near-duplicates, extreme aspect ratios, "
+        "unreadable files and missing, empty or shared captions. Never modifies or deletes a file.")
+    audit.add_argument("dataloader", metavar="DATALOADER_JSON")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.add_argument("--write-exclude", dest="write_exclude", metavar="FILE", default=None,
+                       help="write the flagged images (but shared captions) to FILE, for an entry's \"exclude_file\"")
+    audit.add_argument("--resolution", type=float, default=1024,
+                       help="training resolution of entries that do not set one (default 1024)")
+    audit.add_argument("--resolution_type", default="pixel", choices=("pixel", "area", "pixel_area"))
+    audit.add_argument("--min_quality", type=int, default=75, help="JPEG quality below this is flagged (default 75)")
+    audit.add_argument("--max_aspect", type=float, default=3.0, help="longer/shorter edge above this is flagged")
+    audit.add_argument("--cache_dir", default=None,
+                       help="where bucket objects are fetched to (default: the per-user cache dir)")
+    audit.set_defaults(handler=_cmd_audit)
 
     generate = verbs.add_parser("generate", help="chain trained experts into images")
     generate.add_argument("--expert", action="append",

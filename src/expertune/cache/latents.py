@@ -39,6 +39,7 @@ from expertune.cache.store import (
 )
 from expertune.data.batches import TimeIdLayout
 from expertune.data.dataloader import DatasetSpec
+from expertune.data.file_index import FileIndex, FileStamp, local_stamp
 from expertune.data.records import ImageRecord
 from expertune.data.transforms import (
     DECODE_VERSION,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 LATENT_KIND = "vae_latent"
 LATENT_STATISTIC = "mean"
+IMAGE_KIND = "image"  # FileIndex kind: {"sha256": ..., "h": ..., "w": ...}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class LatentCache:
     def __init__(
         self, vae: AutoencoderKL, *, seed: int, batch_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
         time_ids: TimeIdLayout = TimeIdLayout(),
+        index: FileIndex | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -94,7 +97,7 @@ class LatentCache:
         self.dtype = next(vae.parameters()).dtype
         self.fingerprint = module_fingerprint(vae)
         self._stores: dict[Path, CacheStore] = {}
-        self._infos: dict[tuple[Path, int, int], ImageInfo] = {}
+        self.index = index if index is not None else FileIndex(None)
 
     def with_time_ids(self, time_ids: TimeIdLayout) -> LatentCache:
         """The same cache (stores, VAE, memoised image hashes) whose `load` gives `time_ids`' layout."""
@@ -108,26 +111,33 @@ class LatentCache:
             self._stores[root] = CacheStore(root)
         return self._stores[root]
 
-    def inspect(self, path: str | os.PathLike) -> ImageInfo:
+    def known(self, record: ImageRecord) -> bool:
+        """Whether `record`'s image is in the file index under its listed stamp (no bytes needed)."""
+        return record.stamp is not None and self.index.get(IMAGE_KIND, record.stamp) is not None
+
+    def inspect(self, path: str | os.PathLike, stamp: FileStamp | None = None) -> ImageInfo:
         """Content hash and size of an image file (header only); DataError when it is unusable.
 
-        Memoised per (path, size, mtime): one run hashes each file once, an edited file again.
+        Kept in the file index under the file's stamp (`stamp`, else path, size and mtime from one
+        `stat`): the bytes of a file are read once, across runs; an edited file is read again.
         """
-        path = Path(path)
-        try:
-            stat = path.stat()
-        except OSError as exc:
-            raise DataError(
-                f"{path}: cannot read the image ({exc.strerror or exc}). Replace or remove the file."
-            ) from exc
-        memo_key = (path, stat.st_size, stat.st_mtime_ns)
-        if memo_key not in self._infos:
-            size = image_size(path, max_pixels=self.max_pixels)
-            self._infos[memo_key] = ImageInfo(digest=file_digest(path), original_size=size)
-        return self._infos[memo_key]
+        if stamp is None:
+            try:
+                stamp = local_stamp(path)
+            except OSError as exc:
+                raise DataError(
+                    f"{path}: cannot read the image ({exc.strerror or exc}). Replace or remove the file."
+                ) from exc
+        value = self.index.get(IMAGE_KIND, stamp)
+        if value is not None:
+            return ImageInfo(digest=str(value["sha256"]), original_size=(int(value["h"]), int(value["w"])))
+        size = image_size(path, max_pixels=self.max_pixels)
+        info = ImageInfo(digest=file_digest(path), original_size=size)
+        self.index.put(IMAGE_KIND, stamp, {"sha256": info.digest, "h": size[0], "w": size[1]})
+        return info
 
     def planned(self, record: ImageRecord, spec: DatasetSpec) -> LatentPlan:
-        info = self.inspect(record.path)
+        info = self.inspect(record.path, record.stamp)
         # The random crop is drawn from the image *content*, so moving a dataset keeps its crops and cache.
         plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
         parts = {

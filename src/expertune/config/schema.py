@@ -42,6 +42,14 @@ def parse_timestep_range(text: str) -> tuple[int, int]:
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw8bit", "adafactor", "prodigy")
 
 
+def required(value: str | None, name: str) -> str:
+    """A setting `Config.require(...)` has checked is set, narrowed to str (ConfigError naming it, should it not
+    be)."""
+    if value is None:
+        raise ConfigError(f"{name} is unset: set --{name}")
+    return value
+
+
 def default_cache_dir() -> Path:
     """Per-user cache root: ``$XDG_CACHE_HOME/expertune``, or ``~/.cache/expertune``."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,35 @@ _IMAGE_FIELDS = frozenset(
         "id", "type", "dataset_type", "disabled", "disable", "instance_data_dir", "caption_strategy",
         "instance_prompt", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
         "cache_dir_vae", "repeats", "disable_validation", "probability", "minimum_image_size",
-        "maximum_image_size", "target_downsample_size", "aspect_bucket_alignment",
+        "maximum_image_size", "target_downsample_size", "aspect_bucket_alignment", "manifest", "exclude_file",
     }
 )
 _TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disable", "default", "cache_dir"})
+# SimpleTuner's `"type": "aws"` entry: an S3-compatible bucket (see docs/storage.md).
+_AWS_FIELDS = frozenset(
+    {
+        "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id", "aws_secret_access_key",
+        "aws_data_prefix",
+    }
+)
+BACKENDS = ("local", "aws")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """Where an `aws` entry's objects are, and how to reach them. A None credential, region or endpoint
+    falls back to boto's own chain: AWS_* environment variables, ~/.aws/config and ~/.aws/credentials."""
+
+    bucket: str
+    prefix: str = ""  # aws_data_prefix: only keys under it; keys are named relative to it
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+    def url(self, key: str = "") -> str:
+        """`s3://bucket/key` of an object (`key` is the full object key)."""
+        return f"s3://{self.bucket}/{key}"
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -61,6 +86,9 @@ class DatasetSpec:
     maximum_image_size: float | None = None  # larger images are skipped (unit of resolution_type)
     probability: float = 1.0  # relative weight of this dataset when batches are interleaved
     aspect_rounding: int | None = None  # decimal places of aspect ratios (--aspect_bucket_rounding)
+    remote: S3Location | None = None  # an `aws` entry: objects are fetched into instance_data_dir (a local mirror)
+    manifest: Path | None = None  # JSONL/CSV/Parquet of the images: no walk, no listing (data.manifest)
+    exclude_file: Path | None = None  # images to leave out, one per line (`expertune audit --write-exclude`)
 
     @property
     def rule(self) -> BucketRule:
@@ -262,16 +290,23 @@ def load_dataloader_config(
             continue
         kind = entry.string("dataset_type", default="image")
         backend = entry.string("type", default="local")
-        if backend != "local":
+        if backend not in BACKENDS:
             raise entry.error(
-                "type", f"{backend!r} is not supported", "Use \"type\": \"local\" with a directory on this machine."
+                "type", f"{backend!r} is not supported",
+                "Use \"type\": \"local\" with a directory on this machine, or \"aws\" with an S3-compatible bucket.",
+            )
+        if backend == "aws" and kind == "text_embeds":
+            raise entry.error(
+                "type", "a text_embeds cache in a bucket is not supported (caches stay on a local or shared "
+                "file system)", "Use \"type\": \"local\" with a \"cache_dir\" for the text_embeds entry.",
             )
         if kind == "text_embeds":
             entry.warn_unknown(_TEXT_EMBEDS_FIELDS)
             embeds.append((entry, entry.boolean("default", default=False)))
         elif kind == "image":
-            entry.warn_unknown(_IMAGE_FIELDS)
-            images.append(_image_spec(entry, entry_id, defaults, default_cache_dir))
+            entry.warn_unknown(_IMAGE_FIELDS | (_AWS_FIELDS if backend == "aws" else frozenset()))
+            remote = _s3_location(entry) if backend == "aws" else None
+            images.append(_image_spec(entry, entry_id, defaults, default_cache_dir, remote))
         else:
             raise entry.error(
                 "dataset_type",
@@ -289,13 +324,66 @@ def load_dataloader_config(
     )
 
 
-def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default_cache_dir: Path) -> DatasetSpec:
+def _s3_location(entry: _Entry) -> S3Location:
+    """The bucket of an `aws` entry; a field left out falls back to boto's environment and config files."""
+    bucket = entry.string("aws_bucket_name", required=True)
+    assert bucket is not None
+    if "/" in bucket or bucket.startswith("s3:"):
+        raise entry.error("aws_bucket_name", f"{bucket!r} is not a bucket name",
+                          "Give the bare bucket name; put the folder in \"aws_data_prefix\".")
+    endpoint = entry.string("aws_endpoint_url")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise entry.error("aws_endpoint_url", f"{endpoint!r} is not an http(s) URL",
+                          "Give the full URL, e.g. \"https://s3.example.com\" (or leave it out for AWS itself).")
+    key_id, secret = entry.string("aws_access_key_id"), entry.string("aws_secret_access_key")
+    if (key_id is None) != (secret is None):
+        missing = "aws_secret_access_key" if secret is None else "aws_access_key_id"
+        raise entry.error(missing, "is missing while its pair is given",
+                          "Give both aws_access_key_id and aws_secret_access_key, or neither (then boto's "
+                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials are used).")
+    prefix = (entry.string("aws_data_prefix") or "").lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return S3Location(bucket=bucket, prefix=prefix, region=entry.string("aws_region_name"), endpoint_url=endpoint,
+                      access_key_id=key_id, secret_access_key=secret)
+
+
+def _mirror_dir(remote: S3Location, default_cache_dir: Path) -> Path:
+    """The local folder an `aws` entry's objects are fetched into: `<cache dir>/objects/<bucket>/<prefix>`."""
+    return default_cache_dir / "objects" / remote.bucket / remote.prefix
+
+
+def _existing_file(entry: _Entry, field: str, suffixes: tuple[str, ...] | None = None) -> Path | None:
+    path = entry.path(field)
+    if path is None:
+        return None
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise entry.error(field, f"{path.name} is not one of {', '.join(suffixes)}", "Name a file of one of these kinds.")
+    if not path.is_file():
+        raise entry.error(field, f"file {path} does not exist",
+                          "Fix the path (relative paths are resolved against the current directory).")
+    return path
+
+
+def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default_cache_dir: Path,
+                remote: S3Location | None = None) -> DatasetSpec:
+    from expertune.data.manifest import MANIFEST_FORMATS
+
+    manifest = _existing_file(entry, "manifest", MANIFEST_FORMATS)
+    exclude_file = _existing_file(entry, "exclude_file")
     directory = entry.path("instance_data_dir")
-    if directory is None:
+    if remote is None and directory is None and manifest is not None:
+        directory = manifest.parent  # the manifest's relative paths are then relative to its folder
+    if remote is not None:
+        if directory is not None:
+            raise entry.error("instance_data_dir", "is not used by an \"aws\" entry (its images are in the bucket)",
+                              "Remove it; objects are fetched into <cache dir>/objects/<bucket>/<prefix>.")
+        directory = _mirror_dir(remote, default_cache_dir)
+    elif directory is None:
         raise entry.error(
             "instance_data_dir", "is missing", "Add \"instance_data_dir\": \"/path/to/images\" to this entry."
         )
-    if not directory.is_dir():
+    if remote is None and not directory.is_dir():
         raise entry.error(
             "instance_data_dir",
             f"directory {directory} does not exist",
@@ -346,6 +434,9 @@ def _image_spec(entry: _Entry, entry_id: str, defaults: DatasetDefaults, default
         maximum_image_size=maximum,
         probability=float(probability),
         aspect_rounding=defaults.aspect_bucket_rounding,
+        remote=remote,
+        manifest=manifest,
+        exclude_file=exclude_file,
     )
 
 

@@ -3,12 +3,14 @@
 `prepare_data` is the one path that both `expertune train` and `expertune cache` take, so the cache
 verb builds exactly the entries a run of the same config will look up, and prints the same stats:
 
-1. read the dataloader JSON and find every captioned image (`discover_records`);
-2. read each image's header and hash its bytes; skip what cannot be read, what is over the pixel
-   limit, and what `minimum_image_size` / `maximum_image_size` leave out; plan each image's bucket
-   and crop (`BucketRule`);
-3. encode the missing latents (an image that fails to decode is skipped), then the missing text
-   embeddings of every caption and validation prompt;
+1. read the dataloader JSON and find every captioned image (`discover_records`: a directory walk, or
+   one listing of an `aws` entry's bucket);
+2. read each image's header and hash its bytes — unless the persistent file index (`data.file_index`,
+   `<cache dir>/file_index.jsonl`) knows the file unchanged; an `aws` image is fetched first, and only
+   then; skip what cannot be read, what is over the pixel limit, and what `minimum_image_size` /
+   `maximum_image_size` leave out; plan each image's bucket and crop (`BucketRule`);
+3. encode the missing latents (an image that fails to decode is skipped; an `aws` image whose latent
+   is missing is fetched first), then the missing text embeddings of every caption and validation prompt;
 4. group the items into buckets (one dataset, one size) and log the bucket table.
 
 Every image left out is logged with its file and reason and returned in `skipped` (run.json lists
@@ -17,9 +19,12 @@ them); the run goes on while at least one image is usable and stops with a DataE
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,10 +33,12 @@ from tqdm.auto import tqdm
 from expertune.cache.embeds import EmbedCache
 from expertune.cache.latents import LatentCache, LatentPlan
 from expertune.cache.store import CacheStore
+from expertune.config.schema import required
 from expertune.data.batches import Bucket, TimeIdLayout, TrainingItem
 from expertune.data.holdout import split_holdout
 from expertune.data.buckets import format_size
 from expertune.data.dataloader import DataloaderConfig, DatasetDefaults, DatasetSpec, load_dataloader_config
+from expertune.data.file_index import INDEX_NAME, FileIndex
 from expertune.data.records import ImageRecord, discover_records
 from expertune.errors import DataError
 from expertune.models.sdxl import SDXLComponents
@@ -88,7 +95,7 @@ def load_datasets(config: Config) -> DataloaderConfig:
         aspect_bucket_rounding=d.aspect_bucket_rounding,
     )
     return load_dataloader_config(
-        d.data_backend_config, default_resolution=d.resolution, default_cache_dir=cache_root, defaults=defaults
+        required(d.data_backend_config, "data_backend_config"), default_resolution=d.resolution, default_cache_dir=cache_root, defaults=defaults
     )
 
 
@@ -111,9 +118,11 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
     plan; what cannot be used is added to `skips`."""
     found: list[tuple[DatasetSpec, list[ImageRecord]]] = []
     for spec in dataloader.datasets:
-        records, left_out = discover_records(spec)
+        records, left_out = discover_records(spec, latent_cache.index)
         for path, reason in left_out:
             skips.add(spec, path, reason, logged=True)  # discover_records logged it
+        # An object the index does not know must be fetched to be hashed; a known one is not fetched.
+        records = _fetched(spec, records, lambda record: not latent_cache.known(record), skips, latent_cache.index)
         found.append((spec, records))
     planned: dict[tuple[str, Path], LatentPlan] = {}
     total = sum(len(records) for _, records in found)
@@ -135,6 +144,28 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
     return found, planned
 
 
+def _lacks(lacks_latent: Callable[[ImageRecord, DatasetSpec], bool], spec: DatasetSpec, record: ImageRecord) -> bool:
+    return lacks_latent(record, spec)
+
+
+def _fetched(spec: DatasetSpec, records: list[ImageRecord], needed: Callable[[ImageRecord], bool],
+             skips: _Skips, index: FileIndex) -> list[ImageRecord]:
+    """`records`, with the objects of an `aws` entry that `needed` picks fetched into the local mirror
+    (`data.mirror`: concurrently, atomically, unless the listed version is there); failures are skipped."""
+    if spec.remote is None:
+        return records
+    from expertune.data.mirror import fetch_records
+
+    failures = fetch_records(spec, [record for record in records if needed(record)], index)
+    kept = []
+    for record in records:
+        if record.remote_key in failures:
+            skips.add(spec, record.path, failures[record.remote_key])
+        else:
+            kept.append(record)
+    return kept
+
+
 def prepare_data(
     config: Config, components: SDXLComponents, extra_prompts: list[str] | None = None, *, progress: bool = True
 ) -> PreparedData:
@@ -146,13 +177,22 @@ def prepare_data(
     are `eval_items`.
     """
     dataloader = load_datasets(config)
+    index = FileIndex(config.resolved_cache_dir() / INDEX_NAME)
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
-                               time_ids=time_id_layout(config, components))
+                               index=index, time_ids=time_id_layout(config, components))
     skips = _Skips()
     skipped, skip = skips.entries, skips.add
     found, planned = _plan_images(dataloader, latent_cache, skips, progress)
+    index.flush()
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
+    def lacks_latent(record: ImageRecord, spec: DatasetSpec) -> bool:
+        return not latent_cache.store_for(spec).contains(planned[(spec.id, record.path)].key)
+
+    for position, (spec, records) in enumerate(found):
+        records = [record for record in records if (spec.id, record.path) in planned]
+        found[position] = (spec, _fetched(spec, records, functools.partial(_lacks, lacks_latent, spec), skips, index))
+    index.flush()
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
     latent_stats = latent_cache.ensure(kept, progress=progress)
     failed = dict(latent_stats.failed)
@@ -299,7 +339,7 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
 
     config.require("build the caches", ("pretrained_model_name_or_path", "data_backend_config"))
     components = load_components(
-        config.model.pretrained_model_name_or_path,
+        required(config.model.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
         revision=config.model.revision,
         variant=config.model.variant,
         with_unet=False,

@@ -1,7 +1,9 @@
 """The image records of one dataset: every image of its directory paired with its captions.
 
-`discover_records` walks one dataset's directory (a `DatasetSpec` of `data.dataloader`) and pairs every
-image with its captions; what it leaves out is logged and returned with the reason. See docs/datasets.md.
+`discover_records` walks one dataset's directory (a `DatasetSpec` of `data.dataloader`), or lists its
+bucket (an `aws` entry, `data.remote`), and pairs every image with its captions; what it leaves out is
+logged and returned with the reason. Caption files are read once: their text is kept in the persistent
+`FileIndex` under the file's stamp. See docs/datasets.md and docs/storage.md.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
 
 from expertune.data.dataloader import CAPTION_STRATEGIES, DatasetSpec
+from expertune.data.file_index import FileIndex, FileStamp, local_stamp
+from expertune.data.remote import RemoteObject as RemoteObjectType
 from expertune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -23,9 +27,12 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 @dataclass(frozen=True)
 class ImageRecord:
-    path: Path
+    path: Path  # local file; for an `aws` entry, where its object is (or will be) fetched to
     captions: tuple[str, ...]
     dataset_id: str
+    stamp: FileStamp | None = None  # known from the listing (an object's size and ETag); None: stat `path`
+    remote_key: str | None = None  # the object key of an `aws` entry's image
+    declared_size: tuple[int, int] | None = None  # (h, w) a manifest gives; the file's header decides
 
 
 class SkippedImage(NamedTuple):
@@ -48,7 +55,7 @@ class Discovery(NamedTuple):
 
 def _image_paths(directory: Path) -> list[Path]:
     """Images under `directory`, recursively, following links once; hidden names are skipped."""
-    found: list[Path] = []
+    found: list[str] = []
     visited: set[str] = set()
     for root, dirnames, filenames in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
@@ -58,72 +65,283 @@ def _image_paths(directory: Path) -> list[Path]:
         visited.add(real)
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(root) / name)
-    return sorted(found)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(root, name))
+    found.sort(key=lambda path: path.split(os.sep))  # the order of Path's own comparison, part by part
+    return [Path(path) for path in found]
 
 
 def _caption_from_filename(path: Path) -> str:
     return " ".join(re.sub(r"[_-]", " ", path.stem).split())
 
 
-def _captions_from_textfile(path: Path) -> tuple[tuple[str, ...], str | None]:
-    """(captions, None) or ((), reason) for the sibling `<stem>.txt` of `path`."""
-    caption_file = path.with_suffix(".txt")
+CAPTION_KIND = "caption"  # FileIndex kind: {"lines": [...]} or {"reason": "..."}
+
+
+def parse_captions(data: bytes, where: str) -> tuple[tuple[str, ...], str | None]:
+    """(captions, None) or ((), reason) of a caption file's bytes: one caption per non-blank line."""
     try:
-        text = caption_file.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        return (), f"caption file {caption_file} is missing"
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        return (), f"caption file {caption_file} is not UTF-8 ({exc.reason} at byte {exc.start})"
-    except OSError as exc:
-        return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
+        return (), f"caption file {where} is not UTF-8 ({exc.reason} at byte {exc.start})"
     captions = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not captions:
-        return (), f"caption file {caption_file} is empty"
+        return (), f"caption file {where} is empty"
     return captions, None
 
 
-def discover_records(spec: DatasetSpec) -> Discovery:
+def _remember(index: FileIndex | None, stamp: FileStamp, result: tuple[tuple[str, ...], str | None]) -> None:
+    if index is not None:
+        captions, reason = result
+        index.put(CAPTION_KIND, stamp, {"lines": list(captions)} if reason is None else {"reason": reason})
+
+
+def _recalled(index: FileIndex | None, stamp: FileStamp) -> tuple[tuple[str, ...], str | None] | None:
+    value = index.get(CAPTION_KIND, stamp) if index is not None else None
+    if value is None:
+        return None
+    if "reason" in value:
+        return (), str(value["reason"])
+    return tuple(str(line) for line in value.get("lines", ())), None
+
+
+def _captions_from_textfile(path: Path, index: FileIndex | None = None) -> tuple[tuple[str, ...], str | None]:
+    """(captions, None) or ((), reason) for the sibling `<stem>.txt` of `path` (from `index` when unchanged)."""
+    caption_file = os.path.splitext(os.fspath(path))[0] + ".txt"
+    try:
+        stamp = local_stamp(caption_file)
+    except FileNotFoundError:
+        return (), f"caption file {caption_file} is missing"
+    except OSError as exc:
+        return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
+    recalled = _recalled(index, stamp)
+    if recalled is not None:
+        return recalled
+    try:
+        data = Path(caption_file).read_bytes()
+    except FileNotFoundError:
+        return (), f"caption file {caption_file} is missing"
+    except OSError as exc:
+        return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
+    result = parse_captions(data, caption_file)
+    _remember(index, stamp, result)
+    return result
+
+
+def _other_captions(spec: DatasetSpec, path: Path) -> tuple[tuple[str, ...], str | None]:
+    """Captions of the filename and instanceprompt strategies (no file to read)."""
+    if spec.caption_strategy == "filename":
+        caption = _caption_from_filename(path)
+        return ((caption,), None) if caption else ((), f"file name {path.name} gives an empty caption")
+    if spec.caption_strategy == "instanceprompt":
+        assert spec.instance_prompt is not None
+        return (spec.instance_prompt,), None
+    raise ConfigError(  # load_dataloader_config rejects these; a hand-built spec may not
+        f"dataset {spec.id!r}: caption_strategy {spec.caption_strategy!r} is not supported. "
+        f"Use one of {', '.join(CAPTION_STRATEGIES)}."
+    )
+
+
+def _finish(spec: DatasetSpec, records: list[ImageRecord], skipped: list[SkippedImage], found: int,
+            where: str) -> Discovery:
+    if not found:
+        raise DataError(
+            f"dataset {spec.id!r}: {where} has no usable image: no image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) found. Add images or fix "
+            f"{'aws_bucket_name / aws_data_prefix' if spec.remote is not None else 'instance_data_dir'}."
+        )
+    if not records:
+        logger.warning(
+            "dataset %r: all %d images in %s were skipped (first: %s: %s)",
+            spec.id, found, where, skipped[0].path, skipped[0].reason,
+        )
+    return Discovery(records=records, skipped=skipped)
+
+
+def _discover_remote(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
+    """An `aws` entry: one streamed listing of its prefix; caption files read concurrently, once."""
+    from expertune.data.remote import RemoteObject, S3Dataset
+
+    assert spec.remote is not None
+    location = spec.remote
+    bucket = S3Dataset(spec)
+    bucket.check()
+    images: list[RemoteObject] = []
+    texts: dict[str, RemoteObject] = {}
+    for obj in bucket.list_objects():
+        relative = PurePosixPath(obj.key[len(location.prefix):])
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        suffix = relative.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            images.append(obj)
+        elif suffix == ".txt" and spec.caption_strategy == "textfile":
+            texts[obj.key] = obj
+
+    def local(key: str) -> Path:
+        return spec.instance_data_dir / key[len(location.prefix):]
+
+    captions_of: dict[str, tuple[tuple[str, ...], str | None]] = {}
+    if spec.caption_strategy == "textfile":
+        unread: dict[str, FileStamp] = {}
+        for obj in images:
+            text_key = str(PurePosixPath(obj.key).with_suffix(".txt"))
+            text = texts.get(text_key)
+            if text is None:
+                captions_of[obj.key] = ((), f"caption file {location.url(text_key)} is missing")
+                continue
+            stamp = FileStamp(location.url(text_key), text.size, text.etag)
+            recalled = _recalled(index, stamp)
+            if recalled is not None:
+                captions_of[obj.key] = recalled
+            else:
+                unread[obj.key] = stamp
+        text_keys = {key: str(PurePosixPath(key).with_suffix(".txt")) for key in unread}
+        contents = bucket.read_many(text_keys.values())
+        for key, stamp in unread.items():
+            content = contents[text_keys[key]]
+            if isinstance(content, str):
+                captions_of[key] = ((), content)  # vanished or unreadable: not remembered
+            else:
+                captions_of[key] = parse_captions(content, location.url(text_keys[key]))
+                _remember(index, stamp, captions_of[key])
+
+    records: list[ImageRecord] = []
+    skipped: list[SkippedImage] = []
+    for obj in images:
+        path = local(obj.key)
+        captions, reason = captions_of[obj.key] if obj.key in captions_of else _other_captions(spec, path)
+        if reason is not None:
+            logger.warning("dataset %r: skipping %s: %s", spec.id, location.url(obj.key), reason)
+            skipped.append(SkippedImage(path=path, reason=reason))
+        else:
+            stamp = FileStamp(location.url(obj.key), obj.size, obj.etag)
+            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=stamp,
+                                       remote_key=obj.key))
+    records.sort(key=lambda record: record.path)
+    return _finish(spec, records, skipped, len(images), location.url(location.prefix))
+
+
+def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
+    """A dataset with a manifest: its rows, without walking or listing; for a bucket, each object's size
+    and ETag by a HEAD request (no bytes), which also finds the keys that do not exist."""
+    from expertune.data.manifest import read_manifest
+
+    assert spec.manifest is not None
+    rows = read_manifest(spec.manifest, remote=spec.remote is not None)
+    records: list[ImageRecord] = []
+    skipped: list[SkippedImage] = []
+    heads: dict[str, Any] = {}
+    texts: dict[str, bytes | str] = {}
+    if spec.remote is not None:
+        from expertune.data.remote import S3Dataset
+
+        bucket = S3Dataset(spec)
+        bucket.check()
+        keys = [spec.remote.prefix + row.path for row in rows]
+        heads = bucket.head_many(keys)
+        if spec.caption_strategy == "textfile":
+            texts = bucket.read_many(str(PurePosixPath(key).with_suffix(".txt"))
+                                     for key, row in zip(keys, rows) if row.captions is None and heads.get(key))
+    for row in rows:
+        path = Path(row.path) if Path(row.path).is_absolute() else spec.instance_data_dir / row.path
+        declared = (row.height, row.width) if row.width and row.height else None
+        stamp, key = None, None
+        reason: str | None = None
+        if spec.remote is not None:
+            key = spec.remote.prefix + row.path
+            head = heads.get(key)
+            if not isinstance(head, RemoteObjectType):
+                reason = head if isinstance(head, str) else f"object {spec.remote.url(key)} does not exist"
+            else:
+                stamp = FileStamp(spec.remote.url(key), head.size, head.etag)
+        if reason is None:
+            if row.captions is not None:
+                captions: tuple[str, ...] = row.captions
+            elif spec.caption_strategy == "textfile" and key is not None and spec.remote is not None:
+                text_key = str(PurePosixPath(key).with_suffix(".txt"))
+                content = texts.get(text_key, "")
+                captions, reason = ((), content or f"caption file {spec.remote.url(text_key)} is missing") \
+                    if isinstance(content, str) else parse_captions(content, spec.remote.url(text_key))
+            elif spec.caption_strategy == "textfile":
+                captions, reason = _captions_from_textfile(path, index)
+            else:
+                captions, reason = _other_captions(spec, path)
+        if reason is not None:
+            reason = f"{reason} (manifest {spec.manifest.name} line {row.line})"
+            logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
+            skipped.append(SkippedImage(path=path, reason=reason))
+        else:
+            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=stamp,
+                                       remote_key=key, declared_size=declared))
+    records.sort(key=lambda record: record.path)
+    return _finish(spec, records, skipped, len(rows), str(spec.manifest))
+
+
+def read_exclusions(path: Path) -> frozenset[str]:
+    """The entries of an exclude file: one image per line (a path, or an `s3://` URL); `#` lines are comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the exclude file ({exc}). Fix the entry's \"exclude_file\".") from None
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def exclusion_names(spec: DatasetSpec, record: ImageRecord) -> tuple[str, ...]:
+    """The names an exclude file may use for `record`: its path, its path relative to the dataset, its URL."""
+    names = [str(record.path)]
+    try:
+        names.append(record.path.relative_to(spec.instance_data_dir).as_posix())
+    except ValueError:
+        pass
+    if record.stamp is not None and record.stamp.identity.startswith("s3://"):
+        names.append(record.stamp.identity)
+    return tuple(names)
+
+
+def _excluded(spec: DatasetSpec, found: Discovery) -> Discovery:
+    if spec.exclude_file is None:
+        return found
+    excluded = read_exclusions(spec.exclude_file)
+    kept = [r for r in found.records if not any(name in excluded for name in exclusion_names(spec, r))]
+    if len(kept) != len(found.records):
+        logger.info("dataset %r: %d images left out by exclude_file %s", spec.id, len(found.records) - len(kept),
+                    spec.exclude_file)
+    return Discovery(records=kept, skipped=found.skipped)
+
+
+def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
     """Every image of `spec` that has a caption, sorted by path; skipped images and why.
 
-    Raises DataError when the directory holds no image file at all (a wrong `instance_data_dir`). A
-    dataset whose every image is skipped is returned empty, with a warning: the run goes on while
-    another dataset has usable images (`prepare_data` stops when none has).
+    Raises DataError when the directory (or the bucket's prefix) holds no image file at all (a wrong
+    `instance_data_dir`), or when the bucket cannot be used (named, with the fix). A dataset whose
+    every image is skipped is returned empty, with a warning: the run goes on while another dataset
+    has usable images (`prepare_data` stops when none has). Caption files found unchanged in `index`
+    are not read again. Images named in the entry's `exclude_file` are left out (logged as a count).
     """
+    if spec.manifest is not None:
+        found = _from_manifest(spec, index)
+    elif spec.remote is not None:
+        found = _discover_remote(spec, index)
+    else:
+        found = _discover_local(spec, index)
+    return _excluded(spec, found)
+
+
+def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
+    """A local entry: a walk of its directory."""
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
     paths = _image_paths(spec.instance_data_dir)
     for path in paths:
         reason: str | None = None
         if spec.caption_strategy == "textfile":
-            captions, reason = _captions_from_textfile(path)
-        elif spec.caption_strategy == "filename":
-            caption = _caption_from_filename(path)
-            captions = (caption,) if caption else ()
-            reason = None if caption else f"file name {path.name} gives an empty caption"
-        elif spec.caption_strategy == "instanceprompt":
-            assert spec.instance_prompt is not None
-            captions = (spec.instance_prompt,)
-        else:  # load_dataloader_config rejects these; a hand-built spec may not
-            raise ConfigError(
-                f"dataset {spec.id!r}: caption_strategy {spec.caption_strategy!r} is not supported. "
-                f"Use one of {', '.join(CAPTION_STRATEGIES)}."
-            )
+            captions, reason = _captions_from_textfile(path, index)
+        else:
+            captions, reason = _other_captions(spec, path)
         if reason is not None:
             logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
             skipped.append(SkippedImage(path=path, reason=reason))
         else:
             records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id))
-
-    if not paths:
-        raise DataError(
-            f"dataset {spec.id!r}: {spec.instance_data_dir} has no usable image: no image files "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) found. Add images or fix instance_data_dir."
-        )
-    if not records:
-        logger.warning(
-            "dataset %r: all %d images in %s were skipped (first: %s: %s)",
-            spec.id, len(paths), spec.instance_data_dir, skipped[0].path, skipped[0].reason,
-        )
-    return Discovery(records=records, skipped=skipped)
+    return _finish(spec, records, skipped, len(paths), str(spec.instance_data_dir))

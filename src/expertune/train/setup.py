@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from expertune.config import Config
+from expertune.config import Config, required
 from expertune.config.schema import FIELDS
 from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
 from expertune.data.prepare import PreparedData, prepare_data
@@ -251,13 +251,6 @@ def epoch_layout(config: Config, prepared: PreparedData, world_size: int, epoch:
     t = config.train
     batches = epoch_batches(prepared.buckets, t.train_batch_size * world_size, t.seed, epoch, world_size=world_size)
     return [index for batch in batches for index in batch]
-
-
-def required(value: str | None, name: str) -> str:
-    """A setting `Config.require_for_training` has checked is set (ConfigError naming it, should it not be)."""
-    if value is None:
-        raise ConfigError(f"{name} is unset: set --{name}")
-    return value
 
 
 def make_accelerator(config: Config) -> Any:

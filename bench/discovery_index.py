@@ -1,0 +1,156 @@
+"""Discovery with the persistent file index: a cold start against a warm restart, local and in a bucket.
+
+Writes `--images` small captioned PNGs (noise, `--size` px, captions in `.txt` files), then times what a
+run does before it encodes anything — `prepare._plan_images`, the very code `train` and `cache` run:
+find every image and its caption (a directory walk, or a listing of the bucket), then each image's
+SHA-256 and header (fetching the object first for a bucket) and its crop plan and cache key.
+
+- **cold**: an empty cache directory (no file index, no fetched objects);
+- **warm**: the same again, as a restart does: the index knows every file unchanged, so no image or
+  caption byte is read (for the bucket, no object is fetched: one listing only).
+
+The bucket is moto's S3-compatible server, started here on loopback in its own process (its
+per-request cost is not a real bucket's: the cold bucket figure measures this machine, not S3).
+Prints one JSON line per backend: cold and warm seconds, `warm_vs_cold` (target <= 0.02) and seconds
+per 10,000 images of each.
+
+    python bench/discovery_index.py                      # 20,000 images, local and bucket
+    python bench/discovery_index.py --images 2000 --backends local
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def emit(**figures) -> None:
+    print(json.dumps(figures), flush=True)
+
+
+def write_images(folder: Path, count: int, size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        sub = folder / f"part_{index // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"img_{index:06d}.png", compress_level=1)
+        (sub / f"img_{index:06d}.txt").write_text(f"noise picture number {index}\n")
+
+
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            return process, url
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def upload(endpoint: str, bucket: str, folder: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    files = [path for path in sorted(folder.rglob("*")) if path.is_file()]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=p.relative_to(folder).as_posix(),
+                                                  Body=p.read_bytes()), files))
+
+
+def time_discovery(loader: Path, cache: Path, vae) -> tuple[float, int, int]:
+    """(seconds, images planned, images skipped) of steps 1-2 of `prepare_data` over `loader`."""
+    from expertune.cache.latents import LatentCache
+    from expertune.data.dataloader import load_dataloader_config
+    from expertune.data.file_index import INDEX_NAME, FileIndex
+    from expertune.data.prepare import _plan_images, _Skips
+
+    start = time.perf_counter()
+    dataloader = load_dataloader_config(loader, default_resolution=64, default_cache_dir=cache)
+    index = FileIndex(cache / INDEX_NAME)
+    latent_cache = LatentCache(vae, seed=0, batch_size=8, index=index)
+    skips = _Skips()
+    _, planned = _plan_images(dataloader, latent_cache, skips, progress=False)
+    index.flush()
+    return time.perf_counter() - start, len(planned), len(skips.entries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--size", type=int, default=64, help="edge of each square PNG, in pixels")
+    parser.add_argument("--backends", default="local,bucket")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from expertune.models.tiny import tiny_vae_config
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**tiny_vae_config()).eval()  # only its fingerprint is used: nothing is encoded
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="expertune-discovery-"))
+    images = work / "images"
+    started = time.perf_counter()
+    write_images(images, args.images, args.size)
+    emit(stage="wrote images", images=args.images, size=args.size, seconds=round(time.perf_counter() - started, 1))
+
+    moto = None
+    try:
+        for backend in args.backends.split(","):
+            entry = {"id": "bench", "caption_strategy": "textfile", "resolution": 64}
+            if backend == "local":
+                entry.update(type="local", instance_data_dir=str(images))
+            else:
+                moto, endpoint = start_moto(work / "moto.log")
+                os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+                os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+                started = time.perf_counter()
+                upload(endpoint, "bench", images)
+                emit(stage="uploaded", objects=2 * args.images, seconds=round(time.perf_counter() - started, 1))
+                entry.update(type="aws", aws_bucket_name="bench", aws_endpoint_url=endpoint,
+                             aws_region_name="us-east-1")
+            cache = work / f"cache-{backend}"
+            shutil.rmtree(cache, ignore_errors=True)
+            loader = work / f"{backend}.json"
+            loader.write_text(json.dumps([entry, {"id": "te", "dataset_type": "text_embeds",
+                                                  "cache_dir": str(cache / "text")}]))
+            cold, planned, skipped = time_discovery(loader, cache, vae)
+            warm, planned_again, _ = time_discovery(loader, cache, vae)
+            assert planned == planned_again == args.images and skipped == 0, (planned, planned_again, skipped)
+            emit(backend=backend, images=args.images, cold_s=round(cold, 3), warm_s=round(warm, 3),
+                 warm_vs_cold=round(warm / cold, 4), cold_s_per_10k=round(cold * 10_000 / args.images, 3),
+                 warm_s_per_10k=round(warm * 10_000 / args.images, 3))
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait(timeout=30)
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""S3-compatible buckets (`"type": "aws"` dataset entries) through boto3: listing, reading, fetching.
+
+- **Listing** is boto's paginator (1,000 keys a page), yielded object by object: a bucket is listed
+  once and never held twice in memory.
+- **Requests** are retried by botocore (`standard` mode: throttling, 5xx, dropped connections, with
+  exponential backoff and jitter); a body that breaks off while it streams — which botocore does not
+  retry — is fetched again here, with backoff, up to `READ_ATTEMPTS` times.
+- **Downloads** run `DOWNLOAD_WORKERS` at a time and are written atomically (`io_utils.atomic_write_bytes`):
+  a reader sees a whole object or no file, never part of one. An object whose length differs from what
+  the server announced is a failed read, not a file.
+- **Errors** a user must fix (no such bucket, access denied, bad credentials, endpoint unreachable) are a
+  `DataError` naming the dataset entry, the bucket and the fix, raised by `check` before any training.
+  A key that vanishes or cannot be read later is reported per key, and the image is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expertune.data.dataloader import DatasetSpec, S3Location
+from expertune.errors import DataError
+from expertune.io_utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+DOWNLOAD_WORKERS = 16
+REQUEST_ATTEMPTS = 5  # botocore's total attempts per request (standard retry mode)
+READ_ATTEMPTS = 4  # ours, for a body that breaks off mid-stream
+READ_BACKOFF_S = 0.2  # first wait; doubled each attempt, with jitter
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+
+_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"})
+_CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"})
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One listed object: its full key, size in bytes and ETag (quotes removed)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class S3Dataset:
+    """The bucket of one `aws` dataset entry; thread-safe (one boto3 client, shared by the workers)."""
+
+    def __init__(self, spec: DatasetSpec, *, client: Any = None) -> None:
+        if spec.remote is None:
+            raise ValueError(f"dataset {spec.id!r} is not an aws entry")
+        self.spec = spec
+        self.location: S3Location = spec.remote
+        self.client = client if client is not None else self._client()
+
+    def _client(self) -> Any:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        location = self.location
+        session = boto3.session.Session(
+            aws_access_key_id=location.access_key_id,
+            aws_secret_access_key=location.secret_access_key,
+            region_name=location.region,
+        )
+        config = BotoConfig(
+            retries={"max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
+            max_pool_connections=DOWNLOAD_WORKERS,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            s3={"addressing_style": "path"} if location.endpoint_url else None,
+        )
+        return session.client("s3", endpoint_url=location.endpoint_url, config=config)
+
+    # ---- errors ----------------------------------------------------------------------------------
+
+    def _describe(self) -> str:
+        where = f" at {self.location.endpoint_url}" if self.location.endpoint_url else ""
+        return f"dataset {self.spec.id!r} (\"type\": \"aws\"): bucket {self.location.bucket!r}{where}"
+
+    def fatal(self, exc: BaseException) -> DataError:
+        """A DataError naming the entry, what went wrong, and the fix."""
+        from botocore.exceptions import (
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        code = _error_code(exc)
+        if code in ("NoSuchBucket",) or (code == "404" and "bucket" in str(exc).lower()):
+            fix = "Fix \"aws_bucket_name\" (and \"aws_endpoint_url\" / \"aws_region_name\" if it lives elsewhere)."
+            return DataError(f"{self._describe()} does not exist. {fix}")
+        if code in _DENIED_CODES:
+            return DataError(
+                f"{self._describe()}: access denied ({exc}). Grant these credentials s3:ListBucket and "
+                "s3:GetObject on the bucket, or give others (\"aws_access_key_id\" / \"aws_secret_access_key\", "
+                "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)."
+            )
+        if code in _CREDENTIAL_CODES:
+            return DataError(
+                f"{self._describe()}: the credentials were refused ({code}). Fix \"aws_access_key_id\" / "
+                "\"aws_secret_access_key\" (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / ~/.aws/credentials)."
+            )
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return DataError(
+                f"{self._describe()}: no credentials found. Set \"aws_access_key_id\" and "
+                "\"aws_secret_access_key\" in the entry, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or a "
+                "profile in ~/.aws/credentials (AWS_PROFILE)."
+            )
+        if isinstance(exc, EndpointConnectionError) or type(exc).__name__ in (
+            "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError", "ProxyConnectionError",
+        ):
+            return DataError(
+                f"{self._describe()}: the endpoint cannot be reached ({exc}). Check \"aws_endpoint_url\" "
+                "(scheme, host, port) and the network, or leave it out for AWS itself."
+            )
+        return DataError(f"{self._describe()}: {type(exc).__name__}: {exc}. Check the entry's aws_* fields.")
+
+    # ---- listing ---------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """One cheap request (a single-key listing) that raises the entry's DataError if the bucket is unusable."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.list_objects_v2(Bucket=self.location.bucket, Prefix=self.location.prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise self.fatal(exc) from None
+
+    def list_objects(self) -> Iterator[RemoteObject]:
+        """Every object under the entry's prefix, page by page, in key order (the server's order)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix):
+                for item in page.get("Contents", ()):
+                    key = item["Key"]
+                    if key.endswith("/"):
+                        continue  # a "folder" placeholder
+                    yield RemoteObject(key=key, size=int(item["Size"]), etag=str(item.get("ETag", "")).strip('"'))
+        except (ClientError, BotoCoreError) as exc:
+            raise self.fatal(exc) from None
+
+    def head(self, key: str) -> RemoteObject | None:
+        """The object's size and ETag without its bytes; None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.head_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_KEY_CODES:
+                return None
+            raise
+        return RemoteObject(key=key, size=int(response["ContentLength"]), etag=str(response.get("ETag", "")).strip('"'))
+
+    def head_many(self, keys: Iterable[str]) -> dict[str, RemoteObject | str | None]:
+        """{key: its RemoteObject, None when it does not exist, or why it cannot be asked} (concurrent HEADs)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys = list(keys)
+
+        def one(key: str) -> RemoteObject | str | None:
+            try:
+                return self.head(key)
+            except (ClientError, BotoCoreError) as exc:
+                return f"object {self.location.url(key)} cannot be asked for its size ({exc})"
+
+        if not keys:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(keys))) as pool:
+            return dict(zip(keys, pool.map(one, keys)))
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def read(self, key: str) -> tuple[bytes, str]:
+        """(bytes, ETag) of one object; a broken-off body is read again with backoff.
+
+        Raises KeyError when the key does not exist (any more), DataError (naming the key) when it still
+        cannot be read after every attempt.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        url = self.location.url(key)
+        last: BaseException | None = None
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(READ_BACKOFF_S * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            try:
+                response = self.client.get_object(Bucket=self.location.bucket, Key=key)
+                body = response["Body"]
+                try:
+                    data = body.read()
+                finally:
+                    body.close()
+                expected = int(response.get("ContentLength", len(data)))
+                if len(data) != expected:
+                    raise OSError(f"got {len(data)} of {expected} bytes")
+                return data, str(response.get("ETag", "")).strip('"')
+            except ClientError as exc:
+                code = _error_code(exc)
+                if code in _MISSING_KEY_CODES:
+                    raise KeyError(key) from None
+                if code in _DENIED_CODES | _CREDENTIAL_CODES:
+                    raise DataError(f"{url}: {code} while reading ({exc}). Check the credentials' s3:GetObject "
+                                    "permission on this key.") from None
+                last = exc
+            except (BotoCoreError, OSError) as exc:  # IncompleteRead, ResponseStreamingError, a short body
+                last = exc
+            logger.info("%s: read attempt %d of %d failed (%s)", url, attempt + 1, READ_ATTEMPTS, last)
+        raise DataError(f"{url}: cannot be read after {READ_ATTEMPTS} attempts ({last}). Check the bucket and "
+                        "the network; the image is skipped.")
+
+    def fetch(self, key: str, target: Path, expected: RemoteObject | None = None) -> str | None:
+        """Download `key` to `target` atomically; None, or the reason the image must be skipped."""
+        url = self.location.url(key)
+        try:
+            data, etag = self.read(key)
+        except KeyError:
+            return f"object {url} no longer exists (it was deleted after the bucket was listed)"
+        except DataError as error:
+            return str(error).removeprefix(f"{url}: ")
+        if expected is not None and expected.etag and etag and etag != expected.etag:
+            return (f"object {url} changed after the bucket was listed (ETag {expected.etag} -> {etag}); "
+                    "the next run uses the new version")
+        atomic_write_bytes(target, data)
+        return None
+
+    def fetch_many(self, jobs: Iterable[tuple[str, Path, RemoteObject | None]]) -> dict[str, str]:
+        """Download every (key, target, expected) job, `DOWNLOAD_WORKERS` at a time: {key: reason} of failures."""
+        jobs = list(jobs)
+        if not jobs:
+            return {}
+        failures: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(jobs)),
+                                thread_name_prefix=f"s3-{self.spec.id}") as pool:
+            for (key, _, _), reason in zip(jobs, pool.map(lambda job: self.fetch(*job), jobs)):
+                if reason is not None:
+                    failures[key] = reason
+        return failures
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, bytes | str]:
+        """{key: bytes} of small objects (caption files) read concurrently; a failed key maps to its reason."""
+        keys = list(keys)
+
+        def one(key: str) -> bytes | str:
+            try:
+                return self.read(key)[0]
+            except KeyError:
+                return f"object {self.location.url(key)} no longer exists (deleted after the bucket was listed)"
+            except DataError as error:
+                return str(error)
+
+        if not keys:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(keys))) as pool:
+            return dict(zip(keys, pool.map(one, keys)))

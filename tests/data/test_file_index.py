@@ -1,0 +1,130 @@
+"""The persistent file index: a restart over unchanged files reads no image bytes; a changed file is read again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from expertune.cache import latents
+from expertune.cache.latents import LatentCache
+from expertune.data.dataloader import DatasetSpec
+from expertune.data.file_index import FileIndex, FileStamp, local_stamp
+from expertune.data.records import discover_records
+
+
+def test_index_round_trip_exact_stamps_and_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "index.jsonl"
+    index = FileIndex(path)
+    stamp = FileStamp("/data/a.png", 10, "123")
+    index.put("image", stamp, {"sha256": "ab", "h": 2, "w": 3})
+    index.flush()
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write("1\timage\t10\t5\t\"/data/b.png\"\t{\"sha")  # a crash mid-append
+    again = FileIndex(path)
+    assert again.get("image", stamp) == {"sha256": "ab", "h": 2, "w": 3}
+    assert again.get("image", FileStamp("/data/a.png", 10, "124")) is None  # touched
+    assert again.get("image", FileStamp("/data/a.png", 11, "123")) is None  # resized
+    assert again.get("caption", stamp) is None  # another kind
+    assert (again.hits, again.misses) == (1, 3)
+    assert len(again) == 1
+
+
+def test_index_compacts_superseded_lines(tmp_path: Path) -> None:
+    path = tmp_path / "index.jsonl"
+    index = FileIndex(path)
+    for version in range(1200):
+        index.put("image", FileStamp("/a.png", 1, str(version)), {"v": version})
+        index.flush()
+    assert len(path.read_text().splitlines()) == 200  # rewritten to one line at the 1,001st, then 199 appended
+    assert FileIndex(path).get("image", FileStamp("/a.png", 1, "1199")) == {"v": 1199}
+
+
+def test_unwritable_index_warns_and_the_run_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    index = FileIndex(tmp_path / "file" / "index.jsonl")  # its folder is a file
+    index.put("image", FileStamp("/a.png", 1, "1"), {})
+    index.flush()
+    assert "cannot be written" in caplog.text
+    assert index.get("image", FileStamp("/a.png", 1, "1")) == {}
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_model_dir: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(tiny_model_dir), subfolder="vae").eval()
+
+
+def _dataset(root: Path, count: int) -> DatasetSpec:
+    rng = np.random.default_rng(3)
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+        (folder / f"img_{i}.txt").write_text(f"caption {i}\n")
+    return DatasetSpec(id="set", instance_data_dir=folder, caption_strategy="textfile", instance_prompt=None,
+                       resolution=32, crop_style="center", cache_dir_vae=root / "latents", repeats=0,
+                       disable_validation=False)
+
+
+class _Reads:
+    """Counts every read of image bytes (hashing, header) and of caption files, by path."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paths: list[str] = []
+        digest, size = latents.file_digest, latents.image_size
+        read_bytes = Path.read_bytes
+
+        def counted_digest(path, **kw):
+            self.paths.append(os.fspath(path))
+            return digest(path, **kw)
+
+        def counted_size(path, **kw):
+            self.paths.append(os.fspath(path))
+            return size(path, **kw)
+
+        def counted_read_bytes(path):
+            self.paths.append(os.fspath(path))
+            return read_bytes(path)
+
+        monkeypatch.setattr(latents, "file_digest", counted_digest)
+        monkeypatch.setattr(latents, "image_size", counted_size)
+        monkeypatch.setattr(Path, "read_bytes", counted_read_bytes)
+
+
+def _plan_all(spec: DatasetSpec, vae, index_path: Path) -> list[str]:
+    """What a run's steps 1-2 do: discover, then each image's cache key; the keys."""
+    index = FileIndex(index_path)
+    cache = LatentCache(vae, seed=0, batch_size=2, index=index)
+    records, skipped = discover_records(spec, index)
+    assert not skipped
+    keys = [cache.planned(record, spec).key for record in records]
+    index.flush()
+    return keys
+
+
+def test_a_restart_reads_no_bytes_and_a_changed_file_is_read_again(
+        tmp_path: Path, vae, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _dataset(tmp_path, 5)
+    index_path = tmp_path / "cache" / "file_index.jsonl"
+    reads = _Reads(monkeypatch)
+    cold = _plan_all(spec, vae, index_path)
+    assert len(reads.paths) == 5 * 3  # each image hashed and its header read, each caption read
+    reads.paths.clear()
+    assert _plan_all(spec, vae, index_path) == cold
+    assert reads.paths == []  # warm: stat only
+    # An edited image and an edited caption are noticed (new size or mtime), and only they are read.
+    Image.new("RGB", (48, 40), "red").save(spec.instance_data_dir / "img_2.png")
+    (spec.instance_data_dir / "img_4.txt").write_text("a new caption\n")
+    stat = os.stat(spec.instance_data_dir / "img_4.txt")
+    os.utime(spec.instance_data_dir / "img_4.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    warm = _plan_all(spec, vae, index_path)
+    assert sorted(Path(p).name for p in reads.paths) == ["img_2.png", "img_2.png", "img_4.txt"]
+    assert warm[:2] == cold[:2] and warm[3:] == cold[3:] and warm[2] != cold[2]
+    index = FileIndex(index_path)
+    assert discover_records(spec, index).records[4].captions == ("a new caption",)
+    assert index.get("image", local_stamp(spec.instance_data_dir / "img_2.png")) is not None

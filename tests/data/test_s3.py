@@ -1,0 +1,273 @@
+"""`"type": "aws"` datasets against a real S3-compatible server (moto's, in its own process, on loopback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from s3_server_helpers import ACCESS_KEY, free_port
+from expertune.data import remote
+from expertune.data.dataloader import S3Location, load_dataloader_config
+from expertune.data.file_index import FileIndex
+from expertune.data.records import discover_records
+from expertune.errors import ConfigError, DataError
+
+
+def _images(folder: Path, count: int = 3, *, size: int = 96) -> Path:
+    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image
+
+    for index, (shape, colour, background) in enumerate(SHAPES[:count]):
+        save_captioned_image(draw_shape(shape, colour, background, size=size), folder / f"shape_{index}.png",
+                             f"a {colour} {shape} on a {background} background")
+    return folder
+
+
+def _loader(tmp_path: Path, entry: dict, *, cache: Path | None = None, name: str = "dataloader.json") -> Path:
+    path = tmp_path / name
+    cache = cache or tmp_path / "cache"
+    entries = [
+        {"id": "bucket-images", "type": "aws", "caption_strategy": "textfile", "resolution": 64,
+         "cache_dir_vae": str(cache / "latents"), **entry},
+        {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "cache_dir": str(cache / "text_embeds")},
+    ]
+    path.write_text(json.dumps(entries, indent=2))
+    return path
+
+
+def _spec(loader: Path, cache: Path):
+    return load_dataloader_config(loader, default_resolution=64, default_cache_dir=cache).datasets[0]
+
+
+# ---- the entry ---------------------------------------------------------------------------------------
+
+
+def test_aws_entry_fields_in_simpletuner_form(tmp_path: Path) -> None:
+    loader = _loader(tmp_path, {"aws_bucket_name": "photos", "aws_region_name": "eu-west-1",
+                                "aws_endpoint_url": "https://s3.example.com", "aws_access_key_id": "AK",
+                                "aws_secret_access_key": "SK", "aws_data_prefix": "sets/a"})
+    spec = _spec(loader, tmp_path / "cache")
+    assert spec.remote == S3Location(bucket="photos", prefix="sets/a/", region="eu-west-1",
+                                     endpoint_url="https://s3.example.com", access_key_id="AK",
+                                     secret_access_key="SK")
+    assert "SK" not in repr(spec)  # secrets stay out of logs
+    assert spec.instance_data_dir == tmp_path / "cache" / "objects" / "photos" / "sets" / "a"
+    # Only the bucket is required: the rest falls back to boto's environment and config files.
+    bare = _spec(_loader(tmp_path, {"aws_bucket_name": "photos"}, name="bare.json"), tmp_path / "cache")
+    assert bare.remote == S3Location(bucket="photos")
+
+
+@pytest.mark.parametrize("entry, field, words", [
+    ({}, "aws_bucket_name", "is missing"),
+    ({"aws_bucket_name": "s3://photos/x"}, "aws_bucket_name", "not a bucket name"),
+    ({"aws_bucket_name": "p", "aws_endpoint_url": "localhost:9000"}, "aws_endpoint_url", "http(s) URL"),
+    ({"aws_bucket_name": "p", "aws_access_key_id": "AK"}, "aws_secret_access_key", "its pair"),
+    ({"aws_bucket_name": "p", "instance_data_dir": "/data"}, "instance_data_dir", "not used"),
+])
+def test_aws_entry_errors_name_the_field(tmp_path: Path, entry: dict, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        _spec(_loader(tmp_path, entry), tmp_path / "cache")
+    assert f"'bucket-images'" in str(error.value) and repr(field) in str(error.value) and words in str(error.value)
+
+
+# ---- listing, credentials, errors ---------------------------------------------------------------------
+
+
+def test_discovery_lists_the_prefix_and_pairs_caption_objects(s3, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 3), prefix="sets/shapes/")
+    s3.client.put_object(Bucket=bucket, Key="sets/shapes/uncaptioned.png",
+                         Body=(tmp_path / "images" / "shape_0.png").read_bytes())
+    s3.client.put_object(Bucket=bucket, Key="other/outside.png", Body=b"not listed")
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                "aws_data_prefix": "sets/shapes"})
+    spec = _spec(loader, tmp_path / "cache")
+    index = FileIndex(tmp_path / "index.jsonl")
+    records, skipped = discover_records(spec, index)
+    assert [r.remote_key for r in records] == [f"sets/shapes/shape_{i}.png" for i in range(3)]
+    assert records[0].captions == ("a red circle on a white background",) or records[0].captions
+    assert records[0].stamp.identity == f"s3://{bucket}/sets/shapes/shape_0.png" and records[0].stamp.version
+    assert records[0].path == spec.instance_data_dir / "shape_0.png"
+    assert [(p.name, r) for p, r in skipped] == [
+        ("uncaptioned.png", f"caption file s3://{bucket}/sets/shapes/uncaptioned.txt is missing")]
+    # Caption texts are kept in the index: a second discovery reads no caption object.
+    index.flush()
+    again = FileIndex(tmp_path / "index.jsonl")
+    assert discover_records(spec, again).records == records
+    assert again.hits == 3 and again.misses == 0
+
+
+def test_credentials_from_the_entry_else_from_the_environment(s3, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 1))
+    own = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url,
+                             "aws_access_key_id": "AKIDFROMENTRY", "aws_secret_access_key": "entry-secret",
+                             "aws_region_name": "eu-central-1"}, name="own.json")
+    discover_records(_spec(own, tmp_path / "cache"))
+    assert set(s3.flaky.credentials) == {"AKIDFROMENTRY"}
+    s3.flaky.credentials.clear()
+    env = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url}, name="env.json")
+    discover_records(_spec(env, tmp_path / "cache"))
+    assert set(s3.flaky.credentials) == {ACCESS_KEY}
+
+
+def test_no_such_bucket_names_the_entry_and_the_fix(s3, tmp_path: Path) -> None:
+    loader = _loader(tmp_path, {"aws_bucket_name": "expertune-never-created", "aws_endpoint_url": s3.endpoint})
+    with pytest.raises(DataError) as error:
+        discover_records(_spec(loader, tmp_path / "cache"))
+    message = str(error.value)
+    assert "'bucket-images'" in message and "'expertune-never-created'" in message
+    assert "does not exist" in message and "aws_bucket_name" in message and error.value.exit_code == 2
+
+
+@pytest.mark.parametrize("code, words", [("AccessDenied", "access denied"),
+                                         ("InvalidAccessKeyId", "the credentials were refused")])
+def test_refused_requests_name_the_entry_and_the_fix(s3, tmp_path: Path, code: str, words: str) -> None:
+    bucket = s3.bucket()
+    s3.flaky.fail(f"/{bucket}", 1, f"403:{code}")  # the server's answer to the first listing request
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url})
+    with pytest.raises(DataError) as error:
+        discover_records(_spec(loader, tmp_path / "cache"))
+    assert "'bucket-images'" in str(error.value) and words in str(error.value)
+    assert "aws_access_key_id" in str(error.value)
+
+
+def test_endpoint_down_is_a_clear_error(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
+    monkeypatch.setattr(remote, "REQUEST_ATTEMPTS", 1)  # no backoff waits: nothing listens there
+    loader = _loader(tmp_path, {"aws_bucket_name": "x", "aws_endpoint_url": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(DataError) as error:
+        discover_records(_spec(loader, tmp_path / "cache"))
+    assert "cannot be reached" in str(error.value) and "aws_endpoint_url" in str(error.value)
+
+
+def test_no_credentials_anywhere_is_a_clear_error(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    loader = _loader(tmp_path, {"aws_bucket_name": "x", "aws_endpoint_url": s3.endpoint})
+    with pytest.raises(DataError) as error:
+        discover_records(_spec(loader, tmp_path / "cache"))
+    assert "no credentials found" in str(error.value) and "AWS_ACCESS_KEY_ID" in str(error.value)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+
+def test_transient_errors_are_absorbed_by_retries(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote, "READ_BACKOFF_S", 0.01)
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 2))
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url}), tmp_path / "cache")
+    dataset = remote.S3Dataset(spec)
+    s3.flaky.fail("/shape_0.png", 2, "503")  # botocore's own retries (standard mode)
+    s3.flaky.fail("/shape_1.png", 2, "cut")  # a body cut short: read again by expertune
+    jobs = [(f"shape_{i}.png", tmp_path / "got" / f"shape_{i}.png", None) for i in range(2)]
+    assert dataset.fetch_many(jobs) == {}
+    for i in range(2):
+        assert (tmp_path / "got" / f"shape_{i}.png").read_bytes() == (tmp_path / "images" / f"shape_{i}.png").read_bytes()
+    assert s3.flaky.rules == {"/shape_0.png": [], "/shape_1.png": []}  # every failure was served
+    # More failures than attempts: reported for that key, and no partial file is left.
+    s3.flaky.fail("/shape_1.png", remote.READ_ATTEMPTS, "cut")
+    reason = dataset.fetch("shape_1.png", tmp_path / "cut" / "shape_1.png")
+    assert reason is not None and f"cannot be read after {remote.READ_ATTEMPTS} attempts" in reason
+    assert not (tmp_path / "cut").exists() or not any((tmp_path / "cut").iterdir())
+
+
+def test_a_vanished_key_is_reported_not_fatal(s3, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 1))
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint}), tmp_path / "cache")
+    dataset = remote.S3Dataset(spec)
+    s3.client.delete_object(Bucket=bucket, Key="shape_0.png")
+    reason = dataset.fetch("shape_0.png", tmp_path / "x.png")
+    assert reason == f"object s3://{bucket}/shape_0.png no longer exists (it was deleted after the bucket was listed)"
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---- the whole data stage, and training -------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_key_deleted_between_listing_and_reading_is_skipped_and_listed(
+        s3, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from expertune.config import load_config
+    from expertune.data import prepare
+
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 3))
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint})
+    listed = prepare.discover_records
+
+    def list_then_delete(spec, index=None):
+        found = listed(spec, index)
+        s3.client.delete_object(Bucket=bucket, Key="shape_1.png")  # after the listing, before any read
+        return found
+
+    monkeypatch.setattr(prepare, "discover_records", list_then_delete)
+    config, _ = load_config([f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_backend_config={loader}",
+                             "--resolution=64"])
+    prepared = prepare.cache_only(config, progress=False)
+    assert [Path(e["path"]).name for e in prepared.skipped] == ["shape_1.png"]
+    assert prepared.skipped[0]["dataset"] == "bucket-images"
+    assert f"s3://{bucket}/shape_1.png no longer exists" in prepared.skipped[0]["reason"]
+    assert sorted(item.record.remote_key for item in prepared.unique_items) == ["shape_0.png", "shape_2.png"]
+    assert prepared.cache_stats["latents_encoded"] == 2
+
+
+@pytest.mark.integration
+def test_both_stages_train_from_a_bucket_and_share_caches(s3, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from helpers import FAST_FLAGS, write_stage_env
+    from expertune.config import load_config
+    from expertune.train.loop import train
+
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 4), prefix="shapes/")
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url,
+                                "aws_data_prefix": "shapes/"})
+    runs = []
+    for stage in (1, 2):
+        s3.flaky.requests.clear()
+        env = write_stage_env(tmp_path, stage, tiny_model_dir, tmp_path / f"stage{stage}", loader)
+        config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=2"])
+        result = train(config)
+        runs.append((json.loads((result.output_dir / "run.json").read_text()), list(s3.flaky.requests)))
+    (run1, requests1), (run2, requests2) = runs
+    # Four images, four captions plus the validation prompt: made by stage 1, found by stage 2.
+    assert run1["cache"] == {"latents_encoded": 4, "latents_reused": 0, "embeds_encoded": 5, "embeds_reused": 0}
+    assert run2["cache"] == {"latents_encoded": 0, "latents_reused": 4, "embeds_encoded": 0, "embeds_reused": 5}
+    image_gets = lambda requests: sorted(p for m, p in requests if m == "GET" and p.endswith(".png"))  # noqa: E731
+    assert image_gets(requests1) == [f"/{bucket}/shapes/shape_{i}.png" for i in range(4)]
+    # Stage 2 lists the bucket once and reads no object at all: sizes and ETags match the file index.
+    assert image_gets(requests2) == [] and not [p for m, p in requests2 if m == "GET" and p.endswith(".txt")]
+    assert run1["skipped_images"] == run2["skipped_images"] == []
+
+
+def test_the_cli_exits_2_naming_the_entry(s3, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from expertune.cli import main
+
+    loader = _loader(tmp_path, {"aws_bucket_name": "expertune-no-such-bucket", "aws_endpoint_url": s3.endpoint})
+    assert main(["audit", str(loader), "--cache_dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("expertune: error: dataset 'bucket-images'") and "does not exist" in error
+
+
+def test_the_mirror_is_refetched_when_the_object_changes_even_at_the_same_size(s3, tmp_path: Path) -> None:
+    from expertune.data.mirror import fetch_records, is_current
+
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="a.png", Body=b"A" * 100)
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url,
+                                "caption_strategy": "filename"})
+    spec = _spec(loader, tmp_path / "cache")
+    index = FileIndex(tmp_path / "index.jsonl")
+    (record,) = discover_records(spec, index).records
+    assert not is_current(record, index)
+    assert fetch_records(spec, [record], index) == {} and record.path.read_bytes() == b"A" * 100
+    assert is_current(record, index)
+    s3.flaky.requests.clear()
+    assert fetch_records(spec, [record], index) == {} and s3.flaky.requests == []  # mirrored: not fetched again
+    s3.client.put_object(Bucket=bucket, Key="a.png", Body=b"B" * 100)  # same size, new ETag
+    (changed,) = discover_records(spec, index).records
+    assert changed.stamp.version != record.stamp.version and not is_current(changed, index)
+    assert fetch_records(spec, [changed], index) == {} and changed.path.read_bytes() == b"B" * 100
