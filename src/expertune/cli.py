@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from expertune.errors import ExpertuneError
 
@@ -193,18 +193,24 @@ def _cmd_audit(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from expertune.config.reference import options_help
-    from expertune.infer.schedulers import SCHEDULER_CLASSES
-    from expertune.world import PRETRAINED
-
     parser = argparse.ArgumentParser(prog="expertune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(config_flags=False)
     verbs = parser.add_subparsers(dest="verb", required=True)
+    _add_training_verbs(verbs)
+    _add_audit(verbs)
+    _add_generate(verbs)
+    _add_model_verbs(verbs)
+    return parser
+
+
+def _add_training_verbs(verbs: Any) -> None:
+    """`train` and `cache`: the options of the typed config (--config, --env, --flags)."""
+    from expertune.config.reference import options_help
 
     train = verbs.add_parser(
         "train",
-        help="train one expert",
+        help="train one expert, or every expert of a mixture (--mixture_boundaries)",
         description="Train one expert. Options: --config FILE.toml, --env config.env, and any --flag "
         "below (docs/configuration.md has the same list with the config.env names).",
         epilog=options_help(),
@@ -226,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the cache stats, bucket table and skipped images to this JSON file")
     cache.set_defaults(handler=_cmd_cache, config_flags=True)
 
+
+
+def _add_audit(verbs: Any) -> None:
     audit = verbs.add_parser(
         "audit", help="report the images a careful user would leave out of a stage-2 set",
         description="Read a dataloader JSON (local or bucket datasets) and report, per dataset, the images "
@@ -243,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--cache_dir", default=None,
                        help="where bucket objects are fetched to (default: the per-user cache dir)")
     audit.set_defaults(handler=_cmd_audit)
+
+
+
+def _add_generate(verbs: Any) -> None:
+    from expertune.infer.schedulers import SCHEDULER_CLASSES
 
     generate = verbs.add_parser("generate", help="chain trained experts into images")
     generate.add_argument("--expert", action="append",
@@ -281,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)
 
-    demo = verbs.add_parser("demo", help="build a tiny model and data, train both experts, chain them")
+
+
+def _add_model_verbs(verbs: Any) -> None:
+    """`demo`, `world build|verify`, `tiny-model`, `tiny-clip`."""
+    from expertune.world import PRETRAINED
+
+    demo = verbs.add_parser("demo", help="the recipe on the committed world model: both stages trained, validated and chained")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--steps", type=int, default=None,
                       help="optimizer steps of stage 1, the high-noise expert (default: 900)")
@@ -321,7 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("directory")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=_cmd_tiny_clip)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
