@@ -79,12 +79,13 @@ def train_flags(model: Path, output: Path, dataloader: Path, band: Band, steps: 
     ]
 
 
-def evaluation_set(seed: int = 4242, seen: int = 24):
-    """Fresh images and prompts no run trained on: each held-out combination twice, and `seen` pretrained ones."""
+def evaluation_set(seed: int = 4242, seen: int = 24, repeats: int = 2):
+    """Fresh images and prompts no run trained on: each held-out combination `repeats` times, and `seen`
+    pretrained ones."""
     from expertune.world.scene import HELD_OUT, scenes, training_combinations
 
     rng = random.Random(seed)
-    return scenes(list(HELD_OUT), 2, seed) + scenes(rng.sample(training_combinations(), seen), 1, seed + 1)
+    return scenes(list(HELD_OUT), repeats, seed) + scenes(rng.sample(training_combinations(), seen), 1, seed + 1)
 
 
 def run_task(task: dict) -> dict:
@@ -119,7 +120,7 @@ def run_task(task: dict) -> dict:
     from expertune.demo.run import GUIDANCE, GUIDANCE_RESCALE
 
     stages = expert_stages(experts, guidance=GUIDANCE, rescale=GUIDANCE_RESCALE)
-    drawn = evaluation_set()
+    drawn = evaluation_set(seen=task.get("seen", 24), repeats=task.get("repeats", 2))  # smaller only in tests
     prompts = [s.caption for s in drawn]
     held = {c.caption for c in HELD_OUT}
     samples = held_out_samples(stages[0], [render(s) for s in drawn], prompts)

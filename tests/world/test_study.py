@@ -13,6 +13,16 @@ study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """run_task sets one thread for its worker process; here it runs in the test process: restore the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("steps", [40, 800, 801])
 def test_every_arm_spends_the_same_steps_and_tiles_the_schedule(steps: int) -> None:
     for arm in study.ARMS:
@@ -72,7 +82,8 @@ def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_pat
     dataloader = _world_dataloader(tmp_path)
     result = study.run_task({"arm": "three_experts", "seed": 0, "steps": 3, "out": str(tmp_path),
                              **_world_models(),
-                             "dataloader": str(dataloader), "learning_rate": 1e-4})
+                             "dataloader": str(dataloader), "learning_rate": 1e-4,
+                             "seen": 4, "repeats": 1})
     run = tmp_path / "three_experts" / "seed0" / "mixture"
     assert [(run / f"expert-{k}" / "pipeline" / "expert.json").is_file() for k in range(3)] == [True] * 3
     assert (run / "mixture.json").is_file()
@@ -84,7 +95,8 @@ def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: P
     dataloader = _world_dataloader(tmp_path)
     result = study.run_task({"arm": "branching", "seed": 0, "steps": 4, "out": str(tmp_path),
                              **_world_models(),
-                             "dataloader": str(dataloader), "learning_rate": 1e-4})
+                             "dataloader": str(dataloader), "learning_rate": 1e-4,
+                             "seen": 4, "repeats": 1})
     assert [p.name for p in (tmp_path / "branching" / "seed0").iterdir() if p.is_dir()] != []
     for name in ("shared", "stage1", "stage2"):
         assert (tmp_path / "branching" / "seed0" / name / "pipeline" / "expert.json").is_file()
