@@ -64,6 +64,11 @@ RESUME_RULES = ("refused", "may_change", "not_compared")
 MAY_CHANGE_SECTIONS = ("validation", "logging")
 
 
+def section_resume_rule(section: str) -> str:
+    """The resume rule of an option of `section` that states none (RESUME_RULES)."""
+    return "may_change" if section in MAY_CHANGE_SECTIONS else "refused"
+
+
 @dataclass(frozen=True)
 class Unsupported:
     """Values of an option that expertune lacks the feature for: asking for one stops the run with `message`.
@@ -137,7 +142,7 @@ class FieldSpec:
         """What resuming does when this option differs from the checkpoint's (one of RESUME_RULES)."""
         if self.on_resume is not None:
             return self.on_resume
-        return "may_change" if self.section in MAY_CHANGE_SECTIONS else "refused"
+        return section_resume_rule(self.section)
 
     @property
     def flag(self) -> str:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertune.config.migrations import CONFIG_VERSION, migrate_snapshot
-from expertune.config.schema import FIELDS, MAY_CHANGE_SECTIONS
+from expertune.config.schema import FIELDS, section_resume_rule
 from expertune.errors import ConfigError, StorageError
 from expertune.io_utils import atomic_write_json
 
@@ -397,7 +397,7 @@ def resume_rule(section: str, name: str) -> str:
     spec = FIELDS.get(name)
     if spec is not None:
         return spec.resume_rule
-    return "may_change" if section in MAY_CHANGE_SECTIONS else "refused"
+    return section_resume_rule(section)
 
 
 @dataclass(frozen=True)
