@@ -46,10 +46,18 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
 
 
+@pytest.fixture(scope="session")
+def _torch_extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("torch-extensions")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every test's default cache directory out of the user's home."""
+def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _torch_extensions_dir: Path) -> None:
+    """Keep every test's default cache directory out of the user's home. The C++ extensions torch builds at run
+    time (DeepSpeed's shared-memory collective) go to one directory for the session, so they are compiled once,
+    not once per test (torch would otherwise build them under each test's XDG cache: about 20 s each)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir))
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test not marked `integration` is a `unit` test (`make test-fast` runs only those)."""
