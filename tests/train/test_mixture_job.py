@@ -278,3 +278,20 @@ def test_a_mixture_of_a_base_and_the_refiner_architecture(tiny_model_dir: Path, 
     with pytest.raises(ConfigError, match="has the SDXL refiner layout, and expert 0 owns"):
         train(_config(tiny_model_dir, small_dataset, tmp_path / "refused", "--mixture_boundaries=350",
                       f"--expert_models={tiny_refiner_dir},"))
+
+
+def test_offloading_the_inactive_experts_trains_the_same_experts(tiny_model_dir: Path, small_dataset: Path,
+                                                                 tmp_path: Path) -> None:
+    """With --mixture_offload_inactive the job validates and exports as without it, with the same weights (on a
+    CPU-only machine nothing moves; on a GPU the inactive experts wait in CPU memory)."""
+    runs = {}
+    for name, extra in (("kept", []), ("offloaded", ["--mixture_offload_inactive"])):
+        output = tmp_path / name
+        flags = [f for f in _flags(tiny_model_dir, small_dataset, output) if f != "--validation_disable"]
+        config, _ = load_config([*flags, "--mixture_boundaries=350", "--max_train_steps=4", *extra])
+        train(config)
+        runs[name] = output
+    for k in range(2):
+        path = Path(f"expert-{k}") / "pipeline" / WEIGHTS
+        assert same_weights(runs["kept"] / path, runs["offloaded"] / path)
+    assert (runs["offloaded"] / "validation" / "step_000004" / "expert_0" / "chain_prompt.png").is_file()

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from expertune.train.offload import ActiveExpert, move_training_state
+from expertune.train.offload import ActiveExpert, move_training_state, weights_on
 
 
 def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -54,3 +54,16 @@ def test_only_a_change_of_expert_moves_state() -> None:
         for k in (0, 1, 2):
             active.take(run.experts[k])
         assert active.switches == 0 and not active.enabled
+
+
+def test_weights_go_back_where_they_were_after_a_validation_even_when_it_fails() -> None:
+    module, optimizer = _trained(0)
+    before = [p.detach().clone() for p in module.parameters()]
+    try:
+        with weights_on([module], "cpu"):
+            assert next(module.parameters()).device.type == "cpu"
+            raise RuntimeError("a failing validation")
+    except RuntimeError:
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in module.parameters()]

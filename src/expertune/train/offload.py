@@ -11,6 +11,8 @@ On a CPU-only machine both places are the same and nothing moves.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -63,6 +65,21 @@ class ActiveExpert:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        if self.enabled:  # the export and final validation find every expert where the run put them
-            for expert in self.experts:
-                move_training_state(expert.trained, expert.optimizer, self.device)
+        # Experts stay where their last turn left them: the export reads weights from any device, and the final
+        # validation brings the weights onto the accelerator itself (`weights_on`), never the optimizer state.
+        return None
+
+
+@contextmanager
+def weights_on(modules: Sequence[torch.nn.Module], device: torch.device | str) -> Iterator[None]:
+    """Within the block, `modules` (their weights only: no optimizer state) are on `device`; afterwards each is
+    back where it was. Validation uses it when offloading keeps the inactive experts in CPU memory: the chain
+    needs every expert's UNet on the accelerator at once."""
+    homes = [next(module.parameters()).device for module in modules]
+    try:
+        for module in modules:
+            module.to(device)
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)

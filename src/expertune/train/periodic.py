@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from expertune.config import Config
+from expertune.train.offload import weights_on
 from expertune.train.setup import ExpertRun, Run
 
 
@@ -38,7 +39,9 @@ class PeriodicValidation:
             return
         unets = [self._whole(expert) for expert in run.experts]
         if all(unet is not None for unet in unets):
-            self._validate(run, unets, step)
+            offloaded = run.config.mixture.mixture_offload_inactive and len(unets) > 1
+            with weights_on(unets if offloaded else [], self.accelerator.device):
+                self._validate(run, unets, step)
         del unets
         if any(expert.strategy.sharded for expert in run.experts):
             self.accelerator.wait_for_everyone()
@@ -61,7 +64,9 @@ class PeriodicValidation:
         """Validate the exported weights (`unets`: each expert's whole UNet on the main process, None elsewhere)."""
         if any(unet is None for unet in unets):
             return []
-        return self._validate(run, unets, self.total_steps)
+        offloaded = run.config.mixture.mixture_offload_inactive and len(unets) > 1
+        with weights_on([u for u in unets if u is not None] if offloaded else [], self.accelerator.device):
+            return self._validate(run, [u for u in unets if u is not None], self.total_steps)
 
 
 def mixture_loss(parts: list[tuple[int, float]], num_train_timesteps: int) -> float:
