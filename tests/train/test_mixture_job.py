@@ -295,3 +295,18 @@ def test_offloading_the_inactive_experts_trains_the_same_experts(tiny_model_dir:
         path = Path(f"expert-{k}") / "pipeline" / WEIGHTS
         assert same_weights(runs["kept"] / path, runs["offloaded"] / path)
     assert (runs["offloaded"] / "validation" / "step_000004" / "expert_0" / "chain_prompt.png").is_file()
+
+
+def test_the_cache_verb_builds_every_expert_models_embeddings(tiny_model_dir: Path, tiny_refiner_dir: Path,
+                                                             small_dataset: Path, tmp_path: Path) -> None:
+    """`expertune cache` with a mixture plan encodes the refiner expert's own text embeddings too, so the job
+    that follows encodes nothing for either model."""
+    output = tmp_path / "cached-first"
+    flags = [*_flags(tiny_model_dir, small_dataset, output), "--mixture_boundaries=350",
+             f"--expert_models=,{tiny_refiner_dir}", "--max_train_steps=2"]
+    assert main(["cache", *flags]) == 0
+    config, _ = load_config(flags)
+    summary = train(config).summary
+    assert summary["cache"]["latents_encoded"] == 0 and summary["cache"]["embeds_encoded"] == 0
+    refiner = summary["mixture"]["experts"][1]["cache"]
+    assert refiner["embeds_encoded"] == 0 and refiner["embeds_reused"] > 0

@@ -347,4 +347,27 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for frozen in components.frozen_modules():
         frozen.to(device)
-    return prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)
+    prepared = prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)
+    for index, source in expert_model_sources(config, components.source):
+        other = load_components(source, with_unet=False)  # a mixture expert's own model: its embeddings too
+        for frozen in other.frozen_modules():
+            frozen.to(device)
+        prepared_for_model(prepared, config, other, name=f"expert_models entry {index}", extra_prompts=extra_prompts,
+                           progress=progress)
+    return prepared
+
+
+def expert_model_sources(config: Config, main_source: str) -> list[tuple[int, str]]:
+    """(first expert index, model) of each distinct `expert_models` entry other than the run's own model."""
+    from expertune.mixture import per_expert
+
+    mix = config.mixture
+    if mix.mixture_boundaries is None or mix.expert_models is None:
+        return []
+    count = len(mix.mixture_boundaries.split(",")) + 1
+    seen, result = {main_source}, []
+    for index, source in enumerate(per_expert(mix.expert_models, count, "expert_models", str, "")):
+        if source and source not in seen:
+            seen.add(source)
+            result.append((index, source))
+    return result
