@@ -259,6 +259,22 @@ def make_scheduler(class_name: str, config: dict[str, Any]) -> Any:
     return scheduler_class.from_config(config)
 
 
+def sdxl_pipeline(*, refiner: bool, vae: Any, text_encoder_1: Any, text_encoder_2: Any, tokenizer_1: Any,
+                  tokenizer_2: Any, unet: Any, scheduler: Any) -> Any:
+    """The plain diffusers pipeline a layout is saved as: `StableDiffusionXLPipeline` for the base layout,
+    `StableDiffusionXLImg2ImgPipeline` with `requires_aesthetics_score=True` and no text encoder 1 nor tokenizer 1
+    for the refiner layout, as the SDXL refiner itself is saved."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=True)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder_1, text_encoder_2=text_encoder_2, tokenizer=tokenizer_1,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
+
+
 def save_expert_pipeline(
     components: SDXLComponents,
     unet: Any,
@@ -272,30 +288,16 @@ def save_expert_pipeline(
     `StableDiffusionXLImg2ImgPipeline` with `requires_aesthetics_score=True` and no text encoder 1, as the SDXL
     refiner is saved. Text encoders are reloaded from the source when they were released for training.
     """
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     text_2 = components.text_encoder_2 or _load(
         CLIPTextModelWithProjection, components.source, "text_encoder_2", use_safetensors=True
     )
-    pipeline: Any
-    if components.is_refiner:
-        pipeline = StableDiffusionXLImg2ImgPipeline(
-            vae=components.vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None,
-            tokenizer_2=components.tokenizer_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
-        )
-    else:
-        text_1 = components.text_encoder_1 or _load(CLIPTextModel, components.source, "text_encoder",
-                                                    use_safetensors=True)
-        pipeline = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=text_1,
-            text_encoder_2=text_2,
-            tokenizer=components.tokenizer_1,
-            tokenizer_2=components.tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-        )
+    text_1 = None if components.is_refiner else (
+        components.text_encoder_1 or _load(CLIPTextModel, components.source, "text_encoder", use_safetensors=True))
+    pipeline = sdxl_pipeline(refiner=components.is_refiner, vae=components.vae, text_encoder_1=text_1,
+                             text_encoder_2=text_2, tokenizer_1=components.tokenizer_1,
+                             tokenizer_2=components.tokenizer_2, unet=unet, scheduler=scheduler)
     with staged_directory(destination) as staged:
         pipeline.save_pretrained(str(staged), safe_serialization=True)
         expert.write(staged)

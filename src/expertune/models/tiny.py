@@ -192,14 +192,10 @@ def build_random_pipeline(
     The directory is assembled under a temporary name beside `directory` and renamed into place.
     `device` only speeds up initialisation of large layouts; the same seed gives the same bytes per device.
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from expertune.models.sdxl import sdxl_pipeline
 
     with staged_directory(directory) as staged, tempfile.TemporaryDirectory() as tokenizers:
         scratch = Path(tokenizers)
@@ -226,22 +222,9 @@ def build_random_pipeline(
             tokenizer_2 = CLIPTokenizer.from_pretrained(str(text_encoder_from), subfolder="tokenizer_2")
         scheduler = EulerDiscreteScheduler(**tiny_scheduler_config())
 
-        if layout.is_refiner:
-            pipeline: Any = StableDiffusionXLImg2ImgPipeline(
-                vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
-                unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=True,
-            )
-        else:
-            pipeline = StableDiffusionXLPipeline(
-                vae=vae,
-                text_encoder=text_encoder_1,
-                text_encoder_2=text_encoder_2,
-                tokenizer=tokenizer_1,
-                tokenizer_2=tokenizer_2,
-                unet=unet,
-                scheduler=scheduler,
-                force_zeros_for_empty_prompt=True,
-            )
+        pipeline = sdxl_pipeline(refiner=layout.is_refiner, vae=vae, text_encoder_1=text_encoder_1,
+                                 text_encoder_2=text_encoder_2, tokenizer_1=tokenizer_1, tokenizer_2=tokenizer_2,
+                                 unet=unet, scheduler=scheduler)
         pipeline.save_pretrained(str(staged), safe_serialization=True)
     return Path(directory)
 
