@@ -19,7 +19,6 @@ them); the run goes on while at least one image is usable and stops with a DataE
 
 from __future__ import annotations
 
-import functools
 
 import logging
 from dataclasses import dataclass, field, replace
@@ -144,10 +143,6 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
     return found, planned
 
 
-def _lacks(lacks_latent: Callable[[ImageRecord, DatasetSpec], bool], spec: DatasetSpec, record: ImageRecord) -> bool:
-    return lacks_latent(record, spec)
-
-
 def _fetched(spec: DatasetSpec, records: list[ImageRecord], needed: Callable[[ImageRecord], bool],
              skips: _Skips, index: FileIndex) -> list[ImageRecord]:
     """`records`, with the objects of an `aws` entry that `needed` picks fetched into the local mirror
@@ -186,12 +181,13 @@ def prepare_data(
     index.flush()
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
-    def lacks_latent(record: ImageRecord, spec: DatasetSpec) -> bool:
-        return not latent_cache.store_for(spec).contains(planned[(spec.id, record.path)].key)
+    def lacks_latent(spec: DatasetSpec) -> Callable[[ImageRecord], bool]:
+        store = latent_cache.store_for(spec)
+        return lambda record: not store.contains(planned[(spec.id, record.path)].key)
 
     for position, (spec, records) in enumerate(found):
         records = [record for record in records if (spec.id, record.path) in planned]
-        found[position] = (spec, _fetched(spec, records, functools.partial(_lacks, lacks_latent, spec), skips, index))
+        found[position] = (spec, _fetched(spec, records, lacks_latent(spec), skips, index))
     index.flush()
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
     latent_stats = latent_cache.ensure(kept, progress=progress)
@@ -359,15 +355,12 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
 
 def expert_model_sources(config: Config, main_source: str) -> list[tuple[int, str]]:
     """(first expert index, model) of each distinct `expert_models` entry other than the run's own model."""
-    from expertune.mixture import per_expert
+    from expertune.mixture import expert_sources
 
     mix = config.mixture
     if mix.mixture_boundaries is None or mix.expert_models is None:
         return []
-    count = len(mix.mixture_boundaries.split(",")) + 1
-    seen, result = {main_source}, []
-    for index, source in enumerate(per_expert(mix.expert_models, count, "expert_models", str, "")):
-        if source and source not in seen:
-            seen.add(source)
-            result.append((index, source))
-    return result
+    firsts: dict[str, int] = {}
+    for index, source in enumerate(expert_sources(mix.mixture_boundaries, mix.expert_models, main_source)):
+        firsts.setdefault(source, index)
+    return [(index, source) for source, index in firsts.items() if source != main_source]

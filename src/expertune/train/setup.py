@@ -25,7 +25,7 @@ from expertune.config.schema import FIELDS
 from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
 from expertune.data.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
-from expertune.mixture import per_expert, plan_bands, step_owners, steps_per_expert
+from expertune.mixture import expert_sources, per_expert, plan_bands, step_owners, steps_per_expert
 from expertune.experts import ExpertBand, band_from_settings
 from expertune.models.lora import add_lora_adapters
 from expertune.models.sdxl import SDXLComponents, load_components
@@ -463,11 +463,15 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
     that starts from pure noise."""
     if len(bands) == 1:
         return [components]
-    sources = per_expert(config.mixture.expert_models, len(bands), "expert_models", str, "")
+    mix = config.mixture
+    assert mix.mixture_boundaries is not None  # several bands come from a plan
+    try:
+        sources = expert_sources(mix.mixture_boundaries, mix.expert_models, components.source)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     loaded = {components.source: components}
     result = []
     for k, (source, band) in enumerate(zip(sources, bands)):
-        source = source or components.source
         if source not in loaded:
             with whole_model_loading(accelerator):
                 loaded[source] = load_components(source)
