@@ -5,6 +5,11 @@ Import them as `from helpers import FAST_FLAGS, write_stage_env` (pytest puts te
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Small, fast settings layered on top as flags, the way a user overrides a config.env.
@@ -118,3 +123,42 @@ def same_weights(a: Path, b: Path) -> bool:
 
     left, right = load_file(a), load_file(b)
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def wait_for_steps(output: Path, steps: int, process: subprocess.Popen, timeout: float = 90) -> None:
+    """Until `output/metrics.jsonl` holds `steps` training rows, the process ends, or `timeout` passes."""
+    from expertune.train.metrics import read_metrics
+
+    deadline = time.monotonic() + timeout
+    path = output / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and len(read_metrics(path)) >= steps:
+            return
+        time.sleep(0.01)
+
+
+def kill_and_resume(launch: Callable[..., subprocess.Popen], output: Path, *, seed: int, kills: int,
+                    kill_before_step: int, attempts: int, timeout: float = 120) -> int:
+    """Run `launch(*flags)` into `output` until a run finishes, SIGKILLing each of the first `kills` runs at a
+    random moment (after 1 to `kill_before_step` - 1 logged steps, then up to 0.25 s more: anywhere in a step or a
+    checkpoint write). Each later run resumes from the latest checkpoint (or starts afresh if none was written).
+    Asserts every run ends killed or cleanly and that one finished; returns how many were killed."""
+    rng = random.Random(seed)
+    killed, out, code = 0, "", None
+    for _ in range(attempts):
+        resume = ["--resume_from_checkpoint=latest"] if any((output / "checkpoints").glob("checkpoint-*")) else [
+            "--overwrite_output_dir"]
+        process = launch(*resume)
+        if killed < kills:
+            wait_for_steps(output, rng.randint(1, kill_before_step - 1), process, timeout=timeout)
+            time.sleep(rng.uniform(0.0, 0.25))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                killed += 1
+        out, _ = process.communicate(timeout=timeout * 2)
+        code = process.returncode
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, out
+    assert killed >= 1 and code == 0, out
+    return killed

@@ -5,11 +5,8 @@ validation of the chain and of each expert."""
 from __future__ import annotations
 
 import json
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import FAST_FLAGS, same_weights
+from helpers import FAST_FLAGS, kill_and_resume, same_weights
 from expertune.cli import main
 from expertune.config import load_config
 from expertune.expert_format import ExpertDescription, MixtureDescription
@@ -125,28 +122,9 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tiny_model_d
     process = _launch(tiny_model_dir, small_dataset, reference)
     out, _ = process.communicate(timeout=240)
     assert process.returncode == 0, out
-    rng = random.Random(20261202)
-    output, kills = tmp_path / "killed", 0
-    for _ in range(5):
-        resume = ["--resume_from_checkpoint=latest"] if any((output / "checkpoints").glob("checkpoint-*")) else [
-            "--overwrite_output_dir"]
-        process = _launch(tiny_model_dir, small_dataset, output, *resume)
-        if kills < 2:
-            deadline, target = time.monotonic() + 120, rng.randint(1, 5)
-            while time.monotonic() < deadline and process.poll() is None:
-                path = output / "metrics.jsonl"
-                if path.exists() and len(read_metrics(path)) >= target:
-                    break
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.25))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills += 1
-        out, _ = process.communicate(timeout=240)
-        if process.returncode == 0:
-            break
-        assert process.returncode == -signal.SIGKILL, out
-    assert kills >= 1 and process.returncode == 0, out
+    output = tmp_path / "killed"
+    kill_and_resume(lambda *flags: _launch(tiny_model_dir, small_dataset, output, *flags), output, seed=20261202,
+                    kills=2, kill_before_step=6, attempts=5)
     for k in range(2):
         assert same_weights(output / f"expert-{k}" / "pipeline" / WEIGHTS, reference / f"expert-{k}" / "pipeline" / WEIGHTS)
     rows = read_metrics(output / "metrics.jsonl")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FAST_FLAGS, same_weights, write_stage_env
+from helpers import FAST_FLAGS, kill_and_resume, same_weights, wait_for_steps, write_stage_env
 from expertune.config import load_config
 from expertune.errors import ConfigError, StorageError
 from expertune.train.loop import train
@@ -74,35 +72,11 @@ def _launch(env: Path, output: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_steps(output: Path, steps: int, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    path = output / "metrics.jsonl"
-    while time.monotonic() < deadline and process.poll() is None:
-        if path.exists() and len(read_metrics(path)) >= steps:
-            return
-        time.sleep(0.01)
-
-
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(stage1_env: Path, reference_run: Path,
                                                                       tmp_path: Path) -> None:
-    rng = random.Random(20261127)
     output = tmp_path / "killed"
-    kills = 0
-    for attempt in range(6):
-        resume = ["--resume_from_checkpoint=latest"] if any((output / "checkpoints").glob("checkpoint-*")) else [
-            "--overwrite_output_dir"]
-        process = _launch(stage1_env, output, *resume)
-        if kills < 3:
-            _wait_for_steps(output, rng.randint(1, 7), process)
-            time.sleep(rng.uniform(0.0, 0.25))  # anywhere in a step or a checkpoint write
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills += 1
-        out, _ = process.communicate(timeout=120)
-        if process.returncode == 0:
-            break
-        assert process.returncode == -signal.SIGKILL, out
-    assert kills >= 1 and process.returncode == 0, out
+    kill_and_resume(lambda *flags: _launch(stage1_env, output, *flags), output, seed=20261127, kills=3,
+                    kill_before_step=8, attempts=6, timeout=60)
     assert same_weights(output / UNET, reference_run / UNET)
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == list(range(1, 9))
 
@@ -110,7 +84,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(stage1_env: 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stage1_env: Path, reference_run: Path, tmp_path: Path) -> None:
     output = tmp_path / "terminated"
     process = _launch(stage1_env, output, "--checkpoint_step_interval=100")
-    _wait_for_steps(output, 3, process)
+    wait_for_steps(output, 3, process)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, out
