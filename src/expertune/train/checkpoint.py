@@ -223,11 +223,8 @@ def _fsync_dir(path: Path) -> None:
 
 def format_version(path: Path) -> Any:
     """The `format_version` in a checkpoint's state.json; None when it cannot be read."""
-    try:
-        document = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return document.get("format_version") if isinstance(document, dict) else None
+    document = _read_document(path)
+    return None if document is None else document.get("format_version")
 
 
 def other_format(path: Path) -> str | None:

@@ -62,11 +62,12 @@ class PeriodicValidation:
 
     def final(self, run: Run, unets: list[Any | None]) -> list[Path]:
         """Validate the exported weights (`unets`: each expert's whole UNet on the main process, None elsewhere)."""
-        if any(unet is None for unet in unets):
+        whole = [unet for unet in unets if unet is not None]
+        if len(whole) < len(unets):
             return []
-        offloaded = run.config.mixture.mixture_offload_inactive and len(unets) > 1
-        with weights_on([u for u in unets if u is not None] if offloaded else [], self.accelerator.device):
-            return self._validate(run, [u for u in unets if u is not None], self.total_steps)
+        offloaded = run.config.mixture.mixture_offload_inactive and len(whole) > 1
+        with weights_on(whole if offloaded else [], self.accelerator.device):
+            return self._validate(run, whole, self.total_steps)
 
 
 def mixture_loss(parts: list[tuple[int, float]], num_train_timesteps: int) -> float:

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -237,15 +237,19 @@ class Validator:
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.settings.seed)
 
-    def text_to_image(self, unet: Any) -> list[ValidationImage]:
-        stage = self._stage(unet, self.band, self.scheduler())
+    def _chain_images(self, prefix: str, stages_for: Callable[[str], list[ChainStage]]) -> list[ValidationImage]:
+        """Text-to-image of every validation prompt through the stages `stages_for(prompt)` gives, seeded alike."""
         result = []
         for prompt in self.prompts():
-            image = denoise_chain([stage], self._conditioning(prompt.text), generator=self._generator(),
+            image = denoise_chain(stages_for(prompt.text), self._conditioning(prompt.text), generator=self._generator(),
                                   num_inference_steps=self.settings.num_inference_steps,
                                   height=self.resolution, width=self.resolution)[0]
-            result.append(ValidationImage(f"text_to_image_{prompt.name}", image, image, prompt.text))
+            result.append(ValidationImage(f"{prefix}_{prompt.name}", image, image, prompt.text))
         return result
+
+    def text_to_image(self, unet: Any) -> list[ValidationImage]:
+        stages = [self._stage(unet, self.band, self.scheduler())]
+        return self._chain_images("text_to_image", lambda prompt: stages)
 
     def partial_denoise_images(self, unet: Any) -> list[ValidationImage]:
         sources: list[tuple[str, torch.Tensor, str]] = []
@@ -296,30 +300,20 @@ class Validator:
         peer = self.plan.peer
         assert peer is not None
         peer_unet = self.peer_unet(next(unet.parameters()).dtype)
-        result = []
-        for prompt in self.prompts():
-            stages = [self._stage(peer_unet, e.band, saved_scheduler(peer.path))
-                      if e is peer else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain]
-            image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
-                                  num_inference_steps=self.settings.num_inference_steps,
-                                  height=self.resolution, width=self.resolution)[0]
-            result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
-        return result
+        return self._chain_images("chain", lambda prompt: [
+            self._stage(peer_unet, e.band, saved_scheduler(peer.path)) if e is peer
+            else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain])
 
     def mixture_chain_images(self) -> list[ValidationImage]:
-        """Text-to-image through every expert of the mixture as they are now (`chain_with`), in chain order."""
-        result = []
-        for prompt in self.prompts():
-            stages = []
-            for unet, owner in self.chain_with:
-                stage = owner._stage(unet, owner.band, owner.scheduler())
-                stage.conditioning = owner._conditioning(prompt.text)
-                stages.append(stage)
-            image = denoise_chain(stages, self._conditioning(prompt.text), generator=self._generator(),
-                                  num_inference_steps=self.settings.num_inference_steps,
-                                  height=self.resolution, width=self.resolution)[0]
-            result.append(ValidationImage(f"chain_{prompt.name}", image, image, prompt.text))
-        return result
+        """Text-to-image through every expert of the mixture as they are now (`chain_with`), in chain order, each
+        stage conditioned by its own expert's cached embeddings of the prompt."""
+        def stages(prompt: str) -> list[ChainStage]:
+            built = [owner._stage(unet, owner.band, owner.scheduler()) for unet, owner in self.chain_with]
+            for stage, (_, owner) in zip(built, self.chain_with):
+                stage.conditioning = owner._conditioning(prompt)
+            return built
+
+        return self._chain_images("chain", stages)
 
     # ---- one validation ------------------------------------------------------------------------
 
