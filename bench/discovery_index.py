@@ -12,10 +12,12 @@ SHA-256 and header (fetching the object first for a bucket) and its crop plan an
 The bucket is moto's S3-compatible server, started here on loopback in its own process (its
 per-request cost is not a real bucket's: the cold bucket figure measures this machine, not S3).
 Prints one JSON line per backend: cold and warm seconds, `warm_vs_cold` (target <= 0.02) and seconds
-per 10,000 images of each.
+per 10,000 images of each; for a local folder also `stat_walk_s`, a bare listing and `stat` of every file
+(images and captions) — the least any restart that notices an edited file can do.
 
     python bench/discovery_index.py                      # 20,000 images, local and bucket
     python bench/discovery_index.py --images 2000 --backends local
+    python bench/discovery_index.py --images 2000 --size 1024 --format jpg --backends local   # photo-sized files
     sudo python bench/discovery_index.py --backends local --drop-caches   # both passes read from the disk
 """
 
@@ -42,15 +44,37 @@ def emit(**figures) -> None:
     print(json.dumps(figures), flush=True)
 
 
-def write_images(folder: Path, count: int, size: int) -> None:
+def write_images(folder: Path, count: int, size: int, extension: str) -> int:
+    """`count` captioned noise images in folders of 1,000; their total bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    total = 0
     for index in range(count):
         sub = folder / f"part_{index // 1000:03d}"
         sub.mkdir(exist_ok=True)
         pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(sub / f"img_{index:06d}.png", compress_level=1)
+        path = sub / f"img_{index:06d}.{extension}"
+        if extension == "png":
+            Image.fromarray(pixels).save(path, compress_level=1)
+        else:
+            Image.fromarray(pixels).save(path, quality=90)
         (sub / f"img_{index:06d}.txt").write_text(f"noise picture number {index}\n")
+        total += path.stat().st_size
+    return total
+
+
+def stat_walk_seconds(folder: Path) -> float:
+    """The floor of any restart that notices a changed file: list every folder and stat every file, nothing else."""
+    start = time.perf_counter()
+    pending = [str(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            for entry in listing:
+                if entry.is_dir():
+                    pending.append(entry.path)
+                else:
+                    entry.stat()
+    return time.perf_counter() - start
 
 
 def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
@@ -112,7 +136,10 @@ def time_discovery(loader: Path, cache: Path, vae) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--size", type=int, default=64, help="edge of each square PNG, in pixels")
+    parser.add_argument("--size", type=int, default=64, help="edge of each square image, in pixels")
+    parser.add_argument("--format", dest="extension", choices=("png", "jpg"), default="png",
+                        help="png (fast to hash: the issue's small images) or jpg (quality 90: a photo-sized file "
+                        "with --size 1024)")
     parser.add_argument("--backends", default="local,bucket")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--drop-caches", dest="drop_caches", action="store_true",
@@ -130,8 +157,9 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="expertune-discovery-"))
     images = work / "images"
     started = time.perf_counter()
-    write_images(images, args.images, args.size)
-    emit(stage="wrote images", images=args.images, size=args.size, seconds=round(time.perf_counter() - started, 1))
+    total_bytes = write_images(images, args.images, args.size, args.extension)
+    emit(stage="wrote images", images=args.images, size=args.size, format=args.extension,
+         mean_kib=round(total_bytes / args.images / 1024, 1), seconds=round(time.perf_counter() - started, 1))
 
     moto = None
     try:
@@ -158,9 +186,15 @@ def main() -> None:
             drop_page_cache(args.drop_caches)
             warm, planned_again, _ = time_discovery(loader, cache, vae)
             assert planned == planned_again == args.images and skipped == 0, (planned, planned_again, skipped)
+            figures = {}
+            if backend == "local":
+                drop_page_cache(args.drop_caches)
+                floor = stat_walk_seconds(images)
+                figures = {"stat_walk_s": round(floor, 3), "stat_walk_vs_cold": round(floor / cold, 4)}
             emit(backend=backend, images=args.images, cold_s=round(cold, 3), warm_s=round(warm, 3),
                  warm_vs_cold=round(warm / cold, 4), cold_s_per_10k=round(cold * 10_000 / args.images, 3),
-                 warm_s_per_10k=round(warm * 10_000 / args.images, 3), page_cache_dropped=args.drop_caches)
+                 warm_s_per_10k=round(warm * 10_000 / args.images, 3), **figures,
+                 page_cache_dropped=args.drop_caches)
     finally:
         if moto is not None:
             moto.terminate()

@@ -83,6 +83,7 @@ def test_changed_image_bytes_reencode_exactly_that_image(tmp_path: Path, vae) ->
     cache = LatentCache(vae, seed=0, batch_size=4)
     cache.ensure(items)
     _noise_image(items[1][0].path, (32, 64), seed=99)  # same size, new pixels
+    items = _items(spec)  # a restart: the walk stamps the edited file anew
     assert cache.ensure(items) == CacheStats(encoded=1, reused=2)
     assert LatentCache(vae, seed=0, batch_size=4).ensure(items) == CacheStats(encoded=0, reused=3)
 

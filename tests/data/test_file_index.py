@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from PIL import Image
 
 from expertune.cache import latents
 from expertune.cache.latents import LatentCache
+from expertune.data.buckets import BucketRule
 from expertune.data.dataloader import DatasetSpec
 from expertune.data.file_index import FileIndex, FileStamp, local_stamp
-from expertune.data.records import discover_records
+from expertune.data.records import _walk_images, discover_records
 
 
 def test_index_round_trip_exact_stamps_and_torn_lines(tmp_path: Path) -> None:
@@ -128,3 +130,50 @@ def test_a_restart_reads_no_bytes_and_a_changed_file_is_read_again(
     index = FileIndex(index_path)
     assert discover_records(spec, index).records[4].captions == ("a new caption",)
     assert index.get("image", local_stamp(spec.instance_data_dir / "img_2.png")) is not None
+
+
+def test_a_restart_plans_no_crop_again_and_other_settings_plan_afresh(
+        tmp_path: Path, vae, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _dataset(tmp_path, 3)
+    index_path = tmp_path / "cache" / "file_index.jsonl"
+    cold = _plan_all(spec, vae, index_path)
+    with monkeypatch.context() as patched:
+        def no_planning(*args, **kwargs):
+            raise AssertionError("a restart over unchanged files planned a crop again")
+
+        patched.setattr(BucketRule, "plan", no_planning)
+        assert _plan_all(spec, vae, index_path) == cold  # the remembered plans and keys
+        records = discover_records(spec, FileIndex(index_path)).records
+        remembered = LatentCache(vae, seed=0, batch_size=2, index=FileIndex(index_path)).planned(records[0], spec)
+    fresh = LatentCache(vae, seed=0, batch_size=2).planned(records[0], spec)  # an empty index: planned anew
+    assert remembered == fresh
+    # Another resolution or seed is another plan: planned afresh (and both are remembered).
+    smaller = dataclasses.replace(spec, resolution=24)
+    assert _plan_all(smaller, vae, index_path) == [
+        LatentCache(vae, seed=0, batch_size=2).planned(r, smaller).key for r in records] != cold
+    assert _plan_all(spec, vae, index_path) == cold
+    reseeded = LatentCache(vae, seed=1, batch_size=2, index=FileIndex(index_path)).planned(records[0], spec)
+    assert reseeded == LatentCache(vae, seed=1, batch_size=2).planned(records[0], spec)
+
+
+def test_the_walk_stamps_images_and_captions_as_a_stat_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _dataset(tmp_path, 2)
+    nested = spec.instance_data_dir / "sub"
+    nested.mkdir()
+    Image.new("RGB", (8, 8)).save(nested / "deep.PNG")
+    (nested / "deep.txt").write_text("deep\n")
+    Image.new("RGB", (8, 8)).save(nested / "uncaptioned.jpg")
+    os.symlink(nested, spec.instance_data_dir / "link")  # the same folder twice: walked once
+    (spec.instance_data_dir / ".hidden.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    listed = _walk_images(Path("images"))  # a relative directory: identities are absolute
+    assert [item.path for item in listed] == [
+        os.path.join("images", name) for name in ("img_0.png", "img_1.png", "link/deep.PNG", "link/uncaptioned.jpg")
+    ]  # folders in name order, as os.walk goes: "link" before "sub"
+    for item in listed:
+        assert item.stamp == local_stamp(item.path)
+        caption = os.path.splitext(item.path)[0] + ".txt"
+        assert item.caption_stamp == (local_stamp(caption) if os.path.exists(caption) else None)
+    records, skipped = discover_records(dataclasses.replace(spec, instance_data_dir=Path("images")), FileIndex(None))
+    assert [r.captions for r in records] == [("caption 0",), ("caption 1",), ("deep",)]
+    assert [Path(s.path).name for s in skipped] == ["uncaptioned.jpg"] and "is missing" in skipped[0].reason

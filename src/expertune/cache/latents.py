@@ -17,6 +17,7 @@ Entries hold SDXL base's six time ids; a `TimeIdLayout` turns them into what a r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from expertune.cache.store import (
     module_fingerprint,
 )
 from expertune.data.batches import TimeIdLayout
+from expertune.data.buckets import BucketRule
 from expertune.data.dataloader import DatasetSpec
 from expertune.data.file_index import FileIndex, FileStamp, local_stamp
 from expertune.data.records import ImageRecord
@@ -60,6 +62,8 @@ if TYPE_CHECKING:
 LATENT_KIND = "vae_latent"
 LATENT_STATISTIC = "mean"
 IMAGE_KIND = "image"  # FileIndex kind: {"sha256": ..., "h": ..., "w": ...}
+# FileIndex kind prefix of a remembered plan ("latent_plan:<settings digest>"): key, hash and CropPlan fields
+PLAN_KIND = "latent_plan"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class LatentCache:
         self.dtype = next(vae.parameters()).dtype
         self.fingerprint = module_fingerprint(vae)
         self._stores: dict[Path, CacheStore] = {}
+        self._plan_kinds: dict[BucketRule, str] = {}
         self.index = index if index is not None else FileIndex(None)
 
     def with_time_ids(self, time_ids: TimeIdLayout) -> LatentCache:
@@ -115,19 +120,22 @@ class LatentCache:
         """Whether `record`'s image is in the file index under its listed stamp (no bytes needed)."""
         return record.stamp is not None and self.index.get(IMAGE_KIND, record.stamp) is not None
 
+    @staticmethod
+    def _stamp(path: str | os.PathLike, stamp: FileStamp | None) -> FileStamp:
+        if stamp is not None:
+            return stamp
+        try:
+            return local_stamp(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the image ({exc.strerror or exc}). Replace or remove the file.") from exc
+
     def inspect(self, path: str | os.PathLike, stamp: FileStamp | None = None) -> ImageInfo:
         """Content hash and size of an image file (header only); DataError when it is unusable.
 
         Kept in the file index under the file's stamp (`stamp`, else path, size and mtime from one
         `stat`): the bytes of a file are read once, across runs; an edited file is read again.
         """
-        if stamp is None:
-            try:
-                stamp = local_stamp(path)
-            except OSError as exc:
-                raise DataError(
-                    f"{path}: cannot read the image ({exc.strerror or exc}). Replace or remove the file."
-                ) from exc
+        stamp = self._stamp(path, stamp)
         value = self.index.get(IMAGE_KIND, stamp)
         if value is not None:
             return ImageInfo(digest=str(value["sha256"]), original_size=(int(value["h"]), int(value["w"])))
@@ -136,8 +144,35 @@ class LatentCache:
         self.index.put(IMAGE_KIND, stamp, {"sha256": info.digest, "h": size[0], "w": size[1]})
         return info
 
+    def _plan_kind(self, spec: DatasetSpec) -> str:
+        """The file index kind of the plans made under `spec`'s sizing and this cache's settings."""
+        kind = self._plan_kinds.get(spec.rule)
+        if kind is None:
+            settings = {"rule": dataclasses.asdict(spec.rule), "seed": self.seed, "vae": self.fingerprint,
+                        "vae_dtype": str(self.dtype), "decode": DECODE_VERSION, "resample": RESAMPLE_NAME,
+                        "statistic": LATENT_STATISTIC}
+            kind = self._plan_kinds[spec.rule] = f"{PLAN_KIND}:{cache_key(PLAN_KIND, settings)[:16]}"
+        return kind
+
     def planned(self, record: ImageRecord, spec: DatasetSpec) -> LatentPlan:
-        info = self.inspect(record.path, record.stamp)
+        """The image's cache key, hash and crop plan under `spec`'s sizing.
+
+        Remembered in the file index under the image's stamp and these settings, so a restart over an
+        unchanged dataset neither reads the image nor recomputes its plan and key.
+        """
+        stamp = self._stamp(record.path, record.stamp)
+        kind = self._plan_kind(spec)
+        memo = self.index.get(kind, stamp)
+        if memo is not None:
+            try:
+                return LatentPlan(key=str(memo["key"]), digest=str(memo["sha256"]), plan=CropPlan(
+                    original_size=(int(memo["o"][0]), int(memo["o"][1])),
+                    resized_size=(int(memo["r"][0]), int(memo["r"][1])),
+                    crop_top_left=(int(memo["c"][0]), int(memo["c"][1])),
+                    target_size=(int(memo["t"][0]), int(memo["t"][1]))))
+            except (KeyError, IndexError, TypeError, ValueError):
+                pass  # another build's entry: plan it again
+        info = self.inspect(record.path, stamp)
         # The random crop is drawn from the image *content*, so moving a dataset keeps its crops and cache.
         plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
         parts = {
@@ -153,7 +188,10 @@ class LatentCache:
             "vae_dtype": str(self.dtype),
             "statistic": LATENT_STATISTIC,
         }
-        return LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
+        planned = LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
+        self.index.put(kind, stamp, {"key": planned.key, "sha256": info.digest, "o": plan.original_size,
+                                     "r": plan.resized_size, "c": plan.crop_top_left, "t": plan.target_size})
+        return planned
 
     def key_for(self, record: ImageRecord, spec: DatasetSpec) -> str:
         return self.planned(record, spec).key

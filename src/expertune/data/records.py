@@ -30,7 +30,7 @@ class ImageRecord:
     path: Path  # local file; for an `aws` entry, where its object is (or will be) fetched to
     captions: tuple[str, ...]
     dataset_id: str
-    stamp: FileStamp | None = None  # known from the listing (an object's size and ETag); None: stat `path`
+    stamp: FileStamp | None = None  # from the walk or the listing (size and mtime, or an ETag); None: stat `path`
     remote_key: str | None = None  # the object key of an `aws` entry's image
     declared_size: tuple[int, int] | None = None  # (h, w) a manifest gives; the file's header decides
 
@@ -53,22 +53,70 @@ class Discovery(NamedTuple):
 # Records
 
 
-def _image_paths(directory: Path) -> list[Path]:
-    """Images under `directory`, recursively, following links once; hidden names are skipped."""
-    found: list[str] = []
+class _Listed(NamedTuple):
+    """One image file found by the walk, with what the walk's directory listing already tells about it."""
+
+    path: str
+    stamp: FileStamp | None  # None when it cannot be stat'ed (a dangling link): reading it will say why
+    caption_stamp: FileStamp | None  # the sibling `<stem>.txt`'s stamp; None when the listing has no such file
+
+
+def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
+    try:
+        stat = entry.stat()  # follows a link, as os.stat does
+    except OSError:
+        return None
+    return FileStamp(identity, stat.st_size, str(stat.st_mtime_ns))
+
+
+def _walk_images(directory: Path) -> list[_Listed]:
+    """Images under `directory`, recursively, following links once; hidden names are skipped.
+
+    One `scandir` a folder and one `stat` a file (the image's and its caption's stamps, as `local_stamp`
+    gives them), so a restart over an unchanged dataset costs a listing and the index lookups, nothing more.
+    """
+    found: list[_Listed] = []
     visited: set[str] = set()
-    for root, dirnames, filenames in os.walk(directory, followlinks=True):
+    pending = [os.fspath(directory)]
+    while pending:
+        root = pending.pop()
         real = os.path.realpath(root)
         if real in visited:  # a symlink cycle or a second link to the same folder
-            dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(root, name))
-    found.sort(key=lambda path: path.split(os.sep))  # the order of Path's own comparison, part by part
-    return [Path(path) for path in found]
+        try:
+            with os.scandir(root) as listing:
+                entries = {entry.name: entry for entry in listing if entry.name[0] != "."}
+        except OSError:
+            continue  # as os.walk: an unreadable folder holds nothing
+        prefix = root + os.sep if not root.endswith(os.sep) else root
+        absolute = prefix if os.path.isabs(root) else os.path.abspath(root) + os.sep
+        folders = []
+        for name, entry in entries.items():
+            dot = name.rfind(".")
+            if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
+                try:
+                    is_folder = entry.is_dir()  # follows a link
+                except OSError:
+                    is_folder = False
+                if not is_folder:
+                    caption = entries.get(name[:dot] + ".txt")
+                    found.append(_Listed(prefix + name, _entry_stamp(absolute + name, entry),
+                                         None if caption is None else _entry_stamp(absolute + caption.name, caption)))
+                    continue
+            try:
+                if entry.is_dir():
+                    folders.append(prefix + name)
+            except OSError:
+                pass
+        pending.extend(sorted(folders, reverse=True))
+    found.sort(key=lambda listed: listed.path.split(os.sep))  # the order of Path's own comparison, part by part
+    return found
+
+
+def _image_paths(directory: Path) -> list[Path]:
+    """Images under `directory`, recursively, following links once; hidden names are skipped."""
+    return [Path(listed.path) for listed in _walk_images(directory)]
 
 
 def _caption_from_filename(path: Path) -> str:
@@ -105,15 +153,20 @@ def _recalled(index: FileIndex | None, stamp: FileStamp) -> tuple[tuple[str, ...
     return tuple(str(line) for line in value.get("lines", ())), None
 
 
-def _captions_from_textfile(path: Path, index: FileIndex | None = None) -> tuple[tuple[str, ...], str | None]:
-    """(captions, None) or ((), reason) for the sibling `<stem>.txt` of `path` (from `index` when unchanged)."""
+def _captions_from_textfile(path: Path | str, index: FileIndex | None = None, stamp: FileStamp | None = None
+                            ) -> tuple[tuple[str, ...], str | None]:
+    """(captions, None) or ((), reason) for the sibling `<stem>.txt` of `path` (from `index` when unchanged).
+
+    `stamp`: the caption file's stamp when the caller's directory listing already has it (else one `stat`).
+    """
     caption_file = os.path.splitext(os.fspath(path))[0] + ".txt"
-    try:
-        stamp = local_stamp(caption_file)
-    except FileNotFoundError:
-        return (), f"caption file {caption_file} is missing"
-    except OSError as exc:
-        return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
+    if stamp is None:
+        try:
+            stamp = local_stamp(caption_file)
+        except FileNotFoundError:
+            return (), f"caption file {caption_file} is missing"
+        except OSError as exc:
+            return (), f"caption file {caption_file} cannot be read ({exc.strerror or exc})"
     recalled = _recalled(index, stamp)
     if recalled is not None:
         return recalled
@@ -329,19 +382,23 @@ def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Disco
 
 
 def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
-    """A local entry: a walk of its directory."""
+    """A local entry: a walk of its directory (each image's stamp comes from the walk's listing)."""
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
-    paths = _image_paths(spec.instance_data_dir)
-    for path in paths:
+    listed = _walk_images(spec.instance_data_dir)
+    for found in listed:
+        path = Path(found.path)
         reason: str | None = None
         if spec.caption_strategy == "textfile":
-            captions, reason = _captions_from_textfile(path, index)
+            if found.caption_stamp is None:
+                captions, reason = (), f"caption file {os.path.splitext(found.path)[0]}.txt is missing"
+            else:
+                captions, reason = _captions_from_textfile(found.path, index, found.caption_stamp)
         else:
             captions, reason = _other_captions(spec, path)
         if reason is not None:
             logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
             skipped.append(SkippedImage(path=path, reason=reason))
         else:
-            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id))
-    return _finish(spec, records, skipped, len(paths), str(spec.instance_data_dir))
+            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=found.stamp))
+    return _finish(spec, records, skipped, len(listed), str(spec.instance_data_dir))
