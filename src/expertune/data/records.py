@@ -389,6 +389,7 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
     for found in listed:
         path = Path(found.path)
         reason: str | None = None
+        captions: tuple[str, ...]
         if spec.caption_strategy == "textfile":
             if found.caption_stamp is None:
                 captions, reason = (), f"caption file {os.path.splitext(found.path)[0]}.txt is missing"
