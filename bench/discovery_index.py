@@ -13,7 +13,8 @@ The bucket is moto's S3-compatible server, started here on loopback in its own p
 per-request cost is not a real bucket's: the cold bucket figure measures this machine, not S3).
 Prints one JSON line per backend: cold and warm seconds, `warm_vs_cold` (target <= 0.02) and seconds
 per 10,000 images of each; for a local folder also `stat_walk_s`, a bare listing and `stat` of every file
-(images and captions) — the least any restart that notices an edited file can do.
+(images and captions), and for a bucket `listing_s`, one bare listing of the prefix — the least any restart
+that notices an edited file can do.
 
     python bench/discovery_index.py                      # 20,000 images, local and bucket
     python bench/discovery_index.py --images 2000 --backends local
@@ -133,6 +134,17 @@ def time_discovery(loader: Path, cache: Path, vae) -> tuple[float, int, int]:
     return time.perf_counter() - start, len(planned), len(skips.entries)
 
 
+def listing_seconds(loader: Path, cache: Path) -> float:
+    """The floor of any restart that notices a changed object: one paginated listing of the prefix, nothing else."""
+    from expertune.data.dataloader import load_dataloader_config
+    from expertune.data.remote import S3Dataset
+
+    spec = load_dataloader_config(loader, default_resolution=64, default_cache_dir=cache).datasets[0]
+    start = time.perf_counter()
+    sum(1 for _ in S3Dataset(spec).list_objects())
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
@@ -191,6 +203,9 @@ def main() -> None:
                 drop_page_cache(args.drop_caches)
                 floor = stat_walk_seconds(images)
                 figures = {"stat_walk_s": round(floor, 3), "stat_walk_vs_cold": round(floor / cold, 4)}
+            else:
+                floor = listing_seconds(loader, cache)
+                figures = {"listing_s": round(floor, 3), "listing_vs_cold": round(floor / cold, 4)}
             emit(backend=backend, images=args.images, cold_s=round(cold, 3), warm_s=round(warm, 3),
                  warm_vs_cold=round(warm / cold, 4), cold_s_per_10k=round(cold * 10_000 / args.images, 3),
                  warm_s_per_10k=round(warm * 10_000 / args.images, 3), **figures,
