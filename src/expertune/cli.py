@@ -145,7 +145,7 @@ def _cmd_tiny_model(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_world_build(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.world.build import build_world
 
-    manifest = build_world(args.directory, args.recipe, work=args.work)
+    manifest = build_world(args.directory, args.recipe, work=args.work, reuse=args.reuse)
     figures = manifest["figures"]
     print(f"world model written to {args.directory} in {manifest['seconds']['this_invocation']:.0f} s: "
           f"VAE {figures['vae']['psnr_db']:.1f} dB, CLIP zero-shot "
@@ -322,6 +322,10 @@ def _add_model_verbs(verbs: Any) -> None:
     build.add_argument("--recipe", default="full", choices=("full", "miniature"),
                        help="full: the committed model (about 35 min on 2 cores); miniature: a few steps of each part")
     build.add_argument("--work", default=None, help="keep the intermediate files here (default: a temporary dir)")
+    build.add_argument("--reuse", default=None, metavar="EARLIER_DIR",
+                       help="take the parts of an earlier build (verified against its manifest) whose recipes are "
+                       "unchanged, and train only the rest: the result equals a build from nothing (every part is "
+                       "deterministic); e.g. --reuse src/expertune/world/pretrained after changing the CLIP recipe")
     build.set_defaults(handler=_cmd_world_build)
     verify = world_verbs.add_parser("verify", help="check a world model dir against its manifest's sha256 sums")
     verify.add_argument("directory", nargs="?", default=str(PRETRAINED))

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from expertune.cli import main
-from expertune.world.build import MINIATURE, verify_world
+from expertune.world.build import FULL, MINIATURE, reusable_parts, verify_world
 from expertune.world.scene import training_combinations
 
 
 @pytest.mark.integration
-def test_miniature_build_writes_a_verified_world_model(tmp_path: Path) -> None:
+def test_miniature_build_writes_a_verified_world_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "world"
     assert main(["world", "build", str(out), "--recipe", "miniature"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -33,8 +34,31 @@ def test_miniature_build_writes_a_verified_world_model(tmp_path: Path) -> None:
     with safe_open(str(out / "base" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(k).dtype for k in list(weights.keys())[:5]} == {torch.float16}
     assert main(["world", "verify", str(out)]) == 0
+    # A build that takes every part from this one (--reuse) writes the very same files.
+    again = tmp_path / "again"
+    assert main(["world", "build", str(again), "--recipe", "miniature", "--reuse", str(out)]) == 0
+    rebuilt = json.loads((again / "manifest.json").read_text())
+    assert rebuilt["files"] == manifest["files"] and rebuilt["figures"] == manifest["figures"]
+    assert rebuilt["lent_parts"] == ["vae", "text_encoders", "unet", "eval_clip"] and manifest["lent_parts"] == []
     (out / "clip" / "config.json").write_text("{}")
     assert main(["world", "verify", str(out)]) == 1
+    capsys.readouterr()
+    assert main(["world", "build", str(again), "--recipe", "miniature", "--reuse", str(out)]) == 2
+    assert "does not match its manifest (clip/config.json: sha256" in capsys.readouterr().err
+    assert verify_world(again) == []  # the refused build left the earlier output as it was
+
+
+def test_reuse_lends_only_unchanged_parts_whose_dependants_are_unchanged() -> None:
+    earlier = json.loads(json.dumps(dataclasses.asdict(FULL)))
+    assert reusable_parts(earlier, FULL) == ["vae", "text_encoders", "unet", "eval_clip"]
+    assert reusable_parts(earlier, dataclasses.replace(FULL, eval_clip=dataclasses.replace(FULL.eval_clip, steps=9))) \
+        == ["vae", "text_encoders", "unet"]
+    # A new UNet recipe retrains the UNet from the fp32 VAE and encoders: they are rebuilt too, not lent.
+    assert reusable_parts(earlier, dataclasses.replace(FULL, unet=dataclasses.replace(FULL.unet, steps=9))) \
+        == ["eval_clip"]
+    assert reusable_parts(earlier, dataclasses.replace(FULL, vae=dataclasses.replace(FULL.vae, seed=9))) \
+        == ["eval_clip"]
+    assert reusable_parts({}, FULL) == []
 
 
 def test_parts_are_deterministic_on_the_cpu() -> None:

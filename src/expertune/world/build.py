@@ -242,6 +242,59 @@ def _reusable(name: str, work: Path, recipe_name: str) -> bool:
     return json.loads(done.read_text()).get("key") == json.loads(json.dumps(part_key(name, RECIPES[recipe_name])))
 
 
+def reusable_parts(earlier_recipe: dict, recipe: BuildRecipe) -> list[str]:
+    """The parts an earlier build (its manifest's `recipe`) made exactly as `recipe` would, and may lend.
+
+    A part is lent when its key (its own recipe and its inputs') is unchanged, and only when no part that is
+    rebuilt takes it as an input: a lent part comes from the earlier build's fp16 files, and a part trained
+    on fp16-rounded inputs would differ from the same part built from nothing.
+    """
+    def key_of(name: str, source: dict) -> dict:
+        return {"evaluation_images": source.get("evaluation_images"), **{p: source.get(p) for p in INPUTS[name]}}
+
+    current = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    lent = {name for name in PARTS if key_of(name, earlier_recipe) == key_of(name, current)}
+    changed = True
+    while changed:
+        changed = False
+        for name in list(lent):
+            if any(name in INPUTS[other] and other not in lent for other in PARTS):
+                lent.discard(name)
+                changed = True
+    return [name for name in PARTS if name in lent]
+
+
+# Where each part's output lies in a finished build, and where its work files go.
+_LENT_FILES = {"vae": (("base/vae", "vae"),),
+               "text_encoders": tuple((f"base/{d}", d) for d in ("text_encoder", "text_encoder_2", "tokenizer",
+                                                                  "tokenizer_2")),
+               "unet": (("base", "unet_run/pipeline"),),
+               "eval_clip": (("clip", "clip"),)}
+
+
+def lend_parts(earlier: Path, work: Path, recipe_name: str) -> list[str]:
+    """Seed `work` with the parts of the verified build at `earlier` that `reusable_parts` allows; their names."""
+    problems = verify_world(earlier)
+    if problems:
+        raise ExpertuneError(f"world build --reuse {earlier}: it does not match its manifest ({problems[0]}); "
+                             f"restore it from git or build without --reuse")
+    manifest = json.loads((earlier / "manifest.json").read_text())
+    lent = reusable_parts(manifest.get("recipe", {}), RECIPES[recipe_name])
+    rows: dict[str, list[dict]] = {}
+    for line in (earlier / "build_log.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["part"], []).append(row)
+    for name in lent:
+        for source, target in _LENT_FILES[name]:
+            shutil.rmtree(work / target, ignore_errors=True)
+            shutil.copytree(earlier / source, work / target)
+        atomic_write_json(work / f"{name}.json", {
+            "figures": manifest["figures"][name], "log": rows.get(name, []), "seconds": manifest["seconds"][name],
+            "key": part_key(name, RECIPES[recipe_name]), "lent_from": str(earlier)})
+    return lent
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Orchestration and the manifest
 # ---------------------------------------------------------------------------------------------------------
@@ -278,13 +331,21 @@ def _export_base(work: Path, target: Path) -> None:
     pipeline = StableDiffusionXLPipeline.from_pretrained(str(work / "unet_run" / "pipeline"), use_safetensors=True)
     pipeline.scheduler = EulerDiscreteScheduler(**tiny_scheduler_config())
     pipeline.to(torch.float16)
+    # diffusers records where each part was loaded from (`_name_or_path`): a fixed name, not the work folder,
+    # so two builds write the same bytes.
+    for name, component in pipeline.components.items():
+        if hasattr(component, "register_to_config"):
+            component.register_to_config(_name_or_path=f"expertune-world/base/{name}")
+    pipeline.register_to_config(_name_or_path="expertune-world/base")
     pipeline.save_pretrained(str(target), safe_serialization=True)
 
 
 def _export_clip(work: Path, target: Path) -> None:
     from transformers import CLIPModel, CLIPProcessor
 
-    CLIPModel.from_pretrained(str(work / "clip")).to(torch.float16).save_pretrained(str(target), safe_serialization=True)
+    # Loaded as float32 whatever the stored dtype (a part lent by --reuse is fp16), so the saved config is the same.
+    model = CLIPModel.from_pretrained(str(work / "clip"), dtype=torch.float32)
+    model.to(torch.float16).save_pretrained(str(target), safe_serialization=True)
     CLIPProcessor.from_pretrained(str(work / "clip")).save_pretrained(str(target))
 
 
@@ -293,8 +354,13 @@ def file_table(root: Path) -> dict[str, dict]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
-def build_world(out: str | os.PathLike, recipe_name: str = "full", work: str | os.PathLike | None = None) -> dict:
-    """Build the world model into `out` (replaced atomically); returns the manifest."""
+def build_world(out: str | os.PathLike, recipe_name: str = "full", work: str | os.PathLike | None = None,
+                reuse: str | os.PathLike | None = None) -> dict:
+    """Build the world model into `out` (replaced atomically); returns the manifest.
+
+    `reuse`: an earlier build whose unchanged parts are taken instead of trained again (`lend_parts`); the
+    result is the same as a build from nothing, since every part is deterministic.
+    """
     if recipe_name not in RECIPES:
         raise ExpertuneError(f"unknown world recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
     started = time.perf_counter()
@@ -304,6 +370,9 @@ def build_world(out: str | os.PathLike, recipe_name: str = "full", work: str | o
     work_dir = Path(work).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
+        lent = lend_parts(Path(reuse), work_dir, recipe_name) if reuse is not None else []
+        if lent:
+            log.info("world build: parts %s taken from %s (unchanged recipes)", ", ".join(lent), reuse)
         for phase in PHASES:
             _run_phase(phase, work_dir, recipe_name)
         parts = {name: json.loads((work_dir / f"{name}.json").read_text()) for name in PARTS}
@@ -327,6 +396,8 @@ def build_world(out: str | os.PathLike, recipe_name: str = "full", work: str | o
                 "seconds": {**{name: parts[name]["seconds"] for name in PARTS},
                             "from_nothing": round(sum(max(parts[n]["seconds"] for n in phase) for phase in PHASES), 1),
                             "this_invocation": round(time.perf_counter() - started, 1)},
+                # The parts this invocation took from an earlier build (--reuse) instead of training them.
+                "lent_parts": [name for name in PARTS if "lent_from" in parts[name]],
                 "weights_bytes": weights,
                 "versions": _versions(),
                 "files": files,
