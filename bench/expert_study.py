@@ -88,8 +88,20 @@ def evaluation_set(seed: int = 4242, seen: int = 24, repeats: int = 2):
     return scenes(list(HELD_OUT), repeats, seed) + scenes(rng.sample(training_combinations(), seen), 1, seed + 1)
 
 
+def finished_run(output: Path, steps: int, seed: int) -> bool:
+    """Whether `output` holds a finished training run of `steps` steps at `seed` (its run.json says so)."""
+    try:
+        run = json.loads((output / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return run.get("steps") == steps and run.get("config", {}).get("train", {}).get("seed") == seed
+
+
 def run_task(task: dict) -> dict:
-    """Train one arm at one seed and evaluate its chain (in a single-threaded worker process)."""
+    """Train one arm at one seed and evaluate its chain (in a single-threaded worker process).
+
+    With `task["evaluate_only"]`, the runs already under `task["out"]` are evaluated instead (each must be a
+    finished run of the planned steps and seed)."""
     import torch
 
     torch.set_num_threads(1)
@@ -106,11 +118,16 @@ def run_task(task: dict) -> dict:
     outputs: dict[str, Path] = {"base": Path(task["base"])}
     for name, band, steps, start in plan(task["arm"], task["steps"]):
         start_model = outputs[start] if start == "base" else outputs[start] / "pipeline"
+        outputs[name] = root / name
+        if task.get("evaluate_only"):
+            if not finished_run(root / name, steps, task["seed"]):
+                raise SystemExit(f"--evaluate_only: {root / name} is not a finished run of {steps} steps at seed "
+                                 f"{task['seed']}; run the study without --evaluate_only")
+            continue
         flags = train_flags(start_model, root / name, Path(task["dataloader"]), band, steps, task["seed"],
                             task["learning_rate"])
         config, _ = load_config(flags)
         train(config)
-        outputs[name] = root / name
     if task["arm"] in MIXTURES:
         from expertune.infer.chain import mixture_expert_paths
 
@@ -219,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/expert_study")
     parser.add_argument("--world", default=None, help="world model dir (default: the committed one)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms to run (of {', '.join(ARMS)})")
+    parser.add_argument("--evaluate_only", action="store_true",
+                        help="evaluate the runs already trained under --out (each a finished run of the same S and "
+                        "seed, else refused) instead of training them: for a change to the evaluation alone, such "
+                        "as a rebuilt evaluation CLIP; the chains' samples are the same (fixed seeds)")
     parser.add_argument("--merge", default=None,
                         help="an earlier results.json (same S and seeds) whose arms not run now join the summary")
     args = parser.parse_args(argv)
@@ -243,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     # One cache for every run: built once here, then only read.
     cache_only(load_config(train_flags(base, out / "cache_run", dataloader, (0, 999), 1, 0, 1e-4))[0], progress=False)
     tasks = [{"arm": arm, "seed": seed, "steps": steps, "out": str(out), "base": str(base), "clip": str(clip),
-              "dataloader": str(dataloader), "learning_rate": args.learning_rate}
+              "dataloader": str(dataloader), "learning_rate": args.learning_rate, "evaluate_only": args.evaluate_only}
              for seed in range(seeds) for arm in arms]
     environment_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.environ.update(environment_threads)

@@ -103,3 +103,12 @@ def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: P
     losses = [k for k in result if k.startswith("eval/loss_")]
     assert len(losses) == 8 and result["eval/loss"] > 0
     assert 0 <= result["colour/both"] <= 1 and 0 <= result["clip"] <= 100
+    # --evaluate_only scores the same trained runs again: the same figures (fixed seeds), no training.
+    task = {"arm": "branching", "seed": 0, "steps": 4, "out": str(tmp_path), **_world_models(),
+            "dataloader": str(dataloader), "learning_rate": 1e-4, "seen": 4, "repeats": 1, "evaluate_only": True}
+    metrics = (tmp_path / "branching" / "seed0" / "shared" / "metrics.jsonl").read_text()
+    again = study.run_task(task)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    assert (tmp_path / "branching" / "seed0" / "shared" / "metrics.jsonl").read_text() == metrics
+    with pytest.raises(SystemExit, match="stage1 is not a finished run of 2 steps"):  # S = 5: stage 1 gets 2, not 1
+        study.run_task({**task, "steps": 5})
