@@ -107,16 +107,19 @@ class Scene:
         return self.combination.caption
 
 
-def random_scene(combination: Combination, rng: random.Random) -> Scene:
-    radius = rng.uniform(*RADIUS_RANGE)
+def random_scene(combination: Combination, rng: random.Random,
+                 radius_range: tuple[float, float] = RADIUS_RANGE) -> Scene:
+    radius = rng.uniform(*radius_range)
     centre = (0.5 + rng.uniform(-MAX_OFFSET, MAX_OFFSET), 0.5 + rng.uniform(-MAX_OFFSET, MAX_OFFSET))
     return Scene(combination, radius, centre, rng.uniform(0.0, 2.0 * math.pi))
 
 
-def scenes(combinations: list[Combination], per_combination: int, seed: int) -> list[Scene]:
-    """`per_combination` seeded scenes of each combination, in combination order."""
+def scenes(combinations: list[Combination], per_combination: int, seed: int,
+           radius_range: tuple[float, float] = RADIUS_RANGE) -> list[Scene]:
+    """`per_combination` seeded scenes of each combination, in combination order (`radius_range`: the
+    circumradii drawn; the world's own by default)."""
     rng = random.Random(seed)
-    return [random_scene(c, rng) for c in combinations for _ in range(per_combination)]
+    return [random_scene(c, rng, radius_range) for c in combinations for _ in range(per_combination)]
 
 
 def _polygon(scene: Scene, corners: int, side: float) -> list[tuple[float, float]]:
