@@ -59,6 +59,12 @@ def test_reuse_lends_only_unchanged_parts_whose_dependants_are_unchanged() -> No
     assert reusable_parts(earlier, dataclasses.replace(FULL, vae=dataclasses.replace(FULL.vae, seed=9))) \
         == ["eval_clip"]
     assert reusable_parts({}, FULL) == []
+    # A recipe field added since the earlier build reads as its default there; set to anything else, it is new.
+    older = json.loads(json.dumps(earlier))
+    del older["text_encoders"]["radius_range"]
+    assert reusable_parts(older, FULL) == ["vae", "text_encoders", "unet", "eval_clip"]
+    assert reusable_parts(older, dataclasses.replace(
+        FULL, text_encoders=dataclasses.replace(FULL.text_encoders, radius_range=(0.2, 0.4)))) == ["eval_clip"]
 
 
 def test_parts_are_deterministic_on_the_cpu() -> None:

@@ -56,8 +56,11 @@ class UnetRecipe:
 class BuildRecipe:
     vae: VaeRecipe = field(default_factory=VaeRecipe)
     text_encoders: ClipRecipe = field(default_factory=lambda: ClipRecipe(steps=1500, seed=1))
+    # The evaluation CLIP sees 32 px (patch 4: 64 tokens) and trains on sizes wider than the world's, so that
+    # only outlines tell its shapes apart (clip._Batches).
     eval_clip: ClipRecipe = field(default_factory=lambda: ClipRecipe(
-        steps=5000, seed=2, image_size=64, patch_size=8, vision_layers=4, shape_siblings=True))
+        steps=5000, seed=2, image_size=32, patch_size=4, vision_layers=4, shape_siblings=True,
+        radius_range=(0.18, 0.45)))
     unet: UnetRecipe = field(default_factory=UnetRecipe)
     evaluation_images: int = 2  # per combination, for PSNR and zero-shot accuracy
 
@@ -67,7 +70,8 @@ FULL = BuildRecipe()
 MINIATURE = BuildRecipe(
     vae=VaeRecipe(crop_steps=3, full_steps=2),
     text_encoders=ClipRecipe(steps=3, seed=1),
-    eval_clip=ClipRecipe(steps=3, seed=2, image_size=64, patch_size=8, vision_layers=4, shape_siblings=True),
+    eval_clip=ClipRecipe(steps=3, seed=2, image_size=32, patch_size=4, vision_layers=4, shape_siblings=True,
+                         radius_range=(0.18, 0.45)),
     unet=UnetRecipe(steps=3, batch=4, warmup_steps=1, images_per_combination=1),
     evaluation_images=1,
 )
@@ -245,12 +249,19 @@ def _reusable(name: str, work: Path, recipe_name: str) -> bool:
 def reusable_parts(earlier_recipe: dict, recipe: BuildRecipe) -> list[str]:
     """The parts an earlier build (its manifest's `recipe`) made exactly as `recipe` would, and may lend.
 
-    A part is lent when its key (its own recipe and its inputs') is unchanged, and only when no part that is
+    A part is lent when its key (its own recipe and its inputs') is unchanged (a recipe field added since then
+    counts as its default in the earlier build), and only when no part that is
     rebuilt takes it as an input: a lent part comes from the earlier build's fp16 files, and a part trained
     on fp16-rounded inputs would differ from the same part built from nothing.
     """
+    def defaults(part: str) -> dict:
+        """A part recipe's field defaults: a field added since the earlier build reads as its default there."""
+        return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(getattr(recipe, part))
+                                      if f.default is not dataclasses.MISSING}))
+
     def key_of(name: str, source: dict) -> dict:
-        return {"evaluation_images": source.get("evaluation_images"), **{p: source.get(p) for p in INPUTS[name]}}
+        parts = {p: {**defaults(p), **source[p]} if isinstance(source.get(p), dict) else None for p in INPUTS[name]}
+        return {"evaluation_images": source.get("evaluation_images"), **parts}
 
     current = json.loads(json.dumps(dataclasses.asdict(recipe)))
     lent = {name for name in PARTS if key_of(name, earlier_recipe) == key_of(name, current)}
