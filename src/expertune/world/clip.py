@@ -147,8 +147,8 @@ def train_eval_clip(tokenizer, combinations: list[Combination], recipe: ClipReci
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == recipe.steps - 1:
-            rows.append({"part": "eval_clip", "step": step, "loss": round(float(loss), 6)})
-            log.info("eval clip step %d/%d loss %.4f", step, recipe.steps, float(loss))
+            rows.append({"part": "eval_clip", "step": step, "loss": round(loss.item(), 6)})
+            log.info("eval clip step %d/%d loss %.4f", step, recipe.steps, loss.item())
     model.eval()
     return model, processor, rows
 
@@ -185,9 +185,9 @@ def train_text_encoders(tokenizer_1, tokenizer_2, combinations: list[Combination
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == recipe.steps - 1:
-            rows.append({"part": "text_encoders", "step": step, "loss_text_encoder": round(float(loss_1), 6),
-                         "loss_text_encoder_2": round(float(loss_2), 6)})
-            log.info("text encoders step %d/%d loss %.4f / %.4f", step, recipe.steps, float(loss_1), float(loss_2))
+            rows.append({"part": "text_encoders", "step": step, "loss_text_encoder": round(loss_1.item(), 6),
+                         "loss_text_encoder_2": round(loss_2.item(), 6)})
+            log.info("text encoders step %d/%d loss %.4f / %.4f", step, recipe.steps, loss_1.item(), loss_2.item())
     text_2_model = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(TEXT_ENCODER_2, tokenizer_2)))
     state = {k: v for k, v in clip.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
     text_2_model.load_state_dict(state)
