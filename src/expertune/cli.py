@@ -320,7 +320,7 @@ def _add_model_verbs(verbs: Any) -> None:
         "every file and the build's figures) and is replaced only when the build succeeds.")
     build.add_argument("directory")
     build.add_argument("--recipe", default="full", choices=("full", "miniature"),
-                       help="full: the committed model (about 35 min on 2 cores); miniature: a few steps of each part")
+                       help="full: the committed model (about 26 min on 2 cores); miniature: a few steps of each part")
     build.add_argument("--work", default=None, help="keep the intermediate files here (default: a temporary dir)")
     build.add_argument("--reuse", default=None, metavar="EARLIER_DIR",
                        help="take the parts of an earlier build (verified against its manifest) whose recipes are "
