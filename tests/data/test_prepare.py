@@ -135,3 +135,26 @@ def test_changed_image_or_vae_reencodes_exactly_the_affected_entries(tiny_model_
 def _item(prepared: PreparedData, name: str):
     item = next(item for item in prepared.unique_items if item.record.path.name == name)
     return item.record, item.spec
+
+
+def test_the_cycle_collector_pauses_only_where_asked_and_comes_back() -> None:
+    import gc
+
+    from expertune.data.prepare import _cycle_collector_paused
+
+    assert gc.isenabled()
+    with _cycle_collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with _cycle_collector_paused(False):  # a bucket's listing and fetches
+        assert gc.isenabled()
+    with pytest.raises(RuntimeError), _cycle_collector_paused():
+        raise RuntimeError("a failure inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _cycle_collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own pause is left as it was
+    finally:
+        gc.enable()
