@@ -102,6 +102,9 @@ class LatentCache:
         self.fingerprint = module_fingerprint(vae)
         self._stores: dict[Path, CacheStore] = {}
         self._plan_kinds: dict[BucketRule, str] = {}
+        # What a latent's key covers besides the image and its crop: the same for every image of this cache.
+        self._key_settings = {"decode": DECODE_VERSION, "resample": RESAMPLE_NAME, "flip": False,
+                              "vae": self.fingerprint, "vae_dtype": str(self.dtype), "statistic": LATENT_STATISTIC}
         self.index = index if index is not None else FileIndex(None)
 
     def with_time_ids(self, time_ids: TimeIdLayout) -> LatentCache:
@@ -148,9 +151,7 @@ class LatentCache:
         """The file index kind of the plans made under `spec`'s sizing and this cache's settings."""
         kind = self._plan_kinds.get(spec.rule)
         if kind is None:
-            settings = {"rule": dataclasses.asdict(spec.rule), "seed": self.seed, "vae": self.fingerprint,
-                        "vae_dtype": str(self.dtype), "decode": DECODE_VERSION, "resample": RESAMPLE_NAME,
-                        "statistic": LATENT_STATISTIC}
+            settings = {"rule": dataclasses.asdict(spec.rule), "seed": self.seed, **self._key_settings}
             kind = self._plan_kinds[spec.rule] = f"{PLAN_KIND}:{cache_key(PLAN_KIND, settings)[:16]}"
         return kind
 
@@ -177,16 +178,11 @@ class LatentCache:
         plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
         parts = {
             "image_sha256": info.digest,
-            "decode": DECODE_VERSION,
             "original_size": plan.original_size,
             "resized_size": plan.resized_size,
             "crop_top_left": plan.crop_top_left,
             "target_size": plan.target_size,
-            "resample": RESAMPLE_NAME,
-            "flip": False,
-            "vae": self.fingerprint,
-            "vae_dtype": str(self.dtype),
-            "statistic": LATENT_STATISTIC,
+            **self._key_settings,
         }
         planned = LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
         self.index.put(kind, stamp, {"key": planned.key, "sha256": info.digest, "o": plan.original_size,

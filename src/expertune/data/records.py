@@ -58,7 +58,7 @@ class _Listed(NamedTuple):
 
     path: str
     stamp: FileStamp | None  # None when it cannot be stat'ed (a dangling link): reading it will say why
-    caption_stamp: FileStamp | None  # the sibling `<stem>.txt`'s stamp; None when the listing has no such file
+    caption_stamp: FileStamp | None  # the sibling `<stem>.txt`'s stamp; None when the listing has none
 
 
 def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
@@ -93,22 +93,17 @@ def _walk_images(directory: Path) -> list[_Listed]:
         absolute = prefix if os.path.isabs(root) else os.path.abspath(root) + os.sep
         folders = []
         for name, entry in entries.items():
-            dot = name.rfind(".")
-            if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
-                try:
-                    is_folder = entry.is_dir()  # follows a link
-                except OSError:
-                    is_folder = False
-                if not is_folder:
-                    caption = entries.get(name[:dot] + ".txt")
-                    found.append(_Listed(prefix + name, _entry_stamp(absolute + name, entry),
-                                         None if caption is None else _entry_stamp(absolute + caption.name, caption)))
-                    continue
             try:
-                if entry.is_dir():
-                    folders.append(prefix + name)
+                is_folder = entry.is_dir()  # from the listing; follows a link
             except OSError:
-                pass
+                is_folder = False
+            dot = name.rfind(".")
+            if is_folder:
+                folders.append(prefix + name)
+            elif dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
+                caption = entries.get(name[:dot] + ".txt")
+                found.append(_Listed(prefix + name, _entry_stamp(absolute + name, entry),
+                                     None if caption is None else _entry_stamp(absolute + caption.name, caption)))
         pending.extend(sorted(folders, reverse=True))
     found.sort(key=lambda listed: listed.path.split(os.sep))  # the order of Path's own comparison, part by part
     return found
@@ -389,12 +384,8 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
     for found in listed:
         path = Path(found.path)
         reason: str | None = None
-        captions: tuple[str, ...]
         if spec.caption_strategy == "textfile":
-            if found.caption_stamp is None:
-                captions, reason = (), f"caption file {os.path.splitext(found.path)[0]}.txt is missing"
-            else:
-                captions, reason = _captions_from_textfile(found.path, index, found.caption_stamp)
+            captions, reason = _captions_from_textfile(found.path, index, found.caption_stamp)
         else:
             captions, reason = _other_captions(spec, path)
         if reason is not None:

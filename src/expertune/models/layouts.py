@@ -8,6 +8,7 @@ the toy model (`models/tiny.py`) builds on them, never the other way round.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,14 @@ def ssd1b_unet_config() -> dict:
     return config
 
 
+# The SDXL refiner's block layout: four blocks, attention in the middle two and in the mid block.
+REFINER_BLOCKS: dict[str, Any] = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+)
+
+
 def sdxl_refiner_unet_config() -> dict:
     """The SDXL refiner UNet (2.3B parameters): four blocks of 384 base channels, attention in the middle two
     (four transformer layers each, 64-channel heads), bigG-only cross-attention (1280), and an added embedding
@@ -106,9 +115,7 @@ def sdxl_refiner_unet_config() -> dict:
         sample_size=128,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
+        **REFINER_BLOCKS,
         block_out_channels=(384, 768, 1536, 1536),
         layers_per_block=2,
         attention_head_dim=(6, 12, 24, 24),

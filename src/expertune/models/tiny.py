@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from expertune.io_utils import staged_directory
-from expertune.models.layouts import PipelineLayout, TextEncoderShape, vae_config
+from expertune.models.layouts import REFINER_BLOCKS, PipelineLayout, TextEncoderShape, vae_config
 
 TEXT_ENCODER_1_WIDTH = 16
 TEXT_ENCODER_2_WIDTH = 32
@@ -119,9 +119,7 @@ def tiny_refiner_unet_config(sample_size: int = 16, *, text_width: int = TEXT_EN
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
+        **REFINER_BLOCKS,
         block_out_channels=(16, 32, 48, 48),
         layers_per_block=1,
         norm_num_groups=16,
