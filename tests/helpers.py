@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 # Small, fast settings layered on top as flags, the way a user overrides a config.env.
 FAST_FLAGS = [
     "--max_train_steps=3",
@@ -162,3 +164,13 @@ def kill_and_resume(launch: Callable[..., subprocess.Popen], output: Path, *, se
         assert code == -signal.SIGKILL, out
     assert killed >= 1 and code == 0, out
     return killed
+
+
+class FakeAccelerator:
+    """The three things the Validator asks of accelerate's Accelerator (CPU, main process, `log`), no tracker."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+
+    def log(self, values, step):  # noqa: D401 - same signature as Accelerator.log
+        self.logged = (values, step)

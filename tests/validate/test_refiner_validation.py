@@ -9,20 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import FakeAccelerator
 from expertune.config import load_config
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.train.setup import noise_schedule_for
 from expertune.validate.plan import build_plan
 from expertune.validate.samples import Validator, first_timestep_below
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-    is_main_process = True
-
-    def log(self, values, step):  # noqa: D401 - same signature as Accelerator.log
-        self.logged = (values, step)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def _validator(setup, band: ExpertBand, output_dir: Path, **validation) -> Valid
     config, components, schedule, prepared = setup
     config = replace(config, validation=replace(config.validation, **validation))
     plan = build_plan(config, band, schedule, output_dir)
-    return Validator(config, plan, components, schedule, band, prepared, _Accelerator(), output_dir)
+    return Validator(config, plan, components, schedule, band, prepared, FakeAccelerator(), output_dir)
 
 
 def test_the_run_reads_the_refiner_caches(refiner_setup) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import FakeAccelerator
 from expertune.config import load_config
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule
@@ -35,16 +36,6 @@ def test_validation_scheduler_carries_the_trained_parameterisation(tiny_model_di
     assert int(first_timestep_below(scheduler, 40, ExpertBand(0, 349))[0]) == 349
     assert int(first_timestep_below(scheduler, 30, ExpertBand(0, 349))[0]) == 332
     assert int(first_timestep_below(scheduler, 30, ExpertBand(350, 999))[0]) == 999
-
-
-class _Accelerator:
-    """The three things the Validator asks of accelerate's Accelerator, with no tracker."""
-
-    device = torch.device("cpu")
-    is_main_process = True
-
-    def log(self, values, step):  # noqa: D401 - same signature as Accelerator.log
-        self.logged = (values, step)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def _validator(setup, band: ExpertBand, output_dir: Path, **validation) -> Valid
     config, components, schedule, prepared = setup
     config = replace(config, validation=replace(config.validation, **validation))
     plan = build_plan(config, band, schedule, output_dir)
-    return Validator(config, plan, components, schedule, band, prepared, _Accelerator(), output_dir)
+    return Validator(config, plan, components, schedule, band, prepared, FakeAccelerator(), output_dir)
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

@@ -71,19 +71,18 @@ def _world_dataloader(folder: Path) -> Path:
     return write_dataloader_config(folder / "dataloader.json", images, folder / "cache", 64)
 
 
-def _world_models() -> dict[str, str]:
+def _world_task(arm: str, steps: int, folder: Path) -> dict:
+    """A study task on the committed world model over `_world_dataloader`, scored on a small evaluation set."""
     from expertune.world import PRETRAINED
 
-    return {"base": str(PRETRAINED / "base"), "clip": str(PRETRAINED / "clip")}
+    return {"arm": arm, "seed": 0, "steps": steps, "out": str(folder), "base": str(PRETRAINED / "base"),
+            "clip": str(PRETRAINED / "clip"), "dataloader": str(_world_dataloader(folder)), "learning_rate": 1e-4,
+            "seen": 4, "repeats": 1}
 
 
 @pytest.mark.integration
 def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_path: Path) -> None:
-    dataloader = _world_dataloader(tmp_path)
-    result = study.run_task({"arm": "three_experts", "seed": 0, "steps": 3, "out": str(tmp_path),
-                             **_world_models(),
-                             "dataloader": str(dataloader), "learning_rate": 1e-4,
-                             "seen": 4, "repeats": 1})
+    result = study.run_task(_world_task("three_experts", 3, tmp_path))
     run = tmp_path / "three_experts" / "seed0" / "mixture"
     assert [(run / f"expert-{k}" / "pipeline" / "expert.json").is_file() for k in range(3)] == [True] * 3
     assert (run / "mixture.json").is_file()
@@ -92,11 +91,8 @@ def test_a_three_expert_task_trains_one_mixture_job_and_scores_its_chain(tmp_pat
 
 @pytest.mark.integration
 def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: Path) -> None:
-    dataloader = _world_dataloader(tmp_path)
-    result = study.run_task({"arm": "branching", "seed": 0, "steps": 4, "out": str(tmp_path),
-                             **_world_models(),
-                             "dataloader": str(dataloader), "learning_rate": 1e-4,
-                             "seen": 4, "repeats": 1})
+    task = _world_task("branching", 4, tmp_path)
+    result = study.run_task(task)
     assert [p.name for p in (tmp_path / "branching" / "seed0").iterdir() if p.is_dir()] != []
     for name in ("shared", "stage1", "stage2"):
         assert (tmp_path / "branching" / "seed0" / name / "pipeline" / "expert.json").is_file()
@@ -104,8 +100,7 @@ def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: P
     assert len(losses) == 8 and result["eval/loss"] > 0
     assert 0 <= result["colour/both"] <= 1 and 0 <= result["clip"] <= 100
     # --evaluate_only scores the same trained runs again: the same figures (fixed seeds), no training.
-    task = {"arm": "branching", "seed": 0, "steps": 4, "out": str(tmp_path), **_world_models(),
-            "dataloader": str(dataloader), "learning_rate": 1e-4, "seen": 4, "repeats": 1, "evaluate_only": True}
+    task = {**task, "evaluate_only": True}
     metrics = (tmp_path / "branching" / "seed0" / "shared" / "metrics.jsonl").read_text()
     again = study.run_task(task)
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
