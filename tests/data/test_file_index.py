@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from expertune.cache import latents
 from expertune.cache.latents import LatentCache
 from expertune.data.buckets import BucketRule
 from expertune.data.dataloader import DatasetSpec
-from expertune.data.file_index import FileIndex, FileStamp, local_stamp
+from expertune.data.file_index import FOLDER_INDEX_NAME, INDEX_NAME, FileIndex, FileStamp, local_stamp
 from expertune.data.records import _walk_images, discover_records
 
 
@@ -104,7 +105,11 @@ def _plan_all(spec: DatasetSpec, vae, index_path: Path) -> list[str]:
     cache = LatentCache(vae, seed=0, batch_size=2, index=index)
     records, skipped = discover_records(spec, index)
     assert not skipped
-    keys = [cache.planned(record, spec).key for record in records]
+    keys = []
+    for record, planned in cache.plan_each(records, spec):  # as prepare does: a folder at a time
+        assert not isinstance(planned, Exception), planned
+        assert cache.planned(record, spec) is planned  # what `ensure` and `load` then ask costs no lookup
+        keys.append(planned.key)
     index.flush()
     return keys
 
@@ -177,3 +182,59 @@ def test_the_walk_stamps_images_and_captions_as_a_stat_does(tmp_path: Path, monk
     records, skipped = discover_records(dataclasses.replace(spec, instance_data_dir=Path("images")), FileIndex(None))
     assert [r.captions for r in records] == [("caption 0",), ("caption 1",), ("deep",)]
     assert [Path(s.path).name for s in skipped] == ["uncaptioned.jpg"] and "is missing" in skipped[0].reason
+
+
+def _plan_without_per_file_lines(spec: DatasetSpec, vae, cache_dir: Path, scratch: Path) -> list[str]:
+    """`_plan_all` over a copy of `cache_dir` that has the folder entries only."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    shutil.copy(cache_dir / FOLDER_INDEX_NAME, scratch / FOLDER_INDEX_NAME)
+    keys = _plan_all(spec, vae, scratch / INDEX_NAME)
+    assert not (scratch / INDEX_NAME).exists()  # nothing was learnt anew
+    return keys
+
+
+def test_unchanged_folders_need_no_per_file_entry_and_an_edit_costs_its_files_only(
+        tmp_path: Path, vae, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _dataset(tmp_path, 4)
+    cache_dir = tmp_path / "cache"
+    index_path = cache_dir / INDEX_NAME
+    reads = _Reads(monkeypatch)
+    cold = _plan_all(spec, vae, index_path)
+    reads.paths.clear()
+    # Without the per-file lines an unchanged folder still reads nothing: its two folder entries hold all.
+    assert _plan_without_per_file_lines(spec, vae, cache_dir, tmp_path / "scratch") == cold
+    assert reads.paths == []
+    # A new image (its folder's listing changes): only it is read; the others come from their per-file entries.
+    Image.new("RGB", (48, 40), "blue").save(spec.instance_data_dir / "img_9.png")
+    (spec.instance_data_dir / "img_9.txt").write_text("caption 9\n")
+    grown = _plan_all(spec, vae, index_path)
+    assert sorted(Path(p).name for p in reads.paths) == ["img_9.png", "img_9.png", "img_9.txt"]
+    assert len(grown) == 5 and set(cold) < set(grown)
+    reads.paths.clear()  # the folder entries were rewritten: again, they alone suffice
+    assert _plan_without_per_file_lines(spec, vae, cache_dir, tmp_path / "scratch") == grown
+    assert reads.paths == []
+    # An image rewritten in place (same inode: its folder's mtime does not move) is noticed by its own stamp.
+    target = spec.instance_data_dir / "img_1.png"
+    folder_mtime = os.stat(spec.instance_data_dir).st_mtime_ns
+    replacement = tmp_path / "replacement.png"
+    Image.new("RGB", (48, 40), "green").save(replacement)
+    with open(target, "r+b") as stream:
+        stream.write(replacement.read_bytes())
+        stream.truncate()
+    assert os.stat(spec.instance_data_dir).st_mtime_ns == folder_mtime
+    reads.paths.clear()
+    edited = _plan_all(spec, vae, index_path)
+    assert [Path(p).name for p in reads.paths] == ["img_1.png", "img_1.png"]
+    assert edited[1] != grown[1] and edited[:1] + edited[2:] == grown[:1] + grown[2:]
+
+
+def test_a_folder_entry_of_another_shape_is_planned_again(tmp_path: Path, vae) -> None:
+    spec = _dataset(tmp_path, 2)
+    index_path = tmp_path / "cache" / INDEX_NAME
+    cold = _plan_all(spec, vae, index_path)
+    folders = index_path.with_name(FOLDER_INDEX_NAME)
+    text = folders.read_text()
+    assert '"p":' in text and '"c":' in text
+    folders.write_text(text.replace('"p":{', '"p":{"img_0.png":[1,2],"x":'))  # a torn or foreign plan list
+    assert _plan_all(spec, vae, index_path) == cold

@@ -19,10 +19,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -83,6 +83,22 @@ class LatentPlan:
     plan: CropPlan
 
 
+def _plan_fields(planned: LatentPlan) -> list[Any]:
+    """A plan as the flat list the whole-folder index entries keep: key, hash, then the CropPlan's four sizes."""
+    plan = planned.plan
+    return [planned.key, planned.digest, *plan.original_size, *plan.resized_size, *plan.crop_top_left,
+            *plan.target_size]
+
+
+def _plan_from_fields(fields: list[Any]) -> LatentPlan:
+    """The inverse of `_plan_fields`; ValueError for a list of another shape (another build's entry)."""
+    key, digest, o0, o1, r0, r1, c0, c1, t0, t1 = fields  # ValueError unless ten
+    if type(key) is not str or type(digest) is not str or set(map(type, fields[2:])) != {int}:
+        raise ValueError(f"a remembered plan is two strings and eight integers, not {fields!r}")
+    return LatentPlan(key=key, digest=digest, plan=CropPlan(
+        original_size=(o0, o1), resized_size=(r0, r1), crop_top_left=(c0, c1), target_size=(t0, t1)))
+
+
 class LatentCache:
     """Encodes images into per-dataset stores (`spec.cache_dir_vae`) and reads them back."""
 
@@ -102,6 +118,7 @@ class LatentCache:
         self.fingerprint = module_fingerprint(vae)
         self._stores: dict[Path, CacheStore] = {}
         self._plan_kinds: dict[BucketRule, str] = {}
+        self._plans: dict[tuple[str, FileStamp], LatentPlan] = {}  # this process's plans: (plan kind, stamp) -> plan
         # What a latent's key covers besides the image and its crop: the same for every image of this cache.
         self._key_settings = {"decode": DECODE_VERSION, "resample": RESAMPLE_NAME, "flip": False,
                               "vae": self.fingerprint, "vae_dtype": str(self.dtype), "statistic": LATENT_STATISTIC}
@@ -163,31 +180,77 @@ class LatentCache:
         """
         stamp = self._stamp(record.path, record.stamp)
         kind = self._plan_kind(spec)
+        planned = self._plans.get((kind, stamp))
+        if planned is not None:
+            return planned
         memo = self.index.get(kind, stamp)
         if memo is not None:
             try:
-                return LatentPlan(key=str(memo["key"]), digest=str(memo["sha256"]), plan=CropPlan(
-                    original_size=(int(memo["o"][0]), int(memo["o"][1])),
-                    resized_size=(int(memo["r"][0]), int(memo["r"][1])),
-                    crop_top_left=(int(memo["c"][0]), int(memo["c"][1])),
-                    target_size=(int(memo["t"][0]), int(memo["t"][1]))))
-            except (KeyError, IndexError, TypeError, ValueError):
+                planned = _plan_from_fields([memo["key"], memo["sha256"], *memo["o"], *memo["r"], *memo["c"],
+                                             *memo["t"]])
+            except (KeyError, TypeError, ValueError):
                 pass  # another build's entry: plan it again
-        info = self.inspect(record.path, stamp)
-        # The random crop is drawn from the image *content*, so moving a dataset keeps its crops and cache.
-        plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
-        parts = {
-            "image_sha256": info.digest,
-            "original_size": plan.original_size,
-            "resized_size": plan.resized_size,
-            "crop_top_left": plan.crop_top_left,
-            "target_size": plan.target_size,
-            **self._key_settings,
-        }
-        planned = LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
-        self.index.put(kind, stamp, {"key": planned.key, "sha256": info.digest, "o": plan.original_size,
-                                     "r": plan.resized_size, "c": plan.crop_top_left, "t": plan.target_size})
+        if planned is None:
+            info = self.inspect(record.path, stamp)
+            # The random crop is drawn from the image *content*, so moving a dataset keeps its crops and cache.
+            plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
+            parts = {
+                "image_sha256": info.digest,
+                "original_size": plan.original_size,
+                "resized_size": plan.resized_size,
+                "crop_top_left": plan.crop_top_left,
+                "target_size": plan.target_size,
+                **self._key_settings,
+            }
+            planned = LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
+            self.index.put(kind, stamp, {"key": planned.key, "sha256": info.digest, "o": plan.original_size,
+                                         "r": plan.resized_size, "c": plan.crop_top_left, "t": plan.target_size})
+        self._plans[(kind, stamp)] = planned
         return planned
+
+    def plan_each(self, records: Sequence[ImageRecord], spec: DatasetSpec
+                  ) -> Iterator[tuple[ImageRecord, LatentPlan | DataError]]:
+        """(record, its `planned`) for each record in turn, or (record, the DataError that says why it cannot
+        be used). The folder entries are put in the index when the iteration ends: iterate to the end.
+
+        Records the walk gave a folder listing (`ImageRecord.listing`) are planned a folder at a time: one
+        whole-folder entry of the index (`FileIndex.folders`) holds the plans of every image of a folder whose
+        listing is unchanged, so a restart over an unchanged dataset does one lookup per folder, not per image.
+        """
+        kind = self._plan_kind(spec)
+        remembered: dict[str, dict[str, Any]] = {}  # folder -> {image name: plan fields} (empty: none, or changed)
+        learnt: dict[str, tuple[FileStamp, dict[str, Any]]] = {}  # folder -> (listing, plan fields to remember)
+        for record in records:
+            listing = record.listing
+            if listing is None or record.stamp is None:
+                try:
+                    yield record, self.planned(record, spec)
+                except DataError as error:
+                    yield record, error
+                continue
+            known = remembered.get(listing.identity)
+            if known is None:
+                value = self.index.folders.get(kind, listing)
+                known = remembered[listing.identity] = value.get("p", {}) if value is not None else {}
+            name = record.path.name
+            fields = known.get(name)
+            planned = self._plans.get((kind, record.stamp))
+            if planned is None and fields is not None:
+                try:
+                    planned = self._plans[(kind, record.stamp)] = _plan_from_fields(fields)
+                except (TypeError, ValueError):
+                    fields = None  # another build's entry: plan it again
+            if planned is None:
+                try:
+                    planned = self.planned(record, spec)
+                except DataError as error:
+                    yield record, error
+                    continue
+            if fields is None:
+                learnt.setdefault(listing.identity, (listing, {}))[1][name] = _plan_fields(planned)
+            yield record, planned
+        for listing, fields in learnt.values():
+            self.index.folders.put(kind, listing, {"p": {**remembered.get(listing.identity, {}), **fields}})
 
     def key_for(self, record: ImageRecord, spec: DatasetSpec) -> str:
         return self.planned(record, spec).key

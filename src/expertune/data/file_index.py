@@ -13,6 +13,10 @@ restart splits lines instead of parsing JSON; a value is parsed only when it is 
 unknown line is ignored (the file is only a cache: losing an entry costs one re-read, never a wrong
 answer, since the stamp must match exactly). When most lines are superseded the file is rewritten
 atomically (`compact`).
+
+Whole-folder entries live in a sibling file, `folder_index.jsonl` (`FileIndex.folders`): one line stands for
+every image of a folder whose listing is unchanged (its stamp's version digests every name, size and mtime
+in it), so a restart that finds every folder unchanged loads that small file and never this one's line per file.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from expertune.io_utils import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "file_index.jsonl"
+FOLDER_INDEX_NAME = "folder_index.jsonl"  # beside INDEX_NAME: the whole-folder entries (`FileIndex.folders`)
 INDEX_VERSION = 1  # bump when a value's meaning changes: older lines are then ignored
 
 
@@ -51,10 +56,14 @@ def local_stamp(path: str | os.PathLike) -> FileStamp:
 
 
 class FileIndex:
-    """Stamp -> JSON value, loaded once from `path` (None: in memory only), appended to by `flush`."""
+    """Stamp -> JSON value, loaded once from `path` (None: in memory only), appended to by `flush`.
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    `compact_after`: how many lines the file may hold before `flush` rewrites it when over half are superseded."""
+
+    def __init__(self, path: str | os.PathLike | None, *, compact_after: int = 1000) -> None:
         self.path = Path(path) if path is not None else None
+        self.compact_after = compact_after
+        self._folders: FileIndex | None = None
         # (kind, identity) -> (size, version, value: a dict, or its JSON text until first looked up)
         self._entries: dict[tuple[str, str], tuple[int, str, dict[str, Any] | str]] | None = None
         self._new: list[tuple[str, FileStamp, dict[str, Any]]] = []
@@ -64,6 +73,16 @@ class FileIndex:
 
     def __len__(self) -> int:
         return len(self._load())
+
+    @property
+    def folders(self) -> FileIndex:
+        """The whole-folder entries, kept in `folder_index.jsonl` beside this index and flushed with it.
+
+        Their lines are large (a folder's worth of values each), so few superseded ones are tolerated."""
+        if self._folders is None:
+            self._folders = FileIndex(self.path.with_name(FOLDER_INDEX_NAME) if self.path is not None else None,
+                                      compact_after=16)
+        return self._folders
 
     def _load(self) -> dict[tuple[str, str], tuple[int, str, dict[str, Any] | str]]:
         if self._entries is not None:
@@ -126,7 +145,10 @@ class FileIndex:
         return f"{INDEX_VERSION}\t{kind}\t{size}\t{version}\t{json.dumps(identity, ensure_ascii=False)}\t{data}\n"
 
     def flush(self) -> None:
-        """Append the entries added since the last flush (one write); compact when mostly superseded."""
+        """Append the entries added since the last flush (one write, and one to the folder entries' file);
+        compact when mostly superseded."""
+        if self._folders is not None:
+            self._folders.flush()
         if self.path is None or not self._new:
             self._new.clear()
             return
@@ -145,7 +167,7 @@ class FileIndex:
             return
         self._lines += len(self._new)
         self._new.clear()
-        if self._lines > 1000 and self._lines > 2 * len(self._load()):
+        if self._lines > self.compact_after and self._lines > 2 * len(self._load()):
             self.compact()
 
     def compact(self) -> None:

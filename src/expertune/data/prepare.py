@@ -147,12 +147,10 @@ def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips:
             _cycle_collector_paused():
         for spec, records in found:
             rule = spec.rule
-            for record in records:
+            for record, plan in latent_cache.plan_each(records, spec):
                 bar.update(1)
-                try:
-                    plan = latent_cache.planned(record, spec)
-                except DataError as error:  # empty, not an image, over the pixel limit
-                    skips.add(spec, record.path, str(error))
+                if isinstance(plan, DataError):  # empty, not an image, over the pixel limit
+                    skips.add(spec, record.path, str(plan))
                     continue
                 problem = rule.size_problem(plan.plan.original_size)
                 if problem is not None:

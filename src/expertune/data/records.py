@@ -8,6 +8,7 @@ logged and returned with the reason. Caption files are read once: their text is 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ class ImageRecord:
     stamp: FileStamp | None = None  # from the walk or the listing (size and mtime, or an ETag); None: stat `path`
     remote_key: str | None = None  # the object key of an `aws` entry's image
     declared_size: tuple[int, int] | None = None  # (h, w) a manifest gives; the file's header decides
+    listing: FileStamp | None = None  # the walk's `FolderListing.images` of its folder: whole-folder index entries
 
 
 class SkippedImage(NamedTuple):
@@ -53,12 +55,24 @@ class Discovery(NamedTuple):
 # Records
 
 
+class FolderListing(NamedTuple):
+    """What one folder's listing says of its images, as two stamps whose identity is the folder's absolute path
+    and whose version digests every image's name, size and mtime (`images`), or every image's name with its
+    caption file's size and mtime (`captions`): one index entry keyed by such a stamp stands for the whole folder
+    (`FileIndex.folders`), and any edit, addition or removal in the folder changes it."""
+
+    images: FileStamp
+    captions: FileStamp
+
+
 class _Listed(NamedTuple):
     """One image file found by the walk, with what the walk's directory listing already tells about it."""
 
     path: str
     stamp: FileStamp | None  # None when it cannot be stat'ed (a dangling link): reading it will say why
     caption_stamp: FileStamp | None  # the sibling `<stem>.txt`'s stamp; None when the listing has none
+    folder: FolderListing
+    name: str
 
 
 def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
@@ -69,11 +83,20 @@ def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
     return FileStamp(identity, stat.st_size, str(stat.st_mtime_ns))
 
 
+def _listing_digest(lines: list[str]) -> str:
+    return hashlib.blake2b("\n".join(sorted(lines)).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def _stamp_line(name: str, stamp: FileStamp | None) -> str:
+    return f"{name}\t-" if stamp is None else f"{name}\t{stamp.size}\t{stamp.version}"
+
+
 def _walk_images(directory: Path) -> list[_Listed]:
     """Images under `directory`, recursively, following links once; hidden names are skipped.
 
     One `scandir` a folder and one `stat` a file (the image's and its caption's stamps, as `local_stamp`
-    gives them), so a restart over an unchanged dataset costs a listing and the index lookups, nothing more.
+    gives them, and each folder's `FolderListing`), so a restart over an unchanged dataset costs a listing
+    and the index lookups, nothing more.
     """
     found: list[_Listed] = []
     visited: set[str] = set()
@@ -92,6 +115,7 @@ def _walk_images(directory: Path) -> list[_Listed]:
         prefix = root + os.sep if not root.endswith(os.sep) else root
         absolute = prefix if os.path.isabs(root) else os.path.abspath(root) + os.sep
         folders = []
+        images: list[tuple[str, FileStamp | None, FileStamp | None]] = []
         for name, entry in entries.items():
             try:
                 is_folder = entry.is_dir()  # from the listing; follows a link
@@ -102,8 +126,14 @@ def _walk_images(directory: Path) -> list[_Listed]:
                 folders.append(prefix + name)
             elif dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
                 caption = entries.get(name[:dot] + ".txt")
-                found.append(_Listed(prefix + name, _entry_stamp(absolute + name, entry),
-                                     None if caption is None else _entry_stamp(absolute + caption.name, caption)))
+                images.append((name, _entry_stamp(absolute + name, entry),
+                               None if caption is None else _entry_stamp(absolute + caption.name, caption)))
+        if images:
+            identity = absolute.rstrip(os.sep) or os.sep
+            folder = FolderListing(
+                images=FileStamp(identity, len(images), _listing_digest([_stamp_line(n, s) for n, s, _ in images])),
+                captions=FileStamp(identity, len(images), _listing_digest([_stamp_line(n, c) for n, _, c in images])))
+            found.extend(_Listed(prefix + name, stamp, caption, folder, name) for name, stamp, caption in images)
         pending.extend(sorted(folders, reverse=True))
     found.sort(key=lambda listed: listed.path.split(os.sep))  # the order of Path's own comparison, part by part
     return found
@@ -376,21 +406,54 @@ def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Disco
     return _excluded(spec, found)
 
 
+FOLDER_CAPTIONS_KIND = "captions"  # FileIndex.folders kind: {"c": {image name: caption lines, or a reason}}
+
+
+def _folder_captions(index: FileIndex | None, listing: FileStamp) -> dict[str, Any]:
+    """The remembered caption of every image of a folder whose caption files are all unchanged, else {}."""
+    value = index.folders.get(FOLDER_CAPTIONS_KIND, listing) if index is not None else None
+    captions = value.get("c") if value is not None else None
+    return captions if isinstance(captions, dict) else {}
+
+
 def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
-    """A local entry: a walk of its directory (each image's stamp comes from the walk's listing)."""
+    """A local entry: a walk of its directory (each image's stamp comes from the walk's listing).
+
+    With the `textfile` strategy a folder whose caption files are all unchanged takes every caption from one
+    whole-folder entry; otherwise each caption file comes from its own entry, or is read (and both are kept)."""
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
     listed = _walk_images(spec.instance_data_dir)
+    textfile = spec.caption_strategy == "textfile"
+    remembered: dict[str, dict[str, Any]] = {}  # folder -> its remembered captions (empty: none, or changed)
+    learnt: dict[str, tuple[FileStamp, dict[str, Any]]] = {}  # folder -> (listing, captions) to remember
     for found in listed:
         path = Path(found.path)
         reason: str | None = None
-        if spec.caption_strategy == "textfile":
-            captions, reason = _captions_from_textfile(found.path, index, found.caption_stamp)
+        if textfile:
+            folder = found.folder.captions
+            known = remembered.get(folder.identity)
+            if known is None:
+                known = remembered[folder.identity] = _folder_captions(index, folder)
+            lines = known.get(found.name) if found.caption_stamp is not None else None
+            if isinstance(lines, list):
+                captions = tuple(lines)
+            elif isinstance(lines, str):
+                captions, reason = (), lines
+            else:
+                captions, reason = _captions_from_textfile(found.path, index, found.caption_stamp)
+                if found.caption_stamp is not None:
+                    learnt.setdefault(folder.identity, (folder, {}))[1][found.name] = \
+                        list(captions) if reason is None else reason
         else:
             captions, reason = _other_captions(spec, path)
         if reason is not None:
             logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
             skipped.append(SkippedImage(path=path, reason=reason))
         else:
-            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=found.stamp))
+            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=found.stamp,
+                                       listing=found.folder.images))
+    if index is not None:
+        for folder, read in learnt.values():
+            index.folders.put(FOLDER_CAPTIONS_KIND, folder, {"c": {**remembered.get(folder.identity, {}), **read}})
     return _finish(spec, records, skipped, len(listed), str(spec.instance_data_dir))
