@@ -1,22 +1,27 @@
-"""Discovery with the persistent file index: a cold start against a warm restart, local and in a bucket.
+"""A cold start against a warm restart with the persistent file index, local and in a bucket.
 
-Writes `--images` small captioned PNGs (noise, `--size` px, captions in `.txt` files), then times what a
-run does before it encodes anything — `prepare._plan_images`, the very code `train` and `cache` run:
-find every image and its caption (a directory walk, or a listing of the bucket), then each image's
-SHA-256 and header (fetching the object first for a bucket) and its crop plan and cache key.
+Writes `--images` small captioned PNGs (noise, `--size` px, captions in `.txt` files), then measures two
+things, each cold (an empty cache directory: no file index, no fetched objects, no cache entries) and warm
+(the same again, as a restart does):
 
-- **cold**: an empty cache directory (no file index, no fetched objects);
-- **warm**: the same again, as a restart does: the index knows every file unchanged, so no image or
-  caption byte is read (for the bucket, no object is fetched: one listing only).
+- **start** (`--measure start`): `prepare_data`, everything `expertune train` and `cache` do before the first
+  step — discovery, then every latent and text embedding encoded (cold) or found in the caches (warm) —
+  with the shipped world model's VAE and text encoders (the embedded default, `expertune.world.PRETRAINED`).
+  The issue's ratio: a restart's start against a first start.
+- **discovery** (`--measure discovery`): its first part alone, `prepare._plan_images`: find every image and
+  its caption (a directory walk, or a listing of the bucket), then each image's SHA-256 and header (fetching
+  the object first for a bucket) and its crop plan and cache key. Warm, the index knows every file
+  unchanged, so no image or caption byte is read (for the bucket, no object is fetched: one listing only).
 
 The bucket is moto's S3-compatible server, started here on loopback in its own process (its
 per-request cost is not a real bucket's: the cold bucket figure measures this machine, not S3).
-Prints one JSON line per backend: cold and warm seconds, `warm_vs_cold` (target <= 0.02) and seconds
-per 10,000 images of each; for a local folder also `stat_walk_s`, a bare listing and `stat` of every file
-(images and captions), and for a bucket `listing_s`, one bare listing of the prefix — the least any restart
-that notices an edited file can do.
+Prints one JSON line per backend and measure: cold and warm seconds, `warm_vs_cold` (target <= 0.02) and
+seconds per 10,000 images of each; for discovery in a local folder also `stat_walk_s`, a bare listing and
+`stat` of every file (images and captions), and for a bucket `listing_s`, one bare listing of the prefix —
+the least any restart that notices an edited file can do.
 
-    python bench/discovery_index.py                      # 20,000 images, local and bucket
+    python bench/discovery_index.py                      # 20,000 images, local and bucket, start and discovery
+    python bench/discovery_index.py --measure discovery --backends local
     python bench/discovery_index.py --images 2000 --backends local
     python bench/discovery_index.py --images 2000 --size 1024 --format jpg --backends local   # photo-sized files
     sudo python bench/discovery_index.py --backends local --drop-caches   # both passes read from the disk
@@ -134,6 +139,19 @@ def time_discovery(loader: Path, cache: Path, vae) -> tuple[float, int, int]:
     return time.perf_counter() - start, len(planned), len(skips.entries)
 
 
+def time_start(loader: Path, cache: Path, components) -> tuple[float, dict]:
+    """(seconds, cache counts) of `prepare_data` over `loader`: a run's whole start before its first step."""
+    from expertune.config import load_config
+    from expertune.data.prepare import prepare_data
+    from expertune.world import PRETRAINED
+
+    config, _ = load_config([f"--pretrained_model_name_or_path={PRETRAINED / 'base'}",
+                             f"--data_backend_config={loader}", f"--cache_dir={cache}"])
+    start = time.perf_counter()
+    prepared = prepare_data(config, components, progress=False)
+    return time.perf_counter() - start, dict(prepared.cache_stats)
+
+
 def listing_seconds(loader: Path, cache: Path) -> float:
     """The floor of any restart that notices a changed object: one paginated listing of the prefix, nothing else."""
     from expertune.data.dataloader import load_dataloader_config
@@ -153,6 +171,8 @@ def main() -> None:
                         help="png (fast to hash: the issue's small images) or jpg (quality 90: a photo-sized file "
                         "with --size 1024)")
     parser.add_argument("--backends", default="local,bucket")
+    parser.add_argument("--measure", default="start,discovery",
+                        help="start (prepare_data, with the world model), discovery (its first part), or both")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--drop-caches", dest="drop_caches", action="store_true",
                         help="empty the OS page cache before each timed pass (needs root), so both read from the "
@@ -165,7 +185,13 @@ def main() -> None:
     from expertune.models.tiny import tiny_vae_config
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**tiny_vae_config()).eval()  # only its fingerprint is used: nothing is encoded
+    vae = AutoencoderKL(**tiny_vae_config()).eval()  # discovery: only its fingerprint is used, nothing is encoded
+    measures = args.measure.split(",")
+    if "start" in measures:
+        from expertune.models.sdxl import load_components
+        from expertune.world import PRETRAINED
+
+        components = load_components(str(PRETRAINED / "base"), with_unet=False)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="expertune-discovery-"))
     images = work / "images"
     started = time.perf_counter()
@@ -188,28 +214,41 @@ def main() -> None:
                 emit(stage="uploaded", objects=2 * args.images, seconds=round(time.perf_counter() - started, 1))
                 entry.update(type="aws", aws_bucket_name="bench", aws_endpoint_url=endpoint,
                              aws_region_name="us-east-1")
-            cache = work / f"cache-{backend}"
-            shutil.rmtree(cache, ignore_errors=True)
-            loader = work / f"{backend}.json"
-            loader.write_text(json.dumps([entry, {"id": "te", "dataset_type": "text_embeds",
-                                                  "cache_dir": str(cache / "text")}]))
-            drop_page_cache(args.drop_caches)
-            cold, planned, skipped = time_discovery(loader, cache, vae)
-            drop_page_cache(args.drop_caches)
-            warm, planned_again, _ = time_discovery(loader, cache, vae)
-            assert planned == planned_again == args.images and skipped == 0, (planned, planned_again, skipped)
-            figures = {}
-            if backend == "local":
-                drop_page_cache(args.drop_caches)
-                floor = stat_walk_seconds(images)
-                figures = {"stat_walk_s": round(floor, 3), "stat_walk_vs_cold": round(floor / cold, 4)}
-            else:
-                floor = listing_seconds(loader, cache)
-                figures = {"listing_s": round(floor, 3), "listing_vs_cold": round(floor / cold, 4)}
-            emit(backend=backend, images=args.images, cold_s=round(cold, 3), warm_s=round(warm, 3),
-                 warm_vs_cold=round(warm / cold, 4), cold_s_per_10k=round(cold * 10_000 / args.images, 3),
-                 warm_s_per_10k=round(warm * 10_000 / args.images, 3), **figures,
-                 page_cache_dropped=args.drop_caches)
+            for measure in measures:
+                cache = work / f"cache-{backend}-{measure}"
+                shutil.rmtree(cache, ignore_errors=True)
+                loader = work / f"{backend}-{measure}.json"
+                loader.write_text(json.dumps([{**entry, "cache_dir_vae": str(cache / "latents")},
+                                              {"id": "te", "dataset_type": "text_embeds", "default": True,
+                                               "cache_dir": str(cache / "text")}]))
+                figures: dict = {}
+                if measure == "start":
+                    drop_page_cache(args.drop_caches)
+                    cold, cold_stats = time_start(loader, cache, components)
+                    drop_page_cache(args.drop_caches)
+                    warm, warm_stats = time_start(loader, cache, components)
+                    assert cold_stats["latents_encoded"] == args.images and warm_stats["latents_encoded"] == 0, \
+                        (cold_stats, warm_stats)
+                    assert warm_stats["embeds_encoded"] == 0, warm_stats
+                    figures = {"cold_stats": cold_stats, "warm_stats": warm_stats}
+                else:
+                    drop_page_cache(args.drop_caches)
+                    cold, planned, skipped = time_discovery(loader, cache, vae)
+                    drop_page_cache(args.drop_caches)
+                    warm, planned_again, _ = time_discovery(loader, cache, vae)
+                    assert planned == planned_again == args.images and skipped == 0, (planned, planned_again, skipped)
+                    if backend == "local":
+                        drop_page_cache(args.drop_caches)
+                        floor = stat_walk_seconds(images)
+                        figures = {"stat_walk_s": round(floor, 3), "stat_walk_vs_cold": round(floor / cold, 4)}
+                    else:
+                        floor = listing_seconds(loader, cache)
+                        figures = {"listing_s": round(floor, 3), "listing_vs_cold": round(floor / cold, 4)}
+                emit(backend=backend, measure=measure, images=args.images, cold_s=round(cold, 3),
+                     warm_s=round(warm, 3), warm_vs_cold=round(warm / cold, 4),
+                     cold_s_per_10k=round(cold * 10_000 / args.images, 3),
+                     warm_s_per_10k=round(warm * 10_000 / args.images, 3), **figures,
+                     page_cache_dropped=args.drop_caches)
     finally:
         if moto is not None:
             moto.terminate()

@@ -51,8 +51,8 @@ def test_second_ensure_and_second_instance_reuse_everything(tmp_path: Path, vae)
     assert [fresh.key_for(r, s) for r, s in items] == [cache.key_for(r, s) for r, s in items]
     assert fresh.ensure(items) == CacheStats(encoded=0, reused=3)
     files = sorted(p.name for p in spec.cache_dir_vae.rglob("*") if p.is_file())
-    assert len(files) == 4 and sum(name.endswith(".safetensors") for name in files) == 3
-    assert "writes.log" in files  # the journal; no lock file is left behind
+    assert len(files) == 5 and sum(name.endswith(".safetensors") for name in files) == 3
+    assert {"writes.log", "verified.jsonl"} <= set(files)  # the journal, the verified shards; no lock file left
     assert len(cache.store_for(spec).journal()) == 3
 
 

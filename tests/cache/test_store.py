@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertune.cache.store import JOURNAL_NAME, CacheStore, cache_key, file_digest, module_fingerprint
+from expertune.cache.store import (
+    JOURNAL_NAME,
+    VERIFIED_NAME,
+    CacheStore,
+    cache_key,
+    cache_key_template,
+    file_digest,
+    module_fingerprint,
+)
 
 
 def _files(root: Path) -> list[str]:
@@ -25,6 +33,79 @@ def test_cache_key_is_canonical() -> None:
     assert cache_key("latent", {"a": 2, "b": [1, 2], "c": {"x": "é"}}) != key
     with pytest.raises(TypeError, match="JSON values"):
         cache_key("latent", {"path": Path("x")})
+
+
+def test_a_key_template_gives_cache_key_s_keys() -> None:
+    parts = {"encoders": ["a", "b"], "max_length": [77, 77], "alpha": None, "zeta": {"x": 1.5}}
+    key_of = cache_key_template("text_embeds", parts, "caption")
+    for caption in ["a cat", "", 'quote " and \\ backslash', "ünïcødé ☃", "\ue000", "line\nbreak", "x" * 300]:
+        assert key_of(caption) == cache_key("text_embeds", {**parts, "caption": caption})
+    assert cache_key_template("latent", {}, "n")(3) == cache_key("latent", {"n": 3})
+    with pytest.raises(ValueError, match="must not hold"):
+        cache_key_template("text_embeds", {"a": "\ue000expertune-varying-part\ue000"}, "caption")
+
+
+def _entries(store: CacheStore, count: int) -> list[str]:
+    keys = [cache_key("test", {"n": n}) for n in range(count)]
+    for n, key in enumerate(keys):
+        store.put(key, {"x": torch.full((4,), float(n))}, {})
+    return keys
+
+
+class _Opens:
+    """Counts the entries `contains` checks (by reading their headers)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.keys: list[str] = []
+        contains = CacheStore.contains
+
+        def counted(store: CacheStore, key: str) -> bool:
+            self.keys.append(key)
+            return contains(store, key)
+
+        monkeypatch.setattr(CacheStore, "contains", counted)
+
+
+def test_missing_answers_as_contains_and_an_unchanged_shard_from_its_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CacheStore(tmp_path / "store")
+    keys = _entries(store, 12)
+    absent = cache_key("test", {"n": "never written"})
+    damaged = keys[3]
+    with open(store.path_for(damaged), "r+b") as stream:  # cut short: its header describes more bytes
+        stream.truncate(40)
+    opens = _Opens(monkeypatch)
+    assert store.missing([*keys, absent]) == {absent, damaged} == {k for k in [*keys, absent] if not store.contains(k)}
+    assert (store.root / VERIFIED_NAME).exists()
+    opens.keys.clear()
+    # A restart: every shard's listing is the one verified, so no entry is opened, and the damaged one stays absent.
+    assert CacheStore(store.root).missing([*keys, absent]) == {absent, damaged}
+    assert opens.keys == []
+    # Changes are seen: an entry rewritten, one truncated after its check, one removed, one written by another job.
+    store.put(damaged, {"x": torch.zeros(4)}, {})
+    other = keys[5]
+    with open(store.path_for(other), "r+b") as stream:
+        stream.truncate(os.path.getsize(store.path_for(other)) - 1)
+    store.path_for(keys[7]).unlink()
+    late = cache_key("test", {"n": "late"})
+    CacheStore(store.root).put(late, {"x": torch.ones(4)}, {})
+    opens.keys.clear()
+    assert CacheStore(store.root).missing([*keys, late]) == {other, keys[7]}
+    changed_shards = {key[:2] for key in (damaged, other, keys[7], late)}
+    on_disk = [key for key in [*keys, late] if key != keys[7]]
+    assert sorted(opens.keys) == sorted(key for key in on_disk if key[:2] in changed_shards)  # those shards only
+    # An edit in place that keeps the size changes the mtime, and so the listing.
+    opens.keys.clear()
+    path = store.path_for(keys[0])
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"{ broken"
+    stat = os.stat(path)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert keys[0] in CacheStore(store.root).missing(keys)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        store.missing(["not-a-key"])
+    assert store.missing([]) == set()
 
 
 def test_roundtrip_with_metadata(tmp_path: Path) -> None:

@@ -158,3 +158,25 @@ def test_the_cycle_collector_pauses_only_where_asked_and_comes_back() -> None:
         assert not gc.isenabled()  # a caller's own pause is left as it was
     finally:
         gc.enable()
+
+
+def test_data_preparation_hides_older_objects_from_the_collector_and_gives_them_back() -> None:
+    import gc
+
+    from expertune.data.prepare import _collector_sees_only_new_objects
+
+    assert gc.get_freeze_count() == 0
+    with _collector_sees_only_new_objects():
+        assert gc.get_freeze_count() > 0  # the models and libraries loaded so far
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), _collector_sees_only_new_objects():
+        raise RuntimeError("a failure inside")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is left as it was
+    try:
+        frozen = gc.get_freeze_count()
+        with _collector_sees_only_new_objects():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

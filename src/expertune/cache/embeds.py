@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from expertune.cache.store import CacheStats, CacheStore, Encoded, Pending, cache_key, fill_entries, module_fingerprint
+from expertune.cache.store import (
+    CacheStats,
+    CacheStore,
+    Encoded,
+    Pending,
+    cache_key_template,
+    fill_entries,
+    module_fingerprint,
+)
 from expertune.errors import DataError
 
 if TYPE_CHECKING:
@@ -143,11 +151,13 @@ class EmbedCache:
             "pooled": "text_embeds",
         }
         self._keys: dict[str, str] = {}
+        self._key_of = cache_key_template(self.kind, self._parts, "caption")
 
     def key_for(self, caption: str) -> str:
-        if caption not in self._keys:
-            self._keys[caption] = cache_key(self.kind, {**self._parts, "caption": caption})
-        return self._keys[caption]
+        key = self._keys.get(caption)
+        if key is None:
+            key = self._keys[caption] = self._key_of(caption)
+        return key
 
     def ensure(self, captions: Iterable[str], *, progress: bool = True) -> CacheStats:
         """Encode the distinct captions missing from the store, `batch_size` at a time.
@@ -155,7 +165,8 @@ class EmbedCache:
         Safe beside other processes filling the same store (see `expertune.cache.store`).
         """
         distinct = list(dict.fromkeys(captions))
-        missing = [caption for caption in distinct if not self.store.contains(self.key_for(caption))]
+        absent = self.store.missing(self.key_for(caption) for caption in distinct)
+        missing = [caption for caption in distinct if self.key_for(caption) in absent]
         written = found = 0
         if missing:
             pending = [Pending(self.key_for(caption), (self.store,), caption) for caption in missing]

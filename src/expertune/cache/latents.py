@@ -131,10 +131,10 @@ class LatentCache:
         return view
 
     def store_for(self, spec: DatasetSpec) -> CacheStore:
-        root = Path(spec.cache_dir_vae)
-        if root not in self._stores:
-            self._stores[root] = CacheStore(root)
-        return self._stores[root]
+        store = self._stores.get(spec.cache_dir_vae)  # asked for every image: no new Path each time
+        if store is None:
+            store = self._stores[spec.cache_dir_vae] = CacheStore(spec.cache_dir_vae)
+        return store
 
     def known(self, record: ImageRecord) -> bool:
         """Whether `record`'s image is in the file index under its listed stamp (no bytes needed)."""
@@ -231,7 +231,8 @@ class LatentCache:
             known = remembered.get(listing.identity)
             if known is None:
                 value = self.index.folders.get(kind, listing)
-                known = remembered[listing.identity] = value.get("p", {}) if value is not None else {}
+                plans = value.get("p") if value is not None else None
+                known = remembered[listing.identity] = plans if isinstance(plans, dict) else {}
             name = record.path.name
             fields = known.get(name)
             planned = self._plans.get((kind, record.stamp))
@@ -265,6 +266,7 @@ class LatentCache:
         seen: set[tuple[Path, str]] = set()
         failed: dict[str, str] = {}
         reused = 0
+        wanted: list[tuple[ImageRecord, LatentPlan, CacheStore]] = []
         for record, spec in items:
             try:
                 planned = self.planned(record, spec)
@@ -272,10 +274,14 @@ class LatentCache:
                 failed.setdefault(str(record.path), str(error))
                 continue
             store = self.store_for(spec)
-            if (store.root, planned.key) in seen:
-                continue
-            seen.add((store.root, planned.key))
-            if store.contains(planned.key):
+            if (store.root, planned.key) not in seen:
+                seen.add((store.root, planned.key))
+                wanted.append((record, planned, store))
+        stores = {id(store): store for _, _, store in wanted}
+        absent = {id(store): store.missing(planned.key for _, planned, other in wanted if other is store)
+                  for store in stores.values()}
+        for record, planned, store in wanted:
+            if planned.key not in absent[id(store)]:
                 reused += 1
             elif planned.key in missing:
                 entry = missing[planned.key]

@@ -33,7 +33,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, overload
@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
+from expertune.data.file_index import FileIndex, FileStamp, listing_version
 from expertune.io_utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ _CONFIG_KEYS_IGNORED = frozenset(
 
 
 JOURNAL_NAME = "writes.log"
+VERIFIED_NAME = "verified.jsonl"  # in a store's root: the shard folders last verified whole (see CacheStore.missing)
+VERIFIED_KIND = "verified_shard"  # its FileIndex kind: {"damaged": [keys whose entry failed the check]}
+ENTRY_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,25 @@ def cache_key(kind: str, parts: Mapping[str, Any]) -> str:
     """SHA-256 hex of the canonical JSON of {kind, parts, format_version}; tuples count as lists."""
     payload = {"kind": kind, "parts": dict(parts), "format_version": FORMAT_VERSION}
     return hashlib.sha256(_canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def cache_key_template(kind: str, parts: Mapping[str, Any], varying: str) -> Callable[[Any], str]:
+    """`lambda value: cache_key(kind, {**parts, varying: value})` — the same keys — with the canonical JSON of
+    everything but the value made once (a warm restart keys every caption of a dataset)."""
+    marker = "\ue000expertune-varying-part\ue000"
+    text = _canonical_json({"kind": kind, "parts": {**parts, varying: marker}, "format_version": FORMAT_VERSION})
+    head, token, tail = text.partition(_canonical_json(marker))
+    if not token or token in tail:
+        raise ValueError(f"cache key parts of kind {kind!r} must not hold the text {marker!r}")
+    prefix, suffix = hashlib.sha256(head.encode("utf-8")), tail.encode("utf-8")
+
+    def key(value: Any) -> str:
+        hasher = prefix.copy()
+        hasher.update(_canonical_json(value).encode("utf-8"))
+        hasher.update(suffix)
+        return hasher.hexdigest()
+
+    return key
 
 
 def _config_dict(module: torch.nn.Module) -> dict[str, Any] | None:
@@ -138,35 +161,87 @@ class CacheStore:
         return f"CacheStore({str(self.root)!r})"
 
     def path_for(self, key: str) -> Path:
+        return Path(self._entry_path(key))
+
+    def _entry_path(self, key: str) -> str:
+        """`path_for` as a string (a warm restart asks this of every entry: no Path objects in between)."""
         if not _KEY.fullmatch(key):
             raise ValueError(f"cache keys are 64 lowercase hex digits (see cache_key); got {key!r}")
-        return self.root / key[:2] / f"{key}.safetensors"
+        return os.path.join(self.root, key[:2], key + ENTRY_SUFFIX)
 
     def contains(self, key: str) -> bool:
         """Whether an intact entry exists: checked from its header and size, without reading tensors.
 
         A truncated or garbled file counts as absent (with a warning), so callers re-encode it.
         """
-        path = self.path_for(key)
+        path = self._entry_path(key)
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as stream:
-                (header_size,) = struct.unpack("<Q", stream.read(8))
-                if header_size > _MAX_HEADER or 8 + header_size > size:
-                    raise ValueError(f"header length {header_size} does not fit a {size}-byte file")
-                header = json.loads(stream.read(header_size))
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            logger.warning("cache entry %s is damaged (%s); it will be rewritten", path, exc)
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            (header_size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if header_size > _MAX_HEADER or 8 + header_size > size:
+                raise ValueError(f"header length {header_size} does not fit a {size}-byte file")
+            header = json.loads(os.pread(fd, header_size, 8))
             end = max(
                 (int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
                 default=0,
             )
             if 8 + header_size + end != size:
                 raise ValueError(f"header describes {8 + header_size + end} bytes, the file has {size}")
-        except FileNotFoundError:
-            return False
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
             logger.warning("cache entry %s is damaged (%s); it will be rewritten", path, exc)
             return False
+        finally:
+            os.close(fd)
         return True
+
+    def missing(self, keys: Iterable[str]) -> set[str]:
+        """The keys among `keys` without an intact entry: `contains` of each, answered a shard folder at a time.
+
+        A warm restart asks this of every entry, so a folder whose listing — every entry's name, size and mtime —
+        is the one last verified whole is answered from that listing alone (one `stat` an entry, nothing opened).
+        Any other folder has every entry checked as `contains` does, and is remembered so in
+        `<root>/verified.jsonl` (a FileIndex: shared by every job of the store, a cache only). Any write, rename,
+        truncation or removal in a folder changes its listing; an edit that keeps both size and mtime is not seen.
+        `fill_entries` still checks each entry it claims with `contains` itself.
+        """
+        by_shard: dict[str, list[str]] = {}
+        for key in keys:
+            self._entry_path(key)  # a malformed key is refused here, as `contains` refuses it
+            by_shard.setdefault(key[:2], []).append(key)
+        if not by_shard:
+            return set()
+        index = FileIndex(self.root / VERIFIED_NAME)
+        absent: set[str] = set()
+        for shard, wanted in by_shard.items():
+            folder = os.path.join(self.root, shard)
+            try:
+                with os.scandir(folder) as listing:
+                    entries = {entry.name[:-len(ENTRY_SUFFIX)]: entry.stat() for entry in listing
+                               if entry.name.endswith(ENTRY_SUFFIX) and _KEY.fullmatch(entry.name[:-len(ENTRY_SUFFIX)])}
+            except FileNotFoundError:
+                absent.update(wanted)
+                continue
+            except OSError:  # an unreadable folder: each entry as `contains` sees it
+                absent.update(key for key in wanted if not self.contains(key))
+                continue
+            stamp = FileStamp(os.path.abspath(folder), len(entries), listing_version(
+                [f"{key}\t{stat.st_size}\t{stat.st_mtime_ns}" for key, stat in entries.items()]))
+            remembered = index.get(VERIFIED_KIND, stamp)
+            damaged = remembered.get("damaged") if remembered is not None else None
+            if not isinstance(damaged, list):
+                damaged = [key for key in sorted(entries) if not self.contains(key)]
+                index.put(VERIFIED_KIND, stamp, {"damaged": damaged})
+            bad = set(damaged)
+            absent.update(key for key in wanted if key not in entries or key in bad)
+        index.flush()
+        return absent
 
     def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """(tensors, metadata), or None when the entry is absent or cannot be read (logged)."""

@@ -21,6 +21,7 @@ in it), so a restart that finds every folder unchanged loads that small file and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,11 @@ class FileStamp(NamedTuple):
     identity: str
     size: int
     version: str
+
+
+def listing_version(lines: list[str]) -> str:
+    """The version of a folder's stamp: a digest of one line per file (its name, size and mtime), in any order."""
+    return hashlib.blake2b("\n".join(sorted(lines)).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
 def local_stamp(path: str | os.PathLike) -> FileStamp:

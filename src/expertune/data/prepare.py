@@ -128,6 +128,22 @@ def _cycle_collector_paused(paused: bool = True) -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def _collector_sees_only_new_objects() -> Iterator[None]:
+    """Hide every object alive now (the loaded models, the imported libraries) from Python's cycle collector until
+    the block ends (`gc.freeze`, then `gc.unfreeze`): each full collection the block's allocations set off then
+    walks the block's own objects, not a model's and its libraries' too. Nothing is lost: what is frozen is only
+    skipped, and collected as usual after the block. Left alone when something else has frozen objects."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _plan_images(dataloader: DataloaderConfig, latent_cache: LatentCache, skips: _Skips, progress: bool
                  ) -> tuple[list[tuple[DatasetSpec, list[ImageRecord]]], dict[tuple[str, Path], LatentPlan]]:
     """Steps 1-2: every dataset's records with captions, then each image's header, hash, size limits and crop
@@ -188,6 +204,12 @@ def prepare_data(
     evaluation (`eval_dataset_id` / `eval_holdout_fraction`) are cached but left out of `items`; they
     are `eval_items`.
     """
+    with _collector_sees_only_new_objects():
+        return _prepare(config, components, extra_prompts, progress)
+
+
+def _prepare(config: Config, components: SDXLComponents, extra_prompts: list[str] | None, progress: bool
+             ) -> PreparedData:
     dataloader = load_datasets(config)
     index = FileIndex(config.resolved_cache_dir() / INDEX_NAME)
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
@@ -198,13 +220,16 @@ def prepare_data(
     index.flush()
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
-    def lacks_latent(spec: DatasetSpec) -> Callable[[ImageRecord], bool]:
-        store = latent_cache.store_for(spec)
-        return lambda record: not store.contains(planned[(spec.id, record.path)].key)
+    def lacks_latent(spec: DatasetSpec, records: list[ImageRecord]) -> Callable[[ImageRecord], bool]:
+        absent = latent_cache.store_for(spec).missing(planned[(spec.id, record.path)].key for record in records)
+        return lambda record: planned[(spec.id, record.path)].key in absent
 
     for position, (spec, records) in enumerate(found):
         records = [record for record in records if (spec.id, record.path) in planned]
-        found[position] = (spec, _fetched(spec, records, lacks_latent(spec), skips, index))
+        if spec.remote is not None:
+            found[position] = (spec, _fetched(spec, records, lacks_latent(spec, records), skips, index))
+        else:
+            found[position] = (spec, records)
     index.flush()
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
     latent_stats = latent_cache.ensure(kept, progress=progress)

@@ -8,7 +8,6 @@ logged and returned with the reason. Caption files are read once: their text is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from expertune.data.dataloader import CAPTION_STRATEGIES, DatasetSpec
-from expertune.data.file_index import FileIndex, FileStamp, local_stamp
+from expertune.data.file_index import FileIndex, FileStamp, listing_version, local_stamp
 from expertune.data.remote import RemoteObject as RemoteObjectType
 from expertune.errors import ConfigError, DataError
 
@@ -83,10 +82,6 @@ def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
     return FileStamp(identity, stat.st_size, str(stat.st_mtime_ns))
 
 
-def _listing_digest(lines: list[str]) -> str:
-    return hashlib.blake2b("\n".join(sorted(lines)).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
-
-
 def _stamp_line(name: str, stamp: FileStamp | None) -> str:
     return f"{name}\t-" if stamp is None else f"{name}\t{stamp.size}\t{stamp.version}"
 
@@ -131,8 +126,8 @@ def _walk_images(directory: Path) -> list[_Listed]:
         if images:
             identity = absolute.rstrip(os.sep) or os.sep
             folder = FolderListing(
-                images=FileStamp(identity, len(images), _listing_digest([_stamp_line(n, s) for n, s, _ in images])),
-                captions=FileStamp(identity, len(images), _listing_digest([_stamp_line(n, c) for n, _, c in images])))
+                images=FileStamp(identity, len(images), listing_version([_stamp_line(n, s) for n, s, _ in images])),
+                captions=FileStamp(identity, len(images), listing_version([_stamp_line(n, c) for n, _, c in images])))
             found.extend(_Listed(prefix + name, stamp, caption, folder, name) for name, stamp, caption in images)
         pending.extend(sorted(folders, reverse=True))
     found.sort(key=lambda listed: listed.path.split(os.sep))  # the order of Path's own comparison, part by part
