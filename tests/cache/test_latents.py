@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from expertune.cache.latents import LatentCache
-from expertune.cache.store import CacheStats
+from expertune.cache.store import CacheStats, CacheStore
 from expertune.data.dataloader import DatasetSpec
 from expertune.data.records import ImageRecord, discover_records
 from expertune.data.transforms import image_size, image_to_tensor, load_image, plan_crop
@@ -54,6 +54,19 @@ def test_second_ensure_and_second_instance_reuse_everything(tmp_path: Path, vae)
     assert len(files) == 5 and sum(name.endswith(".safetensors") for name in files) == 3
     assert {"writes.log", "verified.jsonl"} <= set(files)  # the journal, the verified shards; no lock file left
     assert len(cache.store_for(spec).journal()) == 3
+
+
+def test_a_restart_after_a_cold_run_opens_no_cache_entry(
+        tmp_path: Path, vae, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _dataset(tmp_path, crop_style="center")
+    items = _items(spec)
+    assert LatentCache(vae, seed=3, batch_size=2).ensure(items) == CacheStats(encoded=3, reused=0)
+    opened: list[str] = []
+    contains = CacheStore.contains
+    monkeypatch.setattr(CacheStore, "contains", lambda store, key: opened.append(key) or contains(store, key))
+    # The cold run remembered the shards it wrote as verified: a new process reuses every entry unopened.
+    assert LatentCache(vae, seed=3, batch_size=2).ensure(items) == CacheStats(encoded=0, reused=3)
+    assert opened == []
 
 
 def test_each_file_is_hashed_once_per_instance(tmp_path: Path, vae, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -156,6 +156,7 @@ class CacheStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._written: dict[str, tuple[int, int]] = {}  # entries this object wrote: key -> (size, mtime_ns) then
 
     def __repr__(self) -> str:
         return f"CacheStore({str(self.root)!r})"
@@ -236,7 +237,8 @@ class CacheStore:
             remembered = index.get(VERIFIED_KIND, stamp)
             damaged = remembered.get("damaged") if remembered is not None else None
             if not isinstance(damaged, list):
-                damaged = [key for key in sorted(entries) if not self.contains(key)]
+                damaged = [key for key, stat in sorted(entries.items())
+                           if self._written.get(key) != (stat.st_size, stat.st_mtime_ns) and not self.contains(key)]
                 index.put(VERIFIED_KIND, stamp, {"damaged": damaged})
             bad = set(damaged)
             absent.update(key for key in wanted if key not in entries or key in bad)
@@ -268,6 +270,8 @@ class CacheStore:
             raise TypeError("cache entry metadata must map str to str")
         own = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
         atomic_write_bytes(path, save_safetensors(own, metadata=dict(metadata)))
+        written = os.stat(path)
+        self._written[key] = (written.st_size, written.st_mtime_ns)  # intact while it keeps this size and mtime
         self._journal(key)
 
     @property
@@ -446,6 +450,7 @@ def fill_entries(
     """
     filler: _Filler[T] = _Filler(batch_size, encode, progress)
     todo = [Pending(e.key, tuple(sorted(e.stores, key=lambda s: str(s.root))), e.item, e.group) for e in pending]
+    todo_all = list(todo)
     try:
         while todo:
             waiting: list[Pending[T]] = []
@@ -464,4 +469,16 @@ def fill_entries(
             todo = waiting
     finally:
         filler.release_pending()
+    _remember_verified(todo_all)
     return filler.result
+
+
+def _remember_verified(entries: Sequence[Pending[Any]]) -> None:
+    """Remember the shard folders `entries` were written to as verified whole (`CacheStore.missing`), so the
+    first restart after a cold run opens none of their entries (this process's own writes need no check)."""
+    keys: dict[int, tuple[CacheStore, list[str]]] = {}
+    for entry in entries:
+        for store in entry.stores:
+            keys.setdefault(id(store), (store, []))[1].append(entry.key)
+    for store, written in keys.values():
+        store.missing(written)
