@@ -98,6 +98,57 @@ def test_discovery_lists_the_prefix_and_pairs_caption_objects(s3, tmp_path: Path
     assert again.hits == 3 and again.misses == 0
 
 
+def _listing_threads() -> list[str]:
+    import threading
+
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith("expertune-list")]
+
+
+def test_listing_goes_folder_by_folder_concurrently_and_yields_every_key_once(
+        s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = s3.bucket()
+    keys = ["sets/top.png", "sets/f1/a.png", "sets/f1/b.png", "sets/f1/c.png", "sets/f1/deep/d.png",
+            "sets/f2/e.png", "sets/.hidden/h.png", *(f"sets/f3/{n:02d}.png" for n in range(7))]
+    for key in [*keys, "sets/empty/", "other/outside.png"]:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    monkeypatch.setattr(remote, "LISTING_WORKERS", 2)  # 4 pages wait at most: the listers block, then go on
+    monkeypatch.setattr(remote, "LISTING_PAGE_SIZE", 2)
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "aws_data_prefix": "sets"}), tmp_path / "cache")
+    listed = list(remote.S3Dataset(spec).list_objects())
+    assert sorted(obj.key for obj in listed) == sorted(keys)  # each once; no placeholder, nothing outside
+    assert all(obj.size == len(obj.key) and obj.etag for obj in listed)
+    assert listed[0].key == "sets/top.png"  # the prefix's own objects first, then folder by folder
+    # A reader that stops early leaves no lister behind.
+    objects = remote.S3Dataset(spec).list_objects()
+    next(objects), next(objects)
+    objects.close()
+    assert _listing_threads() == []
+
+
+def test_a_folder_listing_that_fails_stops_the_run_with_the_fix(
+        s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError
+
+    bucket = s3.bucket()
+    for key in ["data/a/1.png", "data/b/2.png", "data/c/3.png"]:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "aws_data_prefix": "data"}), tmp_path / "cache")
+    pages = remote.S3Dataset._pages
+
+    def refused_for_b(self, prefix, delimiter=None):
+        if prefix == "data/b/":
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "ListObjectsV2")
+        yield from pages(self, prefix, delimiter)
+
+    monkeypatch.setattr(remote.S3Dataset, "_pages", refused_for_b)
+    with pytest.raises(DataError) as error:
+        list(remote.S3Dataset(spec).list_objects())
+    assert "'bucket-images'" in str(error.value) and "access denied" in str(error.value)
+    assert error.value.exit_code == 2 and _listing_threads() == []
+
+
 def test_credentials_from_the_entry_else_from_the_environment(s3, tmp_path: Path) -> None:
     bucket = s3.bucket()
     s3.upload(bucket, _images(tmp_path / "images", 1))

@@ -3,7 +3,8 @@
 `discover_records` walks one dataset's directory (a `DatasetSpec` of `data.dataloader`), or lists its
 bucket (an `aws` entry, `data.remote`), and pairs every image with its captions; what it leaves out is
 logged and returned with the reason. Caption files are read once: their text is kept in the persistent
-`FileIndex` under the file's stamp. See docs/datasets.md and docs/storage.md.
+`FileIndex` under the file's stamp, and all of a local folder's captions under its listing
+(`FolderListing`, `FileIndex.folders`). See docs/datasets.md and docs/storage.md.
 """
 
 from __future__ import annotations
@@ -431,8 +432,8 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
             if known is None:
                 known = remembered[folder.identity] = _folder_captions(index, folder)
             lines = known.get(found.name) if found.caption_stamp is not None else None
-            if isinstance(lines, list):
-                captions = tuple(lines)
+            if isinstance(lines, list) and lines:
+                captions = tuple(str(line) for line in lines)
             elif isinstance(lines, str):
                 captions, reason = (), lines
             else:

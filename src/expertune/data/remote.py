@@ -1,7 +1,7 @@
 """S3-compatible buckets (`"type": "aws"` dataset entries) through boto3: listing, reading, fetching.
 
 - **Listing** is boto's paginator (1,000 keys a page), yielded object by object: a bucket is listed
-  once and never held twice in memory.
+  once and never held twice in memory. The prefix's sub-prefixes ("folders") are listed concurrently.
 - **Requests** are retried by botocore (`standard` mode: throttling, 5xx, dropped connections, with
   exponential backoff and jitter); a body that breaks off while it streams — which botocore does not
   retry — is fetched again here, with backoff, up to `READ_ATTEMPTS` times.
@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import logging
+import queue
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,8 @@ from expertune.io_utils import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 16
+LISTING_WORKERS = 8  # a prefix's sub-prefixes listed at once
+LISTING_PAGE_SIZE = 1000  # keys a listing page (S3's most)
 REQUEST_ATTEMPTS = 5  # botocore's total attempts per request (standard retry mode)
 READ_ATTEMPTS = 4  # ours, for a body that breaks off mid-stream
 READ_BACKOFF_S = 0.2  # first wait; doubled each attempt, with jitter
@@ -49,6 +53,13 @@ class RemoteObject:
     key: str
     size: int
     etag: str
+
+
+def _page_objects(page: dict[str, Any]) -> Iterator[RemoteObject]:
+    for item in page.get("Contents", ()):
+        key = item["Key"]
+        if not key.endswith("/"):  # else a "folder" placeholder
+            yield RemoteObject(key=key, size=int(item["Size"]), etag=str(item.get("ETag", "")).strip('"'))
 
 
 def _error_code(exc: BaseException) -> str:
@@ -143,19 +154,67 @@ class S3Dataset:
             raise self.fatal(exc) from None
 
     def list_objects(self) -> Iterator[RemoteObject]:
-        """Every object under the entry's prefix, page by page, in key order (the server's order)."""
+        """Every object under the entry's prefix, streamed a page at a time (in folder order, not key order).
+
+        The prefix is listed one level deep first (delimiter "/"): the objects right under it, and its
+        sub-prefixes ("folders"), which `LISTING_WORKERS` threads then list whole, several pages at once — a
+        bucket laid out in folders (img2dataset's `00000/` shards, say) is listed that many times faster than
+        one page after another. At most `2 * LISTING_WORKERS` pages wait in memory; a flat prefix is one
+        paginated listing.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
-        paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix):
-                for item in page.get("Contents", ()):
-                    key = item["Key"]
-                    if key.endswith("/"):
-                        continue  # a "folder" placeholder
-                    yield RemoteObject(key=key, size=int(item["Size"]), etag=str(item.get("ETag", "")).strip('"'))
+            yield from self._list_by_folder()
         except (ClientError, BotoCoreError) as exc:
             raise self.fatal(exc) from None
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        arguments: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": prefix,
+                                     "PaginationConfig": {"PageSize": LISTING_PAGE_SIZE}}
+        if delimiter is not None:
+            arguments["Delimiter"] = delimiter
+        yield from self.client.get_paginator("list_objects_v2").paginate(**arguments)
+
+    def _list_by_folder(self) -> Iterator[RemoteObject]:
+        folders: list[str] = []
+        for page in self._pages(self.location.prefix, delimiter="/"):
+            yield from _page_objects(page)
+            folders.extend(str(entry["Prefix"]) for entry in page.get("CommonPrefixes", ()))
+        if not folders:
+            return
+        pages: queue.Queue[dict[str, Any] | BaseException | None] = queue.Queue(maxsize=2 * LISTING_WORKERS)
+        stop = threading.Event()
+
+        def list_folder(prefix: str) -> None:
+            try:
+                for page in self._pages(prefix):
+                    if stop.is_set():
+                        return
+                    pages.put(page)
+            except BaseException as exc:  # handed to the reader, who raises it
+                pages.put(exc)
+            finally:
+                pages.put(None)  # one None a folder: it is done
+
+        with ThreadPoolExecutor(min(LISTING_WORKERS, len(folders)), thread_name_prefix="expertune-list") as pool:
+            for prefix in folders:
+                pool.submit(list_folder, prefix)
+            remaining = len(folders)
+            try:
+                while remaining:
+                    item = pages.get()
+                    if item is None:
+                        remaining -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield from _page_objects(item)
+            finally:  # stopped early or failed: let every folder's lister see `stop` and finish
+                stop.set()
+                while remaining:
+                    if pages.get() is None:
+                        remaining -= 1
 
     def head(self, key: str) -> RemoteObject | None:
         """The object's size and ETag without its bytes; None when it does not exist."""
