@@ -41,7 +41,7 @@ from expertune.cache.store import (
 from expertune.data.batches import TimeIdLayout
 from expertune.data.buckets import BucketRule
 from expertune.data.dataloader import DatasetSpec
-from expertune.data.file_index import FileIndex, FileStamp, local_stamp
+from expertune.data.file_index import FileIndex, FileStamp, FolderEntries, local_stamp
 from expertune.data.records import ImageRecord
 from expertune.data.transforms import (
     DECODE_VERSION,
@@ -218,8 +218,7 @@ class LatentCache:
         listing is unchanged, so a restart over an unchanged dataset does one lookup per folder, not per image.
         """
         kind = self._plan_kind(spec)
-        remembered: dict[str, dict[str, Any]] = {}  # folder -> {image name: plan fields} (empty: none, or changed)
-        learnt: dict[str, tuple[FileStamp, dict[str, Any]]] = {}  # folder -> (listing, plan fields to remember)
+        folders = FolderEntries(self.index, kind, "p")  # {image name: plan fields}
         for record in records:
             listing = record.listing
             if listing is None or record.stamp is None:
@@ -228,13 +227,8 @@ class LatentCache:
                 except DataError as error:
                     yield record, error
                 continue
-            known = remembered.get(listing.identity)
-            if known is None:
-                value = self.index.folders.get(kind, listing)
-                plans = value.get("p") if value is not None else None
-                known = remembered[listing.identity] = plans if isinstance(plans, dict) else {}
             name = record.path.name
-            fields = known.get(name)
+            fields = folders.known(listing).get(name)
             planned = self._plans.get((kind, record.stamp))
             if planned is None and fields is not None:
                 try:
@@ -248,10 +242,9 @@ class LatentCache:
                     yield record, error
                     continue
             if fields is None:
-                learnt.setdefault(listing.identity, (listing, {}))[1][name] = _plan_fields(planned)
+                folders.learn(listing, name, _plan_fields(planned))
             yield record, planned
-        for listing, fields in learnt.values():
-            self.index.folders.put(kind, listing, {"p": {**remembered.get(listing.identity, {}), **fields}})
+        folders.remember()
 
     def key_for(self, record: ImageRecord, spec: DatasetSpec) -> str:
         return self.planned(record, spec).key
@@ -267,6 +260,7 @@ class LatentCache:
         failed: dict[str, str] = {}
         reused = 0
         wanted: list[tuple[ImageRecord, LatentPlan, CacheStore]] = []
+        keys: dict[CacheStore, list[str]] = {}  # store -> the keys wanted of it
         for record, spec in items:
             try:
                 planned = self.planned(record, spec)
@@ -277,11 +271,10 @@ class LatentCache:
             if (store.root, planned.key) not in seen:
                 seen.add((store.root, planned.key))
                 wanted.append((record, planned, store))
-        stores = {id(store): store for _, _, store in wanted}
-        absent = {id(store): store.missing(planned.key for _, planned, other in wanted if other is store)
-                  for store in stores.values()}
+                keys.setdefault(store, []).append(planned.key)
+        absent = {store: store.missing(wanted_keys) for store, wanted_keys in keys.items()}
         for record, planned, store in wanted:
-            if planned.key not in absent[id(store)]:
+            if planned.key not in absent[store]:
                 reused += 1
             elif planned.key in missing:
                 entry = missing[planned.key]

@@ -449,8 +449,8 @@ def fill_entries(
     holding any lock while waiting. `progress` (a tqdm bar or None) advances by one per entry.
     """
     filler: _Filler[T] = _Filler(batch_size, encode, progress)
-    todo = [Pending(e.key, tuple(sorted(e.stores, key=lambda s: str(s.root))), e.item, e.group) for e in pending]
-    todo_all = list(todo)
+    todo = every = [Pending(e.key, tuple(sorted(e.stores, key=lambda s: str(s.root))), e.item, e.group)
+                    for e in pending]
     try:
         while todo:
             waiting: list[Pending[T]] = []
@@ -469,16 +469,16 @@ def fill_entries(
             todo = waiting
     finally:
         filler.release_pending()
-    _remember_verified(todo_all)
+    _remember_verified(every)
     return filler.result
 
 
 def _remember_verified(entries: Sequence[Pending[Any]]) -> None:
     """Remember the shard folders `entries` were written to as verified whole (`CacheStore.missing`), so the
     first restart after a cold run opens none of their entries (this process's own writes need no check)."""
-    keys: dict[int, tuple[CacheStore, list[str]]] = {}
+    keys: dict[CacheStore, list[str]] = {}
     for entry in entries:
         for store in entry.stores:
-            keys.setdefault(id(store), (store, []))[1].append(entry.key)
-    for store, written in keys.values():
+            keys.setdefault(store, []).append(entry.key)
+    for store, written in keys.items():
         store.missing(written)

@@ -190,3 +190,36 @@ class FileIndex:
             logger.warning("file index %s cannot be compacted (%s)", self.path, exc)
             return
         self._lines = len(entries)
+
+
+class FolderEntries:
+    """One kind of whole-folder entry (`FileIndex.folders`), read a folder at a time and written back once.
+
+    `known(listing)`: the remembered {file name: value} of a folder whose listing stamp is unchanged, else {};
+    `learn(listing, name, value)` adds a file's value; `remember()` puts every folder that learnt something
+    (its known values and the new ones). An entry is stored as {field: {file name: value}}; `index` None keeps
+    nothing.
+    """
+
+    def __init__(self, index: FileIndex | None, kind: str, field: str) -> None:
+        self.index, self.kind, self.field = index, kind, field
+        self._known: dict[str, dict[str, Any]] = {}  # folder identity -> its remembered values ({}: none, or changed)
+        self._learnt: dict[str, tuple[FileStamp, dict[str, Any]]] = {}  # folder identity -> (listing, new values)
+
+    def known(self, listing: FileStamp) -> dict[str, Any]:
+        found = self._known.get(listing.identity)
+        if found is None:
+            value = self.index.folders.get(self.kind, listing) if self.index is not None else None
+            files = value.get(self.field) if value is not None else None
+            found = self._known[listing.identity] = files if isinstance(files, dict) else {}
+        return found
+
+    def learn(self, listing: FileStamp, name: str, value: Any) -> None:
+        self._learnt.setdefault(listing.identity, (listing, {}))[1][name] = value
+
+    def remember(self) -> None:
+        if self.index is not None:
+            for listing, learnt in self._learnt.values():
+                self.index.folders.put(self.kind, listing,
+                                       {self.field: {**self._known.get(listing.identity, {}), **learnt}})
+        self._learnt.clear()

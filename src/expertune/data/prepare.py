@@ -21,6 +21,7 @@ from __future__ import annotations
 
 
 import contextlib
+import functools
 import gc
 import logging
 from dataclasses import dataclass, field, replace
@@ -221,15 +222,15 @@ def _prepare(config: Config, components: SDXLComponents, extra_prompts: list[str
 
     # 3. Latents (an image that fails to decode is left out), then text embeddings.
     def lacks_latent(spec: DatasetSpec, records: list[ImageRecord]) -> Callable[[ImageRecord], bool]:
-        absent = latent_cache.store_for(spec).missing(planned[(spec.id, record.path)].key for record in records)
-        return lambda record: planned[(spec.id, record.path)].key in absent
+        """Whether a record's latent is missing; the store is asked once, at the first question (a local entry
+        fetches nothing and never asks)."""
+        absent = functools.cache(lambda: latent_cache.store_for(spec).missing(
+            planned[(spec.id, record.path)].key for record in records))
+        return lambda record: planned[(spec.id, record.path)].key in absent()
 
     for position, (spec, records) in enumerate(found):
         records = [record for record in records if (spec.id, record.path) in planned]
-        if spec.remote is not None:
-            found[position] = (spec, _fetched(spec, records, lacks_latent(spec, records), skips, index))
-        else:
-            found[position] = (spec, records)
+        found[position] = (spec, _fetched(spec, records, lacks_latent(spec, records), skips, index))
     index.flush()
     kept = [(record, spec) for spec, records in found for record in records if (spec.id, record.path) in planned]
     latent_stats = latent_cache.ensure(kept, progress=progress)

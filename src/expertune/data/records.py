@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from expertune.data.dataloader import CAPTION_STRATEGIES, DatasetSpec
-from expertune.data.file_index import FileIndex, FileStamp, listing_version, local_stamp
+from expertune.data.file_index import FileIndex, FileStamp, FolderEntries, listing_version, local_stamp
 from expertune.data.remote import RemoteObject as RemoteObjectType
 from expertune.errors import ConfigError, DataError
 
@@ -405,13 +405,6 @@ def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Disco
 FOLDER_CAPTIONS_KIND = "captions"  # FileIndex.folders kind: {"c": {image name: caption lines, or a reason}}
 
 
-def _folder_captions(index: FileIndex | None, listing: FileStamp) -> dict[str, Any]:
-    """The remembered caption of every image of a folder whose caption files are all unchanged, else {}."""
-    value = index.folders.get(FOLDER_CAPTIONS_KIND, listing) if index is not None else None
-    captions = value.get("c") if value is not None else None
-    return captions if isinstance(captions, dict) else {}
-
-
 def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discovery:
     """A local entry: a walk of its directory (each image's stamp comes from the walk's listing).
 
@@ -421,17 +414,13 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
     skipped: list[SkippedImage] = []
     listed = _walk_images(spec.instance_data_dir)
     textfile = spec.caption_strategy == "textfile"
-    remembered: dict[str, dict[str, Any]] = {}  # folder -> its remembered captions (empty: none, or changed)
-    learnt: dict[str, tuple[FileStamp, dict[str, Any]]] = {}  # folder -> (listing, captions) to remember
+    folders = FolderEntries(index, FOLDER_CAPTIONS_KIND, "c")
     for found in listed:
         path = Path(found.path)
         reason: str | None = None
         if textfile:
             folder = found.folder.captions
-            known = remembered.get(folder.identity)
-            if known is None:
-                known = remembered[folder.identity] = _folder_captions(index, folder)
-            lines = known.get(found.name) if found.caption_stamp is not None else None
+            lines = folders.known(folder).get(found.name) if found.caption_stamp is not None else None
             if isinstance(lines, list) and lines:
                 captions = tuple(str(line) for line in lines)
             elif isinstance(lines, str):
@@ -439,8 +428,7 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
             else:
                 captions, reason = _captions_from_textfile(found.path, index, found.caption_stamp)
                 if found.caption_stamp is not None:
-                    learnt.setdefault(folder.identity, (folder, {}))[1][found.name] = \
-                        list(captions) if reason is None else reason
+                    folders.learn(folder, found.name, list(captions) if reason is None else reason)
         else:
             captions, reason = _other_captions(spec, path)
         if reason is not None:
@@ -449,7 +437,5 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
         else:
             records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=found.stamp,
                                        listing=found.folder.images))
-    if index is not None:
-        for folder, read in learnt.values():
-            index.folders.put(FOLDER_CAPTIONS_KIND, folder, {"c": {**remembered.get(folder.identity, {}), **read}})
+    folders.remember()
     return _finish(spec, records, skipped, len(listed), str(spec.instance_data_dir))
