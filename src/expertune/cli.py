@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+import warnings
 from typing import Any, Sequence
 
 from expertune.errors import ExpertuneError
@@ -17,6 +19,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # diffusers passes huggingface_hub a deprecated argument on every config fetch: noise, not news.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -29,22 +33,29 @@ def _setup_logging(verbose: bool) -> None:
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # transformers' own bars; it switches the hub's off too
         diffusers_logging.set_verbosity_error()
     except ImportError:
         pass
+    if not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # a first start downloads GBs: show it
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
 
 
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.config import load_config
     from expertune.train.launch import needs_launcher, relaunch
 
+    from expertune.train.accelerator_errors import accelerator_errors
+
     config, _warnings = load_config(rest)
     if needs_launcher(config):
         return relaunch(config, rest)
     from expertune.train.loop import train
 
-    result = train(config)
+    with accelerator_errors(config, "training"):
+        result = train(config)
     print(f"expert {result.band} saved to {result.pipeline_dir}")
     return 0
 
@@ -56,8 +67,11 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.data.prepare import cache_only
     from expertune.validate.plan import prompt_texts
 
+    from expertune.train.accelerator_errors import accelerator_errors
+
     config, _warnings = load_config(rest)
-    prepared = cache_only(config, prompt_texts(config))
+    with accelerator_errors(config, "building the caches"):
+        prepared = cache_only(config, prompt_texts(config))
     stats = prepared.cache_stats
     print("cache: " + " ".join(f"{name}={value}" for name, value in stats.items()))
     for row in prepared.bucket_table:
@@ -357,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ExpertuneError(f"{args.verb}: unknown arguments {' '.join(rest)}; see `expertune {args.verb} --help`")
         return int(args.handler(args, rest))
     except ExpertuneError as error:
+        if args.verbose and error.__cause__ is not None:
+            traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"expertune: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

@@ -37,3 +37,10 @@ class TrainingInterrupted(ExpertuneError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class AcceleratorFailure(ExpertuneError):
+    """The accelerator failed mid-run (CUDA out of memory, a device-side error): the settings in use and what would
+    fit are in the message, the library's traceback behind `-v`."""
+
+    exit_code = 4

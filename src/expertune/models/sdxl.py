@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ import torch
 
 from expertune.errors import ModelError
 from expertune.io_utils import staged_directory
+from expertune.models.source import check_model_source, describe_source, hub_failure, log_loaded, looks_like_path
 
 if TYPE_CHECKING:
     from expertune.expert_format import ExpertDescription
@@ -83,11 +85,16 @@ class SDXLComponents:
 
 
 def _load(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
+    started = time.monotonic()
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+        loaded = cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+        log_loaded(source, subfolder, loaded, time.monotonic() - started)
+        return loaded
     except (OSError, ValueError, EnvironmentError) as error:
         local = Path(source).expanduser()
-        if not local.exists() and (os.sep in source or source.startswith(".")):
+        if not local.exists() and not looks_like_path(source):  # a hub id: say why the hub could not give it
+            raise hub_failure(source, kwargs.get("revision"), error, subfolder) from None
+        if not local.exists():
             raise ModelError(
                 f"model path {source!r} does not exist; pass a local diffusers SDXL directory "
                 "(with model_index.json) or a Hugging Face hub id"
@@ -186,6 +193,8 @@ def load_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    check_model_source(source, revision)
+    log.info("loading model %s", describe_source(source, revision))
     index = read_pipeline_index(source, revision=revision)
     layout_kind = layout_kind_of(index)
     refiner = layout_kind == REFINER_LAYOUT
