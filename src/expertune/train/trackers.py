@@ -3,6 +3,9 @@
 W&B never fails a run: without credentials (no WANDB_API_KEY, no `wandb login`) it runs offline and says
 how to upload later (`wandb sync DIR`); when an online start fails (no network, bad key) it retries
 offline; when even that fails, or wandb is not installed, the run goes on without it and says so.
+
+Validation (validate/samples.py) logs its images through accelerate's tracker interface (`log_images`,
+`log_table`); here they become W&B images, and a W&B table whose image cells are W&B images.
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ class ResilientWandBTracker(WandBTracker):
         import wandb
 
         self.run.log({key: [wandb.Image(image) for image in images] for key, images in values.items()},
+                     step=step, **kwargs)
+
+    def log_table(self, table_name: str, columns: list[str] | None = None, data: list[list[Any]] | None = None,
+                  dataframe: Any = None, step: int | None = None, **kwargs: Any) -> None:
+        """accelerate's table, with PIL images in `data` turned into W&B images (validation's prompt/step table)."""
+        if self.run is None:
+            return
+        import wandb
+        from PIL import Image
+
+        rows = [[wandb.Image(cell) if isinstance(cell, Image.Image) else cell for cell in row] for row in data or []]
+        self.run.log({table_name: wandb.Table(columns=columns, data=rows or None, dataframe=dataframe)},
                      step=step, **kwargs)
 
     def finish(self) -> None:

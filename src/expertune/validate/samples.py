@@ -16,7 +16,8 @@
 
 Each validation then measures the held-out loss per sub-band and, with `--evaluation_type clip`, the CLIP
 score of every output against its prompt (`validate/metrics.py`). Images go to
-`<output_dir>/validation/step_NNNNNN/`, images and numbers to TensorBoard, numbers to metrics.jsonl.
+`<output_dir>/validation/step_NNNNNN/`, images and numbers to TensorBoard and W&B (there also a table of name,
+prompt, step and image per validation), numbers to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_DATASET_IMAGES = 2
+# The columns of the validation table logged to W&B at each validation (one row per image).
+VALIDATION_TABLE_COLUMNS = ("name", "prompt", "step", "image")
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,7 @@ class Validator:
             path = folder / f"{item.name}.png"
             atomic_write_bytes(path, png_bytes(item.image))
             written.append(path)
-            self._log_image(item.name, item.image, step)
+        self._log_images(images, step)
         if values:
             self.accelerator.log({self._tag(k): v for k, v in values.items()}, step=step)
         if self.metrics is not None:
@@ -356,11 +359,19 @@ class Validator:
                  "".join(f", {k}={v:.4g}" for k, v in values.items() if k in ("eval/loss", "clip/mean")))
         return written
 
-    def _log_image(self, name: str, image: Image.Image, step: int) -> None:
-        if self.config.logging.report_to not in ("tensorboard", "all"):
-            return
-        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image(self._tag(f"validation/{name}"), np.asarray(image), step, dataformats="HWC")
+    def _log_images(self, images: list[ValidationImage], step: int) -> None:
+        """Each image to TensorBoard; to W&B each image under its tag and one table of name, prompt, step and
+        image per validation (through accelerate's tracker interface: `train.trackers` turns them into W&B's)."""
+        report_to = self.config.logging.report_to
+        if report_to in ("tensorboard", "all"):
+            board = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            for item in images:
+                board.add_image(self._tag(f"validation/{item.name}"), np.asarray(item.image), step, dataformats="HWC")
+        if report_to in ("wandb", "all") and images:
+            wandb = self.accelerator.get_tracker("wandb")
+            wandb.log_images({self._tag(f"validation/{item.name}"): [item.image] for item in images}, step=step)
+            wandb.log_table(self._tag("validation/samples"), columns=list(VALIDATION_TABLE_COLUMNS),
+                            data=[[item.name, item.prompt, step, item.image] for item in images], step=step)
 
     def _tag(self, key: str) -> str:
         """A tracker key, under the expert's label in a mixture (`expert_1/eval/loss`)."""
