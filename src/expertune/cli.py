@@ -8,9 +8,12 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from expertune.errors import ExpertuneError
+
+if TYPE_CHECKING:
+    from expertune.config import Config
 
 log = logging.getLogger("expertune")
 
@@ -51,12 +54,25 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     config, _warnings = load_config(rest)
     if needs_launcher(config):
-        return relaunch(config, rest)
+        code = relaunch(config, rest)  # the group trains; this process uploads once, after it
+        return _publish(config) if code == 0 and config.hub.push_to_hub else code
+    from expertune.train.launch import inside_launched_group
     from expertune.train.loop import train
 
     with accelerator_errors(config, "training"):
         result = train(config)
     print(f"expert {result.band} saved to {result.pipeline_dir}")
+    return _publish(config) if config.hub.push_to_hub and not inside_launched_group() else 0
+
+
+def _publish(config: Config) -> int:
+    """--push_to_hub, after the experts are saved: a failure (HubUploadError, exit 5) loses nothing."""
+    from pathlib import Path
+
+    from expertune.hub import publish_run
+    from expertune.config.schema import required
+
+    print(f"uploaded to {publish_run(Path(required(config.train.output_dir, 'output_dir')).expanduser(), config)}")
     return 0
 
 

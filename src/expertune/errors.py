@@ -44,3 +44,9 @@ class AcceleratorFailure(ExpertuneError):
     fit are in the message, the library's traceback behind `-v`."""
 
     exit_code = 4
+
+
+class HubUploadError(ExpertuneError):
+    """The upload to the Hugging Face hub failed after the experts were saved locally (nothing is lost)."""
+
+    exit_code = 5

@@ -132,6 +132,7 @@ def test_every_template_variable_is_known_and_maps(tmp_path: Path, offline_wandb
     assert t.ema_decay == 0.999 and config.data.vae_batch_size == 3 and t.resume_from_checkpoint == "latest"
     assert config.logging.report_to == "wandb"  # DEBUG_EXTRA_ARGS
     assert config.logging.tracker_project_name == "full-training"
+    assert (config.hub.push_to_hub, config.hub.hub_model_id) == (False, "full-training")  # HUB_MODEL_NAME
     assert t.output_dir == f"{tmp_path}/models" and config.data.data_backend_config.startswith(str(tmp_path))
     assert config.band.refiner_training_invert_schedule and config.schedule.prediction_type == "v_prediction"
     notes = "\n".join(r.getMessage() for r in caplog.records)
@@ -194,11 +195,11 @@ def test_ignored_values_a_user_counts_on_warn_with_their_reason(tmp_path: Path) 
     env = tmp_path / "c.env"
     env.write_text('PUSH_TO_HUB="true"\nPUSH_CHECKPOINTS="true"\nHUB_MODEL_NAME=me/x\nDELETE_SMALL_IMAGES=1\n'
                    "FLUX_LORA_TARGET=all\nMY_SETTING=1\n")
-    _, warnings = load_config(["--env", str(env)])
+    config, warnings = load_config(["--env", str(env)])
     text = "\n".join(warnings)
-    assert "PUSH_TO_HUB=true ignored: expertune does not upload" in text
-    assert "PUSH_CHECKPOINTS=true ignored" in text and "HUB_MODEL_NAME" not in text  # an info line, not a warning
+    assert "PUSH" not in text and "HUB_MODEL_NAME" not in text  # the hub variables are options now
+    assert (config.hub.push_to_hub, config.hub.hub_model_id, config.hub.push_checkpoints_to_hub) == (True, "me/x", True)
     assert "DELETE_SMALL_IMAGES=1 ignored: expertune never deletes images" in text
     assert "FLUX_LORA_TARGET" not in text  # Flux-only: an info line
     assert "MY_SETTING is not a config.env variable expertune knows" in text  # still no silence for the unknown
-    assert len(warnings) == 4
+    assert len(warnings) == 2

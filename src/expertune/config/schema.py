@@ -510,10 +510,27 @@ class LoggingConfig:
     logging_dir: str | None = opt(None, "Directory of the tracker logs (unset: the logs folder inside output_dir).")
 
 
+# ---- issue 19, hub helper: publishing to the Hugging Face hub (SimpleTuner's names) --------------------------
+@dataclass(frozen=True)
+class HubConfig:
+    """Publishing to the Hugging Face hub (after the local export: a failed upload loses nothing)."""
+
+    push_to_hub: bool = opt(False, "After training, upload the exported expert(s) with a model card to the hub "
+                                   "repository hub_model_id (created private if missing; needs a token: "
+                                   "`hf auth login` or HF_TOKEN).", env=("PUSH_TO_HUB",), on_resume="not_compared")
+    hub_model_id: str | None = opt(None, "Hub repository of push_to_hub: `owner/name`, or `name` under the "
+                                         "token's account.", env=("HUB_MODEL_NAME",), on_resume="not_compared")
+    push_checkpoints_to_hub: bool = opt(False, "With push_to_hub, also upload each checkpoint as it is saved, to "
+                                               "checkpoints/checkpoint-<step>/ of the repository (training waits "
+                                               "for the upload; a failed one is logged and training goes on).",
+                                        env=("PUSH_CHECKPOINTS",), on_resume="not_compared")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "band": BandConfig, "mixture": MixtureConfig,
     "schedule": ScheduleConfig,
     "train": TrainConfig, "validation": ValidationConfig, "logging": LoggingConfig,
+    "hub": HubConfig,  # issue 19, hub helper
 }
 
 # SimpleTuner options from the config.env table that expertune has no field for: accepted and ignored
@@ -567,6 +584,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # issue 19, hub helper
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> Config:

@@ -55,12 +55,9 @@ _ROWS = (
     TemplateVariable("USE_XFORMERS", "ignore", "not needed: diffusers' default attention is PyTorch's "
                                                "scaled_dot_product_attention (SDPA), which already uses "
                                                "memory-efficient / flash kernels where the device has them"),
-    TemplateVariable("PUSH_TO_HUB", "ignore", "expertune does not upload; upload the exported pipeline/ folder "
-                                              "yourself (e.g. `hf upload NAME OUTPUT_DIR/pipeline`)", warn=True),
-    TemplateVariable("PUSH_CHECKPOINTS", "ignore", "expertune does not upload checkpoints", warn=True, only_with="PUSH_TO_HUB"),
-    TemplateVariable("HUB_MODEL_NAME", "ignore", "expertune does not upload",
-                     only_with="PUSH_TO_HUB"),
-    TemplateVariable("MODEL_CARD_SAFE_FOR_WORK", "ignore", "expertune writes no hub model card"),
+    # PUSH_TO_HUB, HUB_MODEL_NAME and PUSH_CHECKPOINTS are options now (schema.HubConfig).
+    TemplateVariable("MODEL_CARD_SAFE_FOR_WORK", "ignore", "expertune's model cards carry no not-for-all-audiences "
+                                                           "tag; add one on the hub if the model needs it"),
     TemplateVariable("METADATA_UPDATE_INTERVAL", "ignore", "expertune writes its bucket metadata once per cache "
                                                            "pass, atomically"),
     TemplateVariable("MAX_WORKERS", "ignore", "cache encoding runs in the training process (batch sizes: "

@@ -145,6 +145,9 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
             f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
     check_mixture_fields(values, sources)
+    if values["push_to_hub"] and not values["hub_model_id"]:  # issue 19, hub helper
+        raise ConfigError(f"push_to_hub (from {src('push_to_hub')}) needs hub_model_id: add --hub_model_id=NAME "
+                          "(HUB_MODEL_NAME in config.env), `owner/name` or a name under your hub account")
     if values["export_ema"] and not values["use_ema"]:
         raise ConfigError(
             f"export_ema (from {src('export_ema')}) needs use_ema: add --use_ema, or drop --export_ema")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from expertune.hub_upload import push_checkpoint
 from expertune.train.checkpoint import prune_checkpoints, save_job_checkpoint
 from expertune.train.setup import Run
 
@@ -38,8 +39,9 @@ class Checkpointer:
         run = self.run
         snapshots = [expert.strategy.snapshot() for expert in run.experts]  # every rank: a collective when sharded
         if run.is_main:
-            save_job_checkpoint(run.output_dir, [e.state for e in run.experts], run.config_snapshot, run.identity,
-                                snapshots)
+            saved = save_job_checkpoint(run.output_dir, [e.state for e in run.experts], run.config_snapshot,
+                                        run.identity, snapshots)
             prune_checkpoints(run.output_dir, run.config.train.checkpoints_total_limit)
+            push_checkpoint(saved, run.config)  # --push_checkpoints_to_hub; a failed upload only warns
         run.accelerator.wait_for_everyone()
         self.last_saved = run.step

@@ -14,7 +14,7 @@ from expertune.data.prepare import PreparedData
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints")
 # What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved).
-REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation")
+REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation", "hub_upload")
 
 
 def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool, main_process: bool = True) -> None:
