@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,72 @@ def no_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+
+
+class _FakeHub(BaseHTTPRequestHandler):
+    """The three requests of an upload of small files, answered as the hub answers them: create the repository,
+    tell each file's upload mode ("regular": its bytes inline in the commit), take the commit."""
+
+    received: dict[str, bytes] = {}
+    requests: list[tuple[str, str, dict]] = []
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        root = f"http://127.0.0.1:{self.server.server_port}"  # type: ignore[attr-defined]
+        self.requests.append((self.path, self.headers.get("Authorization", ""),
+                              json.loads(body) if self.path == "/api/repos/create" else {}))
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            self._answer(200, {"url": f"{root}/{request.get('organization') or 'me'}/{request['name']}"})
+        elif self.path == "/api/validate-yaml":  # the hub checks a README's front matter before the commit
+            import yaml
+
+            front = json.loads(body)["content"].split("---\n")[1]
+            valid = isinstance(yaml.safe_load(front), dict)
+            self._answer(200 if valid else 400, {"errors": [] if valid else [{"message": "bad YAML"}], "warnings": []})
+        elif "/preupload/" in self.path:
+            self._answer(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in json.loads(body)["files"]]})
+        elif "/commit/" in self.path:
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            self._answer(200, {"commitUrl": f"{root}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        else:
+            self._answer(404, {})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(404, {})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch: pytest.MonkeyPatch, no_token) -> Iterator[type[_FakeHub]]:
+    from huggingface_hub import constants
+
+    _FakeHub.received, _FakeHub.requests = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    try:
+        yield _FakeHub
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _code_blocks(card: str) -> list[str]:
@@ -110,7 +180,7 @@ def test_a_run_exports_then_fails_the_offline_upload_and_keeps_everything(
 
 @pytest.mark.integration
 def test_a_mixture_folder_has_a_card_per_expert_and_one_for_the_chain(tiny_model_dir: Path, small_dataset: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path, fake_hub) -> None:
     from expertune.config import load_config
     from expertune.train.loop import train
 
@@ -143,3 +213,17 @@ def test_a_mixture_folder_has_a_card_per_expert_and_one_for_the_chain(tiny_model
     assert "continues the previous expert's latents from denoising_start=0.65" in low.text
     assert "![partial_denoise_00](images/partial_denoise_00.png)" in low.text
     assert f"| mean over the band | {rows[1]['eval/loss']:.5f} |" in low.text
+    # The upload sends exactly the folder, to a private repository, with the token only in its header.
+    from dataclasses import replace
+
+    from expertune.hub import publish_run
+
+    hub = replace(config.hub, push_to_hub=True, hub_model_id="me/mixture")
+    url = publish_run(output, replace(config, hub=hub))
+    assert url.endswith("/me/mixture/commit/" + "a" * 40)
+    assert fake_hub.received == {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+                                 if p.is_file()}
+    create = next(body for path, _, body in fake_hub.requests if path == "/api/repos/create")
+    assert create.get("visibility", create.get("private")) in ("private", True) and create["name"] == "mixture"
+    assert all(auth == f"Bearer {SECRET}" for _, auth, _ in fake_hub.requests)
+
