@@ -147,3 +147,30 @@ def test_the_fake_hub_speaks_the_hub_protocol(fake_hub: str) -> None:
 
     with pytest.raises(GatedRepoError):
         hf_hub_download("owner/gated", "model_index.json")
+
+
+def test_a_cached_hub_id_loads_offline_with_its_log_and_without_library_noise(
+        tiny_model_dir: Path, empty_hub_cache: Path, monkeypatch, caplog, recwarn) -> None:
+    """A hub id already in the cache at HF_HOME (the hub cache's own layout) starts offline; the deprecation
+    warning diffusers triggers in huggingface_hub on each config fetch is filtered by the CLI."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from expertune import cli
+    from expertune.models.sdxl import load_components
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = empty_hub_cache / "models--owner--tiny-sdxl"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cli._quiet_libraries()
+    with caplog.at_level(logging.INFO, logger="expertune.models"):
+        components = load_components("owner/tiny-sdxl")
+    assert components.unet is not None
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"loading model owner/tiny-sdxl (hub id, revision main; files are fetched into {empty_hub_cache})" in lines
+    assert any(line.startswith("loaded unet of owner/tiny-sdxl: ") for line in lines)
+    assert not [w for w in recwarn if "local_dir_use_symlinks" in str(w.message)]
