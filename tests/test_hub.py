@@ -227,3 +227,13 @@ def test_a_mixture_folder_has_a_card_per_expert_and_one_for_the_chain(tiny_model
     assert create.get("visibility", create.get("private")) in ("private", True) and create["name"] == "mixture"
     assert all(auth == f"Bearer {SECRET}" for _, auth, _ in fake_hub.requests)
 
+
+
+def test_push_to_hub_needs_a_repository_name() -> None:
+    from expertune.config import load_config
+    from expertune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"push_to_hub \(from .*\) needs hub_model_id: add --hub_model_id=NAME"):
+        load_config(["--push_to_hub"])
+    config, _ = load_config(["--push_to_hub", "--hub_model_id=me/x", "--push_checkpoints_to_hub"])
+    assert (config.hub.push_to_hub, config.hub.hub_model_id, config.hub.push_checkpoints_to_hub) == (True, "me/x", True)

@@ -151,11 +151,14 @@ EXPECTED = {
     "validation_negative_aesthetic_score": ("validation", float, False, 2.5),
     "report_to": ("logging", str, False, "tensorboard"), "tracker_project_name": ("logging", str, False, "expertune"),
     "tracker_run_name": ("logging", str, True, None), "logging_dir": ("logging", str, True, None),
+    "push_to_hub": ("hub", bool, False, False), "hub_model_id": ("hub", str, True, None),
+    "push_checkpoints_to_hub": ("hub", bool, False, False),
 }
 
 
 def test_field_registry_matches_the_specification():
-    assert list(SECTIONS) == ["model", "data", "band", "mixture", "schedule", "train", "validation", "logging"]
+    assert list(SECTIONS) == ["model", "data", "band", "mixture", "schedule", "train", "validation", "logging",
+                              "hub"]
     assert set(FIELDS) == set(EXPECTED)
     for name, (section, typ, optional, default) in EXPECTED.items():
         spec = FIELDS[name]
@@ -195,7 +198,7 @@ def test_every_simpletuner_env_variable_maps_to_its_flag():
     declared = set(env_to_field) | set(IGNORED_OPTIONS.values())
     # Nothing made up either: the table's variables, plus those of the mid-2024 config.env.example template.
     template_only = {"VAE_BATCH_SIZE", "EMA_DECAY", "MIN_SNR_GAMMA", "ALLOW_TF32", "TRAINING_DYNAMO_BACKEND",
-                     "PURE_BF16"}
+                     "PURE_BF16", "PUSH_TO_HUB", "HUB_MODEL_NAME", "PUSH_CHECKPOINTS"}
     assert declared == {var for var, _ in rows} | template_only
 
 
