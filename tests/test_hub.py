@@ -219,7 +219,7 @@ def test_a_mixture_folder_has_a_card_per_expert_and_one_for_the_chain(tiny_model
     from expertune.hub import publish_run
 
     hub = replace(config.hub, push_to_hub=True, hub_model_id="me/mixture")
-    url = publish_run(output, replace(config, hub=hub))
+    url = publish_run(replace(config, hub=hub))
     assert url.endswith("/me/mixture/commit/" + "a" * 40)
     assert fake_hub.received == {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
                                  if p.is_file()}

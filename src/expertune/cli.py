@@ -56,23 +56,22 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if needs_launcher(config):
         code = relaunch(config, rest)  # the group trains; this process uploads once, after it
         return _publish(config) if code == 0 and config.hub.push_to_hub else code
-    from expertune.train.launch import inside_launched_group
+    from expertune.train.launch import LAUNCHED_MARKER
     from expertune.train.loop import train
 
     with accelerator_errors(config, "training"):
         result = train(config)
     print(f"expert {result.band} saved to {result.pipeline_dir}")
-    return _publish(config) if config.hub.push_to_hub and not inside_launched_group() else 0
+    # One upload per job: by the launching process above when this CLI launched the group, else by rank 0.
+    uploads = LAUNCHED_MARKER not in os.environ and os.environ.get("RANK", "0") == "0"
+    return _publish(config) if config.hub.push_to_hub and uploads else 0
 
 
 def _publish(config: Config) -> int:
     """--push_to_hub, after the experts are saved: a failure (HubUploadError, exit 5) loses nothing."""
-    from pathlib import Path
-
     from expertune.hub import publish_run
-    from expertune.config.schema import required
 
-    print(f"uploaded to {publish_run(Path(required(config.train.output_dir, 'output_dir')).expanduser(), config)}")
+    print(f"uploaded to {publish_run(config)}")
     return 0
 
 

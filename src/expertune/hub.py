@@ -306,11 +306,13 @@ def build_upload_folder(output_dir: Path, repo_id: str) -> Path:
 
 # ---- the upload -------------------------------------------------------------------------------------------------
 
-def publish_run(output_dir: Path, config: Config) -> str:
-    """`--push_to_hub` at the end of a run: build the upload folder and upload it; the repository's URL."""
-    repo_id = config.hub.hub_model_id
-    if not repo_id:
-        raise HubUploadError("push_to_hub needs hub_model_id: the experts are saved; upload them with --hub_model_id")
+def publish_run(config: Config) -> str:
+    """`--push_to_hub` at the end of a run: build the upload folder of the run in output_dir and upload it; the
+    URL of the commit."""
+    from expertune.config.schema import required
+
+    output_dir = Path(required(config.train.output_dir, "output_dir")).expanduser()
+    repo_id = required(config.hub.hub_model_id, "hub_model_id")
     folder = build_upload_folder(output_dir, repo_id)
     try:
         url = push_folder(folder, repo_id, message="expertune: the trained experts and their model cards")

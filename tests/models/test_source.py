@@ -174,3 +174,19 @@ def test_a_cached_hub_id_loads_offline_with_its_log_and_without_library_noise(
     assert f"loading model owner/tiny-sdxl (hub id, revision main; files are fetched into {empty_hub_cache})" in lines
     assert any(line.startswith("loaded unet of owner/tiny-sdxl: ") for line in lines)
     assert not [w for w in recwarn if "local_dir_use_symlinks" in str(w.message)]
+
+
+def test_no_network_and_not_cached_names_the_endpoint_and_the_cache(empty_hub_cache: Path, monkeypatch) -> None:
+    """What hf_hub_download raises when the hub cannot be reached and the file is not cached (constructed here:
+    a real connection failure retries for ~20 s), mapped with the cache huggingface_hub would read."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from expertune.models.source import hub_error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    error = hub_error("segmind/SSD-1B", None, LocalEntryNotFoundError("connection refused and not in the cache"))
+    assert error is not None
+    assert str(error).startswith("cannot reach the Hugging Face hub (http://127.0.0.1:9) to fetch model "
+                                 f"'segmind/SSD-1B', and it is not in the local cache at {empty_hub_cache}")

@@ -110,7 +110,8 @@ class ResilientWandBTracker(WandBTracker):
         from PIL import Image
 
         rows = [[wandb.Image(cell) if isinstance(cell, Image.Image) else cell for cell in row] for row in data or []]
-        self.run.log({table_name: wandb.Table(columns=columns, data=rows or None, dataframe=dataframe)},
+        header: list[str | int] | None = None if columns is None else list(columns)
+        self.run.log({table_name: wandb.Table(columns=header, data=rows or None, dataframe=dataframe)},
                      step=step, **kwargs)
 
     def finish(self) -> None:
