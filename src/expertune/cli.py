@@ -48,9 +48,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.config import load_config
-    from expertune.train.launch import needs_launcher, relaunch
-
     from expertune.train.accelerator_errors import accelerator_errors
+    from expertune.train.launch import needs_launcher, relaunch
 
     config, _warnings = load_config(rest)
     if needs_launcher(config):
@@ -80,9 +79,8 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
     from expertune.data.prepare import cache_only
-    from expertune.validate.plan import prompt_texts
-
     from expertune.train.accelerator_errors import accelerator_errors
+    from expertune.validate.plan import prompt_texts
 
     config, _warnings = load_config(rest)
     with accelerator_errors(config, "building the caches"):
