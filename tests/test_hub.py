@@ -237,3 +237,24 @@ def test_push_to_hub_needs_a_repository_name() -> None:
         load_config(["--push_to_hub"])
     config, _ = load_config(["--push_to_hub", "--hub_model_id=me/x", "--push_checkpoints_to_hub"])
     assert (config.hub.push_to_hub, config.hub.hub_model_id, config.hub.push_checkpoints_to_hub) == (True, "me/x", True)
+
+
+def test_a_lora_expert_of_a_hub_base_chains_its_adapters_onto_the_base() -> None:
+    from expertune.experts import ExpertBand
+    from expertune.expert_format import ExpertDescription
+    from expertune.hub import PublishedExpert, expert_card
+
+    schedule = {"num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    lora = ExpertDescription(ExpertBand(0, 349), schedule, model_type="lora", base_model="segmind/SSD-1B")
+    card = expert_card(PublishedExpert("", lora, (), {}), "me/low-noise")
+    assert "base_model: segmind/SSD-1B" in card and "- lora" in card and "pipeline_tag: image-to-image" in card
+    (code,) = _code_blocks(card)
+    compile(code, "card", "exec")
+    assert 'expert_1 = StableDiffusionXLImg2ImgPipeline.from_pretrained("segmind/SSD-1B"' in code
+    assert 'expert_1.load_lora_weights("me/low-noise")' in code
+    assert "denoising_start=0.65" in code and "guidance_rescale=0.7" in code
+    assert 'expert_0 = StableDiffusionXLPipeline.from_pretrained("OTHER"' in code  # the stage before it
+    assert "No held-out images were set aside" in card and "validation was disabled" in card
+    local = ExpertDescription(ExpertBand(0, 349), schedule, model_type="lora", base_model="/home/me/sdxl")
+    text = expert_card(PublishedExpert("", local, (), {}), "me/low-noise")
+    assert "/home/me" not in text and "base_model" not in text.split("---")[1]

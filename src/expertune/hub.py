@@ -143,7 +143,7 @@ def _loader(description: ExpertDescription, location: str, variable: str, first:
     cls = "StableDiffusionXLPipeline" if first else "StableDiffusionXLImg2ImgPipeline"
     if description.model_type != "lora":
         return [f'{variable} = {cls}.from_pretrained({location}, torch_dtype=torch.float16).to("cuda")']
-    base = description.base_model or "BASE_MODEL"
+    base = hub_base_model(description) or "BASE_MODEL"  # a local base: the user's own path, not shared
     return [f'{variable} = {cls}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
             f"{variable}.load_lora_weights({location})",
             f"{variable}.scheduler = {variable}.scheduler.from_pretrained({location}, subfolder=\"scheduler\")"]
