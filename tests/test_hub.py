@@ -89,7 +89,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, no_token) -> Iterator[type[_FakeHu
 
     _FakeHub.received, _FakeHub.requests = {}, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", SECRET)

@@ -81,7 +81,7 @@ def fake_hub(empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     from huggingface_hub import constants
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     endpoint = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
