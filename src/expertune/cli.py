@@ -35,11 +35,33 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
-def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+def _training_config(rest: list[str]) -> tuple[Any, list[str]]:
+    """The config of `train` / `cache` (SimpleTuner's config file found when none is given), with a seed of -1
+    drawn once (a resumed run keeps its checkpoint's); `rest` with that seed, for launched processes."""
+    from pathlib import Path
+
     from expertune.config import load_config
+    from expertune.config.sources import draw_seed
+
+    config, _warnings = load_config(rest, find_config=True)
+    if config.train.seed != -1:
+        return config, rest
+    kept = None
+    if config.train.output_dir and config.train.resume_from_checkpoint:
+        from expertune.train.checkpoint import read_checkpoint_document, resolve_checkpoint, resume_requested
+
+        output = Path(config.train.output_dir).expanduser()
+        if resume_requested(output, config.train.resume_from_checkpoint):
+            checkpoint = resolve_checkpoint(output, config.train.resume_from_checkpoint)
+            kept = int(read_checkpoint_document(checkpoint)["config"]["train"]["seed"])
+    config = draw_seed(config, kept)
+    return config, [*rest, f"--seed={config.train.seed}"]
+
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.train.launch import needs_launcher, relaunch
 
-    config, _warnings = load_config(rest)
+    config, rest = _training_config(rest)
     if needs_launcher(config):
         return relaunch(config, rest)
     from expertune.train.loop import train
@@ -50,13 +72,12 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
-    from expertune.config import load_config
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
     from expertune.data.prepare import cache_only
     from expertune.validate.plan import prompt_texts
 
-    config, _warnings = load_config(rest)
+    config, _rest = _training_config(rest)
     prepared = cache_only(config, prompt_texts(config))
     stats = prepared.cache_stats
     print("cache: " + " ".join(f"{name}={value}" for name, value in stats.items()))

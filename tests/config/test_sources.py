@@ -133,7 +133,7 @@ def test_env_expansion_quotes_continuations_and_comments(tmp_path):
     assert config.logging.tracker_project_name == "multiline"
     assert config.model.pretrained_model_name_or_path == "/os/model"
     assert config.train.learning_rate == 5e-7
-    assert config.validation.validation_resolution == 64
+    assert config.validation.validation_resolution == "64"
     assert warnings == []  # BASE only feeds other variables' expansions: a helper, not an unknown variable
 
 
