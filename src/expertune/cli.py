@@ -127,6 +127,36 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from expertune.init import write_starter
+
+    written = write_starter(Path(args.folder), args.model, args.layout, args.gpu_memory, args.format,
+                            Path(args.data) if args.data else None, Path(args.output) if args.output else None)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_init(verbs: Any) -> None:
+    from expertune.init import FORMATS, LAYOUTS, MODELS
+
+    init = verbs.add_parser("init", help="write a starter config for SSD-1B or SDXL sized for your GPU",
+                            description="Write a starter configuration (SimpleTuner's config.json shape with a "
+                            "README, or expertune's TOML with comments), the dataloader JSON and a prompt library. "
+                            "Never overwrites a file.")
+    init.add_argument("folder", nargs="?", default="config", help="where to write (default: config)")
+    init.add_argument("--model", choices=list(MODELS), default="ssd-1b")
+    init.add_argument("--layout", choices=LAYOUTS, default="two-stage",
+                      help="two-stage: the recipe's two runs; mixture: both experts in one job")
+    init.add_argument("--gpu_memory", type=float, default=24.0, metavar="GIB", help="GPU memory in GiB (default 24)")
+    init.add_argument("--format", choices=FORMATS, default="json")
+    init.add_argument("--data", default=None, help="your image folder (default: datasets/images)")
+    init.add_argument("--output", default=None, help="where runs write (default: output)")
+    init.set_defaults(handler=_cmd_init)
+
+
 def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.models.tiny import build_tiny_clip
 
@@ -219,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(config_flags=False)
     verbs = parser.add_subparsers(dest="verb", required=True)
     _add_training_verbs(verbs)
+    _add_init(verbs)
     _add_audit(verbs)
     _add_generate(verbs)
     _add_model_verbs(verbs)
