@@ -135,10 +135,11 @@ _ROWS: list[SimpleTunerOption] = [
              "ramtorch_target_modules ramtorch_text_encoder ramtorch_vae ramtorch_controlnet "
              "ramtorch_transformer_percent ramtorch_text_encoder_percent ramtorch_disable_sync_hooks "
              "ramtorch_disable_extensions enable_model_cpu_offload optimizer_cpu_offload_method "
-             "optimizer_offload_gradients offload_param_path gradient_checkpointing_interval "
-             "gradient_checkpointing_backend gradient_checkpointing_segment_stride "
+             "optimizer_offload_gradients offload_param_path", _OFFLOAD, warn=True),
+    *_ignore("gradient_checkpointing_interval gradient_checkpointing_backend gradient_checkpointing_segment_stride "
              "gradient_checkpointing_offload_attention gradient_checkpointing_offload_pin_memory_max_buckets "
-             "gradient_checkpointing_offload_prefetch", _OFFLOAD, warn=True),
+             "gradient_checkpointing_offload_prefetch", "gradient_checkpointing recomputes every ResNet and "
+             "transformer block (diffusers'), keeping nothing off the GPU", warn=True),
     *_ignore("fuse_optimizer optimizer_release_gradients grad_clip_method gradient_precision",
              "gradients are float32 (bf16 with optimizer=adamw_bf16) and clipped by norm (max_grad_norm)"),
     *_ignore("quantize_via quantization_config quantize_activations base_model_default_dtype "
@@ -154,6 +155,12 @@ _ROWS: list[SimpleTunerOption] = [
     *_ignore("ema_foreach_disable ema_warmup_steps",
              "the EMA is diffusers' EMAModel, warmed up as (1 + n) / (10 + n) up to ema_decay"),
     *_ignore("disable_tf32", "TF32 is off unless allow_tf32 is set"),
+    *_ignore("enable_watermark", "expertune's validation images carry no watermark"),
+    *_ignore("text_encoder_limit", "the text encoders are not trained"),
+    *_ignore("conditioning_multidataset_sampling", "conditioning datasets are not read (no ControlNet training)"),
+    _refuse("vae_cache_ondemand", "expertune always pre-computes and caches the VAE latents; remove it"),
+    _refuse("vae_cache_disable", "expertune always pre-computes and caches the VAE latents; remove it"),
+    _refuse("control", "channel-wise control training is not supported"),
     *_ignore("disable_bucket_pruning", "buckets are never pruned"),
     *_ignore("disable_segmented_timestep_sampling", "timesteps are drawn inside the expert's band (timestep_sampling "
                                                     "uniform or stratified)"),
