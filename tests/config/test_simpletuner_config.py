@@ -185,3 +185,12 @@ def test_the_flag_table_is_consistent() -> None:
             assert row.reason and "\n" not in row.reason and "|" not in row.reason, row.name
     assert all(f.reason for f in FAMILIES)
     assert lookup("flux_schedule_shift") is not None and lookup("no_such_option") is None
+
+
+def test_an_older_snapshot_with_a_numeric_validation_resolution_migrates() -> None:
+    from expertune.config.migrations import CONFIG_VERSION, migrate_snapshot
+
+    snapshot = {"validation": {"validation_resolution": 64}, "train": {"seed": 1}}
+    migrated = migrate_snapshot(snapshot, 1)
+    assert CONFIG_VERSION == 2 and migrated["validation"]["validation_resolution"] == "64"
+    assert snapshot["validation"]["validation_resolution"] == 64  # the stored one is left as it was

@@ -11,7 +11,7 @@ from typing import Any
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS
 from expertune.config.simpletuner_flags import lookup
 from expertune.config.validate import coerce_value, parse_bool
-from expertune.errors import ConfigError, UnsupportedFeatureError  # noqa: F401 (ConfigError: coerce_value's)
+from expertune.errors import ConfigError, UnsupportedFeatureError
 
 
 @dataclass(frozen=True)
