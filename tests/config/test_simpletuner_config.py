@@ -194,3 +194,13 @@ def test_an_older_snapshot_with_a_numeric_validation_resolution_migrates() -> No
     migrated = migrate_snapshot(snapshot, 1)
     assert CONFIG_VERSION == 2 and migrated["validation"]["validation_resolution"] == "64"
     assert snapshot["validation"]["validation_resolution"] == 64  # the stored one is left as it was
+
+
+def test_config_env_appends_with_plus_equals_as_simpletuner_does(tmp_path: Path) -> None:
+    env = tmp_path / "config.env"
+    env.write_text('export TRAINER_EXTRA_ARGS="--seed=3"\nTRAINER_EXTRA_ARGS+="--validation_steps=5"\n'
+                   'export TRAINER_EXTRA_ARGS+=" --checkpointing_steps=7"\nTRACKER_RUN_NAME+=run\n', encoding="utf-8")
+    config, warnings = load_config(["--env", str(env)])
+    assert (config.train.seed, config.validation.validation_step_interval) == (3, 5)
+    assert config.train.checkpoint_step_interval == 7 and config.logging.tracker_run_name == "run"
+    assert warnings == []

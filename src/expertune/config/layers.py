@@ -1,6 +1,5 @@
 """What one settings source contributes (a Layer of Settings), and the one place an option name is resolved:
-an expertune option, an ignored SimpleTuner option of the config.env table, or a row of SimpleTuner's flag
-table (alias, ignore, refuse). Every source (flags, TOML, config.json, config.env's TRAINER_EXTRA_ARGS) goes
+an expertune option, or a row of SimpleTuner's flag table (alias, ignore, refuse). Every source (flags, TOML, config.json, config.env's TRAINER_EXTRA_ARGS) goes
 through `add_option`."""
 
 from __future__ import annotations
@@ -8,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from expertune.config.schema import FIELDS, IGNORED_OPTIONS
+from expertune.config.schema import FIELDS
 from expertune.config.simpletuner_flags import lookup
 from expertune.config.validate import coerce_value, parse_bool
 from expertune.errors import ConfigError, UnsupportedFeatureError
@@ -51,7 +50,7 @@ def known_names() -> list[str]:
     """Every name an option may have (for "did you mean" suggestions)."""
     from expertune.config.simpletuner_flags import OPTIONS
 
-    return [*FIELDS, *IGNORED_OPTIONS, *OPTIONS]
+    return [*FIELDS, *OPTIONS]
 
 
 def takes_value(name: str) -> bool | None:
@@ -63,7 +62,7 @@ def takes_value(name: str) -> bool | None:
     row = lookup(name)
     if row is not None and row.action == "alias":
         return row.on_value is None and FIELDS[row.target].type is not bool
-    if row is not None or name in IGNORED_OPTIONS:
+    if row is not None:
         return None
     raise KeyError(name)
 
@@ -81,10 +80,6 @@ def add_option(layer: Layer, name: str, raw: Any, source: str, label: str | None
         spec = None  # SimpleTuner's switch of the same name (its built-in library), not expertune's file path
     elif spec is not None:
         layer.settings.append(Setting(name, coerce_value(spec, raw, source), source))
-        return True
-    if name in IGNORED_OPTIONS:
-        if not is_off(raw):
-            layer.warnings.append(f"{label} (from {source}) is recognised but not supported by expertune; ignored")
         return True
     row = lookup(name)
     if row is None:

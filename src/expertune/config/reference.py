@@ -7,6 +7,7 @@ from typing import Any
 
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS, REQUIRED_FOR_TRAINING, SECTIONS, UNSUPPORTED, FieldSpec
 from expertune.config.simpletuner import TEMPLATE_VARIABLES
+from expertune.config.simpletuner_flags import OPTIONS
 
 INTRO = """\
 # Configuration reference
@@ -128,10 +129,11 @@ def render() -> str:
                            f"| {spec.allowed_text()} | {spec.doc}{_LIMITED if spec.unsupported else ''} |")
         out.append("")
     out += ["## Recognised but ignored", "",
-            "These SimpleTuner options have no expertune equivalent. They are accepted as a config.env variable,",
-            "a flag or a TOML key and ignored with a warning (silently when the value is empty or `false`).", "",
-            "| option | config.env |", "|---|---|"]
-    out += [f"| `{flag}` | `{env}` |" for flag, env in IGNORED_OPTIONS.items()]
+            "These SimpleTuner options with a config.env variable have no expertune equivalent. They are accepted "
+            "as the variable, a flag or a TOML key and ignored with a warning (silently when the value is empty or "
+            "`false`). Every other SimpleTuner option is listed in [from-simpletuner.md](from-simpletuner.md).", "",
+            "| option | config.env | reason |", "|---|---|---|"]
+    out += [f"| `{flag}` | `{env}` | {OPTIONS[flag].reason} |" for flag, env in IGNORED_OPTIONS.items()]
     out += ["", "## SimpleTuner template variables", "",
             "Variables of SimpleTuner's mid-2024 config.env template that set no option. `ignore`: a value that is "
             "not empty or false logs one line with the reason (a warning where marked); `refuse`: a true value "

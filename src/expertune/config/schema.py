@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from expertune.config.simpletuner_flags import ENV_NAMES
 from expertune.errors import ConfigError
 from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
@@ -543,16 +544,10 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig, "validation": ValidationConfig, "logging": LoggingConfig,
 }
 
-# SimpleTuner options from the config.env table that expertune has no field for: accepted and ignored
-# with a warning (silently when the value is empty or false), whether they come as an env variable,
-# a flag or a TOML key. Flag name -> config.env variable.
-IGNORED_OPTIONS: dict[str, str] = {
-    "validation_epoch_interval": "VALIDATION_EPOCH_INTERVAL",
-    "validate_after_step": "VALIDATE_AFTER_STEP",
-    "validate_after_epoch": "VALIDATE_AFTER_EPOCH",
-    "validation_method": "VALIDATION_METHOD",
-    "sdxl_validation_pipeline_mode": "SDXL_VALIDATION_PIPELINE_MODE",
-}
+# SimpleTuner options from the config.env table that expertune has no field for: rows of the flag table
+# (config/simpletuner_flags.py, with their reasons), ignored whether they come as an env variable, a flag or a
+# TOML key. Flag name -> config.env variable.
+IGNORED_OPTIONS: dict[str, str] = ENV_NAMES
 
 
 def _build_fields() -> dict[str, FieldSpec]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from expertune.config.schema import FIELDS, IGNORED_OPTIONS
+from expertune.config.schema import FIELDS
 from expertune.config.simpletuner_flags import OFF, OPTIONS, lookup
 
 NAMES_FILE = Path(__file__).with_name("simpletuner_options.txt")
@@ -30,8 +30,6 @@ def fate(name: str) -> tuple[str, str]:
         if name == "validation_prompt_library":
             detail = "a prompt-library file; SimpleTuner's true/false switch of this name is ignored (use user_prompt_library)"
         return "works", detail
-    if name in IGNORED_OPTIONS:
-        return "ignored", f"no equivalent (config.env `{IGNORED_OPTIONS[name]}`)"
     row = lookup(name)
     if row is None:
         return "unknown", ""

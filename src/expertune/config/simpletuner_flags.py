@@ -34,6 +34,7 @@ class SimpleTunerOption:
     on_value: str | None = None  # alias of a boolean: the target's value when true (false sets nothing)
     warn: bool = False  # ignore: a warning (the user may count on it) rather than an info line
     quiet: tuple[str, ...] = OFF  # values that draw no message and are never refused
+    env: str = ""  # its config.env variable, when SimpleTuner's config.env has one
 
     def is_quiet(self, value: str) -> bool:
         return value.strip().lower() in self.quiet
@@ -90,8 +91,11 @@ _ROWS: list[SimpleTunerOption] = [
              "validation_external_background validation_lycoris_strength validation_adapter_path "
              "validation_adapter_name validation_adapter_strength validation_adapter_mode validation_adapter_config "
              "ema_validation", "a validation variant expertune does not make"),
-    *_ignore("validation_epoch_interval validate_after_step validate_after_epoch validation_method", _VALIDATE),
-    *_ignore("sdxl_validation_pipeline_mode sdxl_validation_stage1_model sdxl_validation_stage2_model",
+    *[SimpleTunerOption(name, "ignore", _VALIDATE, warn=True, env=name.upper())
+      for name in ("validation_epoch_interval", "validate_after_step", "validate_after_epoch", "validation_method")],
+    SimpleTunerOption("sdxl_validation_pipeline_mode", "ignore", "the chain of experts is validated with "
+                      "validation_peer_expert (or in a mixture job)", warn=True, env="SDXL_VALIDATION_PIPELINE_MODE"),
+    *_ignore("sdxl_validation_stage1_model sdxl_validation_stage2_model",
              "the chain of experts is validated with validation_peer_expert (or in a mixture job)"),
     *_ignore("eval_steps_interval eval_epoch_interval num_eval_images eval_dataset_pooling eval_timesteps "
              "eval_loss_disable", _EVAL),
@@ -223,6 +227,8 @@ _ROWS: list[SimpleTunerOption] = [
 
 OPTIONS: dict[str, SimpleTunerOption] = {row.name: row for row in _ROWS}
 assert len(OPTIONS) == len(_ROWS), "an option listed twice"
+# Ignored options that SimpleTuner's config.env also sets through a variable: flag name -> variable.
+ENV_NAMES: dict[str, str] = {row.name: row.env for row in _ROWS if row.env}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from expertune.config.config_files import config_kind, find_default_config, read
 from expertune.config.envfile import final_assignments, read_env_document
 from expertune.config.layers import Layer, Setting, add_option, is_off as _is_off, known_names, takes_value
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS, SECTIONS, Config, FieldSpec
+from expertune.config.simpletuner_flags import OPTIONS
 from expertune.config.simpletuner import FLAG_VARIABLES, TEMPLATE_VARIABLES, is_off, is_process_variable
 from expertune.config.validate import coerce_value, parse_bool, suggest, validate_values
 from expertune.errors import ConfigError, UnsupportedFeatureError
@@ -121,8 +122,8 @@ def read_env(path: str | os.PathLike[str], environ: Mapping[str, str] | None = N
             layer.settings.append(Setting(spec.name, coerce_value(spec, a.value, source), source))
         elif a.name in ENV_IGNORED:
             if not _is_off(a.value):
-                layer.warnings.append(f"{a.name} (from {path}:{a.line}) is recognised but not supported by "
-                                      "expertune; ignored")
+                layer.warnings.append(f"{a.name}={a.value} (from {path}:{a.line}) ignored: "
+                                      f"{OPTIONS[ENV_IGNORED[a.name]].reason}")
         elif row is not None:
             if is_off(a.value) or (row.only_with and is_off(values.get(row.only_with, ""))):
                 continue
