@@ -141,8 +141,13 @@ def _toml_value(value: str | int | float | bool) -> str:
 def _toml_text(title: str, sizing: Sizing, settings: list[Setting]) -> str:
     lines = [f"# {title}: written by `expertune init`; train with `expertune train --config THIS_FILE`.",
              *(f"# {reason}" for reason in sizing.reasons()), ""]
+    from expertune.config.simpletuner_flags import OPTIONS
+
     for s in settings:
-        lines.append(f"{s.key} = {_toml_value(s.value)}" + (f"  # {s.why}" if s.why else ""))
+        row = OPTIONS.get(s.key)
+        key = row.target if row is not None and row.action == "alias" else s.key  # expertune's own name
+        why = "" if key != s.key else s.why
+        lines.append(f"{key} = {_toml_value(s.value)}" + (f"  # {why}" if why else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,7 @@ def test_what_init_writes_is_read_back_and_validates(tmp_path: Path, model: str,
         assert load_config(["--config", str(settings[0])])[0].mixture.mixture_boundaries == "350"
     if fmt == "toml":
         assert all(p.read_text().startswith("# ") for p in settings)  # commented
+        assert "checkpoint_step_interval = 500" in settings[0].read_text()  # expertune's names in its TOML
     else:
         assert "## Sizing" in (folder / "README.md").read_text()
 
