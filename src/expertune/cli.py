@@ -46,12 +46,34 @@ def _setup_logging(verbose: bool) -> None:
         enable_progress_bars()
 
 
-def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+def _training_config(rest: list[str]) -> tuple[Config, list[str]]:
+    """The config of `train` / `cache` (SimpleTuner's config file found when none is given), with a seed of -1
+    drawn once (a resumed run keeps its checkpoint's); `rest` with that seed, for launched processes."""
+    from pathlib import Path
+
     from expertune.config import load_config
+    from expertune.config.sources import draw_seed
+
+    config, _warnings = load_config(rest, find_config=True)
+    if config.train.seed != -1:
+        return config, rest
+    kept = None
+    if config.train.output_dir and config.train.resume_from_checkpoint:
+        from expertune.train.checkpoint import read_checkpoint_document, resolve_checkpoint, resume_requested
+
+        output = Path(config.train.output_dir).expanduser()
+        if resume_requested(output, config.train.resume_from_checkpoint):
+            checkpoint = resolve_checkpoint(output, config.train.resume_from_checkpoint)
+            kept = int(read_checkpoint_document(checkpoint)["config"]["train"]["seed"])
+    config = draw_seed(config, kept)
+    return config, [*rest, f"--seed={config.train.seed}"]
+
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.train.accelerator_errors import accelerator_errors
     from expertune.train.launch import needs_launcher, relaunch
 
-    config, _warnings = load_config(rest)
+    config, rest = _training_config(rest)
     if needs_launcher(config):
         code = relaunch(config, rest)  # the group trains; this process uploads once, after it
         return _publish(config) if code == 0 and config.hub.push_to_hub else code
@@ -75,14 +97,13 @@ def _publish(config: Config) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
-    from expertune.config import load_config
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
     from expertune.data.prepare import cache_only
     from expertune.train.accelerator_errors import accelerator_errors
     from expertune.validate.plan import prompt_texts
 
-    config, _warnings = load_config(rest)
+    config, _rest = _training_config(rest)
     with accelerator_errors(config, "building the caches"):
         prepared = cache_only(config, prompt_texts(config))
     stats = prepared.cache_stats
@@ -131,6 +152,36 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     for path in save_images(images, args.out):
         print(f"wrote {path}")
     return 0
+
+
+def _cmd_init(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from expertune.init import write_starter
+
+    written = write_starter(Path(args.folder), args.model, args.layout, args.gpu_memory, args.format,
+                            Path(args.data) if args.data else None, Path(args.output) if args.output else None)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_init(verbs: Any) -> None:
+    from expertune.init import FORMATS, LAYOUTS, MODELS
+
+    init = verbs.add_parser("init", help="write a starter config for SSD-1B or SDXL sized for your GPU",
+                            description="Write a starter configuration (SimpleTuner's config.json shape with a "
+                            "README, or expertune's TOML with comments), the dataloader JSON and a prompt library. "
+                            "Never overwrites a file.")
+    init.add_argument("folder", nargs="?", default="config", help="where to write (default: config)")
+    init.add_argument("--model", choices=list(MODELS), default="ssd-1b")
+    init.add_argument("--layout", choices=LAYOUTS, default="two-stage",
+                      help="two-stage: the recipe's two runs; mixture: both experts in one job")
+    init.add_argument("--gpu_memory", type=float, default=24.0, metavar="GIB", help="GPU memory in GiB (default 24)")
+    init.add_argument("--format", choices=FORMATS, default="json")
+    init.add_argument("--data", default=None, help="your image folder (default: datasets/images)")
+    init.add_argument("--output", default=None, help="where runs write (default: output)")
+    init.set_defaults(handler=_cmd_init)
 
 
 def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
@@ -225,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(config_flags=False)
     verbs = parser.add_subparsers(dest="verb", required=True)
     _add_training_verbs(verbs)
+    _add_init(verbs)
     _add_audit(verbs)
     _add_generate(verbs)
     _add_model_verbs(verbs)

@@ -109,7 +109,7 @@ EXPECTED = {
     "training_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
     "inference_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
     "output_dir": ("train", str, True, None), "overwrite_output_dir": ("train", bool, False, False),
-    "seed": ("train", int, False, 42),
+    "seed": ("train", int, False, 42),  # -1: drawn at the start (SimpleTuner's "random")
     "learning_rate": ("train", float, False, 1e-6), "lr_scheduler": ("train", str, False, "constant"),
     "lr_warmup_steps": ("train", int, False, 0), "lr_end": ("train", float, False, 4e-7),
     "lr_num_cycles": ("train", int, False, 1), "lr_power": ("train", float, False, 1.0),
@@ -127,13 +127,15 @@ EXPECTED = {
     "checkpoint_epoch_interval": ("train", int, True, None), "checkpoints_total_limit": ("train", int, True, None),
     "num_processes": ("train", int, False, 1), "num_machines": ("train", int, False, 1),
     "accelerate_config": ("train", str, True, None), "accelerate_extra_args": ("train", str, True, None),
+    "offset_noise": ("train", bool, False, False), "noise_offset": ("train", float, False, 0.1),
+    "noise_offset_probability": ("train", float, False, 0.25),
     "validation_disable": ("validation", bool, False, False),
     "validation_prompt": ("validation", str, True, None), "validation_negative_prompt": ("validation", str, False, ""),
     "validation_step_interval": ("validation", int, True, None),
     "validation_num_inference_steps": ("validation", int, False, 20),
     "validation_guidance": ("validation", float, False, 7.5),
     "validation_guidance_rescale": ("validation", float, False, 0.0),
-    "validation_resolution": ("validation", int, True, None), "validation_seed": ("validation", int, True, None),
+    "validation_resolution": ("validation", str, True, None), "validation_seed": ("validation", int, True, None),
     "validation_using_datasets": ("validation", bool, False, False),
     "validation_input": ("validation", str, True, None),
     "validation_prompt_library": ("validation", str, True, None),
@@ -198,7 +200,8 @@ def test_every_simpletuner_env_variable_maps_to_its_flag():
     declared = set(env_to_field) | set(IGNORED_OPTIONS.values())
     # Nothing made up either: the table's variables, plus those of the mid-2024 config.env.example template.
     template_only = {"VAE_BATCH_SIZE", "EMA_DECAY", "MIN_SNR_GAMMA", "ALLOW_TF32", "TRAINING_DYNAMO_BACKEND",
-                     "PURE_BF16", "PUSH_TO_HUB", "HUB_MODEL_NAME", "PUSH_CHECKPOINTS"}
+                     "PURE_BF16", "PUSH_TO_HUB", "HUB_MODEL_NAME", "PUSH_CHECKPOINTS",
+                     "CHECKPOINT_STEPS"}  # the recipe's own name for the checkpoint interval (issue 19)
     assert declared == {var for var, _ in rows} | template_only
 
 
@@ -299,7 +302,7 @@ def test_reference_mentions_every_option_env_variable_and_unsupported_row():
         for env in spec.env:
             assert f"`{env}`" in text
     for flag, env in IGNORED_OPTIONS.items():
-        assert f"| `{flag}` | `{env}` |" in text
+        assert f"| `{flag}` | `{env}` | " in text
     for row in UNSUPPORTED:
         assert row.message in text
     assert "TOML" in text and "TRAINER_EXTRA_ARGS" in text and "one epoch" in text

@@ -133,7 +133,7 @@ def test_env_expansion_quotes_continuations_and_comments(tmp_path):
     assert config.logging.tracker_project_name == "multiline"
     assert config.model.pretrained_model_name_or_path == "/os/model"
     assert config.train.learning_rate == 5e-7
-    assert config.validation.validation_resolution == 64
+    assert config.validation.validation_resolution == "64"
     assert warnings == []  # BASE only feeds other variables' expansions: a helper, not an unknown variable
 
 
@@ -255,7 +255,7 @@ def test_recognised_options_without_a_field_warn_unless_off(tmp_path):
     config, warnings = load_env(tmp_path, "VALIDATION_METHOD=simpletuner-local\nVALIDATE_AFTER_STEP=\n"
                                           "VALIDATE_AFTER_EPOCH=false\n", "--validation_epoch_interval=2")
     assert len(warnings) == 2
-    assert "VALIDATION_METHOD" in warnings[0] and "recognised but not supported" in warnings[0]
+    assert "VALIDATION_METHOD" in warnings[0] and "ignored: expertune validates every" in warnings[0]
     assert "--validation_epoch_interval" in warnings[1] and "command line" in warnings[1]
     assert config == Config()
 

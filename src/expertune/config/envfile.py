@@ -101,13 +101,13 @@ class _Lexer:
             while self.peek() and self.peek() not in "\n;#":
                 self.assignment(allow_bare=True)
                 self.skip_blanks()
-        elif name and self.peek() == "=":
+        elif name and (self.peek() == "=" or (self.peek() == "+" and self.peek(1) == "=")):
             self.pos -= len(name)  # re-read inside assignment() for one code path
             self.assignment(allow_bare=False)
             self.skip_blanks()
             while self.peek() and self.peek() not in "\n;#":  # `A=1 B=2`; `A=1 cmd` is an error
                 start = self.pos
-                if not (self.read_name() and self.peek() == "="):
+                if not (self.read_name() and self.peek() in ("=", "+")):
                     word = self.text[start:].split("\n", 1)[0].strip()
                     raise self.error(f"expected 'VAR=value', got {word!r} (commands are not supported)")
                 self.pos = start
@@ -137,6 +137,9 @@ class _Lexer:
         name = self.read_name()
         if not name:
             raise self.error(f"expected a variable name, got {self.peek()!r}")
+        append = self.peek() == "+" and self.peek(1) == "="  # `VAR+=value` (bash; SimpleTuner's config.env)
+        if append:
+            self.advance()
         if self.peek() != "=":
             if allow_bare and (not self.peek() or self.peek() in _WORD_END + "#"):
                 return  # `export VAR` marks an existing variable for export: nothing to record
@@ -147,6 +150,11 @@ class _Lexer:
             self.advance()  # a leading unquoted ~ is the home directory, as in the shell
             home = self.lookup("HOME") or str(Path.home())
         value = home + self.word()
+        if append:
+            before = self.vars[name] if name in self.vars else self.environ.get(name, "")
+            # SimpleTuner appends words: `A+="--y"` after `A="--x"` is "--x --y" (a shell would glue them).
+            glue = " " if before and value and not before[-1].isspace() and not value[0].isspace() else ""
+            value = before + glue + value
         self.vars[name] = value
         self.out.append(EnvAssignment(name, value, line))
 

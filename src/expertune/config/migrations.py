@@ -14,10 +14,20 @@ from typing import Any, Callable
 
 from expertune.errors import ConfigError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 Snapshot = dict[str, dict[str, Any]]
+
+
+def _validation_resolution_as_text(snapshot: Snapshot) -> Snapshot:
+    """1 -> 2 (issue 19): validation_resolution became text (1024x1024, several comma-separated)."""
+    section = snapshot.get("validation", {})
+    if isinstance(section.get("validation_resolution"), int):
+        section["validation_resolution"] = str(section["validation_resolution"])
+    return snapshot
+
+
 # MIGRATIONS[v] turns a snapshot of version v into one of version v + 1.
-MIGRATIONS: dict[int, Callable[[Snapshot], Snapshot]] = {}
+MIGRATIONS: dict[int, Callable[[Snapshot], Snapshot]] = {1: _validation_resolution_as_text}
 
 
 def migrate_snapshot(snapshot: Snapshot, version: int | None, source: str = "the checkpoint") -> Snapshot:

@@ -7,6 +7,7 @@ from typing import Any
 
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS, REQUIRED_FOR_TRAINING, SECTIONS, UNSUPPORTED, FieldSpec
 from expertune.config.simpletuner import TEMPLATE_VARIABLES
+from expertune.config.simpletuner_flags import OPTIONS
 
 INTRO = """\
 # Configuration reference
@@ -23,9 +24,16 @@ Every option has one name, used as the command-line flag (`--name`), as the key 
 Lowest precedence first; a later source overrides an earlier one option by option:
 
 1. the defaults below;
-2. a TOML file given with `--config FILE.toml`;
+2. a config file given with `--config FILE`: TOML, or SimpleTuner's config.json / config.toml (a `.env` file
+   given here is read as config.env);
 3. a SimpleTuner-style `config.env` file given with `--env FILE`;
 4. flags on the command line.
+
+With neither `--config` nor `--env`, `train` and `cache` read the file SimpleTuner would find: `CONFIG_PATH`,
+else `config/` (or `config/<ENV>/`) holding `config.json`, `config.toml` or `config.env`, in that order or as
+`CONFIG_BACKEND` says. SimpleTuner's other spellings of options (`--checkpointing_steps`, `--validation_steps`,
+`--user_prompt_library`, ...) are accepted in every source; options with no expertune equivalent are ignored
+with their reason or refused: every SimpleTuner option is listed in [from-simpletuner.md](from-simpletuner.md).
 
 Within one source the last occurrence wins. Inside config.env, the flags in `TRAINER_EXTRA_ARGS` override
 the other variables (SimpleTuner appends them last). `--config` and `--env` may each be given once, only on
@@ -37,10 +45,13 @@ config.env itself does not set.
 `--name=value`, `--name value`, or a bare `--name` for a boolean (same as `--name=true`).
 Unknown options are errors, with a "did you mean" suggestion when one is close.
 
-### TOML (`--config`)
+### TOML and SimpleTuner's config.json / config.toml (`--config`)
 
-A flat file of `name = value` lines at the top level (no tables). Values may be TOML numbers, booleans or
-strings; strings are converted as on the command line. An unknown key is an error naming the key and file.
+A flat file of `name = value` lines at the top level (no tables), or SimpleTuner's flat JSON object. Keys may
+carry SimpleTuner's leading `--`. Values may be numbers, booleans or strings; strings are converted as on the
+command line (`"true"`, `"500"`, `"1e-4"`); in JSON `null` or `""` sets nothing. `.json` files are JSON, `.env`
+files config.env, others TOML (or JSON when they start with `{`). An unknown key is an error naming the key and
+file.
 
 ### config.env (`--env`)
 
@@ -118,10 +129,11 @@ def render() -> str:
                            f"| {spec.allowed_text()} | {spec.doc}{_LIMITED if spec.unsupported else ''} |")
         out.append("")
     out += ["## Recognised but ignored", "",
-            "These SimpleTuner options have no expertune equivalent. They are accepted as a config.env variable,",
-            "a flag or a TOML key and ignored with a warning (silently when the value is empty or `false`).", "",
-            "| option | config.env |", "|---|---|"]
-    out += [f"| `{flag}` | `{env}` |" for flag, env in IGNORED_OPTIONS.items()]
+            "These SimpleTuner options with a config.env variable have no expertune equivalent. They are accepted "
+            "as the variable, a flag or a TOML key and ignored with a warning (silently when the value is empty or "
+            "`false`). Every other SimpleTuner option is listed in [from-simpletuner.md](from-simpletuner.md).", "",
+            "| option | config.env | reason |", "|---|---|---|"]
+    out += [f"| `{flag}` | `{env}` | {OPTIONS[flag].reason} |" for flag, env in IGNORED_OPTIONS.items()]
     out += ["", "## SimpleTuner template variables", "",
             "Variables of SimpleTuner's mid-2024 config.env template that set no option. `ignore`: a value that is "
             "not empty or false logs one line with the reason (a warning where marked); `refuse`: a true value "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from expertune.config.simpletuner_flags import ENV_NAMES
 from expertune.errors import ConfigError
 from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
@@ -36,6 +37,23 @@ def parse_timestep_range(text: str) -> tuple[int, int]:
         return parse(text)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def parse_validation_resolutions(text: str) -> list[tuple[int, int]]:
+    """`validation_resolution` as (width, height) pairs: "1024", "1024x1024" or several comma-separated
+    (SimpleTuner's spellings); ConfigError naming the bad part."""
+    sizes = []
+    for part in (p.strip() for p in text.split(",")):
+        width, _, height = part.lower().partition("x")
+        try:
+            size = (int(width), int(height or width))
+        except ValueError:
+            raise ConfigError(f"{part!r} is not a size: write 1024 or 1024x1024 (WxH), comma-separated for "
+                              "several") from None
+        if min(size) < 8 or size[0] % 8 or size[1] % 8:
+            raise ConfigError(f"{part!r}: width and height must be multiples of 8, at least 8")
+        sizes.append(size)
+    return sizes
 
 
 # The optimizers `train.optim.build_optimizer` builds; every list of them in messages and docs is this one.
@@ -364,7 +382,8 @@ class TrainConfig:
     overwrite_output_dir: bool = opt(False, "Replace an earlier run found in output_dir (otherwise the run is "
                                             "refused, so nothing is overwritten by accident).",
                                             on_resume="not_compared")
-    seed: int = opt(42, "Random seed of the run.", ge=0, env=("TRAINING_SEED",))
+    seed: int = opt(42, "Random seed of the run; -1 (SimpleTuner's \"random\"): one drawn at the start and "
+                        "recorded in run.json (a resume keeps its checkpoint's).", ge=-1, env=("TRAINING_SEED",))
     learning_rate: float = opt(1e-6, "Peak learning rate.", gt=0, env=("LEARNING_RATE",))
     lr_scheduler: str = opt("constant", "Learning-rate schedule (see docs/usage.md, Learning-rate schedules): "
                                         "diffusers' schedules, and SimpleTuner's cyclic sine.", env=("LR_SCHEDULE",),
@@ -421,7 +440,8 @@ class TrainConfig:
                                            "length settings (other changes are always refused).",
                                            on_resume="not_compared")
     checkpoint_step_interval: int | None = opt(None, "Save a checkpoint every this many steps.", ge=1,
-                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL"),
+                                               env=("CHECKPOINTING_STEPS", "CHECKPOINT_STEP_INTERVAL",
+                                                    "CHECKPOINT_STEPS"),
                                                on_resume="may_change")
     checkpoint_epoch_interval: int | None = opt(None, "Save a checkpoint every this many epochs.", ge=1,
                                                 env=("CHECKPOINT_EPOCH_INTERVAL",), on_resume="may_change")
@@ -434,6 +454,12 @@ class TrainConfig:
                                         env=("ACCELERATE_CONFIG_PATH",))
     accelerate_extra_args: str | None = opt(None, "Extra arguments for accelerate launch.",
                                             env=("ACCELERATE_EXTRA_ARGS",))
+    # issue 19 (config): SimpleTuner's offset noise (its names, defaults and switch).
+    offset_noise: bool = opt(False, "Offset noise: add noise_offset * N(0, 1) of shape (C, 1, 1) to a sample's "
+                                    "noise, with probability noise_offset_probability per sample.")
+    noise_offset: float = opt(0.1, "Strength of the offset noise (used with offset_noise).", ge=0)
+    noise_offset_probability: float = opt(0.25, "Probability that a sample gets the offset noise (with "
+                                                "offset_noise).", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -461,10 +487,12 @@ class ValidationConfig:
     validation_guidance_rescale: float = opt(0.0, "Guidance rescale (Lin et al.) of the validation images; 0.7 is "
                                                   "recommended with zero-terminal SNR.", ge=0, le=1,
                                              env=("VALIDATION_GUIDANCE_RESCALE",))
-    validation_resolution: int | None = opt(None, "Size in pixels of text-to-image validation images and of "
-                                                  "encoded validation_input images (unset: the square bucket "
-                                                  "of resolution).",
-                                            ge=8, env=("VALIDATION_RESOLUTION",))
+    # issue 19 (config): SimpleTuner's WxH and comma-separated sizes.
+    validation_resolution: str | None = opt(None, "Size of text-to-image validation images and of encoded "
+                                                  "validation_input images: 1024 (a square), 1024x1024 (WxH), or "
+                                                  "several comma-separated (1024x1024,1152x896: validate at each); "
+                                                  "unset: the square bucket of resolution.",
+                                            check=parse_validation_resolutions, env=("VALIDATION_RESOLUTION",))
     validation_seed: int | None = opt(None, "Seed of the validation images (unset: seed).", ge=0,
                                       env=("VALIDATION_SEED",))
     validation_using_datasets: bool = opt(False, "Validate a low-noise expert by partially denoising a seeded "
@@ -533,16 +561,10 @@ SECTIONS: dict[str, type] = {
     "hub": HubConfig,  # issue 19, hub helper
 }
 
-# SimpleTuner options from the config.env table that expertune has no field for: accepted and ignored
-# with a warning (silently when the value is empty or false), whether they come as an env variable,
-# a flag or a TOML key. Flag name -> config.env variable.
-IGNORED_OPTIONS: dict[str, str] = {
-    "validation_epoch_interval": "VALIDATION_EPOCH_INTERVAL",
-    "validate_after_step": "VALIDATE_AFTER_STEP",
-    "validate_after_epoch": "VALIDATE_AFTER_EPOCH",
-    "validation_method": "VALIDATION_METHOD",
-    "sdxl_validation_pipeline_mode": "SDXL_VALIDATION_PIPELINE_MODE",
-}
+# SimpleTuner options from the config.env table that expertune has no field for: rows of the flag table
+# (config/simpletuner_flags.py, with their reasons), ignored whether they come as an env variable, a flag or a
+# TOML key. Flag name -> config.env variable.
+IGNORED_OPTIONS: dict[str, str] = ENV_NAMES
 
 
 def _build_fields() -> dict[str, FieldSpec]:

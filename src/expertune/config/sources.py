@@ -7,16 +7,18 @@ variables (SimpleTuner appends them last). Within one source the last occurrence
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from expertune.config.config_files import config_kind, find_default_config, read_config_file
 from expertune.config.envfile import final_assignments, read_env_document
+from expertune.config.layers import Layer, Setting, add_option, is_off as _is_off, known_names, takes_value
 from expertune.config.schema import FIELDS, IGNORED_OPTIONS, SECTIONS, Config, FieldSpec
+from expertune.config.simpletuner_flags import OPTIONS
 from expertune.config.simpletuner import FLAG_VARIABLES, TEMPLATE_VARIABLES, is_off, is_process_variable
 from expertune.config.validate import coerce_value, parse_bool, suggest, validate_values
 from expertune.errors import ConfigError, UnsupportedFeatureError
@@ -32,37 +34,10 @@ ENV_FIELDS: dict[str, FieldSpec] = {env: spec for spec in FIELDS.values() for en
 ENV_IGNORED: dict[str, str] = {env: flag for flag, env in IGNORED_OPTIONS.items()}
 
 
-@dataclass(frozen=True)
-class Setting:
-    """A typed value for one field and a phrase naming where it came from."""
-
-    name: str
-    value: Any
-    source: str
-
-
-@dataclass
-class Layer:
-    """What one source contributed: settings in order, and warnings."""
-
-    settings: list[Setting] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # logged at info level: ignored values that change nothing
-    environment: dict[str, str] = field(default_factory=dict)  # process-environment variables to export
-
-
-def _is_off(raw: Any) -> bool:
-    """Empty or false: an ignored option with this value needs no warning."""
-    return raw is None or raw is False or (isinstance(raw, str) and raw.strip().lower() in ("", "false"))
-
-
-def _ignored_warning(what: str, source: str) -> str:
-    return f"{what} (from {source}) is recognised but not supported by expertune; ignored"
-
-
 def parse_flags(argv: list[str], source: str = "command line", *,
                 allow_files: bool = False) -> tuple[Layer, dict[str, str]]:
-    """Parse ``--flag=value``, ``--flag value`` and bare boolean ``--flag`` tokens.
+    """Parse ``--flag=value``, ``--flag value`` and bare boolean ``--flag`` tokens (SimpleTuner's spellings
+    included: config.simpletuner_flags).
 
     Returns the layer and, when ``allow_files``, the ``--config`` / ``--env`` paths found.
     """
@@ -78,28 +53,22 @@ def parse_flags(argv: list[str], source: str = "command line", *,
         nxt = argv[i] if i < len(argv) else None
         # The next token when it can be this option's value (`--name value`).
         following = nxt if not has_eq and nxt is not None and not nxt.startswith("--") else None
-        spec = FIELDS.get(name)
-        if spec is not None and spec.type is bool:
-            if not has_eq and nxt is not None and parse_bool(nxt) is not None:  # `--flag false`
+        try:
+            needs_value: bool | None = True if name in FILE_OPTIONS else takes_value(name)
+        except KeyError:
+            known = [*known_names(), *(FILE_OPTIONS if allow_files else ())]
+            raise ConfigError(f"unknown option --{name} (from {source})" + suggest(name, known)) from None
+        if needs_value is False:  # a switch: `--flag`, `--flag=false`, `--flag false`
+            if not has_eq and nxt is not None and parse_bool(nxt) is not None:
                 value, i = nxt, i + 1
             elif not has_eq:
                 value = "true"
-        elif spec is not None or name in FILE_OPTIONS:
-            if following is not None:
-                value, i = following, i + 1
-            elif not has_eq:
+        elif following is not None:
+            value, i = following, i + 1
+        elif not has_eq:
+            if needs_value:
                 raise ConfigError(f"option --{name} (from {source}) needs a value: --{name}=VALUE")
-        elif name in IGNORED_OPTIONS:
-            if following is not None:
-                value, i = following, i + 1
-            elif not has_eq:
-                value = "true"
-            if not _is_off(value):
-                layer.warnings.append(_ignored_warning(f"--{name}", source))
-            continue
-        else:
-            known = [*FIELDS, *IGNORED_OPTIONS, *(FILE_OPTIONS if allow_files else ())]
-            raise ConfigError(f"unknown option --{name} (from {source})" + suggest(name, known))
+            value = "true"  # an ignored / refused SimpleTuner option given as a bare switch
         if name in FILE_OPTIONS:
             if not allow_files:
                 raise ConfigError(f"--{name} is only accepted on the command line (found in {source})")
@@ -107,37 +76,13 @@ def parse_flags(argv: list[str], source: str = "command line", *,
                 raise ConfigError(f"--{name} given twice on the command line ({files[name]!r} and {value!r})")
             files[name] = value
             continue
-        assert spec is not None  # an option of FIELDS: every other name was handled above
-        layer.settings.append(Setting(name, coerce_value(spec, value, source), source))
+        add_option(layer, name, value, source, f"--{name}")
     return layer, files
 
 
 def read_toml(path: str | os.PathLike[str]) -> Layer:
-    """A flat TOML file whose keys are option names."""
-    p = Path(path)
-    source = f"TOML file {p}"
-    try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-    layer = Layer()
-    for key, raw in data.items():
-        if isinstance(raw, dict):
-            hint = " (a section name: the file is flat, put its keys at the top level)" if key in SECTIONS else ""
-            raise ConfigError(f"unknown key {key!r} in {p}: tables are not supported{hint}; "
-                              "write `option = value` lines at the top level")
-        if key in IGNORED_OPTIONS:
-            if not _is_off(raw):
-                layer.warnings.append(_ignored_warning(f"key {key!r}", source))
-            continue
-        spec = FIELDS.get(key)
-        if spec is None:
-            raise ConfigError(f"unknown key {key!r} in {p}" + suggest(key, [*FIELDS, *IGNORED_OPTIONS]))
-        layer.settings.append(Setting(key, coerce_value(spec, raw, source), source))
-    return layer
+    """A flat TOML file whose keys are option names (SimpleTuner's config.toml too): config_files."""
+    return read_config_file(path)
 
 
 def read_env(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Layer:
@@ -177,7 +122,8 @@ def read_env(path: str | os.PathLike[str], environ: Mapping[str, str] | None = N
             layer.settings.append(Setting(spec.name, coerce_value(spec, a.value, source), source))
         elif a.name in ENV_IGNORED:
             if not _is_off(a.value):
-                layer.warnings.append(_ignored_warning(a.name, f"{path}:{a.line}"))
+                layer.warnings.append(f"{a.name}={a.value} (from {path}:{a.line}) ignored: "
+                                      f"{OPTIONS[ENV_IGNORED[a.name]].reason}")
         elif row is not None:
             if is_off(a.value) or (row.only_with and is_off(values.get(row.only_with, ""))):
                 continue
@@ -225,26 +171,49 @@ def _merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str], list[st
     return values, sources, warnings
 
 
-def load_config(argv: list[str], *, environ: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
+def load_config(argv: list[str], *, environ: Mapping[str, str] | None = None,
+                find_config: bool = False) -> tuple[Config, list[str]]:
     """Build the validated Config from a verb's options.
 
-    ``argv`` may hold ``--config FILE.toml``, ``--env FILE`` (config.env) and any option flags.
+    ``argv`` may hold ``--config FILE`` (TOML, SimpleTuner's config.json / config.toml, or a config.env: see
+    config_files), ``--env FILE`` (config.env) and any option flags. With ``find_config`` and neither file
+    given, the file SimpleTuner would find by itself (config/config.json, CONFIG_BACKEND, ENV) is read.
     ``environ`` (default ``os.environ``) supplies ``$VAR`` values that config.env does not set.
     Returns the config and the warnings, each also logged on the ``expertune.config`` logger.
     Raises ConfigError / UnsupportedFeatureError (exit code 2). Does not require the training-only
-    settings: call ``Config.require_for_training()`` for that.
+    settings: call ``Config.require_for_training()`` for that. A seed of -1 stays -1 here (`draw_seed`).
     """
     cli, files = parse_flags(list(argv), "command line", allow_files=True)
+    if find_config and not files:
+        found = find_default_config(environ)
+        if found is not None:
+            log.info("reading %s (found as SimpleTuner would: no --config or --env given)", found)
+            files["config"] = str(found)
     layers = []
     if "config" in files:
-        layers.append(read_toml(files["config"]))
+        path = Path(files["config"])
+        layers.append(read_env(path, environ) if config_kind(path) == "env" else read_config_file(path))
     if "env" in files:
         layers.append(read_env(files["env"], environ))
     layers.append(cli)
     values, sources, warnings = _merge(layers)
+    if not values["offset_noise"] and "noise_offset" in sources:
+        warnings.append(f"noise_offset (from {sources['noise_offset']}) has no effect without offset_noise=true "
+                        "(as in SimpleTuner)")
     for message in warnings:
         log.warning(message)
     return validate_values(values, sources), warnings
+
+
+def draw_seed(config: Config, kept: int | None = None) -> Config:
+    """`seed = -1` (SimpleTuner's "random") made concrete: `kept` (a resumed checkpoint's seed) or one drawn now
+    from the OS; recorded in the config, hence in run.json, so the run can be repeated. Other seeds unchanged."""
+    if config.train.seed != -1:
+        return config
+    seed = kept if kept is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    log.info("seed -1: %s seed %d (recorded in run.json; --seed %d repeats the run)",
+             "the checkpoint's" if kept is not None else "drew", seed, seed)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
 
 
 def config_from_mapping(values: Mapping[str, Any], source: str = "mapping") -> Config:
@@ -268,5 +237,5 @@ def config_from_mapping(values: Mapping[str, Any], source: str = "mapping") -> C
     return validate_values(merged, sources)
 
 
-__all__ = ["load_config", "config_from_mapping", "parse_flags", "read_toml", "read_env", "Setting",
+__all__ = ["load_config", "config_from_mapping", "draw_seed", "parse_flags", "read_toml", "read_env", "Setting",
            "Layer", "ENV_FIELDS", "ENV_IGNORED", "EXTRA_ARGS_VAR"]

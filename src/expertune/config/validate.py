@@ -68,6 +68,8 @@ def _coerce_bool(spec: FieldSpec, raw: Any, source: str) -> bool:
 
 
 def _coerce_text(spec: FieldSpec, raw: Any, source: str) -> str:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)  # a JSON/TOML number where text is expected (validation_resolution = 1024)
     if not isinstance(raw, str):
         raise _bad(spec, raw, source)
     value = spec.aliases.get(raw, raw)

@@ -112,7 +112,7 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
         batch = load_batch(run.data_of(expert), micro).to(accelerator.device, expert.strategy.input_dtype())
         draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
-                                stratified)
+                                stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability)
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
         batch = drop_captions(batch, mine.keep_caption)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \

@@ -35,12 +35,27 @@ def draw_randomness(
     latent_shape: tuple[int, ...],
     caption_dropout: float = 0.0,
     stratified: bool = False,
+    noise_offset: float = 0.0,
+    noise_offset_probability: float = 1.0,
 ) -> StepRandomness:
-    """Timesteps (inside the band, vectorised), noise and caption-dropout mask, in that order, on the CPU."""
+    """Timesteps (inside the band, vectorised), noise and caption-dropout mask, in that order, on the CPU; then,
+    with `noise_offset` > 0, the offset noise (`offset_noise`)."""
     timesteps = band.sample(global_size, generator, stratified=stratified)
     noise = torch.randn((global_size, *latent_shape), generator=generator, dtype=torch.float32)
     keep = torch.rand(global_size, generator=generator) >= caption_dropout
+    if noise_offset > 0:
+        noise = offset_noise(noise, noise_offset, noise_offset_probability, generator)
     return StepRandomness(timesteps, noise, keep)
+
+
+def offset_noise(noise: torch.Tensor, strength: float, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023; diffusers' and SimpleTuner's `noise_offset`): each sample's noise plus
+    `strength` * N(0, 1) of shape (C, 1, 1), one constant per channel, with probability `probability` per sample
+    (SimpleTuner decides once per batch; the same for a batch of one). The offset noise is also the target."""
+    b, c = noise.shape[:2]
+    offset = torch.randn((b, c, *([1] * (noise.dim() - 2))), generator=generator, dtype=noise.dtype)
+    chosen = (torch.rand(b, generator=generator) < probability).to(noise.dtype).view(b, *([1] * (noise.dim() - 1)))
+    return noise + strength * offset * chosen
 
 
 @dataclass

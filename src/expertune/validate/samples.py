@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from expertune.config.schema import parse_validation_resolutions
 from expertune.data.buckets import BucketRule
 from expertune.data.transforms import image_to_tensor, load_image, plan_crop
 from expertune.errors import ConfigError
@@ -166,8 +167,10 @@ class Validator:
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
         self.settings = SamplerSettings(self.v.validation_num_inference_steps, self.v.validation_guidance,
                                         self.v.validation_guidance_rescale, seed)
-        self.resolution = self.v.validation_resolution or BucketRule(
-            config.data.resolution, config.data.resolution_type).square_edge()
+        edge = BucketRule(config.data.resolution, config.data.resolution_type).square_edge()
+        # (width, height) of each validation size: validation_resolution's (several: validate at each).
+        self.sizes = (parse_validation_resolutions(self.v.validation_resolution) if self.v.validation_resolution
+                      else [(edge, edge)])
         self.held_out = self._held_out_loss() if prepared.eval_items and not self.v.validation_disable else None
         if not self.v.validation_disable:
             _check_layout_validation(components, band, plan)
@@ -232,7 +235,8 @@ class Validator:
 
     def _encode_input(self, path: Path) -> torch.Tensor:
         image = load_image(path)
-        plan = plan_crop((image.height, image.width), self.resolution, "center", 0, str(path))
+        width, height = self.sizes[0]
+        plan = plan_crop((image.height, image.width), (height, width), "center", 0, str(path))
         return encode_latents(self.components.vae, image_to_tensor(image, plan).unsqueeze(0)).float()
 
     # ---- images --------------------------------------------------------------------------------
@@ -244,10 +248,12 @@ class Validator:
         """Text-to-image of every validation prompt through the stages `stages_for(prompt)` gives, seeded alike."""
         result = []
         for prompt in self.prompts():
-            image = denoise_chain(stages_for(prompt.text), self._conditioning(prompt.text), generator=self._generator(),
-                                  num_inference_steps=self.settings.num_inference_steps,
-                                  height=self.resolution, width=self.resolution)[0]
-            result.append(ValidationImage(f"{prefix}_{prompt.name}", image, image, prompt.text))
+            for width, height in self.sizes:  # several sizes: each image named by its size
+                image = denoise_chain(stages_for(prompt.text), self._conditioning(prompt.text),
+                                      generator=self._generator(), num_inference_steps=self.settings.num_inference_steps,
+                                      height=height, width=width)[0]
+                size = f"_{width}x{height}" if len(self.sizes) > 1 else ""
+                result.append(ValidationImage(f"{prefix}_{prompt.name}{size}", image, image, prompt.text))
         return result
 
     def text_to_image(self, unet: Any) -> list[ValidationImage]:
