@@ -46,7 +46,10 @@ def save_lora_expert(unet: Any, scheduler: Any, expert: ExpertDescription, desti
 
     with staged_directory(destination) as staged:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True)
+        config = getattr(unet, "peft_config", {}).get("default")  # its lora_alpha: a file without it loads at alpha = rank
+        metadata = None if config is None else config.to_dict()
+        StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True,
+                                                    unet_lora_adapter_metadata=metadata)
         scheduler.save_pretrained(str(staged / "scheduler"))
         expert.write(staged)
     log.info("saved LoRA expert to %s", destination)
