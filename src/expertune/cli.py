@@ -1,4 +1,4 @@
-"""The `expertune` command: train, cache, audit, generate, demo, world, tiny-model, tiny-clip."""
+"""The `expertune` command: train, cache, audit, generate, export, demo, world, tiny-model, tiny-clip."""
 
 from __future__ import annotations
 
@@ -106,6 +106,19 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from expertune.export.formats import parse_formats
+    from expertune.export.run import export_run
+
+    paths = export_run(Path(args.source), Path(args.out) if args.out else None, parse_formats(args.export_format),
+                       args.precision, revision=args.revision, variant=args.variant)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_tiny_clip(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.models.tiny import build_tiny_clip
 
@@ -200,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_verbs(verbs)
     _add_audit(verbs)
     _add_generate(verbs)
+    _add_export(verbs)
     _add_model_verbs(verbs)
     return parser
 
@@ -295,6 +309,24 @@ def _add_generate(verbs: Any) -> None:
                           help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)
 
+
+
+def _add_export(verbs: Any) -> None:
+    export = verbs.add_parser(
+        "export", help="turn a checkpoint (or a run's output directory) into experts: diffusers and/or single file",
+        description="Write the expert(s) of a checkpoint-N folder, of a run's output directory (its newest checkpoint, "
+        "or its exported experts when the run finished) or of an exported expert/mixture folder, as diffusers "
+        "folders with expert.json (and mixture.json) and/or single .safetensors files for ComfyUI and A1111 with a "
+        "ComfyUI workflow of the chain. Never overwrites anything but an earlier export.")
+    export.add_argument("source", metavar="CHECKPOINT_OR_OUTPUT_DIR")
+    export.add_argument("--out", default=None,
+                        help="folder to write (default: OUTPUT_DIR/exports/checkpoint-N, or .../exports/final)")
+    export.add_argument("--export_format", default="diffusers", help="diffusers, single_file, or both comma-separated")
+    export.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="weights of the single-file and kohya LoRA files")
+    export.add_argument("--revision", default=None, help="read the base model at this revision (default: the run's)")
+    export.add_argument("--variant", default=None, help="read the base model's weights of this variant (e.g. fp16)")
+    export.set_defaults(handler=_cmd_export)
 
 
 def _add_model_verbs(verbs: Any) -> None:

@@ -303,6 +303,12 @@ class BandConfig:
                                  choices=("uniform", "stratified"))
 
 
+def _check_export_format(text: str) -> None:
+    from expertune.export.formats import parse_formats  # issue 19 (export)
+
+    parse_formats(text)
+
+
 def _check_mixture_boundaries(text: str) -> None:
     """The syntax of `mixture_boundaries` (where they fall is checked against the schedule at setup)."""
     from expertune.mixture import parse_boundaries
@@ -434,6 +440,16 @@ class TrainConfig:
                                         env=("ACCELERATE_CONFIG_PATH",))
     accelerate_extra_args: str | None = opt(None, "Extra arguments for accelerate launch.",
                                             env=("ACCELERATE_EXTRA_ARGS",))
+    # -- issue 19 (export): the formats a run exports in, and the export after a Ctrl-C / SIGTERM --------------
+    export_format: str = opt("diffusers", "Formats of the exported experts, comma-separated: diffusers (pipeline "
+                             "folders with expert.json) and single_file (one original-layout .safetensors per expert "
+                             "for ComfyUI / A1111, kohya-layout LoRAs, and a ComfyUI workflow of the chain).",
+                             check=lambda text: _check_export_format(text),
+                             on_resume="may_change")
+    export_precision: str = opt("fp32", "Weights of the single_file export.", choices=("fp32", "fp16", "bf16"),
+                                on_resume="may_change")
+    export_on_interrupt: bool = opt(True, "When Ctrl-C or SIGTERM stops training, export the experts after the "
+                                          "checkpoint (in --export_format).", on_resume="may_change")
 
 
 @dataclass(frozen=True)

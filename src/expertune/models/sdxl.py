@@ -53,6 +53,8 @@ class SDXLComponents:
     scheduler_class: str
     layout_kind: str = BASE_LAYOUT
     requires_aesthetics_score: bool = False
+    revision: str | None = None  # what the source was read at: a reload (text encoders for export) reads the same
+    variant: str | None = None
 
     @property
     def is_refiner(self) -> bool:
@@ -221,6 +223,8 @@ def load_components(
         scheduler_class=str(scheduler_config.get("_class_name", "EulerDiscreteScheduler")),
         layout_kind=layout_kind,
         requires_aesthetics_score=requires_aesthetics_score,
+        revision=revision,
+        variant=variant,
     )
 
 
@@ -290,11 +294,10 @@ def save_expert_pipeline(
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    text_2 = components.text_encoder_2 or _load(
-        CLIPTextModelWithProjection, components.source, "text_encoder_2", use_safetensors=True
-    )
+    same = {"use_safetensors": True, "revision": components.revision, "variant": components.variant}
+    text_2 = components.text_encoder_2 or _load(CLIPTextModelWithProjection, components.source, "text_encoder_2", **same)
     text_1 = None if components.is_refiner else (
-        components.text_encoder_1 or _load(CLIPTextModel, components.source, "text_encoder", use_safetensors=True))
+        components.text_encoder_1 or _load(CLIPTextModel, components.source, "text_encoder", **same))
     pipeline = sdxl_pipeline(refiner=components.is_refiner, vae=components.vae, text_encoder_1=text_1,
                              text_encoder_2=text_2, tokenizer_1=components.tokenizer_1,
                              tokenizer_2=components.tokenizer_2, unet=unet, scheduler=scheduler)

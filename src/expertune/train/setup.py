@@ -474,7 +474,7 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
     for k, (source, band) in enumerate(zip(sources, bands)):
         if source not in loaded:
             with whole_model_loading(accelerator):
-                loaded[source] = load_components(source)
+                loaded[source] = load_components(source, revision=config.model.revision, variant=config.model.variant)
             for frozen in loaded[source].frozen_modules():
                 frozen.to(accelerator.device)
             log.info("expert %d starts from %s (%s layout)", k, source, loaded[source].layout_kind)
