@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,14 +170,14 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     sources = (expert_sources(str(config.mixture.mixture_boundaries), config.mixture.expert_models, source)
                if mixture else [source])
     loaded: dict[str, Any] = {source: components}
-    used: set[str] = set()
+    remaining = Counter(sources)
     folders = []
     for index, (model_source, band) in enumerate(zip(sources, bands)):
         if model_source not in loaded:
             loaded[model_source] = load_components(model_source, revision=revision, variant=variant)
         model = loaded[model_source]
-        unet = copy.deepcopy(model.unet) if model_source in used else model.unet  # one UNet per expert
-        used.add(model_source)
+        remaining[model_source] -= 1  # one UNet per expert: a copy while a later expert still needs the pristine one
+        unet = copy.deepcopy(model.unet) if remaining[model_source] else model.unet
         folder = checkpoint / expert_folder(index) if mixture else checkpoint
         if m.model_type == "lora":
             add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
