@@ -240,6 +240,10 @@ class ModelConfig:
                               aliases={"none": "no", "false": "no"}, env=("TRAINING_DYNAMO_BACKEND",))
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
     variant: str | None = opt(None, "Weights-file variant of the pretrained model, e.g. fp16.")
+    # -- issue 19 (export): community single-file checkpoints in ----------------------------------------------
+    single_file_config: str | None = opt(None, "A diffusers folder of the same family whose configs and tokenizers "
+                                         "describe a single-file .safetensors pretrained model (default: the shipped "
+                                         "SDXL / SSD-1B / refiner configs with the tokenizers from the HF cache).")
 
 
 _ALWAYS_CACHED = Unsupported("`true`", _is_true, "expertune always pre-computes and caches text embeddings; "

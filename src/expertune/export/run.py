@@ -160,7 +160,9 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
         raise ModelError(f"checkpoint {checkpoint}: its config names no pretrained_model_name_or_path")
     revision, variant = revision or m.revision, variant or m.variant
     log.info("exporting %s: loading %s", checkpoint, source)
-    components = load_components(source, revision=revision, variant=variant)
+    loading = {"revision": revision, "variant": variant, "single_file_config": m.single_file_config,
+               "cache_dir": config.resolved_cache_dir()}
+    components = load_components(source, **loading)
     schedule = noise_schedule_for(config, components.scheduler_config)
     bands = expert_bands_for(config, schedule)
     count = document.get("experts")
@@ -174,7 +176,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     folders = []
     for index, (model_source, band) in enumerate(zip(sources, bands)):
         if model_source not in loaded:
-            loaded[model_source] = load_components(model_source, revision=revision, variant=variant)
+            loaded[model_source] = load_components(model_source, **loading)
         model = loaded[model_source]
         remaining[model_source] -= 1  # one UNet per expert: a copy while a later expert still needs the pristine one
         unet = copy.deepcopy(model.unet) if remaining[model_source] else model.unet

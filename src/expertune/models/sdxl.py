@@ -1,6 +1,7 @@
 """Load, check and save SDXL-family models (SDXL base, SSD-1B, the SDXL refiner, any UNet of those layouts).
 
-The one loading path is diffusers/transformers `from_pretrained(name_or_path)`, safetensors only.
+The one loading path is diffusers/transformers `from_pretrained(name_or_path)`, safetensors only; a single-file
+`.safetensors` checkpoint is first converted to a diffusers folder (`model_folder`, models/single_file_in.py).
 
 Two layouts (`layout_kind`), told apart by the pipeline's `model_index.json`:
 
@@ -177,6 +178,8 @@ def load_components(
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
     with_unet: bool = True,
+    single_file_config: str | None = None,
+    cache_dir: Path | None = None,
 ) -> SDXLComponents:
     """Load an SDXL-layout model's components from a local directory or hub id (safetensors only).
 
@@ -188,6 +191,9 @@ def load_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    folder = model_folder(source, single_file_config=single_file_config, cache_dir=cache_dir)
+    if folder != source:  # a converted single file: one folder, no revisions nor variants
+        source, revision, variant = folder, None, None
     index = read_pipeline_index(source, revision=revision)
     layout_kind = layout_kind_of(index)
     refiner = layout_kind == REFINER_LAYOUT
@@ -226,6 +232,20 @@ def load_components(
         revision=revision,
         variant=variant,
     )
+
+
+def model_folder(source: str, *, single_file_config: str | None = None, cache_dir: Path | None = None) -> str:
+    """`source` itself, or for a single-file `.safetensors` checkpoint the diffusers folder it is converted to once
+    (models.single_file_in: under `cache_dir`, default the per-user cache)."""
+    from expertune.models.single_file_in import is_single_file, materialise
+
+    if not is_single_file(source):
+        return source
+    if cache_dir is None:
+        from expertune.config.schema import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return str(materialise(source, cache_dir=cache_dir, single_file_config=single_file_config))
 
 
 def read_scheduler_config(source: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:

@@ -376,7 +376,8 @@ def setup_run(config: Config) -> Run:
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
         components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
-                                     revision=m.revision, variant=m.variant)
+                                     revision=m.revision, variant=m.variant, single_file_config=m.single_file_config,
+                                     cache_dir=config.resolved_cache_dir())
     schedule = noise_schedule_for(config, components.scheduler_config)
     for warning in schedule.warnings():
         log.warning(warning)
@@ -474,7 +475,9 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
     for k, (source, band) in enumerate(zip(sources, bands)):
         if source not in loaded:
             with whole_model_loading(accelerator):
-                loaded[source] = load_components(source, revision=config.model.revision, variant=config.model.variant)
+                loaded[source] = load_components(source, revision=config.model.revision, variant=config.model.variant,
+                                                 single_file_config=config.model.single_file_config,
+                                                 cache_dir=config.resolved_cache_dir())
             for frozen in loaded[source].frozen_modules():
                 frozen.to(accelerator.device)
             log.info("expert %d starts from %s (%s layout)", k, source, loaded[source].layout_kind)
