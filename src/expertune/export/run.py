@@ -147,7 +147,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     from expertune.expert_format import ExpertDescription
     from expertune.mixture import expert_sources
     from expertune.models.lora import add_lora_adapters, save_lora_expert
-    from expertune.models.sdxl import load_components, make_scheduler, save_expert_pipeline
+    from expertune.models.sdxl import SDXLComponents, load_components, make_scheduler, save_expert_pipeline
     from expertune.train.checkpoint import expert_folder, read_checkpoint_document
     from expertune.train.setup import expert_bands_for, noise_schedule_for
 
@@ -160,9 +160,11 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
         raise ModelError(f"checkpoint {checkpoint}: its config names no pretrained_model_name_or_path")
     revision, variant = revision or m.revision, variant or m.variant
     log.info("exporting %s: loading %s", checkpoint, source)
-    loading = {"revision": revision, "variant": variant, "single_file_config": m.single_file_config,
-               "cache_dir": config.resolved_cache_dir()}
-    components = load_components(source, **loading)
+    def load(name: str) -> SDXLComponents:
+        return load_components(name, revision=revision, variant=variant, single_file_config=m.single_file_config,
+                               cache_dir=config.resolved_cache_dir())
+
+    components = load(source)
     schedule = noise_schedule_for(config, components.scheduler_config)
     bands = expert_bands_for(config, schedule)
     count = document.get("experts")
@@ -176,7 +178,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     folders = []
     for index, (model_source, band) in enumerate(zip(sources, bands)):
         if model_source not in loaded:
-            loaded[model_source] = load_components(model_source, **loading)
+            loaded[model_source] = load(model_source)
         model = loaded[model_source]
         remaining[model_source] -= 1  # one UNet per expert: a copy while a later expert still needs the pristine one
         unet = copy.deepcopy(model.unet) if remaining[model_source] else model.unet
