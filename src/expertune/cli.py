@@ -75,34 +75,40 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    import tempfile
+    from pathlib import Path
+
     from expertune.errors import ConfigError
-    from expertune.infer.chain import generate_images, mixture_expert_paths, resolve_device, resolve_dtype, save_images
+    from expertune.export.run import expert_folders
+    from expertune.infer.chain import mixture_expert_paths, resolve_device, resolve_dtype, save_images
+    from expertune.infer.generate import load_chain, run_chain
+    from expertune.infer.sources import base_expert, read_prompts
 
     device = resolve_device(args.device)
-
-    if bool(args.expert) == bool(args.mixture):
-        raise ConfigError("generate needs the experts: --mixture DIR (a mixture's output directory), or --expert "
-                          "once per expert")
-    experts = mixture_expert_paths(args.mixture) if args.mixture else args.expert
-    images = generate_images(
-        experts,
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance or [7.5],
-        guidance_rescale=args.guidance_rescale or [0.0],
-        scheduler=args.scheduler,
-        num_images=args.num_images,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        device=device,
-        dtype=resolve_dtype(args.dtype, device),
-        aesthetic_score=args.aesthetic_score,
-        negative_aesthetic_score=args.negative_aesthetic_score,
-    )
-    for path in save_images(images, args.out):
-        print(f"wrote {path}")
+    if sum(map(bool, (args.expert, args.mixture, args.base))) != 1:
+        raise ConfigError("generate needs the experts: --mixture DIR (a mixture's output directory), --expert once per "
+                          "expert (or checkpoint), or --base MODEL (the untouched model alone)")
+    if bool(args.prompt) == bool(args.prompts):
+        raise ConfigError("generate needs --prompt TEXT (once, or once per expert) or --prompts FILE, not both")
+    prompts = read_prompts(args.prompts) if args.prompts else {"": args.prompt}
+    with tempfile.TemporaryDirectory(prefix="expertune-generate-") as scratch:
+        if args.base:
+            experts: list = [base_expert(args.base)]
+        elif args.mixture:
+            experts = mixture_expert_paths(args.mixture)
+        else:
+            experts = [folder for source in args.expert for folder in expert_folders(source, Path(scratch))]
+        loaded = load_chain(experts, guidance_scale=args.guidance or [7.5],
+                            guidance_rescale=args.guidance_rescale or [0.0], scheduler=args.scheduler, device=device,
+                            dtype=resolve_dtype(args.dtype, device), aesthetic_score=args.aesthetic_score,
+                            negative_aesthetic_score=args.negative_aesthetic_score, cpu_offload=args.cpu_offload)
+        for name, prompt in prompts.items():
+            images = run_chain(loaded, prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                               num_images=args.num_images, seed=args.seed, height=args.height, width=args.width,
+                               progress=True)
+            out = Path(args.out) if not name else Path(args.out).with_suffix("") / f"{name}.png"
+            for path in save_images(images, out):
+                print(f"wrote {path}")
     return 0
 
 
@@ -274,12 +280,21 @@ def _add_generate(verbs: Any) -> None:
 
     generate = verbs.add_parser("generate", help="chain trained experts into images")
     generate.add_argument("--expert", action="append",
-                          help="an expert pipeline dir (or a training output dir); repeat, any order")
+                          help="an expert dir, a training output dir, a checkpoint-N dir or a hub id of an exported "
+                          "expert (local HF cache); repeat, any order")
     generate.add_argument("--mixture", default=None,
                           help="a mixture's directory (the output_dir of a --mixture_boundaries run, with mixture.json)")
-    generate.add_argument("--prompt", action="append", required=True,
+    generate.add_argument("--base", default=None, metavar="MODEL",
+                          help="instead of experts: the untouched model alone (a folder, .safetensors or a hub id in "
+                          "the local HF cache), the baseline")
+    generate.add_argument("--prompt", action="append",
                           help="the prompt; repeat once per expert (order of --expert, chain order with --mixture) "
                                "to give each expert its own")
+    generate.add_argument("--prompts", default=None, metavar="FILE",
+                          help="instead of --prompt: a file of prompts (one a line, or SimpleTuner's prompt library "
+                          "JSON {name: prompt}), all made with one model load into OUT_STEM/<name>.png")
+    generate.add_argument("--cpu_offload", action="store_true",
+                          help="diffusers' model CPU offload: each model on the device only while it runs")
     generate.add_argument("--negative_prompt", default=None)
     generate.add_argument("--steps", type=int, default=30, help="inference steps of the whole chain")
     generate.add_argument("--guidance", type=float, action="append",

@@ -89,3 +89,28 @@ def test_cli_export_of_a_finished_output_dir(finished_run: Path, tmp_path: Path,
     assert main(["export", str(tmp_path / "nothing")]) == 2
     assert "expertune: error: export:" in capsys.readouterr().err
     assert main(["export", str(finished_run), "--out", str(tmp_path / "x"), "--export_format", "onnx"]) == 2
+
+
+def test_generate_reads_a_checkpoint_as_an_expert(finished_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`generate --expert checkpoint-2` exports it into a scratch folder and samples it; the run is untouched. The
+    low band is the untouched base model under the same parameterisation."""
+    import shutil
+
+    from PIL import Image
+
+    from expertune.expert_format import ExpertDescription
+    from expertune.experts import ExpertBand
+
+    low = tmp_path / "low"
+    shutil.copytree(tiny_model_dir, low)
+    shutil.rmtree(low / "scheduler")
+    shutil.copytree(finished_run / "pipeline" / "scheduler", low / "scheduler")
+    stage1 = ExpertDescription.read(finished_run / "pipeline")
+    ExpertDescription(ExpertBand(0, 349, 1000), stage1.parameterisation).write(low)
+    before = sorted(p.relative_to(finished_run) for p in finished_run.rglob("*"))
+    out = tmp_path / "sample.png"
+    assert main(["generate", "--expert", str(finished_run / "checkpoints" / "checkpoint-2"), "--expert", str(low),
+                 "--prompt", "a red circle", "--steps", "3", "--height", "64", "--width", "64", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert sorted(p.relative_to(finished_run) for p in finished_run.rglob("*")) == before

@@ -212,3 +212,20 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
                         for k, band in enumerate(bands))
         MixtureDescription(members, schedule.describe()).write(staged)
     return folders
+
+
+def expert_folders(source: str, scratch: Path) -> list[Path]:
+    """The expert folders `source` stands for, as `generate` takes it: an expert or mixture folder, a run's output
+    directory, a checkpoint (exported into `scratch` first: its config names the model, band and weights), or a hub
+    id of an exported expert found in the local Hugging Face cache."""
+    from expertune.infer.sources import local_model
+
+    path = Path(source).expanduser()
+    folder = path if path.is_dir() else local_model(source)
+    resolved = resolve_source(folder)
+    if resolved.kind == "checkpoint":
+        target = scratch / f"{len(list(scratch.iterdir())) if scratch.is_dir() else 0}-{resolved.label}"
+        log.info("exporting %s to read it", resolved.path)
+        export_run(resolved.path, target)
+        folder = target
+    return [expert.path for expert in exported_experts(folder)]
