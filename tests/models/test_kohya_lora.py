@@ -58,3 +58,6 @@ def test_kohya_lora_loads_in_diffusers_like_the_trained_adapters(lora_expert: tu
     converted = _images(pipe)
     assert (expected - plain).abs().max() > 1e-3, "the adapters change the output"
     torch.testing.assert_close(converted, expected, atol=1e-4, rtol=1e-4)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(folder))  # the diffusers folder itself, conv adapters included
+    torch.testing.assert_close(_images(pipe), expected, atol=1e-4, rtol=1e-4)
