@@ -114,7 +114,9 @@ mixture), a kohya-layout `..._lora.safetensors` per LoRA expert, and `workflow_a
 format) of every expert, one `KSamplerAdvanced` per expert handing over at its band's step. The file says how it
 samples: a v-prediction expert holds the empty tensors `v_pred` (and `ztsnr` with zero-terminal SNR) that ComfyUI
 detects, `modelspec.prediction_type` / `modelspec.timestep_range` metadata, and an A1111 `.yaml` beside it with
-`parameterization: "v"`. `export_precision` sets the single files' weights (fp32, fp16, bf16).
+`parameterization: "v"`. `export_precision` sets the single files' weights (fp32, fp16, bf16). In the workflow a
+LoRA expert is a `LoraLoader` over its base model's checkpoint, named `<base model name>.safetensors` (rename it
+to your copy's file name); a refiner-layout expert encodes its prompt with `CLIPTextEncodeSDXLRefiner`.
 
 Ctrl-C or SIGTERM saves a checkpoint and then (`export_on_interrupt`, on by default) exports the experts as they
 are, in `export_format`. `expertune export CHECKPOINT_OR_OUTPUT_DIR` does the same later from any checkpoint
