@@ -373,6 +373,7 @@ def setup_run(config: Config) -> Run:
     checkpoint_path = (resolve_checkpoint(output_dir, required(t.resume_from_checkpoint, "resume_from_checkpoint"))
                        if resuming else None)
     torch.manual_seed(t.seed)
+    convert_single_files(config, accelerator)
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
         components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
@@ -432,6 +433,23 @@ def setup_run(config: Config) -> Run:
         log.info("mixture of %d experts, schedule %s: steps per expert %s", len(experts), mix.mixture_schedule,
                  ", ".join(str(s) for s in shares))
     return run
+
+
+def convert_single_files(config: Config, accelerator: Any) -> None:
+    """Single-file checkpoints among the run's models are converted by the main process first (issue 19); the
+    other processes then find the converted folders instead of writing them too."""
+    from expertune.data.prepare import expert_model_sources
+    from expertune.models.sdxl import model_folder
+    from expertune.models.single_file_in import is_single_file
+
+    main = config.model.pretrained_model_name_or_path or ""
+    sources = [main, *(source for _, source in expert_model_sources(config, main))]
+    if not any(is_single_file(source) for source in sources):
+        return
+    with accelerator.main_process_first():
+        for source in sources:
+            model_folder(source, single_file_config=config.model.single_file_config,
+                         cache_dir=config.resolved_cache_dir())
 
 
 def attach_validator(run: Run, expert: ExpertRun) -> None:
