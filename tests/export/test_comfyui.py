@@ -13,6 +13,7 @@ from expertune.export.comfyui import OUTPUTS, WorkflowExpert, boundary_steps, ch
 INPUTS = {
     "CheckpointLoaderSimple": {"ckpt_name"},
     "LoraLoader": {"model", "clip", "lora_name", "strength_model", "strength_clip"},
+    "ModelSamplingDiscrete": {"model", "sampling", "zsnr"},
     "CLIPTextEncode": {"text", "clip"},
     "CLIPTextEncodeSDXLRefiner": {"ascore", "width", "height", "text", "clip"},
     "EmptyLatentImage": {"width", "height", "batch_size"},
@@ -28,7 +29,8 @@ LINK_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDI
 def three_experts() -> list[WorkflowExpert]:
     n = 1000
     return [WorkflowExpert("e0.safetensors", ExpertBand(700, 999, n)),
-            WorkflowExpert("sdxl_base.safetensors", ExpertBand(300, 699, n), lora="e1_lora.safetensors"),
+            WorkflowExpert("sdxl_base.safetensors", ExpertBand(300, 699, n), lora="e1_lora.safetensors",
+                           prediction_type="v_prediction", zero_terminal_snr=True),
             WorkflowExpert("e2.safetensors", ExpertBand(0, 299, n), refiner=True)]
 
 
@@ -63,7 +65,10 @@ def test_chain_workflow_links_and_step_handover() -> None:
     # each expert samples with its own model: its checkpoint, or its LoRA over its base
     models = [workflow[s["model"][0]] for _, s in samplers]
     assert models[0]["inputs"]["ckpt_name"] == "e0.safetensors"
-    assert models[1]["class_type"] == "LoraLoader" and models[1]["inputs"]["lora_name"] == "e1_lora.safetensors"
+    assert models[1]["class_type"] == "ModelSamplingDiscrete"  # the v-prediction LoRA says how it samples
+    assert (models[1]["inputs"]["sampling"], models[1]["inputs"]["zsnr"]) == ("v_prediction", True)
+    lora = workflow[models[1]["inputs"]["model"][0]]
+    assert lora["class_type"] == "LoraLoader" and lora["inputs"]["lora_name"] == "e1_lora.safetensors"
     assert workflow[samplers[2][1]["positive"][0]]["class_type"] == "CLIPTextEncodeSDXLRefiner"
     decode = next(n for n in workflow.values() if n["class_type"] == "VAEDecode")
     assert decode["inputs"]["samples"] == [samplers[-1][0], 0]

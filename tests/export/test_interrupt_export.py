@@ -66,6 +66,9 @@ def test_an_interrupted_lora_mixture_exports_after_its_checkpoint(tiny_model_dir
     workflow = json.loads((output / SINGLE_FILE_DIR / WORKFLOW_FILE).read_text())
     loras = [n["inputs"]["lora_name"] for n in workflow.values() if n["class_type"] == "LoraLoader"]
     assert loras == files[:2]
+    samplings = [n["inputs"] for n in workflow.values() if n["class_type"] == "ModelSamplingDiscrete"]
+    assert samplings and all(s["sampling"] == "v_prediction" and s["zsnr"] is True for s in samplings)
+    assert len(samplings) == 2
 
     # the checkpoint exports to the same adapters the interrupted run exported
     out = export_run(checkpoint, tmp_path / "from-checkpoint")[0].parent

@@ -2,7 +2,9 @@
 
 API format: `{"<id>": {"class_type": ..., "inputs": {...}}}`; an input that comes from another node is
 `["<node id>", output index]`. The chain follows ComfyUI's SDXL base → refiner example: each expert is its own
-`CheckpointLoaderSimple` (a LoRA expert: its base checkpoint and a `LoraLoader`); the first sampler adds the
+`CheckpointLoaderSimple` (a LoRA expert: its base checkpoint and a `LoraLoader`), and a v-prediction or
+zero-terminal-SNR expert a `ModelSamplingDiscrete` that says so (the LoRA's base checkpoint would otherwise sample
+as ε); the first sampler adds the
 noise and stops at its boundary step returning the leftover noise, each next one starts at that step with
 `add_noise` disabled; the last returns a clean latent, decoded by its own VAE.
 """
@@ -18,6 +20,7 @@ from expertune.experts import ExpertBand
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"),
     "LoraLoader": ("MODEL", "CLIP"),
+    "ModelSamplingDiscrete": ("MODEL",),
     "CLIPTextEncode": ("CONDITIONING",),
     "CLIPTextEncodeSDXLRefiner": ("CONDITIONING",),
     "EmptyLatentImage": ("LATENT",),
@@ -36,6 +39,8 @@ class WorkflowExpert:
     band: ExpertBand
     lora: str | None = None
     refiner: bool = False
+    prediction_type: str = "epsilon"  # diffusers' name: epsilon, v_prediction or sample
+    zero_terminal_snr: bool = False
 
 
 def boundary_steps(bands: list[ExpertBand], steps: int) -> list[tuple[int, int]]:
@@ -70,6 +75,10 @@ def chain_workflow(experts: list[WorkflowExpert], *, prompt: str = "a photograph
             lora = add("LoraLoader", {"model": model, "clip": clip, "lora_name": expert.lora,
                                       "strength_model": 1.0, "strength_clip": 1.0})
             model, clip = [lora, 0], [lora, 1]
+        if expert.prediction_type != "epsilon" or expert.zero_terminal_snr:  # said explicitly: a LoRA's base is ε
+            sampling = {"v_prediction": "v_prediction", "sample": "x0"}.get(expert.prediction_type, "eps")
+            model = [add("ModelSamplingDiscrete", {"model": model, "sampling": sampling,
+                                                   "zsnr": expert.zero_terminal_snr}), 0]
         if expert.refiner:
             positive = add("CLIPTextEncodeSDXLRefiner", {"ascore": 6.0, "width": width, "height": height,
                                                          "text": prompt, "clip": clip})
