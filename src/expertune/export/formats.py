@@ -107,19 +107,20 @@ def write_single_files(root: str | Path, *, precision: str = "fp32", name: str |
             label += f"-t{band.lo}-{band.hi}"
             parameterisation = Parameterisation.from_scheduler_config(expert.description.parameterisation,
                                                                       (band.lo, band.hi))
-            sampling = {"prediction_type": parameterisation.prediction_type,
-                        "zero_terminal_snr": parameterisation.zero_terminal_snr}
+            prediction, zsnr = parameterisation.prediction_type, parameterisation.zero_terminal_snr
             if expert.description.model_type == "lora":
                 target = staged / f"{label}_lora.safetensors"
                 save_kohya_lora(expert.path / LORA_WEIGHTS, target, _unet_layers_per_block(expert),
                                 precision=precision, metadata=parameterisation.metadata(refiner=False, title=label))
                 base = Path(str(expert.description.base_model)).name
-                entries.append(WorkflowExpert(f"{base}.safetensors", band, lora=target.name, **sampling))
+                entries.append(WorkflowExpert(f"{base}.safetensors", band, lora=target.name,
+                                              prediction_type=prediction, zero_terminal_snr=zsnr))
             else:
                 pipeline, refiner = _load_pipeline(expert.path)
                 target = save_single_file(pipeline, staged / f"{label}.safetensors", parameterisation,
                                           precision=precision, title=label)
-                entries.append(WorkflowExpert(target.name, band, refiner=refiner, **sampling))
+                entries.append(WorkflowExpert(target.name, band, refiner=refiner,
+                                              prediction_type=prediction, zero_terminal_snr=zsnr))
             log.info("wrote %s", target.name)
         atomic_write_json(staged / WORKFLOW_FILE, chain_workflow(entries))
         written = sorted(p.name for p in staged.iterdir())
