@@ -338,7 +338,7 @@ def _add_export(verbs: Any) -> None:
                         help="folder to write (default: OUTPUT_DIR/exports/checkpoint-N, or .../exports/final)")
     export.add_argument("--export_format", default="diffusers", help="diffusers, single_file, or both comma-separated")
     export.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="weights of the single-file and kohya LoRA files")
+                        help="weights of everything written: diffusers folders and single files")
     export.add_argument("--revision", default=None, help="read the base model at this revision (default: the run's)")
     export.add_argument("--variant", default=None, help="read the base model's weights of this variant (e.g. fp16)")
     export.set_defaults(handler=_cmd_export)

@@ -69,6 +69,19 @@ def test_a_checkpoint_exports_as_the_run_exported_it(finished_run: Path, tmp_pat
     assert not torch.equal(load_file(out / "pipeline" / UNET_FILE)["conv_out.weight"], ours["conv_out.weight"])
 
 
+def test_precision_applies_to_the_diffusers_folders_too(finished_run: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "fp16"
+    export_run(finished_run / "checkpoints" / "checkpoint-3", out, ("diffusers",), "fp16")
+    half, full = load_file(out / "pipeline" / UNET_FILE), load_file(finished_run / "pipeline" / UNET_FILE)
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], full[k].half()) for k in full)
+    assert (out / "pipeline" / "expert.json").read_text() == (finished_run / "pipeline" / "expert.json").read_text()
+    loaded = StableDiffusionXLPipeline.from_pretrained(str(out / "pipeline"), dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_export_never_overwrites_user_files(finished_run: Path, tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -78,14 +78,43 @@ def _unet_layers_per_block(expert: ExportedExpert) -> int:
     return int(config["layers_per_block"])
 
 
-def _load_pipeline(path: Path):  # type: ignore[no-untyped-def]
+def _load_pipeline(path: Path, dtype: object = None):  # type: ignore[no-untyped-def]
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from expertune.models.sdxl import REFINER_LAYOUT, layout_kind_of, read_pipeline_index
 
     refiner = layout_kind_of(read_pipeline_index(str(path))) == REFINER_LAYOUT
     cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
-    return cls.from_pretrained(str(path), use_safetensors=True), refiner
+    return cls.from_pretrained(str(path), use_safetensors=True, dtype=dtype), refiner
+
+
+def cast_experts(root: str | Path, precision: str) -> None:
+    """Rewrite the diffusers expert(s) of a tree (a staged export) with their weights in `precision`: each full
+    pipeline saved again from a copy loaded in that dtype, each LoRA file cast tensor by tensor."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from expertune.models.lora import LORA_WEIGHTS
+    from expertune.models.single_file import PRECISIONS
+
+    dtype = PRECISIONS[precision]
+    for expert in exported_experts(Path(root)):
+        if expert.description.model_type == "lora":
+            file = expert.path / LORA_WEIGHTS
+            with safe_open(str(file), "pt") as handle:
+                metadata = handle.metadata()
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+            save_file(weights, str(file), metadata=metadata)
+            continue
+        pipeline, _ = _load_pipeline(expert.path, dtype)
+        fresh = expert.path.with_name(f".{expert.path.name}.{precision}")
+        pipeline.save_pretrained(str(fresh), safe_serialization=True)
+        del pipeline
+        shutil.copy2(expert.path / EXPERT_FILE, fresh / EXPERT_FILE)
+        shutil.rmtree(expert.path)
+        fresh.rename(expert.path)
 
 
 def write_single_files(root: str | Path, *, precision: str = "fp32", name: str | None = None) -> list[Path]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from expertune.errors import ConfigError, ModelError
 from expertune.expert_format import EXPERT_FILE, MIXTURE_FILE, MixtureDescription, MixtureMember
-from expertune.export.formats import exported_experts, expert_relative_dir, write_single_files
+from expertune.export.formats import cast_experts, exported_experts, expert_relative_dir, write_single_files
 from expertune.io_utils import atomic_write_json, staged_directory
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ def export_run(source: Path, out: Path | None = None, formats: tuple[str, ...] =
             copy_tree(resolved.path, staged)
         if "single_file" in formats:
             write_single_files(staged, precision=precision, name=resolved.run_dir.name)
+        if "diffusers" in formats and precision != "fp32":
+            cast_experts(staged, precision)
         if "diffusers" not in formats:
             for entry in staged.iterdir():
                 if entry.name.startswith("expert-") or entry.name in ("pipeline", "lora"):
