@@ -301,7 +301,9 @@ class _PipelineLoader:
             return pipe, pipe.scheduler, None
         base = str(expert.description.get("base_model", ""))
         if base not in self.bases:
-            self.bases[base] = self._pipeline(base)
+            from expertune.infer.sources import local_model  # a hub id: from the local cache, never downloaded
+
+            self.bases[base] = self._pipeline(local_model(base))
         pipe = self.bases[base]
         name = f"expert_{index}"
         pipe.load_lora_weights(str(expert.path), adapter_name=name)

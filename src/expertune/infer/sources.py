@@ -23,7 +23,7 @@ def local_model(source: str, *, single_file_config: str | None = None) -> Path:
         return path
     if path.is_file():
         return Path(model_folder(str(path), single_file_config=single_file_config))
-    if os.sep in source.strip("/").split("/", 1)[-1] or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ModelError(f"model {source!r} is neither a local folder or file nor a Hugging Face hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
