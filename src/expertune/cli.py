@@ -1,4 +1,4 @@
-"""The `expertune` command: train, cache, audit, generate, demo, world, tiny-model, tiny-clip."""
+"""The `expertune` command: train, cache, audit, generate, export, demo, world, tiny-model, tiny-clip."""
 
 from __future__ import annotations
 
@@ -123,33 +123,52 @@ def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    import tempfile
+    from pathlib import Path
+
     from expertune.errors import ConfigError
-    from expertune.infer.chain import generate_images, mixture_expert_paths, resolve_device, resolve_dtype, save_images
+    from expertune.export.run import expert_folders
+    from expertune.infer.chain import mixture_expert_paths, resolve_device, resolve_dtype, save_images
+    from expertune.infer.generate import load_chain, run_chain
+    from expertune.infer.sources import base_expert, read_prompts
 
     device = resolve_device(args.device)
+    if sum(map(bool, (args.expert, args.mixture, args.base))) != 1:
+        raise ConfigError("generate needs the experts: --mixture DIR (a mixture's output directory), --expert once per "
+                          "expert (or checkpoint), or --base MODEL (the untouched model alone)")
+    if bool(args.prompt) == bool(args.prompts):
+        raise ConfigError("generate needs --prompt TEXT (once, or once per expert) or --prompts FILE, not both")
+    prompts = read_prompts(args.prompts) if args.prompts else {"": args.prompt}
+    with tempfile.TemporaryDirectory(prefix="expertune-generate-") as scratch:
+        if args.base:
+            experts: list = [base_expert(args.base)]
+        elif args.mixture:
+            experts = mixture_expert_paths(args.mixture)
+        else:
+            experts = [folder for source in args.expert for folder in expert_folders(source, Path(scratch))]
+        loaded = load_chain(experts, guidance_scale=args.guidance or [7.5],
+                            guidance_rescale=args.guidance_rescale or [0.0], scheduler=args.scheduler, device=device,
+                            dtype=resolve_dtype(args.dtype, device), aesthetic_score=args.aesthetic_score,
+                            negative_aesthetic_score=args.negative_aesthetic_score, cpu_offload=args.cpu_offload)
+        for name, prompt in prompts.items():
+            images = run_chain(loaded, prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                               num_images=args.num_images, seed=args.seed, height=args.height, width=args.width,
+                               progress=True)
+            out = Path(args.out) if not name else Path(args.out).with_suffix("") / f"{name}.png"
+            for path in save_images(images, out):
+                print(f"wrote {path}")
+    return 0
 
-    if bool(args.expert) == bool(args.mixture):
-        raise ConfigError("generate needs the experts: --mixture DIR (a mixture's output directory), or --expert "
-                          "once per expert")
-    experts = mixture_expert_paths(args.mixture) if args.mixture else args.expert
-    images = generate_images(
-        experts,
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance or [7.5],
-        guidance_rescale=args.guidance_rescale or [0.0],
-        scheduler=args.scheduler,
-        num_images=args.num_images,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        device=device,
-        dtype=resolve_dtype(args.dtype, device),
-        aesthetic_score=args.aesthetic_score,
-        negative_aesthetic_score=args.negative_aesthetic_score,
-    )
-    for path in save_images(images, args.out):
+
+def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from expertune.export.formats import parse_formats
+    from expertune.export.run import export_run
+
+    paths = export_run(Path(args.source), Path(args.out) if args.out else None, parse_formats(args.export_format),
+                       args.precision, revision=args.revision, variant=args.variant)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -279,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(verbs)
     _add_audit(verbs)
     _add_generate(verbs)
+    _add_export(verbs)
     _add_model_verbs(verbs)
     return parser
 
@@ -339,12 +359,21 @@ def _add_generate(verbs: Any) -> None:
 
     generate = verbs.add_parser("generate", help="chain trained experts into images")
     generate.add_argument("--expert", action="append",
-                          help="an expert pipeline dir (or a training output dir); repeat, any order")
+                          help="an expert dir, a training output dir, a checkpoint-N dir or a hub id of an exported "
+                          "expert (local HF cache); repeat, any order")
     generate.add_argument("--mixture", default=None,
                           help="a mixture's directory (the output_dir of a --mixture_boundaries run, with mixture.json)")
-    generate.add_argument("--prompt", action="append", required=True,
+    generate.add_argument("--base", default=None, metavar="MODEL",
+                          help="instead of experts: the untouched model alone (a folder, .safetensors or a hub id in "
+                          "the local HF cache), the baseline")
+    generate.add_argument("--prompt", action="append",
                           help="the prompt; repeat once per expert (order of --expert, chain order with --mixture) "
                                "to give each expert its own")
+    generate.add_argument("--prompts", default=None, metavar="FILE",
+                          help="instead of --prompt: a file of prompts (one a line, or SimpleTuner's prompt library "
+                          "JSON {name: prompt}), all made with one model load into OUT_STEM/<name>.png")
+    generate.add_argument("--cpu_offload", action="store_true",
+                          help="diffusers' model CPU offload: each model on the device only while it runs")
     generate.add_argument("--negative_prompt", default=None)
     generate.add_argument("--steps", type=int, default=30, help="inference steps of the whole chain")
     generate.add_argument("--guidance", type=float, action="append",
@@ -374,6 +403,24 @@ def _add_generate(verbs: Any) -> None:
                           help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)
 
+
+
+def _add_export(verbs: Any) -> None:
+    export = verbs.add_parser(
+        "export", help="turn a checkpoint (or a run's output directory) into experts: diffusers and/or single file",
+        description="Write the expert(s) of a checkpoint-N folder, of a run's output directory (its newest checkpoint, "
+        "or its exported experts when the run finished) or of an exported expert/mixture folder, as diffusers "
+        "folders with expert.json (and mixture.json) and/or single .safetensors files for ComfyUI and A1111 with a "
+        "ComfyUI workflow of the chain. Never overwrites anything but an earlier export.")
+    export.add_argument("source", metavar="CHECKPOINT_OR_OUTPUT_DIR")
+    export.add_argument("--out", default=None,
+                        help="folder to write (default: OUTPUT_DIR/exports/checkpoint-N, or .../exports/final)")
+    export.add_argument("--export_format", default="diffusers", help="diffusers, single_file, or both comma-separated")
+    export.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="weights of everything written: diffusers folders and single files")
+    export.add_argument("--revision", default=None, help="read the base model at this revision (default: the run's)")
+    export.add_argument("--variant", default=None, help="read the base model's weights of this variant (e.g. fp16)")
+    export.set_defaults(handler=_cmd_export)
 
 
 def _add_model_verbs(verbs: Any) -> None:

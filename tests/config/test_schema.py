@@ -129,6 +129,9 @@ EXPECTED = {
     "accelerate_config": ("train", str, True, None), "accelerate_extra_args": ("train", str, True, None),
     "offset_noise": ("train", bool, False, False), "noise_offset": ("train", float, False, 0.1),
     "noise_offset_probability": ("train", float, False, 0.25),
+    # issue 19 (export)
+    "export_format": ("train", str, False, "diffusers"), "export_precision": ("train", str, False, "fp32"),
+    "export_on_interrupt": ("train", bool, False, True), "single_file_config": ("model", str, True, None),
     "validation_disable": ("validation", bool, False, False),
     "validation_prompt": ("validation", str, True, None), "validation_negative_prompt": ("validation", str, False, ""),
     "validation_step_interval": ("validation", int, True, None),

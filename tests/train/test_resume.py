@@ -91,6 +91,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stage1_env: Path, referenc
     assert "Traceback" not in out and "--resume_from_checkpoint latest" in out
     saved = sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("checkpoint-*"))
     assert len(saved) == 1 and saved[0] >= 3
+    assert (output / "pipeline" / "expert.json").is_file()  # --export_on_interrupt (on by default) exported it
     process = _launch(stage1_env, output, "--checkpoint_step_interval=100", "--resume_from_checkpoint=latest")
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, out

@@ -115,6 +115,33 @@ def _fmt_env(spec: FieldSpec) -> str:
 
 _LIMITED = " See [Unsupported features](#unsupported-features)."
 
+EXPORTS = """\
+## Exports
+
+A run saves its expert(s) as diffusers folders with `expert.json` (and `mixture.json`); `export_format` adds
+`single_file`: `OUTPUT_DIR/single_file/` gets one `.safetensors` per full expert in the original SDXL checkpoint
+layout that ComfyUI and A1111 load (`<run>-t<lo>-<hi>.safetensors`, `<run>-expert-<k>-t<lo>-<hi>.safetensors` in a
+mixture), a kohya-layout `..._lora.safetensors` per LoRA expert, and `workflow_api.json`: the ComfyUI chain (API
+format) of every expert, one `KSamplerAdvanced` per expert handing over at its band's step. The file says how it
+samples: a v-prediction expert holds the empty tensors `v_pred` (and `ztsnr` with zero-terminal SNR) that ComfyUI
+detects, `modelspec.prediction_type` / `modelspec.timestep_range` metadata, and an A1111 `.yaml` beside it with
+`parameterization: "v"`. `export_precision` sets the single files' weights (fp32, fp16, bf16). In the workflow a
+LoRA expert is a `LoraLoader` over its base model's checkpoint, named `<base model name>.safetensors` (rename it
+to your copy's file name); a refiner-layout expert encodes its prompt with `CLIPTextEncodeSDXLRefiner`.
+
+Ctrl-C or SIGTERM saves a checkpoint and then (`export_on_interrupt`, on by default) exports the experts as they
+are, in `export_format`. `expertune export CHECKPOINT_OR_OUTPUT_DIR` does the same later from any checkpoint
+(docs/usage.md).
+
+`pretrained_model_name_or_path` (and an `expert_models` entry) may be a single-file `.safetensors` of the SDXL,
+SSD-1B or refiner layout: it is converted once (diffusers' `from_single_file`, offline) into a diffusers folder
+under `cache_dir/single_file/`, which is the model from then on. expertune ships the three families' configs but
+not the CLIP tokenizers' BPE vocabulary: they come from `single_file_config` (any diffusers folder of the same
+family; its configs are used too, which a fine-tune of another shape needs) or from the official repository's
+copy in the local Hugging Face cache; without either the run stops naming both. `revision` and `variant` apply
+to every model read from the hub: the pretrained model, `expert_models` entries, the export's reload.
+"""
+
 
 def render() -> str:
     required = ", ".join(f"`{n}` (`{'`/`'.join(FIELDS[n].env)}`)" for n in REQUIRED_FOR_TRAINING)
@@ -128,6 +155,7 @@ def render() -> str:
                 out.append(f"| `{spec.name}` | {_fmt_env(spec)} | {spec.type_name} | {_fmt_default(spec.default)} "
                            f"| {spec.allowed_text()} | {spec.doc}{_LIMITED if spec.unsupported else ''} |")
         out.append("")
+    out += [EXPORTS]  # issue 19 (export)
     out += ["## Recognised but ignored", "",
             "These SimpleTuner options with a config.env variable have no expertune equivalent. They are accepted "
             "as the variable, a flag or a TOML key and ignored with a warning (silently when the value is empty or "

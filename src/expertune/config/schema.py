@@ -258,6 +258,10 @@ class ModelConfig:
                               aliases={"none": "no", "false": "no"}, env=("TRAINING_DYNAMO_BACKEND",))
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
     variant: str | None = opt(None, "Weights-file variant of the pretrained model, e.g. fp16.")
+    # -- issue 19 (export): community single-file checkpoints in ----------------------------------------------
+    single_file_config: str | None = opt(None, "A diffusers folder of the same family whose configs and tokenizers "
+                                         "describe a single-file .safetensors pretrained model (default: the shipped "
+                                         "SDXL / SSD-1B / refiner configs with the tokenizers from the HF cache).")
 
 
 _ALWAYS_CACHED = Unsupported("`true`", _is_true, "expertune always pre-computes and caches text embeddings; "
@@ -319,6 +323,12 @@ class BandConfig:
                                            "of refiner_training).", check=parse_timestep_range)
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn inside the band.",
                                  choices=("uniform", "stratified"))
+
+
+def _check_export_format(text: str) -> None:
+    from expertune.export.formats import parse_formats  # issue 19 (export)
+
+    parse_formats(text)
 
 
 def _check_mixture_boundaries(text: str) -> None:
@@ -460,6 +470,16 @@ class TrainConfig:
     noise_offset: float = opt(0.1, "Strength of the offset noise (used with offset_noise).", ge=0)
     noise_offset_probability: float = opt(0.25, "Probability that a sample gets the offset noise (with "
                                                 "offset_noise).", ge=0, le=1)
+    # -- issue 19 (export): the formats a run exports in, and the export after a Ctrl-C / SIGTERM --------------
+    export_format: str = opt("diffusers", "Formats of the exported experts, comma-separated: diffusers (pipeline "
+                             "folders with expert.json) and single_file (one original-layout .safetensors per expert "
+                             "for ComfyUI / A1111, kohya-layout LoRAs, and a ComfyUI workflow of the chain).",
+                             check=lambda text: _check_export_format(text),
+                             on_resume="may_change")
+    export_precision: str = opt("fp32", "Weights of the single_file export.", choices=("fp32", "fp16", "bf16"),
+                                on_resume="may_change")
+    export_on_interrupt: bool = opt(True, "When Ctrl-C or SIGTERM stops training, export the experts after the "
+                                          "checkpoint (in --export_format).", on_resume="may_change")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _refuse(name: str, reason: str, quiet: tuple[str, ...] = OFF) -> SimpleTuner
 _NO_DELETE = "expertune never deletes files: unusable images are skipped and listed in run.json (skipped_images)"
 _LOADER = "set it per dataset in the dataloader JSON (data_backend_config)"
 _HUB = "a hub-publishing detail expertune does not use: push_to_hub / hub_model_id upload the experts with expertune's own model cards"
-_EXPORT = "expertune exports diffusers folders (pipeline/, lora/); other layouts are not written yet"
+_EXPORT = "expertune names its formats --export_format: add single_file for the kohya / ComfyUI LoRA layout (and the original single-file checkpoint of full experts)"
 _OFFLOAD = "no block, group or RAM offload: use gradient_checkpointing, optimizer=adamw8bit/adafactor or " \
            "mixture_offload_inactive (docs/memory.md)"
 _EVAL = "the held-out per-band loss is computed at each validation (eval_dataset_id / eval_holdout_fraction)"

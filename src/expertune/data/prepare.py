@@ -382,13 +382,17 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
         revision=config.model.revision,
         variant=config.model.variant,
         with_unet=False,
+        single_file_config=config.model.single_file_config,
+        cache_dir=config.resolved_cache_dir(),
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for frozen in components.frozen_modules():
         frozen.to(device)
     prepared = prepare_data(config, components, extra_prompts=extra_prompts, progress=progress)
     for index, source in expert_model_sources(config, components.source):
-        other = load_components(source, with_unet=False)  # a mixture expert's own model: its embeddings too
+        other = load_components(source, revision=config.model.revision, variant=config.model.variant,
+                                with_unet=False, single_file_config=config.model.single_file_config,
+                                cache_dir=config.resolved_cache_dir())  # a mixture expert's own model: its embeddings too
         for frozen in other.frozen_modules():
             frozen.to(device)
         prepared_for_model(prepared, config, other, name=f"expert_models entry {index}", extra_prompts=extra_prompts,

@@ -156,6 +156,7 @@ def denoise_chain(
     latents: torch.Tensor | None = None,
     num_images_per_prompt: int = 1,
     output_type: str = "pil",
+    progress: bool = False,
 ) -> Any:
     """Run `stages` in order; return the last pipeline's `.images` (PIL list, or latents for "latent").
 
@@ -193,13 +194,13 @@ def denoise_chain(
         if images is None:
             pipe = StableDiffusionXLPipeline(**stage.components,
                                              force_zeros_for_empty_prompt=stage.force_zeros_for_empty_prompt)
-            pipe.set_progress_bar_config(disable=True)
+            pipe.set_progress_bar_config(disable=not progress)
             images = pipe(**common, height=height, width=width).images
         else:
             pipe = StableDiffusionXLImg2ImgPipeline(**stage.components,
                                                     requires_aesthetics_score=stage.requires_aesthetics_score,
                                                     force_zeros_for_empty_prompt=stage.force_zeros_for_empty_prompt)
-            pipe.set_progress_bar_config(disable=True)
+            pipe.set_progress_bar_config(disable=not progress)
             images = pipe(**common, image=images, denoising_start=stage.band.denoising_start,
                           aesthetic_score=stage.aesthetic_score,
                           negative_aesthetic_score=stage.negative_aesthetic_score).images
@@ -269,8 +270,8 @@ class _PipelineLoader:
     asks for it (`force_upcast`, as the SDXL VAE does: it overflows in fp16) the VAE stays float32.
     """
 
-    def __init__(self, dtype: torch.dtype, device: str) -> None:
-        self.dtype, self.device = dtype, device
+    def __init__(self, dtype: torch.dtype, device: str, cpu_offload: bool = False) -> None:
+        self.dtype, self.device, self.cpu_offload = dtype, device, cpu_offload
         self.bases: dict[str, Any] = {}
         self.loads: list[str] = []
 
@@ -288,6 +289,9 @@ class _PipelineLoader:
         self.loads.append(str(source))
         if self.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.to(torch.float32)
+        if self.cpu_offload:  # diffusers' model offload: each model on the device only while it runs
+            pipe.enable_model_cpu_offload(device=self.device)
+            return pipe
         return pipe.to(self.device)
 
     def load(self, expert: ExpertInfo, index: int) -> tuple[Any, Any, str | None]:
@@ -297,94 +301,22 @@ class _PipelineLoader:
             return pipe, pipe.scheduler, None
         base = str(expert.description.get("base_model", ""))
         if base not in self.bases:
-            self.bases[base] = self._pipeline(base)
+            from expertune.infer.sources import local_model  # a hub id: from the local cache, never downloaded
+
+            self.bases[base] = self._pipeline(local_model(base))
         pipe = self.bases[base]
         name = f"expert_{index}"
         pipe.load_lora_weights(str(expert.path), adapter_name=name)
         return pipe, saved_scheduler(expert.path), name
 
 
-def generate_images(
-    expert_paths: Sequence[str | os.PathLike],
-    prompt: str | Sequence[str],
-    *,
-    negative_prompt: str | None = None,
-    num_inference_steps: int = 30,
-    guidance_scale: float | Sequence[float] = 7.5,
-    guidance_rescale: float | Sequence[float] = 0.0,
-    scheduler: str = "saved",
-    num_images: int = 1,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    dtype: torch.dtype | None = None,
-    device: str = "auto",
-    aesthetic_score: float = AESTHETIC_SCORE,
-    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
-) -> list[Any]:
-    """Run the chain and return `num_images` PIL images; image i starts from the noise of seed `seed + i`.
+def __getattr__(name: str) -> Any:
+    """`generate_images`, `generate` and `per_expert_prompts` live in infer.generate (loaded on first use)."""
+    if name in ("generate_images", "generate", "per_expert_prompts", "generate_prompt_set"):
+        from expertune.infer import generate as module
 
-    Refiner-layout experts get `aesthetic_score` / `negative_aesthetic_score` (diffusers' defaults).
-
-    `prompt`, `guidance_scale` and `guidance_rescale` are one value for all experts or one per entry of
-    `expert_paths`, in that order (the chain itself runs in band order): with a prompt per expert, each
-    expert is conditioned on its own (the recipe's separate prompts for the base and the refiner). `scheduler` is "saved" (each
-    expert's own) or a key of `SCHEDULER_CLASSES`, built from each expert's saved scheduler config.
-    `device` "auto" is the GPU when there is one; `dtype` None is fp16 there and float32 on the CPU.
-    """
-    from expertune.infer.schedulers import scheduler_from_saved
-
-    if num_images < 1:
-        raise ConfigError(f"--num_images must be >= 1, got {num_images}")
-    experts = [read_expert(p) for p in expert_paths]
-    scales = dict(zip((e.path for e in experts), _per_expert(guidance_scale, len(experts), "--guidance")))
-    rescales = dict(zip((e.path for e in experts),
-                        _per_expert(guidance_rescale, len(experts), "--guidance_rescale")))
-    prompts = dict(zip((e.path for e in experts), per_expert_prompts(prompt, len(experts))))
-    chain = check_chain(experts)
-    device = resolve_device(device)
-    dtype = dtype if dtype is not None else resolve_dtype("auto", device)
-    log.info("generating on %s in %s", device, str(dtype).replace("torch.", ""))
-    loader = _PipelineLoader(dtype, device)
-    stages = []
-    for index, expert in enumerate(chain):
-        pipe, saved_scheduler, adapter = loader.load(expert, index)
-        components = chain_components(pipe)
-        components["scheduler"] = scheduler_from_saved(scheduler, saved_scheduler, str(expert.path))
-        own = {"prompt": prompts[expert.path], "negative_prompt": negative_prompt}
-        stages.append(ChainStage(components, expert.band, scales[expert.path], rescales[expert.path], adapter,
-                                 aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                                 conditioning=own, **pipeline_flags(pipe)))
-        log.info("expert %d/%d %s: %s (guidance %g, rescale %g, %s)", len(stages), len(chain), expert.band,
-                 expert.path, scales[expert.path], rescales[expert.path], type(components["scheduler"]).__name__)
-    first = stages[0].components
-    size = first["unet"].config.sample_size * 2 ** (len(first["vae"].config.block_out_channels) - 1)
-    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
-    return list(denoise_chain(
-        stages,
-        stages[0].conditioning or {},
-        num_inference_steps=num_inference_steps,
-        generator=generators,
-        height=height or size,
-        width=width or size,
-        num_images_per_prompt=num_images,
-    ))
-
-
-def per_expert_prompts(prompt: str | Sequence[str], count: int) -> list[str]:
-    """One prompt for every expert, or exactly one per expert."""
-    listed = [prompt] if isinstance(prompt, str) else list(prompt)
-    if len(listed) == 1:
-        return listed * count
-    if len(listed) != count:
-        raise ConfigError(f"--prompt was given {len(listed)} times for {count} experts; give it once (all experts) "
-                          "or once per expert, in the order of --expert (chain order with --mixture)")
-    return listed
-
-
-def generate(expert_paths: Sequence[str | os.PathLike], prompt: str | Sequence[str], **options: Any) -> Any:
-    """Run the chain and return one PIL image (see `generate_images` for the options)."""
-    return generate_images(expert_paths, prompt, **options, num_images=1)[0]
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def image_grid(images: Sequence[Any], columns: int | None = None) -> Any:

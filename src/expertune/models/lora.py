@@ -41,12 +41,16 @@ def add_lora_adapters(unet: Any, rank: int, alpha: float | None, dropout: float,
 def save_lora_expert(unet: Any, scheduler: Any, expert: ExpertDescription, destination: str | os.PathLike) -> Path:
     """Write the adapters (diffusers LoRA format), the trained scheduler config and expert.json, atomically."""
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     with staged_directory(destination) as staged:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True)
+        # peft's own names (lora_A / lora_B), which diffusers loads for every layer kind; converting them to the
+        # older lora.down / lora.up names renames linear layers only, and a file mixing both loads wrong
+        layers = get_peft_model_state_dict(unet)
+        config = getattr(unet, "peft_config", {}).get("default")  # its lora_alpha: a file without it loads at alpha = rank
+        metadata = None if config is None else config.to_dict()
+        StableDiffusionXLPipeline.save_lora_weights(str(staged), unet_lora_layers=layers, safe_serialization=True,
+                                                    unet_lora_adapter_metadata=metadata)
         scheduler.save_pretrained(str(staged / "scheduler"))
         expert.write(staged)
     log.info("saved LoRA expert to %s", destination)

@@ -1,6 +1,7 @@
 """Load, check and save SDXL-family models (SDXL base, SSD-1B, the SDXL refiner, any UNet of those layouts).
 
-The one loading path is diffusers/transformers `from_pretrained(name_or_path)`, safetensors only.
+The one loading path is diffusers/transformers `from_pretrained(name_or_path)`, safetensors only; a single-file
+`.safetensors` checkpoint is first converted to a diffusers folder (`model_folder`, models/single_file_in.py).
 
 Two layouts (`layout_kind`), told apart by the pipeline's `model_index.json`:
 
@@ -55,6 +56,8 @@ class SDXLComponents:
     scheduler_class: str
     layout_kind: str = BASE_LAYOUT
     requires_aesthetics_score: bool = False
+    revision: str | None = None  # what the source was read at: a reload (text encoders for export) reads the same
+    variant: str | None = None
 
     @property
     def is_refiner(self) -> bool:
@@ -182,6 +185,8 @@ def load_components(
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
     with_unet: bool = True,
+    single_file_config: str | None = None,
+    cache_dir: Path | None = None,
 ) -> SDXLComponents:
     """Load an SDXL-layout model's components from a local directory or hub id (safetensors only).
 
@@ -193,6 +198,9 @@ def load_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    folder = model_folder(source, single_file_config=single_file_config, cache_dir=cache_dir)
+    if folder != source:  # a converted single file: one folder, no revisions nor variants
+        source, revision, variant = folder, None, None
     check_model_source(source, revision)
     log.info("loading model %s", describe_source(source, revision))
     index = read_pipeline_index(source, revision=revision)
@@ -230,7 +238,23 @@ def load_components(
         scheduler_class=str(scheduler_config.get("_class_name", "EulerDiscreteScheduler")),
         layout_kind=layout_kind,
         requires_aesthetics_score=requires_aesthetics_score,
+        revision=revision,
+        variant=variant,
     )
+
+
+def model_folder(source: str, *, single_file_config: str | None = None, cache_dir: Path | None = None) -> str:
+    """`source` itself, or for a single-file `.safetensors` checkpoint the diffusers folder it is converted to once
+    (models.single_file_in: under `cache_dir`, default the per-user cache)."""
+    from expertune.models.single_file_in import is_single_file, materialise
+
+    if not is_single_file(source):
+        return source
+    if cache_dir is None:
+        from expertune.config.schema import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return str(materialise(source, cache_dir=cache_dir, single_file_config=single_file_config))
 
 
 def read_scheduler_config(source: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
@@ -299,11 +323,10 @@ def save_expert_pipeline(
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    text_2 = components.text_encoder_2 or _load(
-        CLIPTextModelWithProjection, components.source, "text_encoder_2", use_safetensors=True
-    )
+    same = {"use_safetensors": True, "revision": components.revision, "variant": components.variant}
+    text_2 = components.text_encoder_2 or _load(CLIPTextModelWithProjection, components.source, "text_encoder_2", **same)
     text_1 = None if components.is_refiner else (
-        components.text_encoder_1 or _load(CLIPTextModel, components.source, "text_encoder", use_safetensors=True))
+        components.text_encoder_1 or _load(CLIPTextModel, components.source, "text_encoder", **same))
     pipeline = sdxl_pipeline(refiner=components.is_refiner, vae=components.vae, text_encoder_1=text_1,
                              text_encoder_2=text_2, tokenizer_1=components.tokenizer_1,
                              tokenizer_2=components.tokenizer_2, unet=unet, scheduler=scheduler)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from expertune.expert_format import ExpertDescription, MixtureDescription, MixtureMember
+from expertune.export.formats import expert_relative_dir, parse_formats, write_single_files
 from expertune.io_utils import atomic_write_json
 from expertune.models.lora import save_lora_expert
 from expertune.models.sdxl import make_scheduler, save_expert_pipeline
@@ -21,8 +22,7 @@ log = logging.getLogger(__name__)
 
 def expert_dir_for(run: Run, expert: ExpertRun) -> Path:
     """Where the expert is saved: `pipeline/` (or `lora/`), under `expert-<k>/` in a mixture."""
-    name = "lora" if run.config.model.model_type == "lora" else "pipeline"
-    return run.output_dir / f"expert-{expert.index}" / name if run.is_mixture else run.output_dir / name
+    return run.output_dir / expert_relative_dir(run.config.model.model_type, expert.index, run.is_mixture)
 
 
 def result_dir(run: Run) -> Path:
@@ -46,7 +46,24 @@ def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription
         members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), e.band,
                                       run.config.model.model_type) for e in run.experts)
         MixtureDescription(members, run.schedule.describe()).write(run.output_dir)
+    if run.is_main and "single_file" in parse_formats(run.config.train.export_format):
+        write_single_files(run.output_dir, precision=run.config.train.export_precision, name=run.output_dir.name)
     return descriptions
+
+
+def export_on_interrupt(run: Run) -> None:
+    """After a stop request's checkpoint (--export_on_interrupt): the experts as they are, in --export_format.
+    A failure here is logged and leaves the checkpoint, which `expertune export` can still turn into experts."""
+    if not run.config.train.export_on_interrupt:
+        return
+    from expertune.errors import ExpertuneError
+
+    try:
+        export_experts(run, [final_weights(run, expert) for expert in run.experts])
+        log.info("interrupted run exported to %s", result_dir(run))
+    except (ExpertuneError, OSError) as error:
+        log.error("could not export the interrupted run (%s); the checkpoint is kept: run `expertune export %s`",
+                  error, run.output_dir)
 
 
 def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:

@@ -21,7 +21,7 @@ from expertune.errors import TrainingInterrupted
 from expertune.experts import ExpertBand
 from expertune.train.checkpoint import DataPosition, checkpoints_dir
 from expertune.train.checkpointer import Checkpointer
-from expertune.train.export import export_experts, final_weights, result_dir, write_summary
+from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
@@ -177,7 +177,8 @@ def log_step(run: Run, record: dict[str, Any], progress: Any) -> None:
 
 
 def stop_run(run: Run, signal_number: int | None) -> None:
-    """After the stop request's checkpoint: close the logs and raise TrainingInterrupted."""
+    """After the stop request's checkpoint: export (--export_on_interrupt), close the logs, raise TrainingInterrupted."""
+    export_on_interrupt(run)
     run.metrics.close()
     run.accelerator.end_training()
     raise TrainingInterrupted(

@@ -373,10 +373,12 @@ def setup_run(config: Config) -> Run:
     checkpoint_path = (resolve_checkpoint(output_dir, required(t.resume_from_checkpoint, "resume_from_checkpoint"))
                        if resuming else None)
     torch.manual_seed(t.seed)
+    convert_single_files(config, accelerator)
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
         components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
-                                     revision=m.revision, variant=m.variant)
+                                     revision=m.revision, variant=m.variant, single_file_config=m.single_file_config,
+                                     cache_dir=config.resolved_cache_dir())
     schedule = noise_schedule_for(config, components.scheduler_config)
     for warning in schedule.warnings():
         log.warning(warning)
@@ -433,6 +435,23 @@ def setup_run(config: Config) -> Run:
     return run
 
 
+def convert_single_files(config: Config, accelerator: Any) -> None:
+    """Single-file checkpoints among the run's models are converted by the main process first (issue 19); the
+    other processes then find the converted folders instead of writing them too."""
+    from expertune.data.prepare import expert_model_sources
+    from expertune.models.sdxl import model_folder
+    from expertune.models.single_file_in import is_single_file
+
+    main = config.model.pretrained_model_name_or_path or ""
+    sources = [main, *(source for _, source in expert_model_sources(config, main))]
+    if not any(is_single_file(source) for source in sources):
+        return
+    with accelerator.main_process_first():
+        for source in sources:
+            model_folder(source, single_file_config=config.model.single_file_config,
+                         cache_dir=config.resolved_cache_dir())
+
+
 def attach_validator(run: Run, expert: ExpertRun) -> None:
     """The expert's validator (its images in a folder and metrics under keys of its own in a mixture)."""
     from expertune.validate.samples import Validator
@@ -474,7 +493,9 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
     for k, (source, band) in enumerate(zip(sources, bands)):
         if source not in loaded:
             with whole_model_loading(accelerator):
-                loaded[source] = load_components(source)
+                loaded[source] = load_components(source, revision=config.model.revision, variant=config.model.variant,
+                                                 single_file_config=config.model.single_file_config,
+                                                 cache_dir=config.resolved_cache_dir())
             for frozen in loaded[source].frozen_modules():
                 frozen.to(accelerator.device)
             log.info("expert %d starts from %s (%s layout)", k, source, loaded[source].layout_kind)
