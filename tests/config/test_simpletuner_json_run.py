@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from expertune.cli import main
 
@@ -38,6 +39,7 @@ def test_a_simpletuner_config_json_trains_to_an_exported_expert(tiny_model_dir: 
         "--learning_rate": "1e-4", "--lr_scheduler": "polynomial", "--lr_warmup_steps": 1,
         "--validation_torch_compile": "false", "--disable_benchmark": "false",
         "--offset_noise": "true", "--noise_offset": "0.1", "--noise_offset_probability": "0.25",
+        "--export_format": "diffusers,single_file",
         # the recipe's stage 1
         "--refiner_training": "true", "--refiner_training_strength": "0.35",
         "--refiner_training_invert_schedule": "true", "--prediction_type": "v_prediction",
@@ -62,9 +64,41 @@ def test_a_simpletuner_config_json_trains_to_an_exported_expert(tiny_model_dir: 
     for name in ("red", "sq"):
         assert any(f"{name}_64x64" in i for i in images) and any(f"{name}_64x48" in i for i in images), images
     assert "hub upload folder for me/stage1" in caplog.text  # push_to_hub is expertune's own option
+    single = sorted(p.name for p in (output / "single_file").iterdir())  # the ComfyUI / A1111 layout too
+    assert "models-t350-999.safetensors" in single and "models-t350-999.yaml" in single, single  # output_dir's name
     # The same config again, two more steps: the run resumes from its checkpoint with the seed drawn the first time.
     caplog.clear()
     with caplog.at_level("INFO"):
         assert main(["train", "--max_train_steps=3", "--allow_config_change"]) == 5
     assert f"the checkpoint's seed {seed}" in caplog.text
     assert json.loads((output / "run.json").read_text())["config"]["train"]["seed"] == seed
+
+
+@pytest.mark.integration
+def test_an_expertune_toml_trains_to_an_expert_in_both_layouts(tiny_model_dir: Path, small_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """The third config shape (expertune's TOML, its own option names) to both export layouts."""
+    from safetensors import safe_open
+
+    from expertune.demo.dataset import write_dataloader_config
+
+    dataloader = write_dataloader_config(tmp_path / "multidatabackend.json", small_dataset.parent / "images",
+                                         tmp_path / "cache", resolution=64)
+    output = tmp_path / "out"
+    toml = tmp_path / "stage2.toml"
+    toml.write_text("\n".join([
+        f'pretrained_model_name_or_path = "{tiny_model_dir}"', f'data_backend_config = "{dataloader}"',
+        f'output_dir = "{output}"', "max_train_steps = 1", "resolution = 64", "minimum_image_size = 0",
+        "refiner_training = true", "refiner_training_strength = 0.35", "report_to = \"none\"",
+        "validation_disable = true", 'export_format = "diffusers,single_file"', 'export_precision = "bf16"',
+        "",
+    ]), encoding="utf-8")
+    assert main(["train", "--config", str(toml)]) == 0
+    from expertune.expert_format import ExpertDescription
+
+    expert = ExpertDescription.read(output / "pipeline")
+    assert (expert.band.lo, expert.band.hi) == (0, 349)  # the recipe's stage 2 (not inverted)
+    (single,) = (output / "single_file").glob("*.safetensors")
+    with safe_open(str(single), "pt") as handle:
+        assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.bfloat16
+        assert "v_pred" not in handle.keys()  # an epsilon expert says nothing of v-prediction
