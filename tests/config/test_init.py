@@ -78,3 +78,27 @@ def test_sizing_follows_memory() -> None:
     assert small.train_batch_size * small.gradient_accumulation_steps == 8
     with pytest.raises(ConfigError, match=r"--gpu_memory 12: sdxl .*needs about \d+ GiB"):
         size_for("sdxl", 12)
+
+
+@pytest.mark.integration
+def test_a_config_init_wrote_trains(tmp_path: Path, tiny_model_dir: Path, small_dataset: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """init's stage-1 config.json as written, found with ENV=stage1, trains and exports: only what no starter can
+    know is given (the local model instead of the hub id, the tiny world's 64 px, one step, no validation)."""
+    import json
+
+    from expertune.cli import main
+    from expertune.expert_format import ExpertDescription
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--data", str(small_dataset.parent / "images")]) == 0
+    dataloader = tmp_path / "config" / "multidatabackend.json"
+    datasets = json.loads(dataloader.read_text())
+    datasets[0].update(resolution=64, minimum_image_size=0)  # the tiny world's images are 96 px
+    dataloader.write_text(json.dumps(datasets))
+    monkeypatch.setenv("ENV", "stage1")
+    code = main(["train", f"--pretrained_model_name_or_path={tiny_model_dir}", "--resolution=64",
+                 "--max_train_steps=1", "--train_batch_size=1", "--validation_disable"])
+    assert code == 0
+    expert = ExpertDescription.read(tmp_path / "output" / "stage1" / "pipeline")
+    assert (expert.band.lo, expert.band.hi) == (350, 999) and expert.parameterisation["prediction_type"] == "v_prediction"
