@@ -434,6 +434,10 @@ class TrainConfig:
                                         env=("ACCELERATE_CONFIG_PATH",))
     accelerate_extra_args: str | None = opt(None, "Extra arguments for accelerate launch.",
                                             env=("ACCELERATE_EXTRA_ARGS",))
+    # --- issue 20 (helper ckpt): non-finite updates are skipped; this many in a row stop the run ---
+    max_nonfinite_steps: int = opt(5, "Stop the run when this many updates in a row had a non-finite loss or "
+                                      "gradient norm (each is skipped and logged, naming its batch's images).", ge=1,
+                                   on_resume="may_change")
 
 
 @dataclass(frozen=True)
