@@ -239,7 +239,8 @@ def remove_dir(path: Path) -> None:
 
 # ---- leftovers of killed jobs -----------------------------------------------------------------------------------
 
-_OLD = re.compile(r"^\.(?P<name>pipeline|lora|checkpoint-\d+)\.old-\d+$")  # io_utils.replace_dir's and remove_dir's retired copies
+# io_utils.replace_dir's and remove_dir's retired copies:
+_OLD = re.compile(r"^\.(?P<name>pipeline|lora|checkpoint-\d+)\.old-\d+$")
 _STAGED = re.compile(r"^\.(?P<name>pipeline|lora)\.[A-Za-z0-9_]+$")  # io_utils.staged_directory's scratch
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # io_utils.atomic_write_bytes's temporary files
 _PARTIAL = re.compile(r"^\.checkpoint-\d+\..+\.partial$")

@@ -93,8 +93,8 @@ def test_leftovers_of_killed_exports_and_writes_are_removed_and_user_files_kept(
     (out / "expert-0" / ".pipeline.old-31" / "expert.json").write_text("{}")
     remove_leftovers(out)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != "weights.bin") == [
-        ".backup.old-1", ".my-own-hidden-file", "checkpoints", "expert-0", "expert-0/pipeline", "expert-0/pipeline/expert.json",
-        "expert-1", "expert-1/lora", "my-notes.d", "notes.tmp", "pipeline", "validation", "validation/step_000002"]
+        ".backup.old-1", ".my-own-hidden-file", "checkpoints", "expert-0", "expert-0/pipeline",
+        "expert-0/pipeline/expert.json", "expert-1", "expert-1/lora", "my-notes.d", "notes.tmp", "pipeline", "validation", "validation/step_000002"]
 
 
 def test_overwrite_clears_the_old_mixture_but_not_the_users_files(tmp_path: Path) -> None:

@@ -188,7 +188,6 @@ def save_job_checkpoint(output_dir: Path, states: Sequence[TrainingState], confi
     if target.name in left_behind:
         set_abandoned(output_dir, left_behind - {target.name})
     log.info("saved checkpoint %s", target)
-    pause_point("checkpoint-saved")
     return target
 
 
@@ -364,8 +363,8 @@ def resolve_checkpoint(output_dir: Path, name: str) -> Path:
                 return candidate
             log.warning("checkpoint %s is damaged (%s): falling back to the previous one", candidate, problem)
         raise ConfigError(
-            f"--resume_from_checkpoint latest: no complete checkpoint whose digests verify in {checkpoints_dir(output_dir)}; "
-            "start without --resume_from_checkpoint"
+            f"--resume_from_checkpoint latest: no complete checkpoint whose digests verify in "
+            f"{checkpoints_dir(output_dir)}; start without --resume_from_checkpoint"
         )
     candidate = Path(name) if os.sep in name else checkpoints_dir(output_dir) / name
     if candidate.is_dir() and other_format(candidate):

@@ -36,7 +36,7 @@ from expertune.train.setup import (  # noqa: F401  (re-exported: the loop's help
     setup_run,
     total_optimizer_steps,
 )
-from expertune.train.signals import StopRequests, pause_point
+from expertune.train.signals import StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ def _train(run: Run) -> RunResult:
     for expert, final in zip(run.experts, finals):
         if final is not None:
             check_finite(dict(final.state_dict()), expert.state, f"expert {expert.index}", run.step)
-    pause_point("export")
     with disk_full_is_a_stop("the exported expert in", result_dir(run)):
         descriptions = export_experts(run, finals)  # first, so a failing validation cannot lose an expert
     with disk_full_is_a_stop("validation images in", run.output_dir / "validation"):
