@@ -198,3 +198,18 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path: Path) -> None:
     restored = torch.amp.GradScaler("cpu")
     restored.load_state_dict(saved)
     assert restored.get_scale() == 512.0 and restored.state_dict() == scaler.state_dict()
+
+
+def test_a_full_disk_while_writing_validation_images_is_one_line_and_leaves_no_temporary_file(small_disk) -> None:
+    from expertune.io_utils import atomic_write_bytes
+    from expertune.run_folder import disk_full_is_a_stop
+
+    disk = small_disk(256)
+    folder = disk / "validation" / "step_000003"
+    _fill(disk, 0)
+    with pytest.raises(StorageError) as info:
+        with disk_full_is_a_stop("validation images in", folder):
+            atomic_write_bytes(folder / "prompt.png", b"\x89PNG" + b"\0" * 65536)
+    assert info.value.exit_code == 3
+    assert str(info.value).startswith(f"could not write validation images in {folder}: the disk is full")
+    assert [p.name for p in folder.iterdir()] == []
