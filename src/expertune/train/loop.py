@@ -36,7 +36,7 @@ from expertune.train.setup import (  # noqa: F401  (re-exported: the loop's help
     setup_run,
     total_optimizer_steps,
 )
-from expertune.train.signals import StopRequests
+from expertune.train.signals import StopRequests, injected_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     grad_norm = None
     if t.max_grad_norm and t.max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(expert.unet.parameters(), t.max_grad_norm)
+    if injected_nonfinite(accelerator.process_index, run.step + 1):
+        step_loss = torch.tensor(float("nan"), dtype=torch.float64)
     if agreed(accelerator, not _finite_update(accelerator, expert, step_loss, grad_norm)):
         return _skip(run, expert, step, group)
     run.nonfinite_streak = 0

@@ -64,3 +64,22 @@ def pause_point(phase: str) -> None:
 
 
 _paused: set[str] = set()
+
+
+NONFINITE_AT = "EXPERTUNE_TEST_NONFINITE_AT"  # tests only: "rank:step[,rank:step]" (see `injected_nonfinite`)
+
+
+def injected_nonfinite(rank: int, step: int) -> bool:
+    """Whether a test asked (EXPERTUNE_TEST_NONFINITE_AT) for process `rank`'s loss at job step `step` to count
+    as non-finite, once: how the tests show that every process skips a step when one of them sees a NaN."""
+    import os
+
+    wanted = {item.strip() for item in os.environ.get(NONFINITE_AT, "").split(",") if item.strip()}
+    key = f"{rank}:{step}"
+    if key not in wanted or key in _injected:
+        return False
+    _injected.add(key)
+    return True
+
+
+_injected: set[str] = set()
