@@ -43,7 +43,7 @@ CHECKPOINTS = "checkpoints"
 LINEAGE_FILE = "lineage.json"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-DIGEST = "blake2b"
+DIGEST = "sha256"  # hardware-accelerated on current x86 and ARM CPUs: faster than blake2b there
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

@@ -8,7 +8,7 @@ A checkpoint is a directory `<output_dir>/checkpoints/checkpoint-<step>`:
     state.safetensors       RNG states and the current epoch's data order (uint8 / int64 tensors)
     state.json              step, data position, LR-scheduler and optimizer scalars, config snapshot, the
                             write `sequence`, the GradScaler state (fp16)
-    manifest.json           size and blake2b digest of every other file (run_folder.seal)
+    manifest.json           size and sha256 digest of every other file (run_folder.seal)
 
 A mixture job's checkpoint holds every expert: `expert-<k>/` with those files for expert k (chain order) and
 a top `state.json` with the job step (the sum of the experts' steps), the expert count and the config.
