@@ -4,9 +4,9 @@ one, between two experts' exports, in a validation) and at random ones, resumed 
 bit for bit where an uninterrupted job ends, with each step logged once and no hidden scratch left.
 
 `make test` runs 3 kills (inside a checkpoint write, between a new checkpoint and the pruning of the old one,
-between two experts' exports); `EXPERTUNE_SOAK_KILLS=20 pytest -m integration
-tests/train/test_kill_soak.py` runs a longer soak: random moments (the last of them inside a validation), then
-those three (seed: EXPERTUNE_SOAK_SEED).
+between two experts' exports); `EXPERTUNE_SOAK_KILLS=20 pytest -m integration tests/train/test_kill_soak.py`
+runs a longer soak: those three, then random moments, every fourth inside a validation; a job that finishes
+before its next kill is checked and a new one started (seed: EXPERTUNE_SOAK_SEED).
 """
 
 from __future__ import annotations
@@ -65,52 +65,8 @@ def _kill_when(process: subprocess.Popen, ready, delay: float = 0.0, timeout: fl
     return True
 
 
-def test_sigkill_anywhere_then_resume_latest_ends_bitwise_like_an_uninterrupted_job(
-        tiny_model_dir: Path, small_dataset: Path, tmp_path: Path) -> None:
-    kills = int(os.environ.get("EXPERTUNE_SOAK_KILLS", len(PHASES)))
-    randoms = max(0, kills - len(PHASES))  # a longer soak: random moments (and validation) first
-    rng = random.Random(int(os.environ.get("EXPERTUNE_SOAK_SEED", "20261203")))
-    reference = tmp_path / "reference"
-    process = _launch(tiny_model_dir, small_dataset, reference)
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, out
-
-    output, mark = tmp_path / "killed", tmp_path / "paused-at"
-    done, killed, outputs = False, [], []
-    for attempt in range(kills + 1):
-        start = ["--resume_from_checkpoint=latest"]
-        if not any((output / "checkpoints").glob("checkpoint-*")):
-            start = ["--overwrite_output_dir"]  # killed before its first checkpoint: start again
-        if attempt == kills:  # the last run goes to the end
-            process = _launch(tiny_model_dir, small_dataset, output, *start)
-            out, _ = process.communicate(timeout=300)
-            outputs.append(out)
-            assert process.returncode == 0, "\n".join(outputs)
-            done = True
-            break
-        mark.unlink(missing_ok=True)
-        if attempt == randoms - 1:
-            phase = "validation"
-            process = _launch(tiny_model_dir, small_dataset, output, *start, pause=phase, mark=mark)
-            hit = _kill_when(process, mark.exists)
-        elif attempt >= randoms:
-            phase = PHASES[attempt - randoms]
-            process = _launch(tiny_model_dir, small_dataset, output, *start, pause=phase, mark=mark)
-            hit = _kill_when(process, mark.exists)
-        else:
-            phase, target = "random", rng.randint(1, STEPS - 1)
-            process = _launch(tiny_model_dir, small_dataset, output, *start)
-            hit = _kill_when(process, lambda: _steps_logged(output) >= target, delay=rng.uniform(0.0, 0.3))
-        out = process.communicate(timeout=300)[0] if process.returncode is None else process.stdout.read()
-        outputs.append(f"--- attempt {attempt} ({phase}, killed={hit}) ---\n{out}")
-        assert process.returncode in (0, -signal.SIGKILL), "\n".join(outputs)
-        killed.append((phase, hit))
-        if process.returncode == 0:
-            done = True
-            break
-    assert done and any(hit for _, hit in killed), killed
-    if not randoms:  # the default form: each named moment was reached and killed there
-        assert all(hit for _, hit in killed), killed
+def _check_finished(output: Path, reference: Path) -> None:
+    """The killed and resumed job ended where the uninterrupted one did, bit for bit, and left nothing hidden."""
     for k in range(2):
         assert same_weights(output / f"expert-{k}" / WEIGHTS, reference / f"expert-{k}" / WEIGHTS), k
     rows = read_metrics(output / "metrics.jsonl")
@@ -118,3 +74,54 @@ def test_sigkill_anywhere_then_resume_latest_ends_bitwise_like_an_uninterrupted_
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
     assert sorted(p.relative_to(output).as_posix() for p in output.rglob(".*")) == []  # no hidden scratch
     assert [p.name for p in (output / "checkpoints").glob("checkpoint-*")] == [f"checkpoint-{STEPS}"]
+
+
+def _moments(kills: int, rng: random.Random) -> list[str]:
+    """The default form: the named phases in the order a job reaches them. A longer soak: then random moments,
+    every fourth a kill inside a validation."""
+    extra = ["validation" if k % 4 == 3 else "random" for k in range(max(0, kills - len(PHASES)))]
+    return PHASES[:kills] + extra
+
+
+def test_sigkill_anywhere_then_resume_latest_ends_bitwise_like_an_uninterrupted_job(
+        tiny_model_dir: Path, small_dataset: Path, tmp_path: Path) -> None:
+    kills = int(os.environ.get("EXPERTUNE_SOAK_KILLS", len(PHASES)))
+    rng = random.Random(int(os.environ.get("EXPERTUNE_SOAK_SEED", "20261203")))
+    reference = tmp_path / "reference"
+    process = _launch(tiny_model_dir, small_dataset, reference)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+
+    mark, rounds, log = tmp_path / "paused-at", 0, []
+    output = tmp_path / f"killed-{rounds}"
+
+    def run(pause: str | None) -> subprocess.Popen:
+        start = ["--resume_from_checkpoint=latest"]
+        if not any((output / "checkpoints").glob("checkpoint-*")):
+            start = ["--overwrite_output_dir"]  # killed before its first checkpoint: start again
+        mark.unlink(missing_ok=True)
+        return _launch(tiny_model_dir, small_dataset, output, *start, pause=pause, mark=mark)
+
+    for moment in _moments(kills, rng):
+        for _ in range(2):  # a moment the job is already past: it finishes; check it, and start a new job
+            process = run(None if moment == "random" else moment)
+            if moment == "random":
+                target = rng.randint(1, STEPS - 1)
+                hit = _kill_when(process, lambda: _steps_logged(output) >= target, delay=rng.uniform(0.0, 0.3))
+            else:
+                hit = _kill_when(process, mark.exists)
+            out = process.communicate(timeout=300)[0]
+            log.append(f"--- {output.name}, {moment}: {'killed' if hit else 'finished'} ---\n{out}")
+            assert process.returncode == (-signal.SIGKILL if hit else 0), "\n".join(log)
+            if hit:
+                break
+            assert moment not in PHASES, f"the job never reached {moment}"  # the default form hits each one
+            _check_finished(output, reference)
+            rounds += 1
+            output = tmp_path / f"killed-{rounds}"
+        else:
+            raise AssertionError(f"a new job never reached {moment}")
+    process = run(None)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, "\n".join([*log, out])
+    _check_finished(output, reference)
