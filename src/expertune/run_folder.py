@@ -242,7 +242,9 @@ def remove_dir(path: Path) -> None:
 # io_utils.replace_dir's and remove_dir's retired copies:
 _OLD = re.compile(r"^\.(?P<name>pipeline|lora|checkpoint-\d+)\.old-\d+$")
 _STAGED = re.compile(r"^\.(?P<name>pipeline|lora)\.[A-Za-z0-9_]+$")  # io_utils.staged_directory's scratch
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # io_utils.atomic_write_bytes's temporary files
+# io_utils.atomic_write_bytes's temporary files of what a run writes, and outputs.check_output_dir's probe:
+_TEMPORARY = re.compile(r"^\.(run\.json|metrics\.jsonl|mixture\.json|lineage\.json|expert\.json|[^/]+\.png)"
+                        r"\.[a-z0-9_]+\.tmp$|^\.write-test-\d+$")
 _PARTIAL = re.compile(r"^\.checkpoint-\d+\..+\.partial$")
 
 

@@ -86,6 +86,8 @@ def test_leftovers_of_killed_exports_and_writes_are_removed_and_user_files_kept(
     (out / "validation" / "step_000002").mkdir(parents=True)
     (out / "validation" / "step_000002" / ".grid.png.zz9_q.tmp").write_bytes(b"png")
     (out / ".my-own-hidden-file").write_text("mine")
+    (out / ".notes.a1b2c3.tmp").write_text("mine: a name the run never writes")
+    (out / ".write-test-77").write_text("")
     (out / ".backup.old-1").write_text("mine")
     (out / "notes.tmp").write_text("mine too")
     # a kill between retiring expert-0's pipeline and moving the new one in: the old one comes back
@@ -93,7 +95,7 @@ def test_leftovers_of_killed_exports_and_writes_are_removed_and_user_files_kept(
     (out / "expert-0" / ".pipeline.old-31" / "expert.json").write_text("{}")
     remove_leftovers(out)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != "weights.bin") == [
-        ".backup.old-1", ".my-own-hidden-file", "checkpoints", "expert-0", "expert-0/pipeline",
+        ".backup.old-1", ".my-own-hidden-file", ".notes.a1b2c3.tmp", "checkpoints", "expert-0", "expert-0/pipeline",
         "expert-0/pipeline/expert.json", "expert-1", "expert-1/lora", "my-notes.d", "notes.tmp", "pipeline", "validation", "validation/step_000002"]
 
 
