@@ -127,6 +127,7 @@ EXPECTED = {
     "checkpoint_epoch_interval": ("train", int, True, None), "checkpoints_total_limit": ("train", int, True, None),
     "num_processes": ("train", int, False, 1), "num_machines": ("train", int, False, 1),
     "accelerate_config": ("train", str, True, None), "accelerate_extra_args": ("train", str, True, None),
+    "max_nonfinite_steps": ("train", int, False, 5),  # issue 20 (helper ckpt)
     "validation_disable": ("validation", bool, False, False),
     "validation_prompt": ("validation", str, True, None), "validation_negative_prompt": ("validation", str, False, ""),
     "validation_step_interval": ("validation", int, True, None),

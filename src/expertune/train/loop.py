@@ -55,7 +55,7 @@ def train(config: Config) -> RunResult:
     with expert.json (and mixture.json)."""
     run = setup_run(config)  # holds the output directory's lock until the run ends
     try:
-        with disk_full_is_a_stop("metrics or logs in", run.output_dir):
+        with disk_full_is_a_stop("the run's files (metrics.jsonl, run.json, logs) in", run.output_dir):
             return _train(run)
     finally:
         run.lock.release()
