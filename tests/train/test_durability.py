@@ -168,6 +168,16 @@ def test_a_resumed_branch_rewrites_an_abandoned_checkpoint_of_the_same_step(tmp_
     assert json.loads((tmp_path / "checkpoints" / "lineage.json").read_text())["abandoned"] == []
 
 
+def test_resuming_a_checkpoint_of_an_abandoned_branch_makes_it_the_lineage_again(tmp_path: Path) -> None:
+    _saved(tmp_path, 3)
+    root = tmp_path / "checkpoints"
+    record_lineage(tmp_path, root / "checkpoint-1")  # 2 and 3 abandoned
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-1"
+    record_lineage(tmp_path, root / "checkpoint-3")  # back to the first branch's end: 3 is the lineage again
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-3"
+    assert json.loads((root / "lineage.json").read_text())["abandoned"] == ["checkpoint-2"]
+
+
 def test_non_finite_weights_are_never_checkpointed_and_older_ones_are_kept(tmp_path: Path) -> None:
     _saved(tmp_path, 2)
     state = _state(ema=True)

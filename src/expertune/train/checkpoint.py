@@ -316,16 +316,16 @@ def _write_order(path: Path) -> tuple[int, int]:
     return int(document.get("sequence") or 0), int(NAME.match(path.name).group(1))  # type: ignore[union-attr]
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints of the run's lineage, oldest written first (abandoned branches left out).
-    Partial and damaged ones (a crash mid-write, missing or truncated files) are reported and skipped."""
+def list_checkpoints(output_dir: Path, *, with_abandoned: bool = False) -> list[Path]:
+    """The complete checkpoints of the run's lineage, oldest written first (abandoned branches left out unless
+    asked for). Partial and damaged ones (a crash mid-write, missing or truncated files) are reported and skipped."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
     for entry in root.iterdir():
         if entry.name.endswith(".partial"):
             log.warning("ignoring partial checkpoint %s (a write that did not finish)", entry)
-    left_behind = abandoned(output_dir)
+    left_behind = set() if with_abandoned else abandoned(output_dir)
     found = []
     for entry in checkpoint_folders(output_dir):
         if entry.name in left_behind:
@@ -381,19 +381,20 @@ def resolve_checkpoint(output_dir: Path, name: str) -> Path:
 
 
 def record_lineage(output_dir: Path, resumed: Path) -> None:
-    """A run resuming `resumed` while newer checkpoints exist: those are an abandoned branch from now on (never
-    `latest`, pruned first), so the checkpoints this run writes are its continuation."""
+    """A run resuming `resumed` while checkpoints written after it exist: those are an abandoned branch from now
+    on (never `latest`, pruned first), so the checkpoints this run writes are its continuation. Resuming a
+    checkpoint of an abandoned branch makes that branch the lineage again."""
     if resumed.parent.resolve() != checkpoints_dir(output_dir).resolve():
         return
-    lineage = list_checkpoints(output_dir)
-    names = [p.name for p in lineage]
-    if resumed.name not in names:
-        return
-    newer = {p.name for p in lineage[names.index(resumed.name) + 1:]}
-    if newer:
+    left_behind = abandoned(output_dir)
+    after = _write_order(resumed)
+    newer = {p.name for p in list_checkpoints(output_dir, with_abandoned=True) if _write_order(p) > after}
+    if newer - left_behind:
         log.warning("resuming %s while newer checkpoints exist: %s are left behind as an abandoned branch "
-                    "(removed by checkpoints_total_limit)", resumed.name, ", ".join(sorted(newer)))
-        set_abandoned(output_dir, abandoned(output_dir) | newer)
+                    "(removed by checkpoints_total_limit)", resumed.name, ", ".join(sorted(newer - left_behind)))
+    wanted = (left_behind - {resumed.name}) | newer
+    if wanted != left_behind:
+        set_abandoned(output_dir, wanted)
 
 
 def read_checkpoint_document(path: Path) -> dict[str, Any]:
