@@ -223,3 +223,16 @@ def test_a_full_disk_while_writing_validation_images_is_one_line_and_leaves_no_t
     assert info.value.exit_code == 3
     assert str(info.value).startswith(f"could not write validation images in {folder}: the disk is full")
     assert [p.name for p in folder.iterdir()] == []
+
+
+def test_a_checkpoint_written_before_manifests_still_resumes_but_a_new_one_without_its_manifest_does_not(
+        tmp_path: Path, caplog) -> None:
+    first, second = _saved(tmp_path, 2)
+    document = json.loads((first / "state.json").read_text())
+    del document["sequence"]  # as expertune wrote it before checkpoints had a write order and digests
+    (first / "state.json").write_text(json.dumps(document))
+    (first / "manifest.json").unlink()
+    (second / "manifest.json").unlink()  # one of ours that lost its manifest: damaged
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint(tmp_path, "latest") == first
+    assert "checkpoint-2" in caplog.text and "manifest.json is missing" in caplog.text
