@@ -13,7 +13,6 @@ from expertune.errors import ConfigError
 from expertune.train.checkpoint import (
     DataPosition,
     TrainingState,
-    check_resume_compatible,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -21,6 +20,7 @@ from expertune.train.checkpoint import (
     save_checkpoint,
 )
 from expertune.train.ema import ExponentialMovingAverage
+from expertune.train.resume_check import check_resume_compatible
 
 
 def _state(seed: int = 0, ema: bool = True) -> TrainingState:
@@ -174,7 +174,7 @@ def test_a_stored_config_snapshot_is_migrated_before_resume_compares_it(tmp_path
 
 def test_options_added_since_a_checkpoint_was_written_do_not_block_its_resume() -> None:
     from expertune.config import Config
-    from expertune.train.checkpoint import config_changes
+    from expertune.train.resume_check import config_changes
 
     current = Config().to_dict()
     older = {section: {k: v for k, v in values.items() if k not in ("snr_gamma", "allow_tf32")}

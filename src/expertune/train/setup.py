@@ -34,7 +34,6 @@ from expertune.schedule import NoiseSchedule
 from expertune.train.checkpoint import (
     DataPosition,
     TrainingState,
-    check_resume_compatible,
     load_checkpoint,
     read_checkpoint_document,
     record_lineage,
@@ -44,6 +43,7 @@ from expertune.train.checkpoint import (
 )
 from expertune.train import device as device_settings
 from expertune.train.ema import ExponentialMovingAverage
+from expertune.train.resume_check import check_resume_compatible
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
