@@ -31,6 +31,10 @@ class StorageError(ExpertuneError):
     exit_code = 3
 
 
+class NonFiniteError(ExpertuneError):
+    """Training produced NaN or infinite numbers: updates in a row skipped, or weights no longer finite."""
+
+
 class TrainingInterrupted(ExpertuneError):
     """SIGINT or SIGTERM stopped training after a checkpoint was saved; exit code 128 + signal."""
 

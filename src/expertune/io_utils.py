@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -60,3 +61,19 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
         replace_dir(staged, final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's entries to the disk (a directory: so a rename into it survives a power
+    loss). File systems that cannot fsync a directory are passed over."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

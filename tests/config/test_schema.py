@@ -132,6 +132,7 @@ EXPECTED = {
     # issue 19 (export)
     "export_format": ("train", str, False, "diffusers"), "export_precision": ("train", str, False, "fp32"),
     "export_on_interrupt": ("train", bool, False, True), "single_file_config": ("model", str, True, None),
+    "max_nonfinite_steps": ("train", int, False, 5),  # issue 20 (helper ckpt)
     "validation_disable": ("validation", bool, False, False),
     "validation_prompt": ("validation", str, True, None), "validation_negative_prompt": ("validation", str, False, ""),
     "validation_step_interval": ("validation", int, True, None),

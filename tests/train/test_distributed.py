@@ -14,6 +14,7 @@ from expertune.config import load_config
 from expertune.train.launch import launch_command
 from expertune.train.loop import train
 from expertune.train.metrics import read_metrics
+from expertune.train.signals import NONFINITE_AT
 
 pytestmark = pytest.mark.integration  # trains or launches processes: not in `make test-fast`
 
@@ -26,11 +27,15 @@ FLAGS = [*FAST_FLAGS, "--report_to=none", "--validation_disable", "--max_train_s
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tiny_model_dir: Path, small_dataset: Path,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also when one process alone sees a non-finite loss: every process skips that update (a process that
+    stepped anyway would leave the pair's weights apart from the single process's, which skips it too)."""
     env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "unused", small_dataset)
     single_dir, pair_dir = tmp_path / "one-process", tmp_path / "two-processes"
     config, _ = load_config(["--env", str(env), *FLAGS, "--train_batch_size=2", f"--output_dir={single_dir}"])
+    monkeypatch.setenv(NONFINITE_AT, "0:2")  # the second step's first try
     train(config)
+    monkeypatch.setenv(NONFINITE_AT, "1:2")  # the same try, seen by the second process only
     # `expertune train --num_processes=2` launches accelerate itself (a real 2-rank gloo group on CPUs).
     code = main(["train", "--env", str(env), *FLAGS, "--train_batch_size=1", "--num_processes=2",
                  f"--output_dir={pair_dir}"])
@@ -42,6 +47,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tiny_model_dir: Pa
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
     single_metrics, pair_metrics = read_metrics(single_dir / "metrics.jsonl"), read_metrics(pair_dir / "metrics.jsonl")
     assert [r["samples"] for r in pair_metrics] == [2, 2, 2]
+    for folder in (single_dir, pair_dir):
+        assert [r["step"] for r in read_metrics(folder / "metrics.jsonl", kind="skipped")] == [2]
     for a, b in zip(single_metrics, pair_metrics, strict=True):
         assert (a["timestep_min"], a["timestep_max"]) == (b["timestep_min"], b["timestep_max"])
         assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"])

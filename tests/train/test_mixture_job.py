@@ -5,7 +5,6 @@ validation of the chain and of each expert."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import FAST_FLAGS, kill_and_resume, same_weights
+from helpers import FAST_FLAGS, same_weights
 from expertune.cli import main
 from expertune.config import load_config
 from expertune.expert_format import ExpertDescription, MixtureDescription
@@ -105,31 +104,6 @@ def test_joint_training_equals_separate_jobs_of_each_expert(tiny_model_dir: Path
         alone = tmp_path / f"alone-{k}"
         train(_config(tiny_model_dir, small_dataset, alone, f"--timestep_range={band}", "--max_train_steps=3"))
         assert same_weights(joint / f"expert-{k}" / "pipeline" / WEIGHTS, alone / "pipeline" / WEIGHTS), k
-
-
-KILLED_RUN = ["--mixture_boundaries=350", "--max_train_steps=6", "--checkpoint_step_interval=1",
-              "--mixture_schedule=proportional"]
-
-
-def _launch(model: Path, data: Path, output: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "expertune.cli", "train", *_flags(model, data, output, *KILLED_RUN, *extra)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tiny_model_dir: Path, small_dataset: Path,
-                                                                      tmp_path: Path) -> None:
-    reference = tmp_path / "reference"  # a process like the killed ones (same threads: bitwise comparable)
-    process = _launch(tiny_model_dir, small_dataset, reference)
-    out, _ = process.communicate(timeout=240)
-    assert process.returncode == 0, out
-    output = tmp_path / "killed"
-    kill_and_resume(lambda *flags: _launch(tiny_model_dir, small_dataset, output, *flags), output, seed=20261202,
-                    kills=2, kill_before_step=6, attempts=5)
-    for k in range(2):
-        assert same_weights(output / f"expert-{k}" / "pipeline" / WEIGHTS, reference / f"expert-{k}" / "pipeline" / WEIGHTS)
-    rows = read_metrics(output / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert [r["expert"] for r in rows] == [r["expert"] for r in read_metrics(reference / "metrics.jsonl")]
 
 
 def test_two_processes_train_the_mixture_as_one_process_with_twice_the_batch(tiny_model_dir: Path, small_dataset: Path,

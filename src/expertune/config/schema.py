@@ -480,6 +480,10 @@ class TrainConfig:
                                 on_resume="may_change")
     export_on_interrupt: bool = opt(True, "When Ctrl-C or SIGTERM stops training, export the experts after the "
                                           "checkpoint (in --export_format).", on_resume="may_change")
+    # --- issue 20 (helper ckpt): non-finite updates are skipped; this many in a row stop the run ---
+    max_nonfinite_steps: int = opt(5, "Stop the run when this many updates in a row had a non-finite loss or "
+                                      "gradient norm (each is skipped and logged, naming its batch's images).", ge=1,
+                                   on_resume="may_change")
 
 
 @dataclass(frozen=True)

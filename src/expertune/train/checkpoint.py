@@ -6,18 +6,21 @@ A checkpoint is a directory `<output_dir>/checkpoints/checkpoint-<step>`:
     optimizer.safetensors   every tensor of the optimizer state (flattened names)
     ema.safetensors         EMA shadow weights (with --use_ema)
     state.safetensors       RNG states and the current epoch's data order (uint8 / int64 tensors)
-    state.json              step, data position, LR-scheduler and optimizer scalars, config snapshot
+    state.json              step, data position, LR-scheduler and optimizer scalars, config snapshot, the
+                            write `sequence`, the GradScaler state (fp16)
+    manifest.json           size and sha256 digest of every other file (run_folder.seal)
 
 A mixture job's checkpoint holds every expert: `expert-<k>/` with those files for expert k (chain order) and
 a top `state.json` with the job step (the sum of the experts' steps), the expert count and the config.
 
-It is assembled under a hidden temporary name and renamed into place, so a directory named
-`checkpoint-<step>` is always complete. No pickle anywhere: tensors go through safetensors, the rest JSON.
+It is assembled under a hidden temporary name, every file fsynced and digested, then renamed into place, so a
+directory named `checkpoint-<step>` is complete; bytes damaged later are caught by the manifest on resume, and
+`latest` falls back to the previous good checkpoint. Weights that are not finite are never written. No pickle
+anywhere: tensors go through safetensors, the rest JSON.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -32,10 +35,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from expertune.config.migrations import CONFIG_VERSION, migrate_snapshot
-from expertune.config.schema import FIELDS, section_resume_rule
-from expertune.errors import ConfigError, StorageError
-from expertune.io_utils import atomic_write_json
+from expertune.config.migrations import CONFIG_VERSION
+from expertune.errors import ConfigError, NonFiniteError, StorageError
+from expertune.io_utils import atomic_write_json, fsync_path
+from expertune.run_folder import (
+    abandoned,
+    checkpoint_folders,
+    checkpoints_dir,
+    disk_full_error,
+    is_disk_full,
+    manifest_problem,
+    remove_dir,
+    seal,
+    set_abandoned,
+)
+from expertune.train.signals import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +86,6 @@ class TrainingState:
         from expertune.train.strategy import Replicated
 
         return self.strategy if self.strategy is not None else Replicated(self.unet, self.optimizer)
-
-
-def checkpoints_dir(output_dir: Path) -> Path:
-    return output_dir / "checkpoints"
 
 
 def _split_tensors(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -128,44 +138,81 @@ def save_checkpoint(output_dir: Path, state: TrainingState, config_snapshot: dic
 
 
 def save_job_checkpoint(output_dir: Path, states: Sequence[TrainingState], config_snapshot: dict[str, Any],
-                        run_identity: dict[str, Any], snapshots: Sequence[Any | None] | None = None) -> Path:
+                        run_identity: dict[str, Any], snapshots: Sequence[Any | None] | None = None,
+                        grad_scaler: dict[str, Any] | None = None) -> Path:
     """checkpoint-<job step> holding every expert of the job: one expert's files at the top, or (a mixture)
-    `expert-<k>/` with each expert's files and a top `state.json` naming how many there are."""
-    snapshots = list(snapshots) if snapshots is not None else [None] * len(states)
+    `expert-<k>/` with each expert's files and a top `state.json` naming how many there are.
+
+    Refused (NonFiniteError, nothing written) when a weight is not finite. Every file is fsynced and digested
+    (manifest.json) before the directory is renamed into place; a full disk is a StorageError naming the path."""
+    given = list(snapshots) if snapshots is not None else [None] * len(states)
+    taken: list[Any] = [s if s is not None else state.parallel().snapshot() for s, state in zip(given, states)]
     step = sum(state.step for state in states)
+    for index, (state, snapshot) in enumerate(zip(states, taken)):
+        check_finite(snapshot.weights, state, f"expert {index}" if len(states) > 1 else "the expert", step)
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"checkpoint-{step}"
+    job = {"config": config_snapshot, "config_version": CONFIG_VERSION, "run_identity": run_identity,
+           "sequence": next_sequence(output_dir), "grad_scaler": grad_scaler}
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
-    job = {"config": config_snapshot, "config_version": CONFIG_VERSION, "run_identity": run_identity}
     try:
         if len(states) == 1:
-            _write_expert(scratch, states[0], snapshots[0], job)
+            _write_expert(scratch, states[0], taken[0], job)
         else:
-            for index, (state, snapshot) in enumerate(zip(states, snapshots)):
+            for index, (state, snapshot) in enumerate(zip(states, taken)):
                 folder = scratch / expert_folder(index)
                 folder.mkdir()
                 _write_expert(folder, state, snapshot, {})
-                _fsync_dir(folder)
             atomic_write_json(scratch / "state.json", {"format_version": FORMAT_VERSION, "step": step,
                                                        "experts": len(states), **job})
-        _fsync_dir(scratch)
-        if target.exists():
-            shutil.rmtree(target)
+        pause_point("checkpoint-files")
+        seal(scratch)
+        remove_dir(target)  # a checkpoint of this step from an abandoned branch (or an earlier try)
         os.replace(scratch, target)
-        _fsync_dir(root)
-    except OSError as error:
+        fsync_path(root)
+    except Exception as error:
         shutil.rmtree(scratch, ignore_errors=True)
-        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise StorageError(
-            f"could not write checkpoint {target}: {reason}; no partial checkpoint was left. "
-            "Free space (or point --output_dir elsewhere) and resume with --resume_from_checkpoint latest"
-        ) from None
+        if is_disk_full(error):
+            raise disk_full_error("checkpoint", target, _bytes_needed(taken, states)) from None
+        if isinstance(error, OSError):
+            raise StorageError(f"could not write checkpoint {target}: {error.strerror or error}; no partial "
+                               "checkpoint was left. Fix that (or point --output_dir elsewhere) and resume with "
+                               "--resume_from_checkpoint latest") from None
+        raise
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    left_behind = abandoned(output_dir)
+    if target.name in left_behind:
+        set_abandoned(output_dir, left_behind - {target.name})
     log.info("saved checkpoint %s", target)
     return target
+
+
+def check_finite(weights: dict[str, torch.Tensor], state: TrainingState, who: str, step: int) -> None:
+    """Refuse weights (or EMA weights) holding NaN or infinity: they must never reach a checkpoint or an export."""
+    bad = next((name for name, value in weights.items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if bad is None and state.ema is not None:
+        shadow = state.ema.state_dict()["shadow_params"]
+        bad = next((f"EMA weight {i}" for i, value in enumerate(shadow) if not bool(torch.isfinite(value).all())),
+                   None)
+    if bad is not None:
+        raise NonFiniteError(f"the weights of {who} are not finite at step {step} ({bad} holds NaN or infinity): no "
+                             "checkpoint or export was written from them. Resume from the last checkpoint "
+                             "(--resume_from_checkpoint latest) with a lower --learning_rate or a --max_grad_norm")
+
+
+def _bytes_needed(snapshots: Sequence[Any], states: Sequence[TrainingState]) -> int:
+    weights = sum(v.numel() * v.element_size() for s in snapshots for v in s.weights.values())
+    return weights * (3 + sum(state.ema is not None for state in states) // max(1, len(states)))
+
+
+def next_sequence(output_dir: Path) -> int:
+    """The write order of the next checkpoint: one more than any checkpoint in the folder holds."""
+    sequences = [int((_read_document(path) or {}).get("sequence") or 0) for path in checkpoint_folders(output_dir)]
+    return max(sequences, default=0) + 1
 
 
 def expert_folder(index: int) -> str:
@@ -210,17 +257,6 @@ def _write_expert(directory: Path, state: TrainingState, snapshot: Any | None, j
     atomic_write_json(directory / "state.json", document)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def format_version(path: Path) -> Any:
     """The `format_version` in a checkpoint's state.json; None when it cannot be read."""
     document = _read_document(path)
@@ -237,9 +273,12 @@ def other_format(path: Path) -> str | None:
 
 
 def is_complete(path: Path) -> bool:
-    """All files present and state.json readable (a renamed-in checkpoint always is, unless damaged later)."""
+    """All files present with the sizes its manifest gives and state.json readable (a renamed-in checkpoint always
+    is, unless damaged later). Digests are checked by `damage` (reading every byte)."""
     document = _read_document(path)
     if document is None or document.get("format_version") != FORMAT_VERSION:
+        return False
+    if damage(path, digests=False) is not None:
         return False
     count = document.get("experts")
     if count is None:
@@ -248,10 +287,19 @@ def is_complete(path: Path) -> bool:
     return all((d := _read_document(f)) is not None and _expert_complete(f, d) for f in folders)
 
 
+def damage(path: Path, *, digests: bool = True) -> str | None:
+    """What is wrong with a checkpoint's bytes (naming the file), or None. A checkpoint written before manifests
+    (no `sequence` in its state.json) has none to check."""
+    document = _read_document(path)
+    if document is not None and "sequence" not in document and not (path / "manifest.json").exists():
+        return None
+    return manifest_problem(path, digests=digests)
+
+
 def _read_document(path: Path) -> dict[str, Any] | None:
     try:
         document = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
 
@@ -262,24 +310,33 @@ def _expert_complete(path: Path, document: dict[str, Any]) -> bool:
     return document.get("ema") is None or (path / "ema.safetensors").is_file()
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Partial ones (a crash mid-write) are reported and skipped."""
+def _write_order(path: Path) -> tuple[int, int]:
+    document = _read_document(path) or {}
+    return int(document.get("sequence") or 0), int(NAME.match(path.name).group(1))  # type: ignore[union-attr]
+
+
+def list_checkpoints(output_dir: Path, *, with_abandoned: bool = False) -> list[Path]:
+    """The complete checkpoints of the run's lineage, oldest written first (abandoned branches left out unless
+    asked for). Partial and damaged ones (a crash mid-write, missing or truncated files) are reported and skipped."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found: list[tuple[int, Path]] = []
     for entry in root.iterdir():
-        match = NAME.match(entry.name)
         if entry.name.endswith(".partial"):
             log.warning("ignoring partial checkpoint %s (a write that did not finish)", entry)
-        elif match and entry.is_dir():
-            if is_complete(entry):
-                found.append((int(match.group(1)), entry))
-            elif other_format(entry):
-                log.warning("ignoring %s", other_format(entry))
-            else:
-                log.warning("ignoring damaged checkpoint %s (files missing or unreadable)", entry)
-    return [path for _, path in sorted(found)]
+    left_behind = set() if with_abandoned else abandoned(output_dir)
+    found = []
+    for entry in checkpoint_folders(output_dir):
+        if entry.name in left_behind:
+            continue
+        if is_complete(entry):
+            found.append(entry)
+        elif other_format(entry):
+            log.warning("ignoring %s", other_format(entry))
+        else:
+            problem = damage(entry, digests=False)
+            log.warning("ignoring damaged checkpoint %s (%s)", entry, problem or "files missing or unreadable")
+    return sorted(found, key=_write_order)
 
 
 def resume_requested(output_dir: Path, name: str | None) -> bool:
@@ -295,23 +352,48 @@ def resume_requested(output_dir: Path, name: str | None) -> bool:
 
 
 def resolve_checkpoint(output_dir: Path, name: str) -> Path:
-    """`latest` → the newest complete checkpoint; else a checkpoint name under output_dir or a path."""
+    """`latest` → the most recently written checkpoint of the lineage whose digests verify (a damaged newer one
+    is skipped with a warning); else a checkpoint name under output_dir or a path, which must verify."""
     if name == "latest":
         complete = list_checkpoints(output_dir)
-        if not complete:
-            raise ConfigError(
-                f"--resume_from_checkpoint latest: no complete checkpoint in {checkpoints_dir(output_dir)}; "
-                "start without --resume_from_checkpoint"
-            )
-        return complete[-1]
+        for candidate in reversed(complete):
+            problem = damage(candidate)
+            if problem is None:
+                return candidate
+            log.warning("checkpoint %s is damaged (%s): falling back to the previous one", candidate, problem)
+        raise ConfigError(
+            f"--resume_from_checkpoint latest: no complete checkpoint whose digests verify in "
+            f"{checkpoints_dir(output_dir)}; start without --resume_from_checkpoint"
+        )
     candidate = Path(name) if os.sep in name else checkpoints_dir(output_dir) / name
     if candidate.is_dir() and other_format(candidate):
         raise ConfigError(f"--resume_from_checkpoint {name}: {other_format(candidate)}")
+    problem = damage(candidate) if candidate.is_dir() and _read_document(candidate) is not None else None
+    if problem is not None:
+        raise ConfigError(f"--resume_from_checkpoint {name}: checkpoint {candidate} is damaged: {problem}. Resume "
+                          "from another checkpoint (or 'latest', which skips damaged ones)")
     if not candidate.is_dir() or not is_complete(candidate):
         available = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
         raise ConfigError(f"--resume_from_checkpoint {name}: {candidate} is not a complete checkpoint "
                           f"(available: {available}, or 'latest')")
     return candidate
+
+
+def record_lineage(output_dir: Path, resumed: Path) -> None:
+    """A run resuming `resumed` while checkpoints written after it exist: those are an abandoned branch from now
+    on (never `latest`, pruned first), so the checkpoints this run writes are its continuation. Resuming a
+    checkpoint of an abandoned branch makes that branch the lineage again."""
+    if resumed.parent.resolve() != checkpoints_dir(output_dir).resolve():
+        return
+    left_behind = abandoned(output_dir)
+    after = _write_order(resumed)
+    newer = {p.name for p in list_checkpoints(output_dir, with_abandoned=True) if _write_order(p) > after}
+    if newer - left_behind:
+        log.warning("resuming %s while newer checkpoints exist: %s are left behind as an abandoned branch "
+                    "(removed by checkpoints_total_limit)", resumed.name, ", ".join(sorted(newer - left_behind)))
+    wanted = (left_behind - {resumed.name}) | newer
+    if wanted != left_behind:
+        set_abandoned(output_dir, wanted)
 
 
 def read_checkpoint_document(path: Path) -> dict[str, Any]:
@@ -377,74 +459,17 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep`."""
+    """Delete, beyond the `keep` most recently written checkpoints of the lineage, the older ones and every
+    abandoned branch. Called only after a new checkpoint is durable, so the one a run resumed from outlives it."""
     if not keep:
         return []
     complete = list_checkpoints(output_dir)
-    removed = complete[: max(0, len(complete) - keep)]
+    left_behind = abandoned(output_dir)
+    removed = [p for p in checkpoint_folders(output_dir) if p.name in left_behind]
+    removed += complete[: max(0, len(complete) - keep)]
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)
         log.info("removed old checkpoint %s (checkpoints_total_limit=%d)", path, keep)
+    if left_behind:
+        set_abandoned(output_dir, {name for name in left_behind if (checkpoints_dir(output_dir) / name).exists()})
     return removed
-
-
-def resume_rule(section: str, name: str) -> str:
-    """The option's own resume rule (config.schema RESUME_RULES); an option no longer known is refused
-    unless its section may change."""
-    spec = FIELDS.get(name)
-    if spec is not None:
-        return spec.resume_rule
-    return section_resume_rule(section)
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    section: str
-    name: str
-    before: Any
-    after: Any
-
-    @property
-    def harmless(self) -> bool:
-        return resume_rule(self.section, self.name) == "may_change"
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.before!r} -> {self.after!r}"
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[ConfigChange]:
-    """Every field whose value differs between a checkpoint's config snapshot and the current config."""
-    changes = []
-    for section in sorted(set(saved) | set(current)):
-        before, after = saved.get(section, {}), current.get(section, {})
-        for name in sorted(n for n in set(before) | set(after) if resume_rule(section, n) != "not_compared"):
-            if name not in before and name in FIELDS and after.get(name) == FIELDS[name].default:
-                continue  # an option added since the checkpoint was written, left at its default
-            if before.get(name) != after.get(name):
-                changes.append(ConfigChange(section, name, before.get(name), after.get(name)))
-    return changes
-
-
-def check_resume_compatible(document: dict[str, Any], config_snapshot: dict[str, Any],
-                            run_identity: dict[str, Any], allow_config_change: bool, checkpoint: Path) -> list[str]:
-    """Refuse a resume that would silently change the run; returns the accepted harmless changes.
-
-    The stored snapshot is first migrated to this expertune's config version (config.migrations), so an
-    option that was renamed or moved since is compared under its current name.
-    """
-    saved = migrate_snapshot(document["config"], document.get("config_version"), f"checkpoint {checkpoint}")
-    changes = config_changes(saved, config_snapshot)
-    problems = [f"{change} (cannot change on resume)" for change in changes if not change.harmless]
-    for key in sorted(set(document["run_identity"]) | set(run_identity)):
-        if document["run_identity"].get(key) != run_identity.get(key):
-            problems.append(f"{key} differs from the checkpoint's (the datasets or model changed)")
-    harmless = [str(change) for change in changes if change.harmless]
-    if harmless and not allow_config_change:
-        problems += [f"{change} (pass --allow_config_change to accept)" for change in harmless]
-    if problems:
-        raise ConfigError(
-            f"resuming from {checkpoint} with a different configuration is refused:\n  " + "\n  ".join(problems)
-        )
-    for change in harmless:
-        log.warning("resuming with a changed setting: %s", change)
-    return harmless

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from expertune.errors import ExpertuneError, StorageError
 from expertune.hub_upload import push_checkpoint
 from expertune.train.checkpoint import prune_checkpoints, save_job_checkpoint
+from expertune.train.runtime import agreed
 from expertune.train.setup import Run
+from expertune.train.signals import pause_point
 
 
 class Checkpointer:
@@ -36,12 +39,24 @@ class Checkpointer:
             self.save()
 
     def save(self) -> None:
+        """checkpoint-<step> (main process), then the older ones beyond checkpoints_total_limit. A checkpoint that
+        cannot be written (full disk, non-finite weights) stops every rank with the main process's error."""
         run = self.run
         snapshots = [expert.strategy.snapshot() for expert in run.experts]  # every rank: a collective when sharded
+        failure: ExpertuneError | None = None
         if run.is_main:
-            saved = save_job_checkpoint(run.output_dir, [e.state for e in run.experts], run.config_snapshot,
-                                        run.identity, snapshots)
-            prune_checkpoints(run.output_dir, run.config.train.checkpoints_total_limit)
-            push_checkpoint(saved, run.config)  # --push_checkpoints_to_hub; a failed upload only warns
+            scaler = getattr(run.accelerator, "scaler", None)
+            try:
+                saved = save_job_checkpoint(run.output_dir, [e.state for e in run.experts], run.config_snapshot,
+                                            run.identity, snapshots,
+                                            grad_scaler=scaler.state_dict() if scaler else None)
+                pause_point("checkpoint-prune")
+                prune_checkpoints(run.output_dir, run.config.train.checkpoints_total_limit)
+            except ExpertuneError as error:
+                failure = error
+            else:
+                push_checkpoint(saved, run.config)  # --push_checkpoints_to_hub; a failed upload only warns
+        if agreed(run.accelerator, failure is not None):
+            raise failure or StorageError("the main process could not write a checkpoint (see its log)")
         run.accelerator.wait_for_everyone()
         self.last_saved = run.step

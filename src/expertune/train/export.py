@@ -15,6 +15,7 @@ from expertune.models.sdxl import make_scheduler, save_expert_pipeline
 from expertune.train import device as device_settings
 from expertune.train.runtime import library_versions, peak_memory_gib
 from expertune.train.setup import ExpertRun, Run
+from expertune.train.signals import pause_point
 from expertune.train.strategy import whole_model_loading
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ def final_weights(run: Run, expert: ExpertRun) -> Any | None:
 
 def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription]:
     """Save every expert of the job (main process) and, for a mixture, mixture.json; their descriptions."""
-    descriptions = [export_expert(run, expert, final) for expert, final in zip(run.experts, finals)]
+    descriptions = []
+    for expert, final in zip(run.experts, finals):
+        descriptions.append(export_expert(run, expert, final))
+        pause_point("export")  # tests: a kill between two experts' exports
     if run.is_mixture and run.is_main:
         members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), e.band,
                                       run.config.model.model_type) for e in run.experts)

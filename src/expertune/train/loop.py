@@ -7,6 +7,7 @@ checkpoint, validate) → export the expert → final validation → run.json.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 from expertune.config import Config
 from expertune.data.batches import MicroBatch, caption_for, collate, drop_captions
 from expertune.data.prepare import PreparedData
-from expertune.errors import TrainingInterrupted
+from expertune.errors import NonFiniteError, TrainingInterrupted
 from expertune.experts import ExpertBand
-from expertune.train.checkpoint import DataPosition, checkpoints_dir
+from expertune.run_folder import checkpoints_dir, disk_full_is_a_stop
+from expertune.train.checkpoint import DataPosition, check_finite
 from expertune.train.checkpointer import Checkpointer
 from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
@@ -34,7 +36,7 @@ from expertune.train.setup import (  # noqa: F401  (re-exported: the loop's help
     setup_run,
     total_optimizer_steps,
 )
-from expertune.train.signals import StopRequests
+from expertune.train.signals import StopRequests, injected_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +53,48 @@ class RunResult:
 def train(config: Config) -> RunResult:
     """Train the expert (or every expert of the mixture) `config` describes and save it as diffusers pipelines
     with expert.json (and mixture.json)."""
+    run = setup_run(config)  # holds the output directory's lock until the run ends
+    try:
+        with disk_full_is_a_stop("the run's files (metrics.jsonl, run.json, logs) in", run.output_dir):
+            return _train(run)
+    finally:
+        run.lock.release()
+
+
+def _train(run: Run) -> RunResult:
     from tqdm.auto import tqdm
 
-    run = setup_run(config)
+    config = run.config
     checkpointer = Checkpointer(run)
     validation = PeriodicValidation(config, run.accelerator, run.total_steps)
-    validation.at_startup(run)
+    with disk_full_is_a_stop("validation images in", run.output_dir / "validation"):
+        validation.at_startup(run)
     progress = tqdm(total=run.total_steps, initial=run.step, desc=f"training {describe_bands(run)}",
                     disable=not run.accelerator.is_local_main_process)
     with StopRequests() as stop, progress, ActiveExpert(run) as active:
         while run.step < run.total_steps:
             expert = active.take(run.next_expert())
             tail = train_step(run, expert)
-            log_step(run, expert.last_record, progress)
+            updated = bool(expert.last_record)
+            if updated:
+                log_step(run, expert.last_record, progress)
             stopping = agreed(run.accelerator, stop.requested)
-            checkpointer.maybe_save(tail.epoch_end, tail.epoch, stopping=stopping)
+            if updated or stopping:
+                checkpointer.maybe_save(tail.epoch_end and updated, tail.epoch, stopping=stopping)
             if stopping:
                 stop_run(run, stop.received)
-            validation.maybe_run(run)
+            if updated:
+                with disk_full_is_a_stop("validation images in", run.output_dir / "validation"):
+                    validation.maybe_run(run)
     checkpointer.save_final()
     finals = [final_weights(run, expert) for expert in run.experts]
-    descriptions = export_experts(run, finals)  # first, so a failing validation cannot lose an expert
-    files = validation.final(run, finals)
+    for expert, final in zip(run.experts, finals):
+        if final is not None:
+            check_finite(dict(final.state_dict()), expert.state, f"expert {expert.index}", run.step)
+    with disk_full_is_a_stop("the exported expert in", result_dir(run)):
+        descriptions = export_experts(run, finals)  # first, so a failing validation cannot lose an expert
+    with disk_full_is_a_stop("validation images in", run.output_dir / "validation"):
+        files = validation.final(run, finals)
     run.metrics.close()
     summary = write_summary(run, descriptions, files)
     run.accelerator.end_training()
@@ -98,7 +120,10 @@ def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
 
 def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     """One optimizer step of `expert`: accumulate its micro-batches, clip, step, EMA; advance its state and
-    leave the step's metrics in `expert.last_record`. Returns the step's last micro-batch."""
+    leave the step's metrics in `expert.last_record`. Returns the step's last micro-batch.
+
+    A non-finite loss or gradient norm on any rank skips the update on every rank (the batches are consumed, the
+    step is not counted, `expert.last_record` is left empty); `max_nonfinite_steps` in a row stop the run."""
     accelerator, t = run.accelerator, run.config.train
     step_started = time.monotonic()
     step = expert.state.step + 1  # the expert's own step; the job's is run.step + 1
@@ -125,6 +150,11 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     grad_norm = None
     if t.max_grad_norm and t.max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(expert.unet.parameters(), t.max_grad_norm)
+    if injected_nonfinite(accelerator.process_index, run.step + 1):
+        step_loss = torch.tensor(float("nan"), dtype=torch.float64)
+    if agreed(accelerator, not _finite_update(accelerator, expert, step_loss, grad_norm)):
+        return _skip(run, expert, step, group)
+    run.nonfinite_streak = 0
     expert.optimizer.step()  # under DeepSpeed these three are no-ops: its engine stepped in backward()
     expert.lr_scheduler.step()
     expert.optimizer.zero_grad(set_to_none=True)
@@ -152,6 +182,45 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     if run.first_step_at is None:
         run.first_step_at = time.monotonic() - run.started
     return tail
+
+
+def _finite_update(accelerator: object, expert: ExpertRun, loss: torch.Tensor, grad_norm: object) -> bool:
+    """Whether this rank's loss and gradients are finite. With fp16 loss scaling an infinite gradient is the
+    GradScaler's business (it skips the step and lowers the scale), so only the loss is checked then."""
+    if not math.isfinite(float(loss)):
+        return False
+    if getattr(accelerator, "scaler", None) is not None:
+        return True
+    if grad_norm is not None:
+        return math.isfinite(float(grad_norm))  # type: ignore[arg-type]
+    return all(bool(torch.isfinite(p.grad).all()) for p in expert.trainable if p.grad is not None)
+
+
+def _skip(run: Run, expert: ExpertRun, step: int, group: list[MicroBatch]) -> MicroBatch:
+    """Drop the gradients of a non-finite update; the batches count as consumed, the step does not."""
+    expert.optimizer.zero_grad(set_to_none=True)
+    if expert.strategy.layout == "deepspeed-full":  # its engine stepped inside backward(): nothing left to skip
+        raise NonFiniteError(f"a non-finite loss or gradient norm at step {run.step + 1} under DeepSpeed, whose "
+                             "engine steps inside backward: the update cannot be skipped, so the run stops without "
+                             "a checkpoint. Resume from the last one with a lower --learning_rate")
+    prepared = run.data_of(expert)
+    items = [str(prepared.items[i].record.remote_key or prepared.items[i].record.path)
+             for micro in group for i in micro.indices]
+    run.nonfinite_streak += 1
+    limit = run.config.train.max_nonfinite_steps
+    log.warning("step %d%s: non-finite loss or gradient norm; update skipped (%d in a row, limit %d); items: %s",
+                run.step + 1, f" (expert {expert.index})" if run.is_mixture else "", run.nonfinite_streak, limit,
+                ", ".join(items))
+    if run.is_main:
+        run.metrics.write({"step": run.step + 1, "kind": "skipped", "expert_step": step, "items": items})
+    if run.nonfinite_streak >= limit:
+        raise NonFiniteError(
+            f"{run.nonfinite_streak} updates in a row had a non-finite loss or gradient norm (max_nonfinite_steps="
+            f"{limit}), the last at step {run.step + 1} with items {', '.join(items)}: the run stops; no checkpoint "
+            "was written from them. Check those images and their cache entries, lower --learning_rate, then resume "
+            "with --resume_from_checkpoint latest")
+    expert.last_record = {}
+    return _advance(run, expert, step - 1, group)
 
 
 def _advance(run: Run, expert: ExpertRun, step: int, group: list[MicroBatch]) -> MicroBatch:

@@ -9,12 +9,34 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from expertune.errors import ConfigError, StorageError
+from expertune.errors import ConfigError, ExpertuneError, StorageError
 from expertune.data.prepare import PreparedData
+from expertune.run_folder import RunLock, remove_leftovers
 
-RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints")
-# What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved).
-REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation", "hub_upload")
+RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints", "mixture.json")
+# What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved; a
+# mixture.json would name the old run's experts meanwhile, so it goes now). Files the run does not write stay.
+REPLACED_ON_OVERWRITE = ("run.json", "metrics.jsonl", "checkpoints", "validation", "mixture.json", "hub_upload")
+
+
+def lock_output_dir(output_dir: Path, accelerator: Any) -> RunLock:
+    """The main process locks `output_dir` for this job (refusing a second job, naming the holder) and removes
+    what a killed earlier job left half-done; every rank learns whether that worked."""
+    from expertune.train.runtime import agreed
+
+    lock, failure = RunLock(output_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            remove_leftovers(output_dir)
+        except (ExpertuneError, OSError) as error:
+            lock.release()
+            failure = error
+    if agreed(accelerator, failure is not None):
+        if isinstance(failure, OSError):
+            raise StorageError(f"output_dir {output_dir} is not writable: {failure.strerror or failure}") from None
+        raise failure or ConfigError(f"output_dir {output_dir}: the main process could not lock it (see its log)")
+    return lock
 
 
 def check_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool, main_process: bool = True) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from expertune.config import Config
 from expertune.train.offload import weights_on
 from expertune.train.setup import ExpertRun, Run
+from expertune.train.signals import pause_point
 
 
 class PeriodicValidation:
@@ -41,6 +42,7 @@ class PeriodicValidation:
         if all(unet is not None for unet in unets):
             offloaded = run.config.mixture.mixture_offload_inactive and len(unets) > 1
             with weights_on(unets if offloaded else [], self.accelerator.device):
+                pause_point("validation")
                 self._validate(run, unets, step)
         del unets
         if any(expert.strategy.sharded for expert in run.experts):

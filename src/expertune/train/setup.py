@@ -29,24 +29,26 @@ from expertune.mixture import expert_sources, per_expert, plan_bands, step_owner
 from expertune.experts import ExpertBand, band_from_settings
 from expertune.models.lora import add_lora_adapters
 from expertune.models.sdxl import SDXLComponents, load_components
+from expertune.run_folder import RunLock
 from expertune.schedule import NoiseSchedule
 from expertune.train.checkpoint import (
     DataPosition,
     TrainingState,
-    check_resume_compatible,
     load_checkpoint,
     read_checkpoint_document,
+    record_lineage,
     remove_partial_checkpoints,
     resolve_checkpoint,
     resume_requested,
 )
 from expertune.train import device as device_settings
 from expertune.train.ema import ExponentialMovingAverage
+from expertune.train.resume_check import check_resume_compatible
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
 from expertune.train.weighting import WeightTable, resolve_weighting
-from expertune.train.outputs import check_output_dir, run_identity
+from expertune.train.outputs import check_output_dir, lock_output_dir, run_identity
 from expertune.train.runtime import has_accelerator, tracker_config
 from expertune.train.strategy import (
     Replicated,
@@ -203,6 +205,8 @@ class Run:
     started: float
     owners: list[int] = field(default_factory=list)  # the expert of each job step (a mixture; mixture.py)
     first_step_at: float | None = None
+    lock: RunLock = field(default_factory=lambda: RunLock(Path(".")))  # held (main process) while the run lasts
+    nonfinite_streak: int = 0  # updates skipped in a row for a non-finite loss or gradient norm
 
     @property
     def is_main(self) -> bool:
@@ -326,11 +330,16 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
 
 
 def resume(config: Config, path: Path, states: list[TrainingState], *, snapshot: dict[str, Any],
-           identity: dict[str, Any], prepared: PreparedData, world_size: int) -> None:
-    """Restore every expert's state from the checkpoint at `path`, refusing one that does not match this run."""
+           identity: dict[str, Any], prepared: PreparedData, world_size: int, scaler: Any | None = None) -> None:
+    """Restore every expert's state (and the fp16 GradScaler's) from the checkpoint at `path`, refusing one that
+    does not match this run."""
     document = read_checkpoint_document(path)
     check_resume_compatible(document, snapshot, identity, config.train.allow_config_change, path)
     load_checkpoint(path, states)
+    if scaler is not None and document.get("grad_scaler"):
+        scaler.load_state_dict(document["grad_scaler"])
+    elif scaler is not None:
+        log.warning("checkpoint %s holds no GradScaler state: the fp16 loss scale starts afresh", path)
     for state in states:
         if state.epoch_order and state.epoch_order != epoch_layout(config, prepared, world_size, state.data.epoch):
             raise ConfigError(f"the data order stored in {path} does not match the datasets any more")
@@ -358,14 +367,26 @@ def _under_autocast(run: Any, accelerator: Any) -> Any:
 
 
 def setup_run(config: Config) -> Run:
-    """Build the run `config` describes, resumed when it asks to be; every process calls this."""
-    from expertune.validate.plan import build_plan
-
+    """Build the run `config` describes, resumed when it asks to be; every process calls this. The main process
+    holds the output directory's lock (`run.lock`) from here on: release it when the run ends."""
     config.require_for_training()
     started = time.monotonic()
-    t = config.train
-    output_dir = Path(required(t.output_dir, "output_dir"))
+    output_dir = Path(required(config.train.output_dir, "output_dir"))
     accelerator = make_accelerator(config)
+    lock = lock_output_dir(output_dir, accelerator)  # one job per output directory; leftovers of killed ones gone
+    try:
+        run = _build_run(config, accelerator, output_dir, started)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build_run(config: Config, accelerator: Any, output_dir: Path, started: float) -> Run:
+    from expertune.validate.plan import build_plan
+
+    t = config.train
     resuming = resume_requested(output_dir, t.resume_from_checkpoint)  # `latest` with none yet: a fresh run
     check_output_dir(output_dir, overwrite=t.overwrite_output_dir, resuming=resuming,
                      main_process=accelerator.is_main_process)
@@ -415,11 +436,13 @@ def setup_run(config: Config) -> Run:
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
     if checkpoint_path is not None:
         resume(config, checkpoint_path, [e.state for e in experts], snapshot=snapshot, identity=identity,
-               prepared=prepared, world_size=accelerator.num_processes)
+               prepared=prepared, world_size=accelerator.num_processes, scaler=getattr(accelerator, "scaler", None))
     job_step = sum(e.state.step for e in experts)
     if accelerator.is_main_process:
         truncate_metrics(output_dir / "metrics.jsonl", job_step)
         remove_partial_checkpoints(output_dir)
+        if checkpoint_path is not None:
+            record_lineage(output_dir, checkpoint_path)
     if accelerator.is_main_process and config.logging.report_to != "none":
         init_trackers(accelerator, config, tracker_config(config))
     metrics = MetricsLog(output_dir / "metrics.jsonl")
