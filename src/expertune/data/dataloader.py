@@ -43,9 +43,10 @@ _TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disa
 _AWS_FIELDS = frozenset(
     {
         "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id", "aws_secret_access_key",
-        "aws_data_prefix",
+        "aws_data_prefix", "aws_max_object_bytes",
     }
 )
+DEFAULT_MAX_OBJECT_BYTES = 256 * 2**20  # aws_max_object_bytes: a larger object is skipped, never downloaded
 BACKENDS = ("local", "aws")
 
 
@@ -60,6 +61,7 @@ class S3Location:
     endpoint_url: str | None = None
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # aws_max_object_bytes: larger objects are skipped
 
     def url(self, key: str = "") -> str:
         """`s3://bucket/key` of an object (`key` is the full object key)."""
@@ -344,8 +346,13 @@ def _s3_location(entry: _Entry) -> S3Location:
     prefix = (entry.string("aws_data_prefix") or "").lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    if prefix and any(part in ("", ".", "..") for part in prefix[:-1].split("/")):
+        raise entry.error("aws_data_prefix", f"{prefix!r} has an empty, '.' or '..' folder",
+                          "Give the folder as a/b/ (no '//', '.' or '..'): the mirror is laid out like the prefix.")
     return S3Location(bucket=bucket, prefix=prefix, region=entry.string("aws_region_name"), endpoint_url=endpoint,
-                      access_key_id=key_id, secret_access_key=secret)
+                      access_key_id=key_id, secret_access_key=secret,
+                      max_object_bytes=entry.integer("aws_max_object_bytes", default=DEFAULT_MAX_OBJECT_BYTES,
+                                                     minimum=1))
 
 
 def _mirror_dir(remote: S3Location, default_cache_dir: Path) -> Path:

@@ -243,17 +243,18 @@ def _discover_remote(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
     images: list[RemoteObject] = []
     texts: dict[str, RemoteObject] = {}
     for obj in bucket.list_objects():
-        relative = PurePosixPath(obj.key[len(location.prefix):])
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        suffix = relative.suffix.lower()
+        name = obj.key[len(location.prefix):]
+        if any(part.startswith(".") and part not in (".", "..") for part in name.split("/")):
+            continue  # a hidden file or folder ('.' and '..' are refused below, and listed)
+        suffix = PurePosixPath(name).suffix.lower()
         if suffix in IMAGE_EXTENSIONS:
             images.append(obj)
         elif suffix == ".txt" and spec.caption_strategy == "textfile":
             texts[obj.key] = obj
-
-    def local(key: str) -> Path:
-        return spec.instance_data_dir / key[len(location.prefix):]
+    found = len(images)
+    records: list[ImageRecord] = []
+    skipped: list[SkippedImage] = []
+    images, paths = _mirrored(spec, bucket, images, skipped)
 
     captions_of: dict[str, tuple[tuple[str, ...], str | None]] = {}
     if spec.caption_strategy == "textfile":
@@ -280,10 +281,8 @@ def _discover_remote(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
                 captions_of[key] = parse_captions(content, location.url(text_keys[key]))
                 _remember(index, stamp, captions_of[key])
 
-    records: list[ImageRecord] = []
-    skipped: list[SkippedImage] = []
     for obj in images:
-        path = local(obj.key)
+        path = paths[obj.key]
         captions, reason = captions_of[obj.key] if obj.key in captions_of else _other_captions(spec, path)
         if reason is not None:
             logger.warning("dataset %r: skipping %s: %s", spec.id, location.url(obj.key), reason)
@@ -293,7 +292,34 @@ def _discover_remote(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
             records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=stamp,
                                        remote_key=obj.key))
     records.sort(key=lambda record: record.path)
-    return _finish(spec, records, skipped, len(images), location.url(location.prefix))
+    return _finish(spec, records, skipped, found, location.url(location.prefix))
+
+
+def _mirrored(spec: DatasetSpec, bucket: Any, images: list[RemoteObjectType], skipped: list[SkippedImage]
+              ) -> tuple[list[RemoteObjectType], dict[str, Path]]:
+    """The objects that can be mirrored, with their local paths (`S3Dataset.local_path`); the others — keys that
+    would leave the mirror or cannot be a file, and a key that is also another's folder — go to `skipped`."""
+    from expertune.data.paths import UnsafePath, clashing
+
+    assert spec.remote is not None
+    location = spec.remote
+    kept: list[RemoteObjectType] = []
+    paths: dict[str, Path] = {}
+    for obj in images:
+        try:
+            paths[obj.key] = bucket.local_path(obj.key)
+            kept.append(obj)
+        except UnsafePath as error:
+            reason = f"object key {obj.key!r} is not mirrored: {error}"
+            logger.warning("dataset %r: skipping %s: %s", spec.id, location.url(obj.key), reason)
+            skipped.append(SkippedImage(path=Path(location.url(obj.key)), reason=reason))
+    folders = clashing(obj.key for obj in kept)
+    for obj in kept:
+        if obj.key in folders:
+            reason = f"object key {obj.key!r} is also a folder of other keys; only one of them can be a file"
+            logger.warning("dataset %r: skipping %s: %s", spec.id, location.url(obj.key), reason)
+            skipped.append(SkippedImage(path=paths[obj.key], reason=reason))
+    return [obj for obj in kept if obj.key not in folders], paths
 
 
 def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
@@ -313,7 +339,7 @@ def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
         bucket = S3Dataset(spec)
         bucket.check()
         keys = [spec.remote.prefix + row.path for row in rows]
-        heads = bucket.head_many(keys)
+        heads = bucket.head_many(key for key in keys if _mirrorable(bucket, key))
         if spec.caption_strategy == "textfile":
             texts = bucket.read_many(str(PurePosixPath(key).with_suffix(".txt"))
                                      for key, row in zip(keys, rows) if row.captions is None and heads.get(key))
@@ -325,7 +351,13 @@ def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
         if spec.remote is not None:
             key = spec.remote.prefix + row.path
             head = heads.get(key)
-            if not isinstance(head, RemoteObjectType):
+            try:
+                path = bucket.local_path(key)
+            except DataError as error:  # paths.UnsafePath: never fetched, never written
+                path, reason = Path(spec.remote.url(key)), f"object key {key!r} is not mirrored: {error}"
+            if reason is not None:
+                pass
+            elif not isinstance(head, RemoteObjectType):
                 reason = head if isinstance(head, str) else f"object {spec.remote.url(key)} does not exist"
             else:
                 stamp = FileStamp(spec.remote.url(key), head.size, head.etag)
@@ -350,6 +382,14 @@ def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
                                        remote_key=key, declared_size=declared))
     records.sort(key=lambda record: record.path)
     return _finish(spec, records, skipped, len(rows), str(spec.manifest))
+
+
+def _mirrorable(bucket: Any, key: str) -> bool:
+    try:
+        bucket.local_path(key)
+    except DataError:
+        return False
+    return True
 
 
 def read_exclusions(path: Path) -> frozenset[str]:
