@@ -19,6 +19,15 @@ Several processes may fill one store at once (stage 2 started while stage 1 is s
 - *a journal*: every write appends one line `<key> <pid> <host> <unix time>` to `<root>/writes.log`
   (one `O_APPEND` write), so "who encoded what, and how often" is on disk for people and tests.
 
+Entries prove their bytes: each carries in its metadata an XXH3-128 digest (`DIGEST_FIELD`) of its header
+(dtypes, shapes, offsets, the other metadata) and its tensor bytes, and holds only finite values (`put` refuses
+NaN and infinity: `NonFiniteEntry`). The first read of an entry in a process (`get`, `contains`, `missing`)
+checks both; later reads of the same file (inode, size, mtime, ctime unchanged) do not. A damaged entry — a
+flipped bit, a torn or rewritten header, non-finite values — is removed with one warning naming it, so the
+next `ensure` rebuilds it; an entry of an older expertune, without a digest, is removed and rebuilt too (one
+info line each). `verified.jsonl` remembers shard folders whose every entry passed these checks, keyed by a
+listing of inode, size, mtime and ctime, so it vouches only for bytes it checked itself.
+
 `flock` needs a local file system or NFS with working locks (Linux: NFSv4 or lockd).
 """
 
@@ -39,11 +48,13 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, overload
 
 import torch
-from safetensors import SafetensorError, safe_open
+import xxhash
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from expertune.data.file_index import FileIndex, FileStamp, listing_version
-from expertune.io_utils import atomic_write_bytes
+from expertune.io_utils import append_bytes, atomic_write_bytes, file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +75,15 @@ JOURNAL_NAME = "writes.log"
 VERIFIED_NAME = "verified.jsonl"  # in a store's root: the shard folders last verified whole (see CacheStore.missing)
 VERIFIED_KIND = "verified_shard"  # its FileIndex kind: {"damaged": [keys whose entry failed the check]}
 ENTRY_SUFFIX = ".safetensors"
+DIGEST_FIELD = "expertune_digest"  # metadata: `entry_digest` of the entry, checked whenever it is read
+
+
+class NonFiniteEntry(ValueError):
+    """Tensors holding NaN or infinity: never stored (a cached NaN poisons every run that trains on it)."""
+
+
+class DamagedEntry(ValueError):
+    """An entry whose bytes do not prove themselves (torn, bit-flipped, non-finite, or without a digest)."""
 
 
 @dataclass(frozen=True)
@@ -151,12 +171,87 @@ def file_digest(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
     return hasher.hexdigest()
 
 
+NO_DIGEST = "no digest"
+
+
+def _split(data: bytes) -> tuple[dict[str, Any], int]:
+    """(header, offset of the data) of serialised safetensors; DamagedEntry when they do not fit the bytes."""
+    if len(data) < 8:
+        raise DamagedEntry(f"{len(data)} bytes, shorter than a safetensors header")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > _MAX_HEADER or 8 + header_size > len(data):
+        raise DamagedEntry(f"header length {header_size} does not fit a {len(data)}-byte file")
+    try:
+        header = json.loads(data[8:8 + header_size])
+        end = max((int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise DamagedEntry(f"the header is garbled ({exc})") from None
+    if 8 + header_size + end != len(data):
+        raise DamagedEntry(f"header describes {8 + header_size + end} bytes, the file has {len(data)}")
+    return header, 8 + header_size
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    return dict(_split(data)[0].get("__metadata__") or {})
+
+
+def entry_digest(header: Mapping[str, Any], payload: bytes | memoryview) -> str:
+    """XXH3-128 of an entry's header (every tensor's dtype, shape and offsets, and the metadata less the digest
+    itself) and its tensor bytes: a flipped bit anywhere, or a header rewritten to other valid JSON, changes it."""
+    described = {name: info for name, info in header.items() if name != "__metadata__"}
+    metadata = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != DIGEST_FIELD}
+    hasher = xxhash.xxh3_128()
+    hasher.update(json.dumps({"tensors": described, "metadata": metadata}, sort_keys=True).encode("utf-8"))
+    hasher.update(payload)
+    return str(hasher.hexdigest())
+
+
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    return [name for name, tensor in tensors.items()
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all())]
+
+
+def encode_entry(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors bytes of an entry, with its `entry_digest` in the metadata; NonFiniteEntry naming the
+    tensors that hold NaN or infinity."""
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("cache entry metadata must map str to str")
+    own = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    if bad := _non_finite(own):
+        raise NonFiniteEntry(f"tensor(s) {', '.join(bad)} hold NaN or infinity")
+    plain = {k: v for k, v in metadata.items() if k != DIGEST_FIELD}
+    first = save_safetensors(own, metadata=plain)
+    header, start = _split(first)
+    return save_safetensors(own, metadata={**plain, DIGEST_FIELD: entry_digest(header, memoryview(first)[start:])})
+
+
+def verify_entry(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an entry's bytes once they prove themselves: the header fits the file, the digest
+    matches, every value is finite. DamagedEntry saying what failed (`NO_DIGEST` for an older entry)."""
+    header, start = _split(data)
+    metadata = dict(header.get("__metadata__") or {})
+    digest = metadata.get(DIGEST_FIELD)
+    if digest is None:
+        raise DamagedEntry(NO_DIGEST)
+    if digest != entry_digest(header, memoryview(data)[start:]):
+        raise DamagedEntry("its bytes do not match its digest")
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise DamagedEntry(f"unreadable: {exc}") from None
+    if bad := _non_finite(tensors):
+        raise DamagedEntry(f"tensor(s) {', '.join(bad)} hold NaN or infinity")
+    return tensors, metadata
+
+
 class CacheStore:
     """Entries live at `root/<key[:2]>/<key>.safetensors`; `put` is the one write path."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self._written: dict[str, tuple[int, int]] = {}  # entries this object wrote: key -> (size, mtime_ns) then
+        # entries this object wrote or proved: key -> (inode, size, mtime_ns, ctime_ns) of the file it proved
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
 
     def __repr__(self) -> str:
         return f"CacheStore({str(self.root)!r})"
@@ -170,46 +265,66 @@ class CacheStore:
             raise ValueError(f"cache keys are 64 lowercase hex digits (see cache_key); got {key!r}")
         return os.path.join(self.root, key[:2], key + ENTRY_SUFFIX)
 
-    def contains(self, key: str) -> bool:
-        """Whether an intact entry exists: checked from its header and size, without reading tensors.
+    def _signature(self, stat: os.stat_result) -> tuple[int, int, int, int]:
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
-        A truncated or garbled file counts as absent (with a warning), so callers re-encode it.
-        """
+    def _read_verified(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The entry's (tensors, metadata), its bytes proven by `verify_entry` unless this process proved this very
+        file (inode, size, mtime, ctime) before; None when absent. A damaged entry is removed, with one warning
+        naming it (an entry of an older expertune, without a digest, with an info line), and is None."""
         path = self._entry_path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with open(path, "rb", buffering=0) as stream:
+                signature = self._signature(os.fstat(stream.fileno()))
+                data = stream.read()
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:
-            logger.warning("cache entry %s is damaged (%s); it will be rewritten", path, exc)
-            return False
+            logger.warning("cache entry %s cannot be read (%s); it will be rewritten", path, exc)
+            return None
         try:
-            size = os.fstat(fd).st_size
-            (header_size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            if header_size > _MAX_HEADER or 8 + header_size > size:
-                raise ValueError(f"header length {header_size} does not fit a {size}-byte file")
-            header = json.loads(os.pread(fd, header_size, 8))
-            end = max(
-                (int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
-                default=0,
-            )
-            if 8 + header_size + end != size:
-                raise ValueError(f"header describes {8 + header_size + end} bytes, the file has {size}")
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
-            logger.warning("cache entry %s is damaged (%s); it will be rewritten", path, exc)
-            return False
-        finally:
-            os.close(fd)
-        return True
+            if self._verified.get(key) == signature:
+                tensors, metadata = load_safetensors(data), _metadata(data)
+            else:
+                tensors, metadata = verify_entry(data)
+        except DamagedEntry as damage:
+            self._remove_damaged(path, signature, str(damage))
+            return None
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            self._remove_damaged(path, signature, f"unreadable: {exc}")
+            return None
+        self._verified[key] = signature
+        metadata.pop(DIGEST_FIELD, None)
+        return tensors, metadata
+
+    def _remove_damaged(self, path: str, signature: tuple[int, int, int, int], reason: str) -> None:
+        """Remove a damaged entry (unless another process has replaced it meanwhile), so it is rebuilt."""
+        old = reason == NO_DIGEST
+        try:
+            if self._signature(os.stat(path))[0] == signature[0]:
+                os.unlink(path)
+        except OSError:
+            pass
+        if old:
+            logger.info("cache entry %s was written without a digest (an older expertune); removed, it will be "
+                        "rebuilt", path)
+        else:
+            logger.warning("cache entry %s is damaged (%s); removed, it will be rebuilt", path, reason)
+
+    def contains(self, key: str) -> bool:
+        """Whether an intact entry exists: its bytes proven by its digest and finite (`verify_entry`), once per
+        process per file. A damaged entry counts as absent, and is removed with one warning naming it."""
+        return self._read_verified(key) is not None
 
     def missing(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` without an intact entry: `contains` of each, answered a shard folder at a time.
 
         A warm restart asks this of every entry, so a folder whose listing — every entry's name, size and mtime —
         is the one last verified whole is answered from that listing alone (one `stat` an entry, nothing opened).
-        Any other folder has every entry checked as `contains` does, and is remembered so in
-        `<root>/verified.jsonl` (a FileIndex: shared by every job of the store, a cache only). Any write, rename,
-        truncation or removal in a folder changes its listing; an edit that keeps both size and mtime is not seen.
+        Any other folder has every entry checked as `contains` does (digest and finite values), and is remembered
+        so in `<root>/verified.jsonl` (a FileIndex: shared by every job of the store, a cache only). The listing
+        holds each entry's inode, size, mtime and ctime: any write, rename, truncation or removal changes it — an
+        edit that restores size and mtime still moves the ctime, which no one can set back.
         `fill_entries` still checks each entry it claims with `contains` itself.
         """
         by_shard: dict[str, list[str]] = {}
@@ -233,12 +348,12 @@ class CacheStore:
                 absent.update(key for key in wanted if not self.contains(key))
                 continue
             stamp = FileStamp(os.path.abspath(folder), len(entries), listing_version(
-                [f"{key}\t{stat.st_size}\t{stat.st_mtime_ns}" for key, stat in entries.items()]))
+                ["\t".join(map(str, (key, *self._signature(stat)))) for key, stat in entries.items()]))
             remembered = index.get(VERIFIED_KIND, stamp)
             damaged = remembered.get("damaged") if remembered is not None else None
             if not isinstance(damaged, list):
                 damaged = [key for key, stat in sorted(entries.items())
-                           if self._written.get(key) != (stat.st_size, stat.st_mtime_ns) and not self.contains(key)]
+                           if self._verified.get(key) != self._signature(stat) and not self.contains(key)]
                 index.put(VERIFIED_KIND, stamp, {"damaged": damaged})
             bad = set(damaged)
             absent.update(key for key in wanted if key not in entries or key in bad)
@@ -246,32 +361,23 @@ class CacheStore:
         return absent
 
     def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """(tensors, metadata), or None when the entry is absent or cannot be read (logged)."""
-        path = self.path_for(key)
-        if not path.exists():
-            return None
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            logger.warning("cache entry %s cannot be read (%s); it will be re-encoded", path, exc)
-            return None
-        return tensors, metadata
+        """(tensors, metadata), or None when the entry is absent or damaged (then removed, with a warning).
+
+        The bytes are proven by the entry's digest, and its values finite, the first time this process reads
+        this file; later reads of the unchanged file (inode, size, mtime, ctime) skip the check."""
+        self._entry_path(key)
+        return self._read_verified(key)
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Write the entry atomically (a temporary file in the same folder, then os.replace) and journal it.
 
-        To avoid encoding twice what another process is encoding, hold the entry's `lock` around
-        the check, the encoding and the put (`fill_entries` does).
+        The entry carries its digest (`DIGEST_FIELD`); NonFiniteEntry when a tensor holds NaN or infinity (nothing
+        is written). To avoid encoding twice what another process is encoding, hold the entry's `lock` around
+        the check, the encoding and the put (`fill_entries` does). A full disk raises StorageError.
         """
         path = self.path_for(key)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError("cache entry metadata must map str to str")
-        own = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
-        atomic_write_bytes(path, save_safetensors(own, metadata=dict(metadata)))
-        written = os.stat(path)
-        self._written[key] = (written.st_size, written.st_mtime_ns)  # intact while it keeps this size and mtime
+        atomic_write_bytes(path, encode_entry(tensors, metadata))
+        self._verified[key] = self._signature(os.stat(path))  # intact while it is this very file
         self._journal(key)
 
     @property
@@ -280,11 +386,7 @@ class CacheStore:
 
     def _journal(self, key: str) -> None:
         line = f"{key} {os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode()
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)  # one short O_APPEND write: lines of concurrent writers never interleave
-        finally:
-            os.close(fd)
+        append_bytes(self.journal_path, line)  # one short O_APPEND write: lines of concurrent writers never interleave
 
     def journal(self) -> list[str]:
         """The keys written to this store, one per write, oldest first (see the module doc)."""
@@ -304,7 +406,7 @@ class CacheStore:
         """Exclusive lock of one entry (`<key>.lock` beside it); None when `blocking` is False and it is held."""
         path = self.path_for(key).with_suffix(".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -420,10 +522,15 @@ class _Filler(Generic[T]):
                     _release_all(locks, done=False)
                 else:
                     tensors, metadata = output
-                    for store in entry.stores:
-                        store.put(entry.key, tensors, metadata)
-                        self.result.written += 1
-                    _release_all(locks, done=True)
+                    try:
+                        for store in entry.stores:
+                            store.put(entry.key, tensors, metadata)
+                            self.result.written += 1
+                    except NonFiniteEntry as refused:
+                        self.result.failed.append((entry.item, f"not cached: {refused}"))
+                        _release_all(locks, done=False)
+                    else:
+                        _release_all(locks, done=True)
                 self.advance()
         finally:
             for _, locks in taken:
