@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, overload
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 
 from expertune.cache.entry import (  # noqa: F401  (DIGEST_FIELD, entry_digest: re-exported for callers)
     DIGEST_FIELD,
@@ -57,7 +56,6 @@ from expertune.cache.entry import (  # noqa: F401  (DIGEST_FIELD, entry_digest: 
     NonFiniteEntry,
     encode_entry,
     entry_digest,
-    entry_metadata,
     verify_entry,
 )
 from expertune.data.file_index import FileIndex, FileStamp, listing_version
@@ -196,6 +194,18 @@ class CacheStore:
         file (inode, size, mtime, ctime) before; None when absent. A damaged entry is removed, with one warning
         naming it (an entry of an older expertune, without a digest, with an info line), and is None."""
         path = self._entry_path(key)
+        proven = self._verified.get(key)
+        if proven is not None:  # proven by this process: read it as it is, if it is still that very file
+            try:
+                if self._signature(os.stat(path)) == proven:
+                    with safe_open(path, framework="pt", device="cpu") as handle:
+                        metadata = dict(handle.metadata() or {})
+                        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                    if self._signature(os.stat(path)) == proven:
+                        metadata.pop(DIGEST_FIELD, None)
+                        return tensors, metadata
+            except (OSError, SafetensorError, ValueError, RuntimeError):
+                pass  # replaced or gone meanwhile: read and prove it below
         try:
             with open(path, "rb", buffering=0) as stream:
                 signature = self._signature(os.fstat(stream.fileno()))
@@ -206,15 +216,9 @@ class CacheStore:
             logger.warning("cache entry %s cannot be read (%s); it will be rewritten", path, exc)
             return None
         try:
-            if self._verified.get(key) == signature:
-                tensors, metadata = load_safetensors(data), entry_metadata(data)
-            else:
-                tensors, metadata = verify_entry(data)
+            tensors, metadata = verify_entry(data)
         except DamagedEntry as damage:
             self._remove_damaged(path, signature, str(damage))
-            return None
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            self._remove_damaged(path, signature, f"unreadable: {exc}")
             return None
         self._verified[key] = signature
         metadata.pop(DIGEST_FIELD, None)
