@@ -37,6 +37,10 @@ def contained_path(root: str | os.PathLike, relative: str) -> Path:
         raise UnsafePath(f"name {shown!r} is empty")
     if "\0" in relative or "\\" in relative:
         raise UnsafePath(f"name {shown!r} holds a {'NUL' if chr(0) in relative else 'backslash'} character")
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePath(f"name {relative.encode('utf-8', 'backslashreplace').decode()!r} is not UTF-8") from None
     if relative.startswith("/"):
         raise UnsafePath(f"name {shown!r} is an absolute path; it would be written outside {root}")
     parts = relative.split("/")

@@ -17,7 +17,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from expertune.data.dataloader import CAPTION_STRATEGIES, DatasetSpec
-from expertune.data.file_index import FileIndex, FileStamp, FolderEntries, listing_version, local_stamp
+from expertune.data.file_index import (
+    FileIndex,
+    FileStamp,
+    FolderEntries,
+    listing_version,
+    local_stamp,
+    stamp_version,
+)
 from expertune.data.remote import RemoteObject as RemoteObjectType
 from expertune.errors import ConfigError, DataError
 
@@ -80,19 +87,39 @@ def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
         stat = entry.stat()  # follows a link, as os.stat does
     except OSError:
         return None
-    return FileStamp(identity, stat.st_size, str(stat.st_mtime_ns))
+    return FileStamp(identity, stat.st_size, stamp_version(stat))
 
 
 def _stamp_line(name: str, stamp: FileStamp | None) -> str:
     return f"{name}\t-" if stamp is None else f"{name}\t{stamp.size}\t{stamp.version}"
 
 
-def _walk_images(directory: Path) -> list[_Listed]:
+def shown_name(path: str | os.PathLike) -> str:
+    """A path as text anyone can print and store: bytes that are not UTF-8 as backslash escapes (\\xff)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _undecodable(name: str) -> bool:
+    """Whether a name from the file system is not UTF-8 (Python holds its bytes as surrogate escapes)."""
+    if name.isascii():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _walk_images(directory: Path, undecodable: list[str] | None = None) -> list[_Listed]:
     """Images under `directory`, recursively, following links once; hidden names are skipped.
 
     One `scandir` a folder and one `stat` a file (the image's and its caption's stamps, as `local_stamp`
     gives them, and each folder's `FolderListing`), so a restart over an unchanged dataset costs a listing
     and the index lookups, nothing more.
+
+    A file or folder whose name is not UTF-8 (a byte 0xff, say) is left out with a warning naming it (escaped),
+    and added to `undecodable` (its path as `shown_name` gives it): the caches, the index and run.json hold
+    only text names.
     """
     found: list[_Listed] = []
     visited: set[str] = set()
@@ -108,6 +135,12 @@ def _walk_images(directory: Path) -> list[_Listed]:
                 entries = {entry.name: entry for entry in listing if entry.name[0] != "."}
         except OSError:
             continue  # as os.walk: an unreadable folder holds nothing
+        for name in [name for name in entries if _undecodable(name)]:
+            shown = shown_name(os.path.join(root, name))
+            logger.warning("skipping %s: its name is not UTF-8; rename it (e.g. with convmv) to use it", shown)
+            if undecodable is not None:
+                undecodable.append(shown)
+            del entries[name]
         prefix = root + os.sep if not root.endswith(os.sep) else root
         absolute = prefix if os.path.isabs(root) else os.path.abspath(root) + os.sep
         folders = []
@@ -452,7 +485,10 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
     whole-folder entry; otherwise each caption file comes from its own entry, or is read (and both are kept)."""
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
-    listed = _walk_images(spec.instance_data_dir)
+    unnamed: list[str] = []
+    listed = _walk_images(spec.instance_data_dir, unnamed)
+    skipped.extend(SkippedImage(path=Path(shown), reason="its name is not UTF-8; rename it to use it")
+                   for shown in unnamed)
     textfile = spec.caption_strategy == "textfile"
     folders = FolderEntries(index, FOLDER_CAPTIONS_KIND, "c")
     for found in listed:
@@ -478,4 +514,4 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
             records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=found.stamp,
                                        listing=found.folder.images))
     folders.remember()
-    return _finish(spec, records, skipped, len(listed), str(spec.instance_data_dir))
+    return _finish(spec, records, skipped, len(listed) + len(unnamed), str(spec.instance_data_dir))
