@@ -17,6 +17,7 @@ from typing import Any
 
 from expertune.data.buckets import ALIGNMENTS, CROP_ASPECTS, CROP_STYLES, DEFAULT_ALIGNMENT, RESOLUTION_TYPES, BucketRule
 from expertune.errors import ConfigError
+from expertune.redaction import remember_secret
 from expertune.resolution import (
     implausible_megapixels,
     nearest_multiples_of_8,
@@ -338,6 +339,8 @@ def _s3_location(entry: _Entry) -> S3Location:
         raise entry.error("aws_endpoint_url", f"{endpoint!r} is not an http(s) URL",
                           "Give the full URL, e.g. \"https://s3.example.com\" (or leave it out for AWS itself).")
     key_id, secret = entry.string("aws_access_key_id"), entry.string("aws_secret_access_key")
+    remember_secret(key_id)  # hidden from every log line (expertune.redaction)
+    remember_secret(secret)
     if (key_id is None) != (secret is None):
         missing = "aws_secret_access_key" if secret is None else "aws_access_key_id"
         raise entry.error(missing, "is missing while its pair is given",
