@@ -138,11 +138,15 @@ def test_a_full_disk_while_caching_is_a_storage_error_with_nothing_partial(small
     from expertune.errors import StorageError
 
     store = CacheStore(small_disk.path / "store")
-    pending = [Pending(cache_key("t", {"i": i}), (store,), i) for i in range(6)]
+    pending = [Pending(cache_key("t", {"i": i}), (store,), i) for i in range(10)]
     with pytest.raises(StorageError, match=r"\.safetensors: the disk is full") as raised:
         fill_entries(pending, batch_size=2, encode=lambda items: [
             ({"x": torch.full((100_000,), float(i))}, {}) for i in items])  # 400 kB an entry, on a 2 MiB disk
     assert raised.value.exit_code == 3
     entries = list(store.root.rglob("*.safetensors"))
-    assert 0 < len(entries) < 6 and all(CacheStore(store.root).contains(p.stem) for p in entries)
+    assert 0 < len(entries) < 10 and all(CacheStore(store.root).contains(p.stem) for p in entries)
     assert not list(store.root.rglob("*.tmp"))
+    for entry in pending:  # no lock is left held by this process (a resume would wait on it for ever)
+        held = store.lock(entry.key, blocking=False)
+        assert held is not None, entry.key
+        held.release(done=False)

@@ -59,7 +59,7 @@ from expertune.cache.entry import (  # noqa: F401  (DIGEST_FIELD, entry_digest: 
     verify_entry,
 )
 from expertune.data.file_index import FileIndex, FileStamp, listing_version
-from expertune.io_utils import append_bytes, atomic_write_bytes, file_mode
+from expertune.io_utils import append_bytes, atomic_write_bytes, file_mode, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -332,8 +332,11 @@ class CacheStore:
     def lock(self, key: str, *, blocking: bool = True) -> EntryLock | None:
         """Exclusive lock of one entry (`<key>.lock` beside it); None when `blocking` is False and it is held."""
         path = self.path_for(key).with_suffix(".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        except OSError as exc:
+            raise storage_error(path, exc) or exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -431,7 +434,11 @@ class _Filler(Generic[T]):
             self.advance()
             return
         if self.batch and (len(self.batch) >= self.batch_size or self.batch[0][0].group != entry.group):
-            self.flush()
+            try:
+                self.flush()
+            except BaseException:  # a full disk, say: this entry's locks are in no batch yet
+                _release_all(locks, done=False)
+                raise
         self.batch.append((Pending(entry.key, lacking, entry.item, entry.group), locks))
 
     def flush(self) -> None:
