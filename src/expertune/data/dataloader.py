@@ -350,7 +350,8 @@ def _s3_location(entry: _Entry) -> S3Location:
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     if prefix and any(part in ("", ".", "..") for part in prefix[:-1].split("/")):
-        raise entry.error("aws_data_prefix", f"{prefix!r} has an empty, '.' or '..' folder",
+        raise entry.error("aws_data_prefix", f"{prefix!r} has an empty, '.' or '..' folder (a '..' folder leaves "
+                          "the mirror)",
                           "Give the folder as a/b/ (no '//', '.' or '..'): the mirror is laid out like the prefix.")
     return S3Location(bucket=bucket, prefix=prefix, region=entry.string("aws_region_name"), endpoint_url=endpoint,
                       access_key_id=key_id, secret_access_key=secret,
