@@ -388,10 +388,10 @@ def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
                 path = bucket.local_path(key)
             except DataError as error:  # paths.UnsafePath: never fetched, never written
                 path, reason = Path(spec.remote.url(key)), f"object key {key!r} is not mirrored: {error}"
-            if reason is None and not isinstance(head, RemoteObjectType):
-                reason = head if isinstance(head, str) else f"object {spec.remote.url(key)} does not exist"
-            else:
+            if isinstance(head, RemoteObjectType):
                 stamp = FileStamp(spec.remote.url(key), head.size, head.etag)
+            elif reason is None:
+                reason = head if isinstance(head, str) else f"object {spec.remote.url(key)} does not exist"
         if reason is None:
             if row.captions is not None:
                 captions: tuple[str, ...] = row.captions
