@@ -150,3 +150,13 @@ def test_a_full_disk_while_caching_is_a_storage_error_with_nothing_partial(small
         held = store.lock(entry.key, blocking=False)
         assert held is not None, entry.key
         held.release(done=False)
+
+
+def test_entries_honour_the_umask_so_a_team_can_share_a_store(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        store = CacheStore(tmp_path / "store")
+        key, path = _entry(store)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o664 and store.journal_path.stat().st_mode & 0o777 == 0o664

@@ -427,3 +427,20 @@ def test_a_full_disk_while_mirroring_stops_with_the_storage_error(s3, tmp_path: 
     mirror = small_disk.path / "cache" / "objects" / bucket
     assert all(path.stat().st_size == 700_000 for path in mirror.rglob("*") if path.is_file())  # no partial file
     assert not [path for path in mirror.rglob(".*.tmp")]
+
+
+def test_an_object_that_cannot_be_written_where_it_belongs_is_skipped(s3, tmp_path: Path) -> None:
+    from expertune.data.mirror import fetch_records
+
+    bucket = s3.bucket()
+    for key in ("a.png", "b.png"):
+        s3.client.put_object(Bucket=bucket, Key=key, Body=b"bytes of " + key.encode())
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "caption_strategy": "filename"}), tmp_path / "cache")
+    dataset = remote.S3Dataset(spec)
+    (dataset.local_path("a.png") / "left-by-an-older-listing").mkdir(parents=True)  # a folder in the file's place
+    index = FileIndex(None)
+    failures = fetch_records(spec, discover_records(spec, index).records, index)
+    assert list(failures) == ["a.png"] and "cannot be written to" in failures["a.png"]
+    assert dataset.local_path("b.png").read_bytes() == b"bytes of b.png"
+    assert dataset.local_path("a.png").is_dir()
