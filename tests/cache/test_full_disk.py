@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.integration
 def test_expertune_cache_on_a_full_disk_stops_cleanly_and_resumes(
         tiny_model_dir: Path, small_disk, capsys: pytest.CaptureFixture) -> None:
     from helpers import FAST_FLAGS
