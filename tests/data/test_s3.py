@@ -444,3 +444,15 @@ def test_an_object_that_cannot_be_written_where_it_belongs_is_skipped(s3, tmp_pa
     assert list(failures) == ["a.png"] and "cannot be written to" in failures["a.png"]
     assert dataset.local_path("b.png").read_bytes() == b"bytes of b.png"
     assert dataset.local_path("a.png").is_dir()
+
+
+def test_a_caption_object_over_a_mebibyte_is_not_read_into_memory(s3, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    for name, caption in (("a", b"a small caption"), ("b", b"x" * (remote.SMALL_OBJECT_BYTES + 1))):
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.png", Body=b"image")
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.txt", Body=caption)
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint}), tmp_path / "cache")
+    found = discover_records(spec, FileIndex(None))
+    assert [record.remote_key for record in found.records] == ["a.png"]
+    (skip,) = found.skipped
+    assert f"is {remote.SMALL_OBJECT_BYTES + 1} bytes, over {remote.SMALL_OBJECT_BYTES} bytes" in skip.reason

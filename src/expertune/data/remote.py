@@ -46,6 +46,7 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
 
 STREAM_CHUNK_BYTES = 1 << 20  # an object is written to disk this much at a time
+SMALL_OBJECT_BYTES = 1 << 20  # the most a caption file may hold: `read` keeps it in memory
 
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _DENIED_CODES = frozenset({"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"})
@@ -291,7 +292,10 @@ class S3Dataset:
                                 "s3:GetObject permission on this key.") from None
             raise
 
-    def _too_large(self, key: str, size: int) -> str | None:
+    def _too_large(self, key: str, size: int, cap: int | None = None) -> str | None:
+        if cap is not None and size > cap:
+            return (f"object {self.location.url(key)} is {size} bytes, over {cap} bytes (the most a caption file "
+                    "may hold); it is not read")
         cap = self.location.max_object_bytes
         if size <= cap:
             return None
@@ -299,7 +303,8 @@ class S3Dataset:
                 "it is not downloaded (raise aws_max_object_bytes to use it)")
 
     def read(self, key: str) -> tuple[bytes, str]:
-        """(bytes, ETag) of one small object (a caption file); a broken-off body is read again with backoff.
+        """(bytes, ETag) of one small object (a caption file, at most `SMALL_OBJECT_BYTES`, read into memory); a
+        broken-off body is read again with backoff.
 
         Raises KeyError when the key does not exist (any more), DataError (naming the key) when it still
         cannot be read after every attempt or is larger than aws_max_object_bytes.
@@ -314,12 +319,12 @@ class S3Dataset:
                 body = response["Body"]
                 try:
                     expected = int(response.get("ContentLength", 0))
-                    if (reason := self._too_large(key, expected)) is not None:
+                    if (reason := self._too_large(key, expected, SMALL_OBJECT_BYTES)) is not None:
                         raise DataError(reason)
-                    data = body.read(self.location.max_object_bytes + 1)
+                    data = body.read(min(SMALL_OBJECT_BYTES, self.location.max_object_bytes) + 1)
                 finally:
                     body.close()
-                if (reason := self._too_large(key, len(data))) is not None:
+                if (reason := self._too_large(key, len(data), SMALL_OBJECT_BYTES)) is not None:
                     raise DataError(reason)
                 if len(data) != expected:
                     raise OSError(f"got {len(data)} of {expected} bytes")
