@@ -80,7 +80,10 @@ class SecretFilter(logging.Filter):
         secrets = known_secrets()
         if not secrets:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: logging's own handler reports it, with nothing formatted here
+            return True
         cleaned = scrub(message, secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, ()
