@@ -268,7 +268,7 @@ def test_a_key_deleted_between_listing_and_reading_is_skipped_and_listed(
     assert prepared.skipped[0]["dataset"] == "bucket-images"
     assert f"s3://{bucket}/shape_1.png no longer exists" in prepared.skipped[0]["reason"]
     assert sorted(item.record.remote_key for item in prepared.unique_items) == ["shape_0.png", "shape_2.png"]
-    assert prepared.cache_stats["latents_encoded"] == 2
+    assert prepared.cache_stats["latents_encoded"] == 1  # x.png holds shape_0.png's bytes: one shared entry
 
 
 @pytest.mark.integration
@@ -456,3 +456,30 @@ def test_a_caption_object_over_a_mebibyte_is_not_read_into_memory(s3, tmp_path: 
     assert [record.remote_key for record in found.records] == ["a.png"]
     (skip,) = found.skipped
     assert f"is {remote.SMALL_OBJECT_BYTES + 1} bytes, over {remote.SMALL_OBJECT_BYTES} bytes" in skip.reason
+
+
+@pytest.mark.integration
+def test_a_run_over_hostile_keys_goes_on_and_lists_them(s3, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from expertune.config import load_config
+    from expertune.data import prepare
+
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 2), prefix="data/")
+    outside = tmp_path / "outside"
+    png = (tmp_path / "images" / "shape_0.png").read_bytes()
+    hostile = [f"data/{outside}/evil.png", "data/../escape.png", "data/" + "n" * 300 + ".png", "data/shape_1.png/x.png"]
+    for key in hostile:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=png)
+        s3.client.put_object(Bucket=bucket, Key=key[:-4] + ".txt", Body=b"a caption")
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint, "aws_data_prefix": "data/"})
+    config, _ = load_config([f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_backend_config={loader}",
+                             "--resolution=64", f"--cache_dir={tmp_path / 'cache'}"])
+    prepared = prepare.cache_only(config, progress=False)
+    reasons = " | ".join(entry["reason"] for entry in prepared.skipped)
+    assert len(prepared.skipped) == 4 and "absolute path" in reasons and "'..' component" in reasons
+    assert "304 bytes" in reasons and "'data/shape_1.png' is also a folder" in reasons
+    # shape_1.png is also the folder of data/shape_1.png/x.png: that file is kept out, the deeper key is used.
+    assert sorted(item.record.remote_key for item in prepared.unique_items) == [
+        "data/shape_0.png", "data/shape_1.png/x.png"]
+    assert prepared.cache_stats["latents_encoded"] == 1  # x.png holds shape_0.png's bytes: one shared entry
+    assert not outside.exists() and not (tmp_path / "cache" / "objects" / bucket / "escape.png").exists()
