@@ -44,3 +44,25 @@ def test_the_log_filter_hides_known_values(monkeypatch: pytest.MonkeyPatch) -> N
     assert SecretFilter().filter(record)
     assert record.getMessage() == f"sent {REDACTED} and {REDACTED}"
     assert scrub("no secret here") == "no secret here"
+
+
+@pytest.mark.parametrize("asked, level", [(None, logging.INFO), ("1", logging.NOTSET)])
+def test_botocores_wire_log_stays_off_under_verbose_unless_asked_by_name(
+        monkeypatch: pytest.MonkeyPatch, asked: str | None, level: int) -> None:
+    from expertune import cli
+
+    if asked is None:
+        monkeypatch.delenv(cli.DEBUG_BOTO_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(cli.DEBUG_BOTO_VARIABLE, asked)
+    loggers = [logging.getLogger(name) for name in cli.WIRE_LOGGERS]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.NOTSET)
+    try:
+        cli._setup_logging(verbose=True)
+        assert [logger.level for logger in loggers] == [level] * len(loggers)
+        assert all(any(isinstance(f, SecretFilter) for f in handler.filters) for handler in logging.getLogger().handlers)
+    finally:
+        for logger, old in zip(loggers, before):
+            logger.setLevel(old)
