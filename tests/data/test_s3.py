@@ -64,6 +64,7 @@ def test_aws_entry_fields_in_simpletuner_form(tmp_path: Path) -> None:
     ({"aws_bucket_name": "p", "aws_endpoint_url": "localhost:9000"}, "aws_endpoint_url", "http(s) URL"),
     ({"aws_bucket_name": "p", "aws_access_key_id": "AK"}, "aws_secret_access_key", "its pair"),
     ({"aws_bucket_name": "p", "instance_data_dir": "/data"}, "instance_data_dir", "not used"),
+    ({"aws_bucket_name": ".."}, "aws_bucket_name", "not a bucket name"),
     ({"aws_bucket_name": "p", "aws_data_prefix": "a/../../b"}, "aws_data_prefix", "'..' folder"),
     ({"aws_bucket_name": "p", "aws_data_prefix": "a//b/"}, "aws_data_prefix", "empty, '.' or '..'"),
     ({"aws_bucket_name": "p", "aws_max_object_bytes": 0}, "aws_max_object_bytes", "integer >= 1"),

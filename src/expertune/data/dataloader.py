@@ -331,7 +331,7 @@ def _s3_location(entry: _Entry) -> S3Location:
     """The bucket of an `aws` entry; a field left out falls back to boto's environment and config files."""
     bucket = entry.string("aws_bucket_name", required=True)
     assert bucket is not None
-    if "/" in bucket or bucket.startswith("s3:"):
+    if "/" in bucket or bucket.startswith("s3:") or bucket in (".", "..") or "\\" in bucket or "\0" in bucket:
         raise entry.error("aws_bucket_name", f"{bucket!r} is not a bucket name",
                           "Give the bare bucket name; put the folder in \"aws_data_prefix\".")
     endpoint = entry.string("aws_endpoint_url")
