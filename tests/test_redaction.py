@@ -66,3 +66,12 @@ def test_botocores_wire_log_stays_off_under_verbose_unless_asked_by_name(
     finally:
         for logger, old in zip(loggers, before):
             logger.setLevel(old)
+
+
+def test_the_filter_sees_a_variable_added_after_its_last_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide = SecretFilter()
+    first = logging.LogRecord("x", logging.INFO, __file__, 1, "nothing", (), None)
+    assert hide.filter(first)
+    monkeypatch.setenv("LATE_ACCESS_TOKEN", "late-value-789")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", ("late-value-789",), None)
+    assert hide.filter(record) and record.getMessage() == f"got {REDACTED}"

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -74,10 +75,27 @@ def scrub(text: str, secrets: list[str] | None = None) -> str:
 
 
 class SecretFilter(logging.Filter):
-    """Replaces known secret values in a record's message (and its exception text) before any handler writes it."""
+    """Replaces known secret values in a record's message (and its exception text) before any handler writes it.
+
+    The values are gathered again every `REFRESH_S` seconds (a `-v` run logs thousands of lines), and at once when
+    a variable or a remembered secret is added."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: list[str] = []
+        self._when = -1.0
+        self._sizes = (-1, -1)
+
+    def _current(self) -> list[str]:
+        now, sizes = time.monotonic(), (len(_known), len(os.environ))
+        if now - self._when > self.REFRESH_S or sizes != self._sizes:  # a new variable or remembered secret: now
+            self._secrets, self._when, self._sizes = known_secrets(), now, sizes
+        return self._secrets
 
     def filter(self, record: logging.LogRecord) -> bool:
-        secrets = known_secrets()
+        secrets = self._current()
         if not secrets:
             return True
         try:
