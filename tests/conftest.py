@@ -108,3 +108,18 @@ def trained_experts(tiny_model_dir: Path, small_dataset: Path, tiny_clip_dir: Pa
 def messy_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The dataloader JSON of `write_messy_datasets` (read-only: copy it to change files)."""
     return write_messy_datasets(tmp_path_factory.mktemp("messy"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 2 MiB file system (a tmpfs mounted for this test; see helpers.mount_small_filesystem), unmounted after.
+    Skipped, with the reason, only where mounting is impossible (not root, no mount rights)."""
+    from helpers import mount_small_filesystem, unmount_small_filesystem
+
+    mounted = mount_small_filesystem(tmp_path / "small-disk", "2m")
+    if isinstance(mounted, str):
+        pytest.skip(mounted)
+    try:
+        yield mounted
+    finally:
+        unmount_small_filesystem(mounted)

@@ -174,3 +174,50 @@ class FakeAccelerator:
 
     def log(self, values, step):  # noqa: D401 - same signature as Accelerator.log
         self.logged = (values, step)
+
+
+# --------------------------------------------------------------------------------------------------
+# A real small file system, for full-disk tests (issue 20): a size-limited tmpfs mounted for the test.
+
+
+class SmallFilesystem:
+    """A mounted size-limited tmpfs at `path`; `fill(leave)` takes all but `leave` bytes of its space."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def free(self) -> int:
+        import shutil
+
+        return shutil.disk_usage(self.path).free
+
+    def fill(self, leave: int = 0) -> Path:
+        """Write a filler file until at most `leave` bytes are free; returns the filler (delete it to free)."""
+        filler = self.path / ".filler"
+        with open(filler, "ab") as stream:
+            while (room := self.free() - leave) > 0:
+                try:
+                    stream.write(b"\0" * min(room, 1 << 20))
+                    stream.flush()
+                except OSError:
+                    break
+        return filler
+
+
+def mount_small_filesystem(path: Path, size: str = "2m") -> SmallFilesystem | str:
+    """Mount a tmpfs of `size` at `path` (which is created): the mounted file system, or why it cannot be."""
+    import shutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    mount = shutil.which("mount")
+    if mount is None:
+        return "no mount command on this machine"
+    done = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"cannot mount a tmpfs here (root and mount rights needed): {done.stderr.strip() or done.returncode}"
+    return SmallFilesystem(path)
+
+
+def unmount_small_filesystem(filesystem: SmallFilesystem) -> None:
+    subprocess.run(["umount", "-l", str(filesystem.path)], capture_output=True)

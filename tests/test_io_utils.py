@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from expertune.io_utils import atomic_write_bytes, atomic_write_json, replace_dir, staged_directory
+from expertune.errors import StorageError
+from expertune.io_utils import (
+    append_bytes,
+    atomic_write_bytes,
+    atomic_write_json,
+    replace_dir,
+    staged_directory,
+    storage_error,
+)
 
 
 def _leftovers(folder: Path, keep: set[str]) -> list[str]:
@@ -33,7 +41,7 @@ def test_a_failed_write_leaves_the_old_file_untouched(tmp_path: Path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match=r"file.bin: the disk is full .* Free space there"):
         atomic_write_bytes(target, b"new contents that never land")
     assert target.read_bytes() == b"old contents"
     assert _leftovers(tmp_path, {"file.bin"}) == []
@@ -79,3 +87,48 @@ def test_replace_dir_without_an_earlier_target(tmp_path: Path) -> None:
     (staged / "a").write_text("a")
     replace_dir(staged, tmp_path / "target")
     assert (tmp_path / "target" / "a").read_text() == "a" and not staged.exists()
+
+
+def test_a_full_real_disk_is_a_storage_error_and_leaves_nothing_partial(small_disk) -> None:
+    target = small_disk.path / "entry.bin"
+    target.write_bytes(b"old")
+    small_disk.fill(leave=64 * 1024)
+    with pytest.raises(StorageError, match=r"entry.bin: the disk is full") as raised:
+        atomic_write_bytes(target, b"x" * (512 * 1024))
+    assert raised.value.exit_code == 3
+    assert target.read_bytes() == b"old"
+    assert _leftovers(small_disk.path, {"entry.bin", ".filler"}) == []
+
+
+def test_an_append_on_a_full_disk_is_cut_back_for_a_sole_writer(small_disk) -> None:
+    log = small_disk.path / "metrics.jsonl"
+    append_bytes(log, b'{"step": 1}\n', sole_writer=True)
+    small_disk.fill(leave=0)
+    with pytest.raises(StorageError, match="metrics.jsonl: the disk is full"):
+        append_bytes(log, b'{"step": 2, "pad": "' + b"y" * 300_000 + b'"}\n', sole_writer=True)
+    assert log.read_bytes() == b'{"step": 1}\n'
+
+
+def test_safetensors_own_full_disk_error_is_recognised(small_disk) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    small_disk.fill(leave=16 * 1024)
+    target = small_disk.path / "weights.safetensors"
+    with pytest.raises(Exception) as raised:
+        save_file({"w": torch.zeros(256, 1024)}, str(target))
+    error = storage_error(target, raised.value)
+    assert error is not None and error.exit_code == 3, f"{type(raised.value).__name__}: {raised.value}"
+    assert storage_error(target, ValueError("other")) is None
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_honour_the_umask(tmp_path: Path, mask: int, mode: int) -> None:
+    old = os.umask(mask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"data")
+        append_bytes(tmp_path / "b.log", b"line\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "b.log").stat().st_mode & 0o777 == mode

@@ -26,12 +26,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
 
 
+# Libraries whose DEBUG lines carry request headers (botocore's wire log prints X-Amz-Security-Token): kept at
+# INFO under -v unless EXPERTUNE_DEBUG_BOTO=1 asks for them by name (their secret values are still redacted).
+WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+DEBUG_BOTO_VARIABLE = "EXPERTUNE_DEBUG_BOTO"
+
+
 def _setup_logging(verbose: bool) -> None:
+    from expertune.redaction import install_log_redaction
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    install_log_redaction()
+    if os.environ.get(DEBUG_BOTO_VARIABLE, "") not in ("1", "true", "yes"):
+        for name in WIRE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
@@ -483,9 +495,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ExpertuneError(f"{args.verb}: unknown arguments {' '.join(rest)}; see `expertune {args.verb} --help`")
         return int(args.handler(args, rest))
     except ExpertuneError as error:
+        from expertune.redaction import scrub
+
         if args.verbose and error.__cause__ is not None:
             traceback.print_exception(error.__cause__, file=sys.stderr)
-        print(f"expertune: error: {error}", file=sys.stderr)
+        print(f"expertune: error: {scrub(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("expertune: interrupted", file=sys.stderr)

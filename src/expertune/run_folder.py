@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from expertune.errors import ConfigError, StorageError
-from expertune.io_utils import atomic_write_json, fsync_path
+from expertune.io_utils import atomic_write_json, fsync_path, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -281,16 +281,6 @@ def remove_leftovers(output_dir: Path, expert_folders: int = 64) -> list[Path]:
 
 
 # ---- full disks -------------------------------------------------------------------------------------------------
-
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` says the disk is full: an OSError with ENOSPC/EDQUOT, or safetensors' own error type
-    (`SafetensorError`, not an OSError) carrying the OS error 28 / 122 in its message."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(error)
-    return type(error).__name__ == "SafetensorError" and (
-        "No space left" in text or "os error 28" in text or "os error 122" in text or "Disk quota" in text)
-
 
 def disk_full_error(what: str, path: Path, needed: int | None = None) -> StorageError:
     """The one line a full disk ends a run with: what could not be written where, and what to free."""

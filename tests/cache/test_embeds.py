@@ -95,3 +95,16 @@ def test_load_before_ensure_is_a_clear_error(pipe, tmp_path: Path) -> None:
     cache = EmbedCache(tokenizers, encoders, store=CacheStore(tmp_path), batch_size=4)
     with pytest.raises(DataError, match="EmbedCache.ensure"):
         cache.load("never cached")
+
+
+def test_an_embedding_that_is_not_finite_is_never_cached_and_stops_naming_the_caption(pipe, tmp_path: Path) -> None:
+    tokenizers, encoders = _parts(pipe)
+    broken = copy.deepcopy(encoders[1])
+    with torch.no_grad():
+        broken.text_model.final_layer_norm.weight.fill_(float("nan"))  # a damaged text encoder 2: real NaN output
+    store = CacheStore(tmp_path / "text_embeds")
+    cache = EmbedCache(tokenizers, (encoders[0], broken), store=store, batch_size=2)
+    with pytest.raises(DataError, match=r"caption 'a red fox': the text encoders' embedding is tensor\(s\) "
+                                        r".*hold NaN or infinity \(2 caption\(s\) in all\)"):
+        cache.ensure(["a red fox", "a blue bird"], progress=False)
+    assert not list(store.root.rglob("*.safetensors")) and store.journal() == []

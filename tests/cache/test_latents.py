@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,56 @@ def test_random_crops_follow_the_seed(tmp_path: Path, vae) -> None:
     keys = {LatentCache(vae, seed=seed, batch_size=1).key_for(record, spec) for seed in range(6)}
     assert len(keys) > 1
     assert LatentCache(vae, seed=1, batch_size=1).key_for(record, spec) == LatentCache(vae, seed=1, batch_size=1).key_for(record, spec)
+
+
+def _flip_keeping_size_and_mtime(path: Path, offset: int, new: bytes) -> None:
+    import os
+
+    stat = path.stat()
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        stream.write(new)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "NaN"])
+def test_a_damaged_real_latent_is_rebuilt_never_reused_with_one_warning(
+        tmp_path: Path, vae, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    import logging
+    import struct
+
+    spec = _dataset(tmp_path)
+    items = _items(spec)
+    assert LatentCache(vae, seed=0, batch_size=4).ensure(items) == CacheStats(encoded=3, reused=0)
+    cache = LatentCache(vae, seed=0, batch_size=4)
+    record = items[0][0]
+    path = cache.store_for(spec).path_for(cache.key_for(record, spec))
+    good = cache.load(record, spec)[0].clone()
+    if damage == "bit flip":
+        _flip_keeping_size_and_mtime(path, path.stat().st_size - 2, bytes([path.read_bytes()[-2] ^ 0x40]))
+    else:  # a NaN written over the latent's first float (the header says where the latent starts)
+        (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+        start = 8 + size + json.loads(path.read_bytes()[8:8 + size])["latent"]["data_offsets"][0]
+        _flip_keeping_size_and_mtime(path, start, struct.pack("<f", float("nan")))
+    restarted = LatentCache(vae, seed=0, batch_size=4)  # the next `expertune cache` or training start
+    with caplog.at_level(logging.WARNING):
+        assert restarted.ensure(_items(spec)) == CacheStats(encoded=1, reused=2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"cache entry {path} is damaged (its bytes do not match its digest); removed, it will be "
+                        "rebuilt"]
+    assert torch.allclose(restarted.load(record, spec)[0], good, atol=1e-5)  # re-encoded alone: batch numerics
+    assert LatentCache(vae, seed=0, batch_size=4).ensure(_items(spec)) == CacheStats(encoded=0, reused=3)
+
+
+def test_a_latent_damaged_during_training_is_refused_not_served(tmp_path: Path, vae) -> None:
+    spec = _dataset(tmp_path)
+    items = _items(spec)
+    cache = LatentCache(vae, seed=0, batch_size=4)
+    cache.ensure(items)
+    record = items[1][0]
+    path = cache.store_for(spec).path_for(cache.key_for(record, spec))
+    fresh = LatentCache(vae, seed=0, batch_size=4)
+    _flip_keeping_size_and_mtime(path, path.stat().st_size - 2, bytes([path.read_bytes()[-2] ^ 0x01]))
+    with pytest.raises(DataError, match="no usable cached latent"):
+        fresh.load(record, spec)
+    assert not path.exists()  # removed: the next start rebuilds it

@@ -238,3 +238,44 @@ def test_a_folder_entry_of_another_shape_is_planned_again(tmp_path: Path, vae) -
     assert '"p":' in text and '"c":' in text
     folders.write_text(text.replace('"p":{', '"p":{"img_0.png":[1,2],"x":'))  # a torn or foreign plan list
     assert _plan_all(spec, vae, index_path) == cold
+
+
+def test_a_same_size_same_mtime_edit_changes_the_stamp(tmp_path: Path) -> None:
+    from expertune.data.file_index import local_stamp
+
+    path = tmp_path / "a.png"
+    path.write_bytes(b"A" * 64)
+    before = local_stamp(path)
+    stat = path.stat()
+    with open(path, "r+b") as stream:  # in place: same inode, same size
+        stream.write(b"B")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the mtime put back
+    after = local_stamp(path)
+    assert (after.size, path.stat().st_mtime_ns) == (before.size, stat.st_mtime_ns) and after != before
+    index = FileIndex(tmp_path / "index.jsonl")
+    index.put("image", before, {"sha256": "old"})
+    assert index.get("image", after) is None
+
+
+def test_names_that_are_not_utf8_round_trip_through_the_index(tmp_path: Path) -> None:
+    name = os.fsdecode(b"caf\xff.png")  # a surrogate escape, as os.listdir gives it
+    stamp = FileStamp(str(tmp_path / name), 3, "1.2.3")
+    index = FileIndex(tmp_path / "index.jsonl")
+    index.put("image", stamp, {"sha256": "x", "names": {name: 1}})
+    index.flush()
+    assert (tmp_path / "index.jsonl").read_bytes().isascii()
+    assert FileIndex(tmp_path / "index.jsonl").get("image", stamp) == {"sha256": "x", "names": {name: 1}}
+
+
+def test_a_full_disk_under_the_index_is_a_storage_error(small_disk) -> None:
+    from expertune.errors import StorageError
+
+    index = FileIndex(small_disk.path / "index.jsonl")
+    index.put("image", FileStamp("/a.png", 1, "1"), {"pad": "x" * 100})
+    index.flush()
+    small_disk.fill(leave=0)
+    index.put("image", FileStamp("/b.png", 1, "1"), {"pad": "y" * 200_000})
+    with pytest.raises(StorageError, match="index.jsonl: the disk is full") as raised:
+        index.flush()
+    assert raised.value.exit_code == 3
+    assert FileIndex(small_disk.path / "index.jsonl").get("image", FileStamp("/a.png", 1, "1")) is not None

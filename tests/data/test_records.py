@@ -256,3 +256,28 @@ def test_text_embeds_defaults_must_be_unambiguous(tmp_path: Path, caplog: pytest
         config = _load(_write(tmp_path / "c.json", one_default), tmp_path)
     assert config.text_embeds.cache_dir == tmp_path / "chosen"
     assert any("'te0'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_name_that_is_not_utf8_is_skipped_with_a_named_warning(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    from expertune.data.file_index import FileIndex
+
+    images = tmp_path / "images"
+    _png(images / "good.png")
+    bad = os.path.join(os.fsencode(images), b"caf\xe9-\xff.png")
+    with open(bad, "wb") as stream:
+        stream.write((images / "good.png").read_bytes())
+    os.mkdir(os.path.join(os.fsencode(images), b"dir\xff"))
+    _png(Path(os.fsdecode(os.path.join(os.fsencode(images), b"dir\xff", b"inner.png"))))
+    spec = DatasetSpec("set", images, "filename", None, 64, "center", tmp_path / "cache", 0, False)
+    index = FileIndex(tmp_path / "index.jsonl")
+    with caplog.at_level(logging.WARNING):
+        found = discover_records(spec, index)
+    index.flush()
+    assert [record.path.name for record in found.records] == ["good.png"]
+    assert sorted(str(skip.path) for skip in found.skipped) == [f"{images}/caf\\xe9-\\xff.png", f"{images}/dir\\xff"]
+    assert all(skip.reason == "its name is not UTF-8; rename it to use it" for skip in found.skipped)
+    assert f"skipping {images}/caf\\xe9-\\xff.png: its name is not UTF-8" in caplog.text
+    json.dumps([str(skip.path) for skip in found.skipped]).encode("utf-8")  # what run.json lists

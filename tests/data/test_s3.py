@@ -64,6 +64,10 @@ def test_aws_entry_fields_in_simpletuner_form(tmp_path: Path) -> None:
     ({"aws_bucket_name": "p", "aws_endpoint_url": "localhost:9000"}, "aws_endpoint_url", "http(s) URL"),
     ({"aws_bucket_name": "p", "aws_access_key_id": "AK"}, "aws_secret_access_key", "its pair"),
     ({"aws_bucket_name": "p", "instance_data_dir": "/data"}, "instance_data_dir", "not used"),
+    ({"aws_bucket_name": ".."}, "aws_bucket_name", "not a bucket name"),
+    ({"aws_bucket_name": "p", "aws_data_prefix": "a/../../b"}, "aws_data_prefix", "'..' folder"),
+    ({"aws_bucket_name": "p", "aws_data_prefix": "a//b/"}, "aws_data_prefix", "empty, '.' or '..'"),
+    ({"aws_bucket_name": "p", "aws_max_object_bytes": 0}, "aws_max_object_bytes", "integer >= 1"),
 ])
 def test_aws_entry_errors_name_the_field(tmp_path: Path, entry: dict, field: str, words: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -213,16 +217,18 @@ def test_transient_errors_are_absorbed_by_retries(s3, tmp_path: Path, monkeypatc
     dataset = remote.S3Dataset(spec)
     s3.flaky.fail("/shape_0.png", 2, "503")  # botocore's own retries (standard mode)
     s3.flaky.fail("/shape_1.png", 2, "cut")  # a body cut short: read again by expertune
-    jobs = [(f"shape_{i}.png", tmp_path / "got" / f"shape_{i}.png", None) for i in range(2)]
+    jobs = [(f"shape_{i}.png", None) for i in range(2)]
     assert dataset.fetch_many(jobs) == {}
     for i in range(2):
-        assert (tmp_path / "got" / f"shape_{i}.png").read_bytes() == (tmp_path / "images" / f"shape_{i}.png").read_bytes()
+        assert dataset.local_path(f"shape_{i}.png").read_bytes() == \
+            (tmp_path / "images" / f"shape_{i}.png").read_bytes()
     assert s3.flaky.rules == {"/shape_0.png": [], "/shape_1.png": []}  # every failure was served
     # More failures than attempts: reported for that key, and no partial file is left.
+    dataset.local_path("shape_1.png").unlink()
     s3.flaky.fail("/shape_1.png", remote.READ_ATTEMPTS, "cut")
-    reason = dataset.fetch("shape_1.png", tmp_path / "cut" / "shape_1.png")
+    reason = dataset.fetch("shape_1.png")
     assert reason is not None and f"cannot be read after {remote.READ_ATTEMPTS} attempts" in reason
-    assert not (tmp_path / "cut").exists() or not any((tmp_path / "cut").iterdir())
+    assert sorted(p.name for p in dataset.local_path("shape_1.png").parent.iterdir()) == ["shape_0.png"]
 
 
 def test_a_vanished_key_is_reported_not_fatal(s3, tmp_path: Path) -> None:
@@ -231,9 +237,9 @@ def test_a_vanished_key_is_reported_not_fatal(s3, tmp_path: Path) -> None:
     spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint}), tmp_path / "cache")
     dataset = remote.S3Dataset(spec)
     s3.client.delete_object(Bucket=bucket, Key="shape_0.png")
-    reason = dataset.fetch("shape_0.png", tmp_path / "x.png")
+    reason = dataset.fetch("shape_0.png")
     assert reason == f"object s3://{bucket}/shape_0.png no longer exists (it was deleted after the bucket was listed)"
-    assert not (tmp_path / "x.png").exists()
+    assert not dataset.local_path("shape_0.png").exists()
 
 
 # ---- the whole data stage, and training -------------------------------------------------------------
@@ -322,3 +328,159 @@ def test_the_mirror_is_refetched_when_the_object_changes_even_at_the_same_size(s
     (changed,) = discover_records(spec, index).records
     assert changed.stamp.version != record.stamp.version and not is_current(changed, index)
     assert fetch_records(spec, [changed], index) == {} and changed.path.read_bytes() == b"B" * 100
+
+
+# ---- hostile keys, oversized objects (issue 20) ------------------------------------------------------
+
+
+def _files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_hostile_keys_are_skipped_and_listed_and_nothing_is_written_outside(s3, tmp_path: Path) -> None:
+    from expertune.data.mirror import fetch_records
+
+    bucket = s3.bucket()
+    outside = tmp_path / "outside"
+    good = b"\x89PNG good bytes"
+    hostile = {
+        f"data/{outside}/evil.png": "absolute path",  # data//tmp/.../outside/evil.png
+        "data/sub/../../escape.png": "'..' component",
+        "data/" + "n" * 300 + ".png": "304 bytes",
+        "data/a.png": "also a folder",  # beside data/a.png/b.png: a clash
+    }
+    for key in [*hostile, "data/a.png/b.png", "data/ok.png", "data/deep/ok.png"]:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=good)
+    cache = tmp_path / "cache"
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "aws_data_prefix": "data/", "caption_strategy": "filename"}), cache)
+    index = FileIndex(tmp_path / "index.jsonl")
+    found = discover_records(spec, index)
+    assert sorted(record.remote_key for record in found.records) == ["data/a.png/b.png", "data/deep/ok.png",
+                                                                   "data/ok.png"]
+    reasons = {skip.reason.split("'")[1]: skip.reason for skip in found.skipped}
+    assert set(reasons) == set(hostile), found.skipped
+    for key, words in hostile.items():
+        assert words in reasons[key], reasons[key]
+    assert fetch_records(spec, found.records, index) == {}
+    mirror = cache / "objects" / bucket / "data"
+    assert _files_under(mirror) == {"a.png/b.png", "deep/ok.png", "ok.png"}
+    assert not outside.exists() and not (cache / "objects" / bucket / "escape.png").exists()
+    # The fetch itself refuses a hostile key handed to it directly: nothing is written, the reason is returned.
+    dataset = remote.S3Dataset(spec)
+    for key in hostile:
+        if key != "data/a.png":
+            assert "is not mirrored" in (dataset.fetch(key) or "")
+    assert not outside.exists() and _files_under(mirror) == {"a.png/b.png", "deep/ok.png", "ok.png"}
+
+
+def test_a_manifest_row_that_leaves_the_mirror_is_skipped_not_fatal(s3, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="data/ok.png", Body=b"bytes")
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"path": path, "caption": "c"}) + "\n"
+                                for path in ["ok.png", "/../../x.png", "/etc/evil.png", "a//b.png"]))
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "aws_data_prefix": "data/", "manifest": str(manifest)}), tmp_path / "cache")
+    found = discover_records(spec, FileIndex(None))
+    assert [record.remote_key for record in found.records] == ["data/ok.png"]
+    assert len(found.skipped) == 3 and all("is not mirrored" in skip.reason for skip in found.skipped)
+    assert [skip.reason.endswith(f"line {line})") for line, skip in zip((2, 3, 4), found.skipped)] == [True] * 3
+
+
+def test_an_object_over_the_size_cap_is_skipped_unread(s3, tmp_path: Path) -> None:
+    from expertune.data.mirror import fetch_records
+
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="big.png", Body=b"B" * 5000)
+    s3.client.put_object(Bucket=bucket, Key="small.png", Body=b"S" * 500)
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.flaky.url,
+                                    "caption_strategy": "filename", "aws_max_object_bytes": 1000}), tmp_path / "cache")
+    assert spec.remote.max_object_bytes == 1000
+    index = FileIndex(None)
+    records = discover_records(spec, index).records
+    s3.flaky.requests.clear()
+    failures = fetch_records(spec, records, index)
+    assert list(failures) == ["big.png"] and "over the entry's aws_max_object_bytes (1000)" in failures["big.png"]
+    assert [p for m, p in s3.flaky.requests if m == "GET"] == [f"/{bucket}/small.png"]  # big.png never read
+    assert not remote.S3Dataset(spec).local_path("big.png").exists()
+    assert remote.S3Dataset(spec).local_path("small.png").read_bytes() == b"S" * 500
+    # Bigger than listed (a replaced object): the stream stops at the cap, nothing is kept.
+    s3.client.put_object(Bucket=bucket, Key="small.png", Body=b"G" * 3000)
+    reason = remote.S3Dataset(spec).fetch("small.png")
+    assert reason is not None and "aws_max_object_bytes (1000)" in reason
+    assert remote.S3Dataset(spec).local_path("small.png").read_bytes() == b"S" * 500
+
+
+def test_a_full_disk_while_mirroring_stops_with_the_storage_error(s3, tmp_path: Path, small_disk) -> None:
+    from expertune.data.mirror import fetch_records
+    from expertune.errors import StorageError
+
+    bucket = s3.bucket()
+    for index in range(3):
+        s3.client.put_object(Bucket=bucket, Key=f"img{index}.png", Body=bytes([index]) * 700_000)
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "caption_strategy": "filename"}), small_disk.path / "cache")
+    records = discover_records(spec, FileIndex(None)).records
+    with pytest.raises(StorageError, match=r"img\d.png: the disk is full") as raised:
+        fetch_records(spec, records, FileIndex(None))
+    assert raised.value.exit_code == 3
+    mirror = small_disk.path / "cache" / "objects" / bucket
+    assert all(path.stat().st_size == 700_000 for path in mirror.rglob("*") if path.is_file())  # no partial file
+    assert not [path for path in mirror.rglob(".*.tmp")]
+
+
+def test_an_object_that_cannot_be_written_where_it_belongs_is_skipped(s3, tmp_path: Path) -> None:
+    from expertune.data.mirror import fetch_records
+
+    bucket = s3.bucket()
+    for key in ("a.png", "b.png"):
+        s3.client.put_object(Bucket=bucket, Key=key, Body=b"bytes of " + key.encode())
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint,
+                                    "caption_strategy": "filename"}), tmp_path / "cache")
+    dataset = remote.S3Dataset(spec)
+    (dataset.local_path("a.png") / "left-by-an-older-listing").mkdir(parents=True)  # a folder in the file's place
+    index = FileIndex(None)
+    failures = fetch_records(spec, discover_records(spec, index).records, index)
+    assert list(failures) == ["a.png"] and "cannot be written to" in failures["a.png"]
+    assert dataset.local_path("b.png").read_bytes() == b"bytes of b.png"
+    assert dataset.local_path("a.png").is_dir()
+
+
+def test_a_caption_object_over_a_mebibyte_is_not_read_into_memory(s3, tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    for name, caption in (("a", b"a small caption"), ("b", b"x" * (remote.SMALL_OBJECT_BYTES + 1))):
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.png", Body=b"image")
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.txt", Body=caption)
+    spec = _spec(_loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint}), tmp_path / "cache")
+    found = discover_records(spec, FileIndex(None))
+    assert [record.remote_key for record in found.records] == ["a.png"]
+    (skip,) = found.skipped
+    assert f"is {remote.SMALL_OBJECT_BYTES + 1} bytes, over {remote.SMALL_OBJECT_BYTES} bytes" in skip.reason
+
+
+@pytest.mark.integration
+def test_a_run_over_hostile_keys_goes_on_and_lists_them(s3, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from expertune.config import load_config
+    from expertune.data import prepare
+
+    bucket = s3.bucket()
+    s3.upload(bucket, _images(tmp_path / "images", 2), prefix="data/")
+    outside = tmp_path / "outside"
+    png = (tmp_path / "images" / "shape_0.png").read_bytes()
+    hostile = [f"data/{outside}/evil.png", "data/../escape.png", "data/" + "n" * 300 + ".png", "data/shape_1.png/x.png"]
+    for key in hostile:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=png)
+        s3.client.put_object(Bucket=bucket, Key=key[:-4] + ".txt", Body=b"a caption")
+    loader = _loader(tmp_path, {"aws_bucket_name": bucket, "aws_endpoint_url": s3.endpoint, "aws_data_prefix": "data/"})
+    config, _ = load_config([f"--pretrained_model_name_or_path={tiny_model_dir}", f"--data_backend_config={loader}",
+                             "--resolution=64", f"--cache_dir={tmp_path / 'cache'}"])
+    prepared = prepare.cache_only(config, progress=False)
+    reasons = " | ".join(entry["reason"] for entry in prepared.skipped)
+    assert len(prepared.skipped) == 4 and "absolute path" in reasons and "'..' component" in reasons
+    assert "304 bytes" in reasons and "'data/shape_1.png' is also a folder" in reasons
+    # shape_1.png is also the folder of data/shape_1.png/x.png: that file is kept out, the deeper key is used.
+    assert sorted(item.record.remote_key for item in prepared.unique_items) == [
+        "data/shape_0.png", "data/shape_1.png/x.png"]
+    assert prepared.cache_stats["latents_encoded"] == 1  # x.png holds shape_0.png's bytes: one shared entry
+    assert not outside.exists() and not (tmp_path / "cache" / "objects" / bucket / "escape.png").exists()

@@ -175,3 +175,28 @@ def test_unusual_modes_are_converted_correctly(tmp_path: Path) -> None:
     colour_key = tmp_path / "rgb_trns.png"
     Image.new("RGB", (4, 4), (0, 0, 0)).save(colour_key, transparency=(0, 0, 0))
     assert load_image(colour_key).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_sixteen_bit_pixels_are_scaled_in_integers_a_band_at_a_time(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from expertune.data import transforms
+
+    values = np.random.default_rng(3).integers(0, 65536, size=(1024, 1536), dtype=np.uint16)
+    values[0, :4] = [0, 128, 129, 65535]  # the rounding edges
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as raw:
+        raw.load()
+        tracemalloc.start()
+        try:
+            rgb = transforms._sixteen_bit_to_rgb(raw)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    expected = np.clip(np.rint(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)  # the float formula
+    assert np.array_equal(np.asarray(rgb)[..., 0], expected) and np.asarray(rgb)[0, :4, 0].tolist() == [0, 0, 1, 255]
+    pixels = values.size
+    # The 8-bit copy plus one band (its bytes, its 32-bit integers); a float64 copy alone would be 8 bytes a pixel.
+    assert peak < pixels + 8 * transforms.SIXTEEN_BIT_BAND_PIXELS, peak
+    assert peak < 8 * pixels

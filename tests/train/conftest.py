@@ -22,8 +22,8 @@ def _mount(folder: Path, size_kib: int, remount: bool = False) -> str | None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """`small_disk(kib)`: a freshly mounted tmpfs of that size (a real file system that fills up and answers
+def resizable_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """`resizable_disk(kib)` (the training tests resize it as they go; tests/conftest.py's `small_disk` is a fixed 2 MiB one): a freshly mounted tmpfs of that size (a real file system that fills up and answers
     ENOSPC); calling it again on the same mount resizes it (`mount -o remount`). Unmounted afterwards. Skipped,
     with the reason, only where mounting is impossible (not root, no mount command, a container without it)."""
     folder = tmp_path / f"small-disk-{uuid.uuid4().hex[:6]}"

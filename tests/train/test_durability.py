@@ -68,13 +68,13 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def test_a_full_disk_is_a_clean_stop_and_the_run_resumes_bitwise(small_disk) -> None:
+def test_a_full_disk_is_a_clean_stop_and_the_run_resumes_bitwise(resizable_disk) -> None:
     """On a real full file system safetensors raises its own SafetensorError (not an OSError) for the weights
     file: still exit 3, one line naming the checkpoint, nothing partial, the previous checkpoint intact and
     resumable bit for bit once space is freed."""
     reference = _wide_state()
     _wide_steps(reference, 4)
-    disk = small_disk(4096)
+    disk = resizable_disk(4096)
     state = _wide_state()
     _wide_steps(state, 2)
     save_checkpoint(disk, state, {}, {})
@@ -210,18 +210,18 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path: Path) -> None:
     assert restored.get_scale() == 512.0 and restored.state_dict() == scaler.state_dict()
 
 
-def test_a_full_disk_while_writing_validation_images_is_one_line_and_leaves_no_temporary_file(small_disk) -> None:
+def test_a_full_disk_while_writing_validation_images_is_one_line_and_leaves_no_temporary_file(resizable_disk) -> None:
     from expertune.io_utils import atomic_write_bytes
     from expertune.run_folder import disk_full_is_a_stop
 
-    disk = small_disk(256)
+    disk = resizable_disk(256)
     folder = disk / "validation" / "step_000003"
     _fill(disk, 0)
     with pytest.raises(StorageError) as info:
         with disk_full_is_a_stop("validation images in", folder):
             atomic_write_bytes(folder / "prompt.png", b"\x89PNG" + b"\0" * 65536)
     assert info.value.exit_code == 3
-    assert str(info.value).startswith(f"could not write validation images in {folder}: the disk is full")
+    assert str(info.value).startswith(f"{folder / 'prompt.png'}: the disk is full")  # the file, what to free
     assert [p.name for p in folder.iterdir()] == []
 
 

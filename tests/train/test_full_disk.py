@@ -40,14 +40,14 @@ def reference(tiny_model_dir: Path, small_dataset: Path, tmp_path_factory) -> tu
 # a full disk in a checkpoint write: test_durability.py
 @pytest.mark.parametrize("fails_in", ["the exported expert"])
 def test_a_full_disk_stops_cleanly_and_the_resume_is_bitwise(fails_in: str, reference: tuple[Path, Path],
-                                                             small_disk) -> None:
+                                                             resizable_disk) -> None:
     env, done = reference
     checkpoint, pipeline = _used(done / "checkpoints"), _used(done / "pipeline")
     # checkpoint: room for one checkpoint and a half (the second cannot be written beside the first);
     # export: one checkpoint (the last step's) and half the pipeline
     room = checkpoint * 3 // 2 if fails_in == "checkpoint" else checkpoint + pipeline // 2
     flags = [] if fails_in == "checkpoint" else ["--checkpoint_step_interval=4"]
-    disk = small_disk(room // 1024 + 32)
+    disk = resizable_disk(room // 1024 + 32)
     output = disk / "run"
     with pytest.raises(StorageError) as info:
         train(_config(env, output, *flags))
@@ -56,7 +56,7 @@ def test_a_full_disk_stops_cleanly_and_the_resume_is_bitwise(fails_in: str, refe
     assert f"could not write {fails_in}" in message and str(output) in message, message
     assert sorted(p.relative_to(output).as_posix() for p in output.rglob(".*")) == []  # nothing partial, no lock
     assert len(list((output / "checkpoints").glob("checkpoint-*"))) == 1
-    small_disk(room // 1024 + 4 * pipeline // 1024 + 4096)  # space freed: the same file system, bigger
+    resizable_disk(room // 1024 + 4 * pipeline // 1024 + 4096)  # space freed: the same file system, bigger
     result = train(_config(env, output, *flags, "--resume_from_checkpoint=latest"))
     assert same_weights(output / UNET, done / UNET)
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1, 2, 3, 4]

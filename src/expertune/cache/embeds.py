@@ -173,6 +173,11 @@ class EmbedCache:
             with tqdm(total=len(missing), desc="caching text embeddings", unit="caption", disable=not progress) as bar:
                 result = fill_entries(pending, batch_size=self.batch_size, encode=self._encode_batch, progress=bar)
             written, found = result.written, result.found
+            if result.failed:  # NonFiniteEntry: the text encoders gave NaN or infinity
+                caption, reason = result.failed[0]
+                raise DataError(f"caption {caption!r}: the text encoders' embedding is {reason.removeprefix('not cached: ')}"
+                                f" ({len(result.failed)} caption(s) in all); nothing was cached for them. Check the text "
+                                "encoders' weights and dtype (float32 avoids an fp16 overflow).")
         return CacheStats(encoded=written, reused=len(distinct) - len(missing) + found)
 
     def _encode_batch(self, batch: list[str]) -> list[Encoded | str]:

@@ -290,6 +290,9 @@ class LatentCache:
                 result = fill_entries(order, batch_size=self.batch_size, encode=self._encode_batch, progress=bar)
             written, reused = result.written, reused + result.found
             for (record, _), reason in result.failed:
+                if reason.startswith("not cached:"):  # NonFiniteEntry: the VAE's output, not the image
+                    reason += (f" in the latent of {record.path}: the VAE ({self.dtype}) overflowed or is damaged; "
+                               "an fp16 SDXL VAE needs the fp16-fix VAE, or encode in float32")
                 failed.setdefault(str(record.path), reason)
         return CacheStats(encoded=written, reused=reused, failed=tuple(failed.items()))
 

@@ -19,6 +19,15 @@ Several processes may fill one store at once (stage 2 started while stage 1 is s
 - *a journal*: every write appends one line `<key> <pid> <host> <unix time>` to `<root>/writes.log`
   (one `O_APPEND` write), so "who encoded what, and how often" is on disk for people and tests.
 
+Entries prove their bytes: each carries in its metadata an XXH3-128 digest (`DIGEST_FIELD`) of its header
+(dtypes, shapes, offsets, the other metadata) and its tensor bytes, and holds only finite values (`put` refuses
+NaN and infinity: `NonFiniteEntry`). The first read of an entry in a process (`get`, `contains`, `missing`)
+checks both; later reads of the same file (inode, size, mtime, ctime unchanged) do not. A damaged entry — a
+flipped bit, a torn or rewritten header, non-finite values — is removed with one warning naming it, so the
+next `ensure` rebuilds it; an entry of an older expertune, without a digest, is removed and rebuilt too (one
+info line each). `verified.jsonl` remembers shard folders whose every entry passed these checks, keyed by a
+listing of inode, size, mtime and ctime, so it vouches only for bytes it checked itself.
+
 `flock` needs a local file system or NFS with working locks (Linux: NFSv4 or lockd).
 """
 
@@ -31,7 +40,6 @@ import logging
 import os
 import re
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,17 +48,24 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_safetensors
 
+from expertune.cache.entry import (  # noqa: F401  (DIGEST_FIELD, entry_digest: re-exported for callers)
+    DIGEST_FIELD,
+    NO_DIGEST,
+    DamagedEntry,
+    NonFiniteEntry,
+    encode_entry,
+    entry_digest,
+    verify_entry,
+)
 from expertune.data.file_index import FileIndex, FileStamp, listing_version
-from expertune.io_utils import atomic_write_bytes
+from expertune.io_utils import append_bytes, atomic_write_bytes, file_mode, storage_error
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the meaning of stored entries changes: every key changes with it
 
 _KEY = re.compile(r"[0-9a-f]{64}")
-_MAX_HEADER = 100_000_000  # safetensors' own upper bound for a header
 _CONFIG_KEYS_IGNORED = frozenset(
     # Names, versions and run-time switches that do not change what the weights compute.
     {
@@ -156,7 +171,8 @@ class CacheStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self._written: dict[str, tuple[int, int]] = {}  # entries this object wrote: key -> (size, mtime_ns) then
+        # entries this object wrote or proved: key -> (inode, size, mtime_ns, ctime_ns) of the file it proved
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
 
     def __repr__(self) -> str:
         return f"CacheStore({str(self.root)!r})"
@@ -170,46 +186,72 @@ class CacheStore:
             raise ValueError(f"cache keys are 64 lowercase hex digits (see cache_key); got {key!r}")
         return os.path.join(self.root, key[:2], key + ENTRY_SUFFIX)
 
-    def contains(self, key: str) -> bool:
-        """Whether an intact entry exists: checked from its header and size, without reading tensors.
+    def _signature(self, stat: os.stat_result) -> tuple[int, int, int, int]:
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
-        A truncated or garbled file counts as absent (with a warning), so callers re-encode it.
-        """
+    def _read_verified(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The entry's (tensors, metadata), its bytes proven by `verify_entry` unless this process proved this very
+        file (inode, size, mtime, ctime) before; None when absent. A damaged entry is removed, with one warning
+        naming it (an entry of an older expertune, without a digest, with an info line), and is None."""
         path = self._entry_path(key)
+        proven = self._verified.get(key)
+        if proven is not None:  # proven by this process: read it as it is, if it is still that very file
+            try:
+                if self._signature(os.stat(path)) == proven:
+                    with safe_open(path, framework="pt", device="cpu") as handle:
+                        metadata = dict(handle.metadata() or {})
+                        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                    if self._signature(os.stat(path)) == proven:
+                        metadata.pop(DIGEST_FIELD, None)
+                        return tensors, metadata
+            except (OSError, SafetensorError, ValueError, RuntimeError):
+                pass  # replaced or gone meanwhile: read and prove it below
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with open(path, "rb", buffering=0) as stream:
+                signature = self._signature(os.fstat(stream.fileno()))
+                data = stream.read()
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:
-            logger.warning("cache entry %s is damaged (%s); it will be rewritten", path, exc)
-            return False
+            logger.warning("cache entry %s cannot be read (%s); it will be rewritten", path, exc)
+            return None
         try:
-            size = os.fstat(fd).st_size
-            (header_size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            if header_size > _MAX_HEADER or 8 + header_size > size:
-                raise ValueError(f"header length {header_size} does not fit a {size}-byte file")
-            header = json.loads(os.pread(fd, header_size, 8))
-            end = max(
-                (int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
-                default=0,
-            )
-            if 8 + header_size + end != size:
-                raise ValueError(f"header describes {8 + header_size + end} bytes, the file has {size}")
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
-            logger.warning("cache entry %s is damaged (%s); it will be rewritten", path, exc)
-            return False
-        finally:
-            os.close(fd)
-        return True
+            tensors, metadata = verify_entry(data)
+        except DamagedEntry as damage:
+            self._remove_damaged(path, signature, str(damage))
+            return None
+        self._verified[key] = signature
+        metadata.pop(DIGEST_FIELD, None)
+        return tensors, metadata
+
+    def _remove_damaged(self, path: str, signature: tuple[int, int, int, int], reason: str) -> None:
+        """Remove a damaged entry (unless another process has replaced it meanwhile), so it is rebuilt."""
+        old = reason == NO_DIGEST
+        try:
+            if self._signature(os.stat(path))[0] == signature[0]:
+                os.unlink(path)
+        except OSError:
+            pass
+        if old:
+            logger.info("cache entry %s was written without a digest (an older expertune); removed, it will be "
+                        "rebuilt", path)
+        else:
+            logger.warning("cache entry %s is damaged (%s); removed, it will be rebuilt", path, reason)
+
+    def contains(self, key: str) -> bool:
+        """Whether an intact entry exists: its bytes proven by its digest and finite (`verify_entry`), once per
+        process per file. A damaged entry counts as absent, and is removed with one warning naming it."""
+        return self._read_verified(key) is not None
 
     def missing(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` without an intact entry: `contains` of each, answered a shard folder at a time.
 
         A warm restart asks this of every entry, so a folder whose listing — every entry's name, size and mtime —
         is the one last verified whole is answered from that listing alone (one `stat` an entry, nothing opened).
-        Any other folder has every entry checked as `contains` does, and is remembered so in
-        `<root>/verified.jsonl` (a FileIndex: shared by every job of the store, a cache only). Any write, rename,
-        truncation or removal in a folder changes its listing; an edit that keeps both size and mtime is not seen.
+        Any other folder has every entry checked as `contains` does (digest and finite values), and is remembered
+        so in `<root>/verified.jsonl` (a FileIndex: shared by every job of the store, a cache only). The listing
+        holds each entry's inode, size, mtime and ctime: any write, rename, truncation or removal changes it — an
+        edit that restores size and mtime still moves the ctime, which no one can set back.
         `fill_entries` still checks each entry it claims with `contains` itself.
         """
         by_shard: dict[str, list[str]] = {}
@@ -233,12 +275,12 @@ class CacheStore:
                 absent.update(key for key in wanted if not self.contains(key))
                 continue
             stamp = FileStamp(os.path.abspath(folder), len(entries), listing_version(
-                [f"{key}\t{stat.st_size}\t{stat.st_mtime_ns}" for key, stat in entries.items()]))
+                ["\t".join(map(str, (key, *self._signature(stat)))) for key, stat in entries.items()]))
             remembered = index.get(VERIFIED_KIND, stamp)
             damaged = remembered.get("damaged") if remembered is not None else None
             if not isinstance(damaged, list):
                 damaged = [key for key, stat in sorted(entries.items())
-                           if self._written.get(key) != (stat.st_size, stat.st_mtime_ns) and not self.contains(key)]
+                           if self._verified.get(key) != self._signature(stat) and not self.contains(key)]
                 index.put(VERIFIED_KIND, stamp, {"damaged": damaged})
             bad = set(damaged)
             absent.update(key for key in wanted if key not in entries or key in bad)
@@ -246,32 +288,23 @@ class CacheStore:
         return absent
 
     def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """(tensors, metadata), or None when the entry is absent or cannot be read (logged)."""
-        path = self.path_for(key)
-        if not path.exists():
-            return None
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            logger.warning("cache entry %s cannot be read (%s); it will be re-encoded", path, exc)
-            return None
-        return tensors, metadata
+        """(tensors, metadata), or None when the entry is absent or damaged (then removed, with a warning).
+
+        The bytes are proven by the entry's digest, and its values finite, the first time this process reads
+        this file; later reads of the unchanged file (inode, size, mtime, ctime) skip the check."""
+        self._entry_path(key)
+        return self._read_verified(key)
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Write the entry atomically (a temporary file in the same folder, then os.replace) and journal it.
 
-        To avoid encoding twice what another process is encoding, hold the entry's `lock` around
-        the check, the encoding and the put (`fill_entries` does).
+        The entry carries its digest (`DIGEST_FIELD`); NonFiniteEntry when a tensor holds NaN or infinity (nothing
+        is written). To avoid encoding twice what another process is encoding, hold the entry's `lock` around
+        the check, the encoding and the put (`fill_entries` does). A full disk raises StorageError.
         """
         path = self.path_for(key)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError("cache entry metadata must map str to str")
-        own = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
-        atomic_write_bytes(path, save_safetensors(own, metadata=dict(metadata)))
-        written = os.stat(path)
-        self._written[key] = (written.st_size, written.st_mtime_ns)  # intact while it keeps this size and mtime
+        atomic_write_bytes(path, encode_entry(tensors, metadata))
+        self._verified[key] = self._signature(os.stat(path))  # intact while it is this very file
         self._journal(key)
 
     @property
@@ -280,11 +313,7 @@ class CacheStore:
 
     def _journal(self, key: str) -> None:
         line = f"{key} {os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode()
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)  # one short O_APPEND write: lines of concurrent writers never interleave
-        finally:
-            os.close(fd)
+        append_bytes(self.journal_path, line)  # one short O_APPEND write: lines of concurrent writers never interleave
 
     def journal(self) -> list[str]:
         """The keys written to this store, one per write, oldest first (see the module doc)."""
@@ -303,8 +332,11 @@ class CacheStore:
     def lock(self, key: str, *, blocking: bool = True) -> EntryLock | None:
         """Exclusive lock of one entry (`<key>.lock` beside it); None when `blocking` is False and it is held."""
         path = self.path_for(key).with_suffix(".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        except OSError as exc:
+            raise storage_error(path, exc) or exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -402,7 +434,11 @@ class _Filler(Generic[T]):
             self.advance()
             return
         if self.batch and (len(self.batch) >= self.batch_size or self.batch[0][0].group != entry.group):
-            self.flush()
+            try:
+                self.flush()
+            except BaseException:  # a full disk, say: this entry's locks are in no batch yet
+                _release_all(locks, done=False)
+                raise
         self.batch.append((Pending(entry.key, lacking, entry.item, entry.group), locks))
 
     def flush(self) -> None:
@@ -420,10 +456,15 @@ class _Filler(Generic[T]):
                     _release_all(locks, done=False)
                 else:
                     tensors, metadata = output
-                    for store in entry.stores:
-                        store.put(entry.key, tensors, metadata)
-                        self.result.written += 1
-                    _release_all(locks, done=True)
+                    try:
+                        for store in entry.stores:
+                            store.put(entry.key, tensors, metadata)
+                            self.result.written += 1
+                    except NonFiniteEntry as refused:
+                        self.result.failed.append((entry.item, f"not cached: {refused}"))
+                        _release_all(locks, done=False)
+                    else:
+                        _release_all(locks, done=True)
                 self.advance()
         finally:
             for _, locks in taken:

@@ -22,6 +22,7 @@ from expertune.config.simpletuner_flags import OPTIONS
 from expertune.config.simpletuner import FLAG_VARIABLES, TEMPLATE_VARIABLES, is_off, is_process_variable
 from expertune.config.validate import coerce_value, parse_bool, suggest, validate_values
 from expertune.errors import ConfigError, UnsupportedFeatureError
+from expertune.redaction import shown_value
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def apply_process_environment(variables: Mapping[str, str]) -> None:
     as sourcing the file in a shell would: the file's value wins over the inherited one."""
     for name, value in variables.items():
         if os.environ.get(name) != value:
-            log.info("config.env sets %s=%s in the environment of the run", name, value)
+            log.info("config.env sets %s=%s in the environment of the run", name, shown_value(name, value))
         os.environ[name] = value
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from expertune.data.buckets import ALIGNMENTS, CROP_ASPECTS, CROP_STYLES, DEFAULT_ALIGNMENT, RESOLUTION_TYPES, BucketRule
 from expertune.errors import ConfigError
+from expertune.redaction import remember_secret
 from expertune.resolution import (
     implausible_megapixels,
     nearest_multiples_of_8,
@@ -43,9 +44,10 @@ _TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disa
 _AWS_FIELDS = frozenset(
     {
         "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id", "aws_secret_access_key",
-        "aws_data_prefix",
+        "aws_data_prefix", "aws_max_object_bytes",
     }
 )
+DEFAULT_MAX_OBJECT_BYTES = 256 * 2**20  # aws_max_object_bytes: a larger object is skipped, never downloaded
 BACKENDS = ("local", "aws")
 
 
@@ -60,6 +62,7 @@ class S3Location:
     endpoint_url: str | None = None
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # aws_max_object_bytes: larger objects are skipped
 
     def url(self, key: str = "") -> str:
         """`s3://bucket/key` of an object (`key` is the full object key)."""
@@ -328,7 +331,7 @@ def _s3_location(entry: _Entry) -> S3Location:
     """The bucket of an `aws` entry; a field left out falls back to boto's environment and config files."""
     bucket = entry.string("aws_bucket_name", required=True)
     assert bucket is not None
-    if "/" in bucket or bucket.startswith("s3:"):
+    if "/" in bucket or bucket.startswith("s3:") or bucket in (".", "..") or "\\" in bucket or "\0" in bucket:
         raise entry.error("aws_bucket_name", f"{bucket!r} is not a bucket name",
                           "Give the bare bucket name; put the folder in \"aws_data_prefix\".")
     endpoint = entry.string("aws_endpoint_url")
@@ -336,6 +339,8 @@ def _s3_location(entry: _Entry) -> S3Location:
         raise entry.error("aws_endpoint_url", f"{endpoint!r} is not an http(s) URL",
                           "Give the full URL, e.g. \"https://s3.example.com\" (or leave it out for AWS itself).")
     key_id, secret = entry.string("aws_access_key_id"), entry.string("aws_secret_access_key")
+    remember_secret(key_id)  # hidden from every log line (expertune.redaction)
+    remember_secret(secret)
     if (key_id is None) != (secret is None):
         missing = "aws_secret_access_key" if secret is None else "aws_access_key_id"
         raise entry.error(missing, "is missing while its pair is given",
@@ -344,8 +349,14 @@ def _s3_location(entry: _Entry) -> S3Location:
     prefix = (entry.string("aws_data_prefix") or "").lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    if prefix and any(part in ("", ".", "..") for part in prefix[:-1].split("/")):
+        raise entry.error("aws_data_prefix", f"{prefix!r} has an empty, '.' or '..' folder (a '..' folder leaves "
+                          "the mirror)",
+                          "Give the folder as a/b/ (no '//', '.' or '..'): the mirror is laid out like the prefix.")
     return S3Location(bucket=bucket, prefix=prefix, region=entry.string("aws_region_name"), endpoint_url=endpoint,
-                      access_key_id=key_id, secret_access_key=secret)
+                      access_key_id=key_id, secret_access_key=secret,
+                      max_object_bytes=entry.integer("aws_max_object_bytes", default=DEFAULT_MAX_OBJECT_BYTES,
+                                                     minimum=1))
 
 
 def _mirror_dir(remote: S3Location, default_cache_dir: Path) -> Path:

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from expertune.io_utils import atomic_write_bytes
+from expertune.io_utils import append_bytes, atomic_write_bytes, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,13 @@ def local_stamp(path: str | os.PathLike) -> FileStamp:
     if not os.path.isabs(absolute):
         absolute = os.path.abspath(absolute)
     stat = os.stat(absolute)
-    return FileStamp(identity=absolute, size=stat.st_size, version=str(stat.st_mtime_ns))
+    return FileStamp(identity=absolute, size=stat.st_size, version=stamp_version(stat))
+
+
+def stamp_version(stat: os.stat_result) -> str:
+    """A local file's version: mtime, inode and ctime (ns). An edit that restores size and mtime still moves the
+    ctime (which no one can set back), and a file replaced by another is another inode."""
+    return f"{stat.st_mtime_ns}.{stat.st_ino}.{stat.st_ctime_ns}"
 
 
 class FileIndex:
@@ -148,7 +154,14 @@ class FileIndex:
         if any(char in kind + version for char in "\t\n\r"):
             raise ValueError(f"file index kind and version must not hold tabs or newlines: {kind!r}, {version!r}")
         data = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        return f"{INDEX_VERSION}\t{kind}\t{size}\t{version}\t{json.dumps(identity, ensure_ascii=False)}\t{data}\n"
+        line = f"{INDEX_VERSION}\t{kind}\t{size}\t{version}\t{json.dumps(identity, ensure_ascii=False)}\t{data}\n"
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a name that is not UTF-8 (a surrogate escape): written JSON-escaped
+            plain = json.loads(value) if isinstance(value, str) else value
+            line = (f"{INDEX_VERSION}\t{kind}\t{size}\t{version}\t{json.dumps(identity)}\t"
+                    f"{json.dumps(plain, separators=(',', ':'))}\n")
+        return line
 
     def flush(self) -> None:
         """Append the entries added since the last flush (one write, and one to the folder entries' file);
@@ -161,12 +174,10 @@ class FileIndex:
         data = "".join(self._line(kind, s.identity, s.size, s.version, v) for kind, s, v in self._new).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+            append_bytes(self.path, data)  # a full disk: StorageError (exit 3); a torn tail line is skipped on load
         except OSError as exc:  # a read-only cache dir: the run goes on, the next one re-reads
+            if (full := storage_error(self.path, exc)) is not None:
+                raise full from None
             logger.warning("file index %s cannot be written (%s); the next run reads these files again",
                            self.path, exc)
             self._new.clear()

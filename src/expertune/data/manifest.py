@@ -10,8 +10,11 @@ its images are the manifest's rows, so discovery of a million images is one read
 - `width`, `height` (optional, pixels): recorded on the record; `expertune audit` uses them to flag small
   images without opening the file. The file's own header stays authoritative for training.
 
-A row that cannot be used (no path, a path outside the dataset, a bad width) is a DataError naming the
-manifest, the line and the fix: a manifest is written by a program, and a wrong one should stop the run.
+A row that cannot be used (no path, a local path outside the dataset, a bad width) is a DataError naming the
+manifest, the line and the fix: a manifest is written by a program, and a wrong one should stop the run. An
+`aws` row is an object key: one that cannot be mirrored under the dataset (an absolute, empty, `.` or `..`
+component, a name too long for the file system; `paths.contained_path`) is skipped and listed, as a key of a
+listed bucket is.
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def _captions(value: Any) -> tuple[str, ...] | None:
 def read_manifest(path: str | os.PathLike, *, remote: bool = False) -> list[ManifestRow]:
     """Every row of the manifest, in file order; DataError naming the file and line on a bad row.
 
-    `remote`: the paths are object keys (relative to the prefix; no absolute paths).
+    `remote`: the paths are object keys relative to the prefix, kept as written: where each is mirrored is
+    decided by `paths.contained_path` (through `S3Dataset.local_path`), which refuses — skips and lists — a row
+    that would leave the mirror.
     """
     source = Path(path)
     rows: list[ManifestRow] = []
@@ -115,9 +120,7 @@ def read_manifest(path: str | os.PathLike, *, remote: bool = False) -> list[Mani
                                 f"{', '.join(PATH_COLUMNS)}). Add it.")
             value = str(row[column])
             relative = PurePosixPath(value)
-            if remote and relative.is_absolute():
-                value = value.lstrip("/")
-            elif ".." in relative.parts:
+            if not remote and ".." in relative.parts:
                 raise DataError(f"{source}: line {number}: path {value!r} leaves the dataset folder. Give it "
                                 "relative to instance_data_dir (or aws_data_prefix), without '..'.")
             rows.append(ManifestRow(line=number, path=value, captions=_captions(row.get("caption")),

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from expertune.data.dataloader import DatasetSpec
+from expertune.data.paths import UnsafePath
 from expertune.data.file_index import FileIndex, local_stamp
 from expertune.data.records import ImageRecord
 from expertune.data.remote import RemoteObject, S3Dataset
@@ -35,17 +36,30 @@ def is_current(record: ImageRecord, index: FileIndex) -> bool:
 
 
 def fetch_records(spec: DatasetSpec, records: Sequence[ImageRecord], index: FileIndex) -> dict[str, str]:
-    """Fetch every record's object that is not mirrored at its listed version: {key: reason} of failures."""
+    """Fetch every record's object that is not mirrored at its listed version: {key: reason} of failures.
+
+    Each object goes to `S3Dataset.local_path` of its key (the one place that maps keys to paths); a record
+    whose path is not that one is refused, not written. A full disk raises StorageError (exit 3)."""
     jobs = []
+    failures: dict[str, str] = {}
+    bucket = S3Dataset(spec)
     for record in records:
         if record.remote_key is None or record.stamp is None or is_current(record, index):
             continue
+        try:
+            path = bucket.local_path(record.remote_key)
+        except UnsafePath as error:
+            failures[record.remote_key] = f"object {record.stamp.identity} is not mirrored: {error}"
+            continue
+        if path != record.path:
+            failures[record.remote_key] = f"object {record.stamp.identity} belongs at {path}, not {record.path}"
+            continue
         jobs.append((record, RemoteObject(record.remote_key, record.stamp.size, record.stamp.version)))
     if not jobs:
-        return {}
+        return failures
     assert spec.remote is not None
     logger.info("dataset %r: fetching %d objects from %s", spec.id, len(jobs), spec.remote.url(spec.remote.prefix))
-    failures = S3Dataset(spec).fetch_many((obj.key, record.path, obj) for record, obj in jobs)
+    failures.update(bucket.fetch_many((obj.key, obj) for _, obj in jobs))
     for record, obj in jobs:
         if obj.key not in failures:
             index.put(MIRROR_KIND, local_stamp(record.path), {"etag": obj.etag})

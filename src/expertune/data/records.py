@@ -1,7 +1,7 @@
 """The image records of one dataset: every image of its directory paired with its captions.
 
 `discover_records` walks one dataset's directory (a `DatasetSpec` of `data.dataloader`), or lists its
-bucket (an `aws` entry, `data.remote`), and pairs every image with its captions; what it leaves out is
+bucket or reads its manifest (`data.catalog`), and pairs every image with its captions; what it leaves out is
 logged and returned with the reason. Caption files are read once: their text is kept in the persistent
 `FileIndex` under the file's stamp, and all of a local folder's captions under its listing
 (`FolderListing`, `FileIndex.folders`). See docs/datasets.md and docs/storage.md.
@@ -13,12 +13,18 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import NamedTuple
 
 from expertune.data.dataloader import CAPTION_STRATEGIES, DatasetSpec
-from expertune.data.file_index import FileIndex, FileStamp, FolderEntries, listing_version, local_stamp
-from expertune.data.remote import RemoteObject as RemoteObjectType
+from expertune.data.file_index import (
+    FileIndex,
+    FileStamp,
+    FolderEntries,
+    listing_version,
+    local_stamp,
+    stamp_version,
+)
 from expertune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -80,19 +86,39 @@ def _entry_stamp(identity: str, entry: os.DirEntry) -> FileStamp | None:
         stat = entry.stat()  # follows a link, as os.stat does
     except OSError:
         return None
-    return FileStamp(identity, stat.st_size, str(stat.st_mtime_ns))
+    return FileStamp(identity, stat.st_size, stamp_version(stat))
 
 
 def _stamp_line(name: str, stamp: FileStamp | None) -> str:
     return f"{name}\t-" if stamp is None else f"{name}\t{stamp.size}\t{stamp.version}"
 
 
-def _walk_images(directory: Path) -> list[_Listed]:
+def shown_name(path: str | os.PathLike) -> str:
+    """A path as text anyone can print and store: bytes that are not UTF-8 as backslash escapes (\\xff)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _undecodable(name: str) -> bool:
+    """Whether a name from the file system is not UTF-8 (Python holds its bytes as surrogate escapes)."""
+    if name.isascii():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _walk_images(directory: Path, undecodable: list[str] | None = None) -> list[_Listed]:
     """Images under `directory`, recursively, following links once; hidden names are skipped.
 
     One `scandir` a folder and one `stat` a file (the image's and its caption's stamps, as `local_stamp`
     gives them, and each folder's `FolderListing`), so a restart over an unchanged dataset costs a listing
     and the index lookups, nothing more.
+
+    A file or folder whose name is not UTF-8 (a byte 0xff, say) is left out with a warning naming it (escaped),
+    and added to `undecodable` (its path as `shown_name` gives it): the caches, the index and run.json hold
+    only text names.
     """
     found: list[_Listed] = []
     visited: set[str] = set()
@@ -108,6 +134,12 @@ def _walk_images(directory: Path) -> list[_Listed]:
                 entries = {entry.name: entry for entry in listing if entry.name[0] != "."}
         except OSError:
             continue  # as os.walk: an unreadable folder holds nothing
+        for name in [name for name in entries if _undecodable(name)]:
+            shown = shown_name(os.path.join(root, name))
+            logger.warning("skipping %s: its name is not UTF-8; rename it (e.g. with convmv) to use it", shown)
+            if undecodable is not None:
+                undecodable.append(shown)
+            del entries[name]
         prefix = root + os.sep if not root.endswith(os.sep) else root
         absolute = prefix if os.path.isabs(root) else os.path.abspath(root) + os.sep
         folders = []
@@ -232,126 +264,6 @@ def _finish(spec: DatasetSpec, records: list[ImageRecord], skipped: list[Skipped
     return Discovery(records=records, skipped=skipped)
 
 
-def _discover_remote(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
-    """An `aws` entry: one streamed listing of its prefix; caption files read concurrently, once."""
-    from expertune.data.remote import RemoteObject, S3Dataset
-
-    assert spec.remote is not None
-    location = spec.remote
-    bucket = S3Dataset(spec)
-    bucket.check()
-    images: list[RemoteObject] = []
-    texts: dict[str, RemoteObject] = {}
-    for obj in bucket.list_objects():
-        relative = PurePosixPath(obj.key[len(location.prefix):])
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        suffix = relative.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
-            images.append(obj)
-        elif suffix == ".txt" and spec.caption_strategy == "textfile":
-            texts[obj.key] = obj
-
-    def local(key: str) -> Path:
-        return spec.instance_data_dir / key[len(location.prefix):]
-
-    captions_of: dict[str, tuple[tuple[str, ...], str | None]] = {}
-    if spec.caption_strategy == "textfile":
-        unread: dict[str, FileStamp] = {}
-        for obj in images:
-            text_key = str(PurePosixPath(obj.key).with_suffix(".txt"))
-            text = texts.get(text_key)
-            if text is None:
-                captions_of[obj.key] = ((), f"caption file {location.url(text_key)} is missing")
-                continue
-            stamp = FileStamp(location.url(text_key), text.size, text.etag)
-            recalled = _recalled(index, stamp)
-            if recalled is not None:
-                captions_of[obj.key] = recalled
-            else:
-                unread[obj.key] = stamp
-        text_keys = {key: str(PurePosixPath(key).with_suffix(".txt")) for key in unread}
-        contents = bucket.read_many(text_keys.values())
-        for key, stamp in unread.items():
-            content = contents[text_keys[key]]
-            if isinstance(content, str):
-                captions_of[key] = ((), content)  # vanished or unreadable: not remembered
-            else:
-                captions_of[key] = parse_captions(content, location.url(text_keys[key]))
-                _remember(index, stamp, captions_of[key])
-
-    records: list[ImageRecord] = []
-    skipped: list[SkippedImage] = []
-    for obj in images:
-        path = local(obj.key)
-        captions, reason = captions_of[obj.key] if obj.key in captions_of else _other_captions(spec, path)
-        if reason is not None:
-            logger.warning("dataset %r: skipping %s: %s", spec.id, location.url(obj.key), reason)
-            skipped.append(SkippedImage(path=path, reason=reason))
-        else:
-            stamp = FileStamp(location.url(obj.key), obj.size, obj.etag)
-            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=stamp,
-                                       remote_key=obj.key))
-    records.sort(key=lambda record: record.path)
-    return _finish(spec, records, skipped, len(images), location.url(location.prefix))
-
-
-def _from_manifest(spec: DatasetSpec, index: FileIndex | None) -> Discovery:
-    """A dataset with a manifest: its rows, without walking or listing; for a bucket, each object's size
-    and ETag by a HEAD request (no bytes), which also finds the keys that do not exist."""
-    from expertune.data.manifest import read_manifest
-
-    assert spec.manifest is not None
-    rows = read_manifest(spec.manifest, remote=spec.remote is not None)
-    records: list[ImageRecord] = []
-    skipped: list[SkippedImage] = []
-    heads: dict[str, Any] = {}
-    texts: dict[str, bytes | str] = {}
-    if spec.remote is not None:
-        from expertune.data.remote import S3Dataset
-
-        bucket = S3Dataset(spec)
-        bucket.check()
-        keys = [spec.remote.prefix + row.path for row in rows]
-        heads = bucket.head_many(keys)
-        if spec.caption_strategy == "textfile":
-            texts = bucket.read_many(str(PurePosixPath(key).with_suffix(".txt"))
-                                     for key, row in zip(keys, rows) if row.captions is None and heads.get(key))
-    for row in rows:
-        path = Path(row.path) if Path(row.path).is_absolute() else spec.instance_data_dir / row.path
-        declared = (row.height, row.width) if row.width and row.height else None
-        stamp, key = None, None
-        reason: str | None = None
-        if spec.remote is not None:
-            key = spec.remote.prefix + row.path
-            head = heads.get(key)
-            if not isinstance(head, RemoteObjectType):
-                reason = head if isinstance(head, str) else f"object {spec.remote.url(key)} does not exist"
-            else:
-                stamp = FileStamp(spec.remote.url(key), head.size, head.etag)
-        if reason is None:
-            if row.captions is not None:
-                captions: tuple[str, ...] = row.captions
-            elif spec.caption_strategy == "textfile" and key is not None and spec.remote is not None:
-                text_key = str(PurePosixPath(key).with_suffix(".txt"))
-                content = texts.get(text_key, "")
-                captions, reason = ((), content or f"caption file {spec.remote.url(text_key)} is missing") \
-                    if isinstance(content, str) else parse_captions(content, spec.remote.url(text_key))
-            elif spec.caption_strategy == "textfile":
-                captions, reason = _captions_from_textfile(path, index)
-            else:
-                captions, reason = _other_captions(spec, path)
-        if reason is not None:
-            reason = f"{reason} (manifest {spec.manifest.name} line {row.line})"
-            logger.warning("dataset %r: skipping %s: %s", spec.id, path, reason)
-            skipped.append(SkippedImage(path=path, reason=reason))
-        else:
-            records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=stamp,
-                                       remote_key=key, declared_size=declared))
-    records.sort(key=lambda record: record.path)
-    return _finish(spec, records, skipped, len(rows), str(spec.manifest))
-
-
 def read_exclusions(path: Path) -> frozenset[str]:
     """The entries of an exclude file: one image per line (a path, or an `s3://` URL); `#` lines are comments."""
     try:
@@ -393,10 +305,12 @@ def discover_records(spec: DatasetSpec, index: FileIndex | None = None) -> Disco
     has usable images (`prepare_data` stops when none has). Caption files found unchanged in `index`
     are not read again. Images named in the entry's `exclude_file` are left out (logged as a count).
     """
+    from expertune.data.catalog import discover_remote, from_manifest  # they build on this module
+
     if spec.manifest is not None:
-        found = _from_manifest(spec, index)
+        found = from_manifest(spec, index)
     elif spec.remote is not None:
-        found = _discover_remote(spec, index)
+        found = discover_remote(spec, index)
     else:
         found = _discover_local(spec, index)
     return _excluded(spec, found)
@@ -412,7 +326,10 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
     whole-folder entry; otherwise each caption file comes from its own entry, or is read (and both are kept)."""
     records: list[ImageRecord] = []
     skipped: list[SkippedImage] = []
-    listed = _walk_images(spec.instance_data_dir)
+    unnamed: list[str] = []
+    listed = _walk_images(spec.instance_data_dir, unnamed)
+    skipped.extend(SkippedImage(path=Path(shown), reason="its name is not UTF-8; rename it to use it")
+                   for shown in unnamed)
     textfile = spec.caption_strategy == "textfile"
     folders = FolderEntries(index, FOLDER_CAPTIONS_KIND, "c")
     for found in listed:
@@ -438,4 +355,4 @@ def _discover_local(spec: DatasetSpec, index: FileIndex | None = None) -> Discov
             records.append(ImageRecord(path=path, captions=captions, dataset_id=spec.id, stamp=found.stamp,
                                        listing=found.folder.images))
     folders.remember()
-    return _finish(spec, records, skipped, len(listed), str(spec.instance_data_dir))
+    return _finish(spec, records, skipped, len(listed) + len(unnamed), str(spec.instance_data_dir))

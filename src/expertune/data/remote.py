@@ -5,9 +5,11 @@
 - **Requests** are retried by botocore (`standard` mode: throttling, 5xx, dropped connections, with
   exponential backoff and jitter); a body that breaks off while it streams — which botocore does not
   retry — is fetched again here, with backoff, up to `READ_ATTEMPTS` times.
-- **Downloads** run `DOWNLOAD_WORKERS` at a time and are written atomically (`io_utils.atomic_write_bytes`):
-  a reader sees a whole object or no file, never part of one. An object whose length differs from what
-  the server announced is a failed read, not a file.
+- **Downloads** run `DOWNLOAD_WORKERS` at a time, each streamed to disk a chunk at a time and renamed into
+  place (`io_utils.atomic_writer`): a reader sees a whole object or no file, never part of one. An object
+  whose length differs from what the server announced, or whose ETag is not the listed one, is a failed
+  read, not a file; one over `aws_max_object_bytes` (default 256 MiB) is skipped unread. Where it goes is
+  `paths.contained_path` of its key: a key that would leave the mirror, or cannot be a file, is skipped.
 - **Errors** a user must fix (no such bucket, access denied, bad credentials, endpoint unreachable) are a
   `DataError` naming the dataset entry, the bucket and the fix, raised by `check` before any training.
   A key that vanishes or cannot be read later is reported per key, and the image is skipped.
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import random
@@ -27,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from expertune.data.dataloader import DatasetSpec, S3Location
+from expertune.data.paths import UnsafePath, contained_path
 from expertune.errors import DataError
-from expertune.io_utils import atomic_write_bytes
+from expertune.io_utils import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +45,20 @@ READ_BACKOFF_S = 0.2  # first wait; doubled each attempt, with jitter
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
 
+STREAM_CHUNK_BYTES = 1 << 20  # an object is written to disk this much at a time
+SMALL_OBJECT_BYTES = 1 << 20  # the most a caption file may hold: `read` keeps it in memory
+
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _DENIED_CODES = frozenset({"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"})
 _CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"})
+
+
+class _ShortBody(Exception):
+    """A body that broke off while it streamed: read again."""
+
+
+class _Oversize(Exception):
+    """A body longer than announced or than aws_max_object_bytes: skipped."""
 
 
 @dataclass(frozen=True)
@@ -247,70 +262,168 @@ class S3Dataset:
 
     # ---- reading ---------------------------------------------------------------------------------
 
+    def local_path(self, key: str) -> Path:
+        """Where the object `key` is mirrored: `paths.contained_path` of its name below the prefix, under the
+        entry's mirror folder; UnsafePath (naming why) for a key that would leave it or cannot be a file."""
+        prefix = self.location.prefix
+        if not key.startswith(prefix):
+            raise UnsafePath(f"key {key!r} is not under the prefix {prefix!r}")
+        return contained_path(self.spec.instance_data_dir, key[len(prefix):])
+
+    def _attempts(self, key: str) -> Iterator[int]:
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(READ_BACKOFF_S * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            yield attempt
+
+    def _get_object(self, key: str) -> dict[str, Any]:
+        """GetObject; KeyError when the key does not exist, DataError when access is refused."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response: dict[str, Any] = self.client.get_object(Bucket=self.location.bucket, Key=key)
+            return response
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _MISSING_KEY_CODES:
+                raise KeyError(key) from None
+            if code in _DENIED_CODES | _CREDENTIAL_CODES:
+                raise DataError(f"{self.location.url(key)}: {code} while reading ({exc}). Check the credentials' "
+                                "s3:GetObject permission on this key.") from None
+            raise
+
+    def _too_large(self, key: str, size: int, cap: int | None = None) -> str | None:
+        if cap is not None and size > cap:
+            return (f"object {self.location.url(key)} is {size} bytes, over {cap} bytes (the most a caption file "
+                    "may hold); it is not read")
+        cap = self.location.max_object_bytes
+        if size <= cap:
+            return None
+        return (f"object {self.location.url(key)} is {size} bytes, over the entry's aws_max_object_bytes ({cap}); "
+                "it is not downloaded (raise aws_max_object_bytes to use it)")
+
     def read(self, key: str) -> tuple[bytes, str]:
-        """(bytes, ETag) of one object; a broken-off body is read again with backoff.
+        """(bytes, ETag) of one small object (a caption file, at most `SMALL_OBJECT_BYTES`, read into memory); a
+        broken-off body is read again with backoff.
 
         Raises KeyError when the key does not exist (any more), DataError (naming the key) when it still
-        cannot be read after every attempt.
+        cannot be read after every attempt or is larger than aws_max_object_bytes.
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
         url = self.location.url(key)
         last: BaseException | None = None
-        for attempt in range(READ_ATTEMPTS):
-            if attempt:
-                time.sleep(READ_BACKOFF_S * (2 ** (attempt - 1)) * (0.5 + random.random()))
+        for attempt in self._attempts(key):
             try:
-                response = self.client.get_object(Bucket=self.location.bucket, Key=key)
+                response = self._get_object(key)
                 body = response["Body"]
                 try:
-                    data = body.read()
+                    expected = int(response.get("ContentLength", 0))
+                    if (reason := self._too_large(key, expected, SMALL_OBJECT_BYTES)) is not None:
+                        raise DataError(reason)
+                    data = body.read(min(SMALL_OBJECT_BYTES, self.location.max_object_bytes) + 1)
                 finally:
                     body.close()
-                expected = int(response.get("ContentLength", len(data)))
+                if (reason := self._too_large(key, len(data), SMALL_OBJECT_BYTES)) is not None:
+                    raise DataError(reason)
                 if len(data) != expected:
                     raise OSError(f"got {len(data)} of {expected} bytes")
                 return data, str(response.get("ETag", "")).strip('"')
-            except ClientError as exc:
-                code = _error_code(exc)
-                if code in _MISSING_KEY_CODES:
-                    raise KeyError(key) from None
-                if code in _DENIED_CODES | _CREDENTIAL_CODES:
-                    raise DataError(f"{url}: {code} while reading ({exc}). Check the credentials' s3:GetObject "
-                                    "permission on this key.") from None
-                last = exc
-            except (BotoCoreError, OSError) as exc:  # IncompleteRead, ResponseStreamingError, a short body
+            except (ClientError, BotoCoreError, OSError) as exc:  # IncompleteRead, ResponseStreamingError, short
                 last = exc
             logger.info("%s: read attempt %d of %d failed (%s)", url, attempt + 1, READ_ATTEMPTS, last)
         raise DataError(f"{url}: cannot be read after {READ_ATTEMPTS} attempts ({last}). Check the bucket and "
                         "the network; the image is skipped.")
 
-    def fetch(self, key: str, target: Path, expected: RemoteObject | None = None) -> str | None:
-        """Download `key` to `target` atomically; None, or the reason the image must be skipped."""
+    def fetch(self, key: str, expected: RemoteObject | None = None) -> str | None:
+        """Stream `key` to its `local_path` atomically: None, or the reason the image must be skipped.
+
+        The body goes to disk a chunk at a time (never whole in memory), is refused past aws_max_object_bytes,
+        and is kept only when its length is the announced one and its ETag the listed one. A key that cannot
+        be a file under the mirror, or a file that cannot be written there (a folder in the way, no permission),
+        is a reason, never a write elsewhere. A full disk raises StorageError: the run stops (exit 3).
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
         url = self.location.url(key)
         try:
-            data, etag = self.read(key)
-        except KeyError:
-            return f"object {url} no longer exists (it was deleted after the bucket was listed)"
-        except DataError as error:
-            return str(error).removeprefix(f"{url}: ")
-        if expected is not None and expected.etag and etag and etag != expected.etag:
-            return (f"object {url} changed after the bucket was listed (ETag {expected.etag} -> {etag}); "
-                    "the next run uses the new version")
-        atomic_write_bytes(target, data)
+            target = self.local_path(key)
+        except UnsafePath as error:
+            return f"object {url} is not mirrored: {error}"
+        if expected is not None and (reason := self._too_large(key, expected.size)) is not None:
+            return reason
+        last: BaseException | None = None
+        for attempt in self._attempts(key):
+            try:
+                response = self._get_object(key)
+            except KeyError:
+                return f"object {url} no longer exists (it was deleted after the bucket was listed)"
+            except DataError as error:
+                return str(error).removeprefix(f"{url}: ")
+            except (ClientError, BotoCoreError) as exc:
+                last = exc
+                continue
+            body = response["Body"]
+            try:
+                etag = str(response.get("ETag", "")).strip('"')
+                if expected is not None and expected.etag and etag and etag != expected.etag:
+                    return (f"object {url} changed after the bucket was listed (ETag {expected.etag} -> {etag}); "
+                            "the next run uses the new version")
+                length = int(response.get("ContentLength", -1))
+                if (reason := self._too_large(key, length)) is not None:
+                    return reason
+                return self._stream(url, body, target, length)
+            except (BotoCoreError, _ShortBody) as exc:  # broke off mid-stream: again, with backoff
+                last = exc
+            finally:
+                body.close()
+            logger.info("%s: read attempt %d of %d failed (%s)", url, attempt + 1, READ_ATTEMPTS, last)
+        return f"cannot be read after {READ_ATTEMPTS} attempts ({last}). Check the bucket and the network"
+
+    def _stream(self, url: str, body: Any, target: Path, length: int) -> str | None:
+        """Write `body` to `target` through `atomic_writer`: None, or why it cannot be kept (`_ShortBody` for a
+        body that broke off, to be read again)."""
+        cap = self.location.max_object_bytes
+        streaming = False
+        try:
+            with atomic_writer(target) as stream:
+                streaming = True
+                got = 0
+                for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                    got += len(chunk)
+                    if got > cap:
+                        raise _Oversize(f"object {url} grew past aws_max_object_bytes ({cap}) while it was read")
+                    if length >= 0 and got > length:
+                        raise _Oversize(f"object {url} sent more than its announced {length} bytes")
+                    stream.write(chunk)
+                streaming = False
+                if length >= 0 and got != length:
+                    raise _ShortBody(f"got {got} of {length} bytes")
+        except _Oversize as error:
+            return str(error)
+        except OSError as exc:
+            if streaming and not isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)) \
+                    and exc.errno not in (errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST):
+                raise _ShortBody(str(exc)) from None  # the connection, not the disk
+            return f"object {url} cannot be written to {target} ({exc.strerror or exc}); skipped"
         return None
 
-    def fetch_many(self, jobs: Iterable[tuple[str, Path, RemoteObject | None]]) -> dict[str, str]:
-        """Download every (key, target, expected) job, `DOWNLOAD_WORKERS` at a time: {key: reason} of failures."""
+    def fetch_many(self, jobs: Iterable[tuple[str, RemoteObject | None]]) -> dict[str, str]:
+        """Download every (key, expected) job, `DOWNLOAD_WORKERS` at a time: {key: reason} of failures.
+        A full disk (StorageError) stops them all and is raised."""
         jobs = list(jobs)
         if not jobs:
             return {}
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(jobs)),
                                 thread_name_prefix=f"s3-{self.spec.id}") as pool:
-            for (key, _, _), reason in zip(jobs, pool.map(lambda job: self.fetch(*job), jobs)):
-                if reason is not None:
-                    failures[key] = reason
+            try:
+                for (key, _), reason in zip(jobs, pool.map(lambda job: self.fetch(*job), jobs)):
+                    if reason is not None:
+                        failures[key] = reason
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return failures
 
     def read_many(self, keys: Iterable[str]) -> dict[str, bytes | str]:

@@ -143,12 +143,28 @@ def image_size(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -
     return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
 
 
+SIXTEEN_BIT_BAND_PIXELS = 1 << 20  # 16-bit pixels scaled a band of rows at a time: about 6 MiB at most
+
+
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    """Grey 16-bit (or 32-bit integer) pixels scaled to 8 bits; PIL's own convert clips them to white."""
-    array = np.asarray(image).astype(np.float64)
-    if image.mode != "I" or array.max(initial=0) > 255:  # "I" holding 8-bit values is left as it is
-        array = array / 257.0
-    grey = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    """Grey 16-bit (or 32-bit integer) pixels scaled to 8 bits; PIL's own convert clips them to white.
+
+    In integers, a band of rows at a time: `(v + 128) // 257` is `rint(v / 257)` for every integer v (no ties), so
+    the pixels equal the float formula's while the memory beyond the decoded image is its 8-bit copy and one band
+    (never a float64 copy of the whole image: 1 GiB at MAX_IMAGE_PIXELS)."""
+    low, high = image.getextrema()
+    scale = image.mode != "I" or high > 255  # "I" holding 8-bit values is left as it is
+    width, height = image.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, SIXTEEN_BIT_BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(height, top + rows)))).astype(np.int32)
+        if scale:
+            np.clip(band, 0, 65535, out=band)
+            band += 128
+            band //= 257
+        np.clip(band, 0, 255, out=band)
+        grey[top:top + band.shape[0]] = band
     return Image.fromarray(grey, "L").convert("RGB")
 
 

@@ -10,20 +10,22 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written."""
+    """Appends one JSON object per line in one write, so a crash loses at most the line being written; a full
+    disk is a StorageError (exit 3) naming the file, with the torn line cut back (the run is its sole writer)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._stream = open(self.path, "a", encoding="utf-8")
+        self.path.touch()
 
     def write(self, record: dict[str, Any]) -> None:
+        from expertune.io_utils import append_bytes
+
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._stream.write(json.dumps(clean, sort_keys=True) + "\n")
-        self._stream.flush()
+        append_bytes(self.path, (json.dumps(clean, sort_keys=True) + "\n").encode("utf-8"), sole_writer=True)
 
     def close(self) -> None:
-        self._stream.close()
+        """Nothing is held open between lines."""
 
 
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict[str, Any]]:
