@@ -240,6 +240,10 @@ def summarize(workspace: Path, run_dir: Path, reader: MetricsReader,
             return summary
         metrics_path = run_dir / "metrics.jsonl"
         columns = reader.read(metrics_path)
+        if columns.bad_lines and not columns.training and not columns.validation and run_json is None:
+            summary.state = "damaged"
+            summary.detail = f"metrics.jsonl holds no expertune rows ({columns.bad_lines} unreadable lines): not a run"
+            return summary
         checkpoints = checkpoint_list(run_dir)
         summary.checkpoints = sum(1 for c in checkpoints if c["complete"])
         summary.step = columns.last_step
