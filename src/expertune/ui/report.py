@@ -67,4 +67,5 @@ def write_report(run_dir: Path, out: Path, image_width: int = 256) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, html.encode("utf-8"))
+    out.chmod(0o644)  # a file to share
     return out

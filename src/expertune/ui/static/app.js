@@ -104,7 +104,7 @@ function lineChart({ title, xLabel, yLabel, series, logY = false, height = 220, 
     svg.append(s("line", { class: "grid", x1: L, x2: W - R, y1: py(t), y2: py(t) }));
     svg.append(s("text", { x: L - 6, y: py(t) + 4, "text-anchor": "end" }, logY ? fmt(Math.pow(10, t), 2) : tick(t)));
   });
-  niceTicks(x0, x1, 6).forEach((t) => {
+  niceTicks(x0, x1, 6).filter((t) => xLabel !== "step" || Number.isInteger(t)).forEach((t) => {
     svg.append(s("line", { class: "axis", x1: px(t), x2: px(t), y1: H - B, y2: H - B + 4 }));
     svg.append(s("text", { x: px(t), y: H - B + 16, "text-anchor": "middle" }, tick(t)));
   });
