@@ -27,7 +27,7 @@ def test_jobs_run_one_at_a_time_and_survive_a_restart_of_the_ui(workspace: Path)
     first.start()
     a = first.submit(Job("", "export", [str(broken)], "export a", run="stage1"))
     b = first.submit(Job("", "export", [str(broken)], "export b", run="stage1"))
-    assert a.state == "running" and b.state == "queued"  # the tools lane runs one job at a time
+    assert a.state == "running" and b.state == "queued"  # the files lane runs one job at a time
     first.close()  # the UI goes away while `a` runs; `a` does not
     second = JobQueue(workspace)
     assert [job.state for job in second.jobs] == ["running", "queued"]

@@ -1,8 +1,8 @@
 """The UI's job queue: training runs, exports and samples as child processes of expertune's own verbs.
 
 The queue lives in `WORKSPACE/.expertune-ui/jobs.json` (rewritten atomically), each job's log beside it, so a UI
-started again finds its jobs, queued or running. Jobs run in lanes: `train` (one at a time: the device) and
-`tools` (exports and samples, one at a time). A job is `jobrun`'s process in a session of its own: closing the UI
+started again finds its jobs, queued or running. Jobs run in lanes, one job at a time in each: `device`
+(training runs and samples: they use the accelerator) and `files` (exports). A job is `jobrun`'s process in a session of its own: closing the UI
 never stops it, and its exit code lands in a file the UI reads when it comes back.
 """
 
@@ -22,7 +22,8 @@ from expertune.io_utils import atomic_write_json
 from expertune.ui.jobrun import VERBS
 from expertune.ui.runs import UI_DIR
 
-LANES = {"train": "train", "generate": "tools", "export": "tools"}
+# Training and sampling use the device, one job at a time; exports (reading and converting files) run beside them.
+LANES = {"train": "device", "generate": "device", "export": "files"}
 LOG_CHUNK = 65536
 
 

@@ -28,7 +28,9 @@ function h(tag, attrs, ...children) {
 function s(tag, attrs, ...children) {
   const node = document.createElementNS(SVGNS, tag);
   for (const [key, value] of Object.entries(attrs || {})) if (value !== null && value !== undefined) node.setAttribute(key, value);
-  for (const child of children.flat()) if (child) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
   return node;
 }
 const fmt = (v, digits = 4) => (v === null || v === undefined || Number.isNaN(v)) ? "–" :
@@ -280,15 +282,29 @@ async function viewRun(main, path) {
     data.problem ? h("p", { class: "error-text" }, data.problem) : null,
     h("p", { class: "small" }, `last held-out loss ${fmt(sm.last_eval_loss)} · last CLIP score ${fmt(sm.last_clip, 3)} · ${sm.checkpoints} checkpoint(s)`));
   };
+  // Each part is redrawn only when its data changed, and a part holding the keyboard focus (a form being filled
+  // in, an image button) is left alone until the focus moves on.
+  const parts = {};
+  const part = (name, data, draw) => {
+    const text = JSON.stringify(data === undefined ? null : data);
+    if (!parts[name]) { parts[name] = { box: h("div", {}), text: null }; rest.append(parts[name].box); }
+    const it = parts[name];
+    if (it.text === text || it.box.contains(document.activeElement)) return;
+    it.text = text;
+    fill(it.box, draw());
+  };
   const drawRest = (data) => {
-    if (!data.schedule) { fill(rest); fill(sched); return; }
+    if (!data.schedule) { fill(sched); return; }
     const scheduleText = JSON.stringify(data.schedule);
     if (scheduleText !== lastSchedule) { lastSchedule = scheduleText; fill(sched, h("h2", {}, "Schedule"), scheduleChart(data.schedule)); }
-    fill(rest, h("h2", {}, "Validation gallery"), galleryView(data.gallery),
-      REPORT ? null : checkpointsView(path, data), REPORT ? null : samplesView(data.samples || []),
-      h("h2", {}, "Configuration"),
+    part("gallery", data.gallery, () => [h("h2", {}, "Validation gallery"), galleryView(data.gallery)]);
+    if (!REPORT) {
+      part("checkpoints", data.checkpoints, () => checkpointsView(path, data));
+      part("samples", data.samples, () => samplesView(data.samples || []));
+    }
+    part("config", [data.config, data.run_json], () => [h("h2", {}, "Configuration"),
       h("details", {}, h("summary", {}, "resolved config"), h("pre", {}, JSON.stringify(data.config, null, 2))),
-      h("details", {}, h("summary", {}, "run.json"), h("pre", {}, data.run_json ? JSON.stringify(data.run_json, null, 2) : "not written yet (the run has not finished)")));
+      h("details", {}, h("summary", {}, "run.json"), h("pre", {}, data.run_json ? JSON.stringify(data.run_json, null, 2) : "not written yet (the run has not finished)"))]);
   };
   const drawLive = (metrics) => {
     const groups = heldOutGroups(metrics);
@@ -324,7 +340,7 @@ async function viewRun(main, path) {
     if (text === lastPage) return;
     lastPage = text;
     drawHead(data);
-    if (!rest.contains(document.activeElement) || document.activeElement === document.body) drawRest(data);
+    drawRest(data);
   });
 }
 
@@ -445,7 +461,7 @@ async function viewCompare(main, paths) {
 async function viewJobs(main) {
   const box = h("div", { class: "scroll" });
   main.append(h("h1", {}, "Jobs"), h("p", { class: "muted small" },
-    "Training runs go one at a time; exports and samples one at a time beside them. The queue is kept in the workspace (.expertune-ui/) and survives a restart of the UI."), box, startRunForm());
+    "Training runs and samples use the device: one at a time, in order; exports run one at a time beside them. The queue is kept in the workspace (.expertune-ui/) and survives a restart of the UI."), box, startRunForm());
   let last = "";
   const draw = async () => {
     const { jobs } = await api("/api/runs");
