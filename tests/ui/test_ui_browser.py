@@ -111,8 +111,9 @@ def test_journeys_in_a_real_browser(browser, trained_experts, tiny_model_dir: Pa
         with open(ws / "stage1" / "metrics.jsonl", "a", encoding="utf-8") as stream:
             stream.write(json.dumps(row) + "\n")
         written = time.monotonic()
-        WebDriverWait(driver, 2.5, poll_frequency=0.05).until(
-            lambda d: d.find_element(By.ID, "metrics-step").text == f"metrics up to step {row['step']}")
+        WebDriverWait(driver, 2.5, poll_frequency=0.05).until(lambda d: d.execute_script(
+            "const e = document.getElementById('metrics-step'); return e && e.textContent")
+            == f"metrics up to step {row['step']}")
         assert time.monotonic() - written <= 2.5 and before != f"metrics up to step {row['step']}"
         console_clean("live run page")
 

@@ -94,15 +94,17 @@ def _read_from(path: Path, offset: int, columns: MetricColumns) -> int:
     end = data.rfind(b"\n")
     if end < 0:
         return offset
-    loads = json.loads
-    for line in data[:end].split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            row = loads(line)
-        except ValueError:
-            columns.bad_lines += 1
-            continue
+    lines = [line for line in data[:end].split(b"\n") if line.strip()]
+    try:  # one parse of the whole chunk (about twice as fast as a parse per line) ...
+        rows = json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:  # ... and line by line when some line is bad
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                columns.bad_lines += 1
+    for row in rows:
         if isinstance(row, dict):
             columns.add(row)
         else:

@@ -19,6 +19,7 @@ import logging
 import math
 import mimetypes
 import os
+import threading
 import traceback
 from dataclasses import asdict
 from http import HTTPStatus
@@ -53,6 +54,11 @@ class UiApp:
         self.reader = MetricsReader()
         self.thumbs = Thumbnails()
         self.jobs = jobs
+
+    def warm(self) -> None:
+        """Read every run's metrics once in the background, so the first page opened finds them parsed."""
+        for run_dir in find_runs(self.workspace):
+            self.reader.read(run_dir / "metrics.jsonl")
 
     def job_states(self) -> dict[str, tuple[str, str, int | None]]:
         states: dict[str, tuple[str, str, int | None]] = {}
@@ -291,6 +297,10 @@ def finite(value: object) -> object:
 
 def make_server(workspace: Path, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, UiApp]:
     """The server (not yet serving) and its app; port 0 picks a free port (`server.server_address`)."""
+    import expertune.mixture  # noqa: F401  (what a run page needs, torch among it: loaded now, not on the first page)
+    import expertune.schedule  # noqa: F401
+    import expertune.train.checkpoint  # noqa: F401
+
     workspace = workspace.resolve()
     (workspace / UI_DIR).mkdir(parents=True, exist_ok=True)
     server = ThreadingHTTPServer((host, port), Handler)
@@ -299,4 +309,5 @@ def make_server(workspace: Path, host: str = "127.0.0.1", port: int = 0) -> tupl
     app = UiApp(workspace, guard, JobQueue(workspace))
     server.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app})
     app.jobs.start()
+    threading.Thread(target=app.warm, name="expertune-ui-warm", daemon=True).start()
     return server, app
