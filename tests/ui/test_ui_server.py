@@ -122,3 +122,17 @@ def test_a_new_run_appears_while_serving(served: Served) -> None:
     write_run(served.workspace / "later", 2, finished=True)
     paths = [run["path"] for run in served.get("/api/runs")[1]["runs"]]  # type: ignore[index, union-attr]
     assert "later" in paths
+
+
+def test_ui_verb_refuses_a_missing_workspace_and_a_busy_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from expertune.cli import main
+
+    assert main(["ui", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["ui", str(tmp_path), "--port", str(busy.getsockname()[1])]) == 2
+    assert "choose another --port" in capsys.readouterr().err
