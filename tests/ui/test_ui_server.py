@@ -136,3 +136,11 @@ def test_ui_verb_refuses_a_missing_workspace_and_a_busy_port(tmp_path: Path, cap
         busy.listen()
         assert main(["ui", str(tmp_path), "--port", str(busy.getsockname()[1])]) == 2
     assert "choose another --port" in capsys.readouterr().err
+
+
+def test_a_second_ui_on_the_same_workspace_is_refused(served: Served) -> None:
+    from expertune.errors import ConfigError
+    from expertune.ui.server import make_server
+
+    with pytest.raises(ConfigError, match="another expertune ui"):
+        make_server(served.workspace, "127.0.0.1", 0)

@@ -17,7 +17,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
+from expertune.errors import ConfigError
 from expertune.io_utils import atomic_write_json
 from expertune.ui.jobrun import VERBS
 from expertune.ui.runs import UI_DIR
@@ -62,6 +64,7 @@ class JobQueue:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._queue_lock: IO[str] | None = None
 
     def _load(self) -> list[Job]:
         try:
@@ -85,6 +88,23 @@ class JobQueue:
         return self.folder / f"{job.id}.result.json"
 
     def start(self) -> None:
+        """Take the workspace's queue (one UI per workspace starts jobs) and start following it."""
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder.parent / "queue.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"ui: another expertune ui ({holder}) serves {self.workspace}; use that one, or stop "
+                              "it first (two would start the same queued jobs)") from None
+        handle.truncate(0)
+        handle.write(f"PID {os.getpid()}\n")
+        handle.flush()
+        self._queue_lock = handle
         with self._lock:
             self._tick()
         self._thread = threading.Thread(target=self._loop, name="expertune-ui-jobs", daemon=True)
@@ -95,6 +115,9 @@ class JobQueue:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._queue_lock is not None:
+            self._queue_lock.close()  # releases the flock
+            self._queue_lock = None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):

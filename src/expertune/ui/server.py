@@ -303,11 +303,15 @@ def make_server(workspace: Path, host: str = "127.0.0.1", port: int = 0) -> tupl
 
     workspace = workspace.resolve()
     (workspace / UI_DIR).mkdir(parents=True, exist_ok=True)
-    server = ThreadingHTTPServer((host, port), Handler)
+    jobs = JobQueue(workspace)
+    jobs.start()  # refuses a second UI on the same workspace
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError:
+        jobs.close()
+        raise
     server.daemon_threads = True
-    guard = Guard.for_address(host, server.server_address[1])
-    app = UiApp(workspace, guard, JobQueue(workspace))
+    app = UiApp(workspace, Guard.for_address(host, server.server_address[1]), jobs)
     server.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app})
-    app.jobs.start()
     threading.Thread(target=app.warm, name="expertune-ui-warm", daemon=True).start()
     return server, app
