@@ -80,7 +80,7 @@ def test_journeys_in_a_real_browser(browser, trained_experts, tiny_model_dir: Pa
         print(f"{time.monotonic() - started:5.1f} s  {name}")
 
     def jobs_done() -> bool:
-        return all(job.state in ("finished", "failed") for job in app.jobs.snapshot())
+        return all(job.state in ("finished", "stopped", "failed") for job in app.jobs.snapshot())
 
     try:
         # 1. the run list

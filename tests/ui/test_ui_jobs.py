@@ -33,9 +33,11 @@ def test_jobs_run_one_at_a_time_and_survive_a_restart_of_the_ui(workspace: Path)
     assert [job.state for job in second.jobs] == ["running", "queued"]
     second.start()
     try:
-        _wait(lambda: all(job.state == "failed" for job in second.snapshot()))
+        assert second.cancel(b.id) is not None and second.find(b.id).state == "cancelled"  # type: ignore[union-attr]
+        _wait(lambda: second.find(a.id).state == "failed")  # type: ignore[union-attr]
         ended = second.find(a.id)
         assert ended is not None and ended.rc == 2  # read from its result file, not from a child of this queue
         assert any("expertune: error" in line for line in second.tail(ended))
+        assert second.find(b.id).state == "cancelled" and not second.log_path(b).exists()  # type: ignore[union-attr]
     finally:
         second.close()

@@ -38,7 +38,7 @@ class Job:
     run: str | None = None  # the run folder it writes or reads, relative to the workspace
     total_steps: int | None = None
     output: str | None = None  # a sample's image, relative to the workspace
-    state: str = "queued"  # queued, running, finished, failed, cancelled
+    state: str = "queued"  # queued, running, finished, stopped (SIGINT/SIGTERM: 130/143), failed, cancelled
     pid: int | None = None
     rc: int | None = None
     created: float = field(default_factory=time.time)
@@ -187,7 +187,7 @@ class JobQueue:
             return False
         elif child is not None and child.returncode is not None:
             job.rc = child.returncode
-        job.state = "finished" if job.rc == 0 else "failed"
+        job.state = "finished" if job.rc == 0 else "stopped" if job.rc in (130, 143) else "failed"
         job.ended = time.time()
         self._children.pop(job.id, None)
         return True
