@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_run
+from ui_helpers import write_run
 
 from expertune.cli import main
 from expertune.errors import ConfigError

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_run
+from ui_helpers import write_run
 
 from expertune.train.signals import StopRequests
 from expertune.ui.gallery import gallery

@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Served, serve, write_run
+from ui_helpers import Served, serve, write_run
 
 from expertune.ui.safety import Guard, Refused, inside
 

@@ -78,7 +78,7 @@ class UiApp:
     def job_json(self, job: Job) -> dict[str, object]:
         document = asdict(job)
         document["lane"] = job.lane
-        if job.state == "failed":
+        if job.state in ("failed", "stopped"):
             document["tail"] = self.jobs.tail(job)
         return document
 
