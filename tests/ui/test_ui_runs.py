@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from ui_helpers import write_run
 
 from expertune.train.signals import StopRequests
@@ -120,3 +122,27 @@ def test_stop_file_is_a_stop_request_and_is_removed_after(tmp_path: Path) -> Non
         (tmp_path / StopRequests.STOP_FILE).write_text("x")
         assert stop.requested and stop.received is not None
     assert not (tmp_path / StopRequests.STOP_FILE).exists()
+
+
+def test_a_mixture_run_has_every_band_an_expert_gallery_each_and_the_chain(tmp_path: Path) -> None:
+    run = tmp_path / "mix"
+    experts = [{"path": f"expert-{k}/pipeline", "timestep_range": band} for k, band in
+               enumerate([[700, 999], [350, 699], [0, 349]])]
+    run.mkdir()
+    (run / "mixture.json").write_text(json.dumps({"format_version": 1, "experts": experts, "num_train_timesteps": 1000,
+                                                  "rescale_betas_zero_snr": True}))
+    rows = [{"step": s, "expert": s % 3, "loss": 0.1, "lr": 1e-4, "grad_norm": 1.0} for s in range(1, 7)]
+    rows += [{"step": 6, "kind": "validation", "expert": k, "eval/loss_0_174": 0.2} for k in range(3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k in range(3):
+        folder = run / "validation" / "step_000006" / f"expert_{k}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / f"text_to_image_p{k}.png")
+    Image.new("RGB", (8, 8)).save(run / "validation" / "step_000006" / "expert_0" / "chain_p.png")
+    schedule = schedule_of(run, None, None)
+    assert [(b["lo"], b["hi"]) for b in schedule["bands"]] == [(700, 999), (350, 699), (0, 349)]
+    assert schedule["zero_terminal_snr"] is True  # from mixture.json's shared fields
+    columns = MetricsReader().read(run / "metrics.jsonl")
+    assert sorted(columns.training) == [0, 1, 2]
+    names = [g["name"] for g in gallery(run, tmp_path, columns)["groups"]]  # type: ignore[index]
+    assert names == ["expert 0", "expert 1", "expert 2", "chain"]

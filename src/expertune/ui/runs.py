@@ -136,8 +136,9 @@ def checkpoint_list(run_dir: Path) -> list[dict[str, Any]]:
 def _descriptions(run_dir: Path, run_json: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The saved experts' descriptions (expert.json documents), in chain order."""
     mixture, _ = read_json(run_dir / "mixture.json")
-    if mixture is not None and isinstance(mixture.get("experts"), list):
-        return [e for e in mixture["experts"] if isinstance(e, dict)]
+    if mixture is not None and isinstance(mixture.get("experts"), list):  # shared fields at its top level
+        shared = {k: v for k, v in mixture.items() if k != "experts"}
+        return [shared | e for e in mixture["experts"] if isinstance(e, dict)]
     for folder in ("pipeline", "lora"):
         expert, _ = read_json(run_dir / folder / "expert.json")
         if expert is not None:
