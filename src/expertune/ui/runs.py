@@ -26,7 +26,7 @@ UI_DIR = ".expertune-ui"  # the UI's own files in the workspace: job queue, logs
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 RECENT_SECONDS = 300.0  # without a lock file: metrics written this recently mean "running"
 _SKIP = {"checkpoints", "validation", "logs", "pipeline", "lora", "exports", "single_file", "hub_upload",
-         "__pycache__", "node_modules", UI_DIR}
+         "cache", "__pycache__", "node_modules", UI_DIR}
 _MARKERS = ("metrics.jsonl", "run.json", "checkpoints", LOCK_FILE)
 
 

@@ -20,6 +20,7 @@ import math
 import mimetypes
 import os
 import threading
+import time
 import traceback
 from dataclasses import asdict
 from http import HTTPStatus
@@ -43,6 +44,7 @@ STATIC = ("index.html", "app.js", "app.css")
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 MAX_BODY = 65536
+RUNS_TTL = 5.0  # seconds between two searches of the workspace for run folders
 
 
 class UiApp:
@@ -54,10 +56,22 @@ class UiApp:
         self.reader = MetricsReader()
         self.thumbs = Thumbnails()
         self.jobs = jobs
+        self._runs: list[Path] = []
+        self._runs_at = -RUNS_TTL
+        self._runs_guard = threading.Lock()
+
+    def run_dirs(self) -> list[Path]:
+        """The workspace's run folders, searched again at most every RUNS_TTL seconds (a workspace may hold big
+        dataset folders; the run list is polled every 2 s)."""
+        with self._runs_guard:
+            if time.monotonic() - self._runs_at > RUNS_TTL:
+                self._runs = find_runs(self.workspace)
+                self._runs_at = time.monotonic()
+            return list(self._runs)
 
     def warm(self) -> None:
         """Read every run's metrics once in the background, so the first page opened finds them parsed."""
-        for run_dir in find_runs(self.workspace):
+        for run_dir in self.run_dirs():
             self.reader.read(run_dir / "metrics.jsonl")
 
     def job_states(self) -> dict[str, tuple[str, str, int | None]]:
@@ -85,7 +99,7 @@ class UiApp:
     def runs(self) -> dict[str, object]:
         states = self.job_states()
         return {"runs": [summarize(self.workspace, d, self.reader, states).to_json()
-                         for d in find_runs(self.workspace)],
+                         for d in self.run_dirs()],
                 "jobs": [self.job_json(job) for job in reversed(self.jobs.snapshot())]}
 
     def run(self, relative: str) -> dict[str, object]:
