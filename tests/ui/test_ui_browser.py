@@ -137,6 +137,9 @@ def test_journeys_in_a_real_browser(browser, trained_experts, tiny_model_dir: Pa
         console_clean("gallery")
 
         # 6. sample now and export, from the newest checkpoint
+        prompt = driver.find_elements(By.CSS_SELECTOR, "#checkpoints input[aria-label^='prompt for']")[-1]
+        prompt.clear()
+        prompt.send_keys("a red circle on a blue background")
         sample = driver.find_elements(By.CSS_SELECTOR, "#checkpoints button[data-action='sample']")[-1]
         sample.click()
         export = driver.find_elements(By.CSS_SELECTOR, "#checkpoints button[data-action='export']")[-1]
@@ -151,6 +154,8 @@ def test_journeys_in_a_real_browser(browser, trained_experts, tiny_model_dir: Pa
         driver.refresh()
         wait.until(lambda d: d.execute_script(
             "const i = document.querySelector('#samples img'); return i && i.complete && i.naturalWidth > 0"))
+        assert "“a red circle on a blue background” · seed 0 · guidance 5.0 · 20 steps" in \
+            driver.find_element(By.ID, "samples").text  # grouped by its settings, labelled by checkpoint
         shot("05-sample")
         console_clean("sample and export")
 

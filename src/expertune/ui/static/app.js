@@ -386,7 +386,7 @@ function checkpointsView(path, data) {
       h("option", { value: "diffusers,single_file" }, "both layouts"), h("option", { value: "diffusers" }, "diffusers"),
       h("option", { value: "single_file" }, "single file (ComfyUI / A1111)"));
     const precision = h("select", { "aria-label": `precision of ${c.name}` }, ["fp32", "fp16", "bf16"].map((p) => h("option", { value: p }, p)));
-    const prompt = h("input", { value: "a red circle on a blue background", size: 28, "aria-label": `prompt for ${c.name}` });
+    const prompt = h("input", { value: defaultPrompt(data), size: 28, "aria-label": `prompt for ${c.name}` });
     const seed = h("input", { type: "number", value: 0, min: 0, size: 5, "aria-label": "seed" });
     const guidance = h("input", { type: "number", value: 5, step: 0.5, min: 0, size: 4, "aria-label": "guidance" });
     const steps = h("input", { type: "number", value: 20, min: 1, size: 4, "aria-label": "inference steps" });
@@ -404,15 +404,38 @@ function checkpointsView(path, data) {
   });
   return h("section", {}, h("h2", {}, "Checkpoints"), rows.length ? h("div", { class: "scroll" }, h("table", { id: "checkpoints" },
     h("thead", {}, h("tr", {}, ["name", "step", "state", "experts", "export (to exports/checkpoint-N)", "sample through the chain of its experts"]
-      .map((t) => h("th", { scope: "col" }, t)))), h("tbody", {}, rows))) : h("p", { class: "muted" }, "no checkpoint yet"));
+      .map((t) => h("th", { scope: "col" }, t)))), h("tbody", {}, rows))) : h("p", { class: "muted" }, "no checkpoint yet"),
+  rows.length > 1 ? h("p", { class: "muted small" }, "Sample several checkpoints with the same prompt, seed, guidance and steps: they line up side by side under Samples.") : null);
+}
+
+function defaultPrompt(data) {
+  const validation = (data.config || {}).validation || {};
+  return validation.validation_prompt || "";
+}
+
+function sampleSettings(job) {
+  // what a sample job was asked for, read back from its argument list (expertune generate's flags)
+  const value = (flag) => { const i = job.args.indexOf(flag); return i >= 0 ? job.args[i + 1] : ""; };
+  const checkpoint = (value("--expert").match(/checkpoint-\d+$/) || ["?"])[0];
+  return { checkpoint, step: Number(checkpoint.split("-")[1]) || 0,
+    key: `“${value("--prompt")}” · seed ${value("--seed")} · guidance ${value("--guidance")} · ${value("--steps")} steps` };
 }
 
 function samplesView(samples) {
   if (!samples.length) return null;
-  return h("section", {}, h("h2", {}, "Samples"), h("div", { class: "samples", id: "samples" }, samples.map((job) => h("figure", {},
-    job.state === "finished" && job.output ? h("button", { class: "cell", onclick: () => openImage(job.output, job.title) },
-      h("img", { src: imageUrl(job.output, 256), alt: job.title })) : null,
-    h("figcaption", {}, stateBadge(job.state), " ", h("a", { href: `#/job/${job.id}` }, job.title))))));
+  const groups = new Map();
+  samples.forEach((job) => {
+    const settings = sampleSettings(job);
+    if (!groups.has(settings.key)) groups.set(settings.key, []);
+    groups.get(settings.key).push([settings, job]);
+  });
+  return h("section", { id: "samples" }, h("h2", {}, "Samples"), h("p", { class: "muted small" },
+    "Grouped by prompt, seed, guidance and steps; one image per checkpoint, oldest first."),
+  [...groups.entries()].map(([key, items]) => h("div", {}, h("h3", {}, key), h("div", { class: "samples" },
+    items.sort((a, b) => a[0].step - b[0].step).map(([settings, job]) => h("figure", {},
+      job.state === "finished" && job.output ? h("button", { class: "cell", onclick: () => openImage(job.output, `${settings.checkpoint}: ${key}`) },
+        h("img", { src: imageUrl(job.output, 256), alt: `${settings.checkpoint}: ${key}` })) : null,
+      h("figcaption", {}, stateBadge(job.state), " ", h("a", { href: `#/job/${job.id}` }, settings.checkpoint))))))));
 }
 
 async function viewCompare(main, paths) {
