@@ -45,8 +45,8 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.unlink(missing_ok=True)  # honoured (or the run ended): not for the next run
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()
-        if self._file is not None:
-            self._file.unlink(missing_ok=True)  # honoured (or the run ended): not for the next run
