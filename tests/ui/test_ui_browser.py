@@ -93,6 +93,14 @@ def test_journeys_in_a_real_browser(browser, trained_experts, tiny_model_dir: Pa
         # 2. start a run from its config.env; its log streams on the job's page
         driver.get(url + "#/jobs")
         box = wait.until(lambda d: d.find_element(By.ID, "config-file"))
+        driver.find_element(By.XPATH, "//summary[contains(., 'expertune init')]").click()  # no config yet?
+        folder = driver.find_element(By.CSS_SELECTOR, "#init-form input[data-init='folder']")
+        folder.clear()
+        folder.send_keys("starter")
+        driver.find_element(By.XPATH, "//button[text()='Write starter config']").click()
+        wait.until(lambda d: d.find_element(By.ID, "config-file").get_attribute("value") == "starter/stage1/config.json")
+        assert (ws / "starter" / "stage1" / "config.json").is_file() and (ws / "starter" / "README.md").is_file()
+        box.clear()
         box.send_keys("stage2.env")
         driver.find_element(By.XPATH, "//button[text()='Start run']").click()
         wait.until(lambda d: "#/job/" in d.current_url)

@@ -146,3 +146,19 @@ def test_a_second_ui_on_the_same_workspace_is_refused(served: Served) -> None:
 
     with pytest.raises(ConfigError, match="another expertune ui"):
         make_server(served.workspace, "127.0.0.1", 0)
+
+
+def test_init_writes_a_starter_config_inside_the_workspace_and_never_overwrites(served: Served) -> None:
+    body = {"folder": "starter", "model": "ssd-1b", "layout": "two-stage", "gpu_memory": 24, "format": "json",
+            "data": "datasets/images", "output": "output"}
+    status, data = served.post("/api/init", body)
+    assert status == 200 and "starter/stage1/config.json" in data["written"]  # type: ignore[operator]
+    stage1 = json.loads((served.workspace / "starter" / "stage1" / "config.json").read_text())
+    assert any("output" in str(v) for v in stage1.values())
+    assert "starter/stage1/config.json" in served.get("/api/configs")[1]["configs"]  # type: ignore[operator]
+    status, data = served.post("/api/init", body)  # again: it would overwrite
+    assert status == 400 and "starter" in str(data["error"])
+    assert served.post("/api/init", body | {"folder": "../escape"})[0] == 403
+    assert served.post("/api/init", body | {"folder": "other", "output": "/tmp/out"})[0] == 403
+    assert served.post("/api/init", body | {"folder": "other", "gpu_memory": "lots"})[0] == 400
+    assert not (served.workspace.parent / "escape").exists() and not (served.workspace / "other").exists()

@@ -5,7 +5,8 @@
 - export a checkpoint: `expertune export CKPT --export_format diffusers,single_file` (export.run.export_run);
 - sample now: `expertune generate --expert CKPT [--expert PEER]` through the chain of that checkpoint's experts
   (and the other stage's expert the run validated its chain with), image under `.expertune-ui/samples/`;
-- stop after the next checkpoint: the file `stop_requested` in the run's folder (train.signals.StopRequests).
+- stop after the next checkpoint: the file `stop_requested` in the run's folder (train.signals.StopRequests);
+- write a starter config from `expertune init`'s questions (init.write_starter), to start a run from.
 """
 
 from __future__ import annotations
@@ -111,3 +112,23 @@ def request_stop(workspace: Path, run: str) -> str:
         raise Refused(400, f"{run}: not a run that is going")
     (run_dir / STOP_FILE).write_text("requested from expertune ui\n", encoding="utf-8")
     return f"{run}: it saves a checkpoint at its next step and stops (exit 143)"
+
+
+def write_init(workspace: Path, folder: str, model: str, layout: str, gpu_memory: float, fmt: str, data: str,
+               output: str) -> list[str]:
+    """`expertune init`'s starter files in `folder` (inside the workspace, never overwriting a file); the dataset
+    and output paths are written relative to the workspace, where the UI's jobs run. Returns the files written."""
+    from expertune.init import write_starter
+
+    target = inside(workspace, folder)
+    for name, value in (("data", data), ("output", output)):
+        inside(workspace, value)  # refuses a path leading out of the workspace
+        if not value.strip():
+            raise Refused(400, f"init: the {name} folder is required")
+    if not 1 <= gpu_memory <= 2048:
+        raise Refused(400, f"init: GPU memory {gpu_memory} GiB is out of range (1-2048)")
+    try:
+        written = write_starter(target, model, layout, gpu_memory, fmt, Path(data), Path(output))
+    except ExpertuneError as error:
+        raise Refused(400, str(error)) from None
+    return [_relative(workspace, path.resolve()) for path in written]

@@ -10,6 +10,7 @@ GET  /api/configs           config files in the workspace a run can start from
 GET  /api/log?id=J&offset=N a job's log from byte N
 POST /api/train {config} · /api/export {run, checkpoint, formats, precision}
      /api/sample {run, checkpoint, prompt, seed, guidance, steps} · /api/cancel {id} · /api/stop {run}
+     /api/init {folder, model, layout, gpu_memory, format, data, output}  (expertune init's starter files)
 """
 
 from __future__ import annotations
@@ -283,6 +284,16 @@ class Handler(BaseHTTPRequestHandler):
             if found is None:
                 raise Refused(404, "no such job")
             job = found
+        elif route == "/api/init":
+            try:
+                memory = float(body.get("gpu_memory", 24))
+            except (TypeError, ValueError):
+                raise Refused(400, "GPU memory must be a number of GiB") from None
+            self._json({"written": actions.write_init(ws, text("folder"), text("model") or "ssd-1b",
+                                                      text("layout") or "two-stage", memory,
+                                                      text("format") or "json", text("data") or "datasets/images",
+                                                      text("output") or "output")})
+            return
         elif route == "/api/stop":
             self._json({"message": actions.request_stop(ws, text("run"))})
             return

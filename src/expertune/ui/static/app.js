@@ -251,7 +251,8 @@ async function viewRuns(main) {
 function startRunForm() {
   const input = h("input", { id: "config-file", list: "config-files", size: 48, placeholder: "config/stage1.env", "aria-label": "config file" });
   const list = h("datalist", { id: "config-files" });
-  api("/api/configs").then((d) => d.configs.forEach((c) => list.append(h("option", { value: c })))).catch(() => {});
+  const refresh = () => api("/api/configs").then((d) => fill(list, d.configs.map((c) => h("option", { value: c })))).catch(() => {});
+  refresh();
   const go = h("button", { class: "primary", onclick: async () => {
     try {
       const { job } = await api("/api/train", { config: input.value });
@@ -259,9 +260,28 @@ function startRunForm() {
       location.hash = `#/job/${job.id}`;
     } catch (error) { notify(error.message, true); }
   } }, "Start run");
+  const choice = (label, values) => h("label", {}, label, h("select", { "data-init": label }, values.map((v) => h("option", { value: v }, v))));
+  const field = (label, value, type = "text") => h("label", {}, label, h("input", { "data-init": label, value, type, size: type === "number" ? 6 : 22 }));
+  const questions = h("div", { class: "row", id: "init-form" }, field("folder", "config"), choice("model", ["ssd-1b", "sdxl"]),
+    choice("layout", ["two-stage", "mixture"]), field("GPU memory (GiB)", 24, "number"), choice("format", ["json", "toml"]),
+    field("images folder", "datasets/images"), field("output folder", "output"));
+  const value = (label) => questions.querySelector(`[data-init="${label}"]`).value;
+  const init = h("button", { onclick: async () => {
+    try {
+      const { written } = await api("/api/init", { folder: value("folder"), model: value("model"), layout: value("layout"),
+        gpu_memory: Number(value("GPU memory (GiB)")), format: value("format"), data: value("images folder"), output: value("output folder") });
+      const configs = written.filter((p) => /(config\.json|\.toml)$/.test(p));
+      notify(`wrote ${written.join(", ")}`);
+      if (configs.length) input.value = configs[0];
+      refresh();
+    } catch (error) { notify(error.message, true); }
+  } }, "Write starter config");
   return h("section", {}, h("h2", {}, "Start a run"), h("p", { class: "muted small" },
     "A config file inside the workspace (expertune TOML, SimpleTuner config.json / .toml, or config.env); paths in it are read from the workspace folder. Runs go one at a time, in order; closing this page or the UI never stops them."),
-  h("div", { class: "row" }, h("label", {}, "config file", input), list, go));
+  h("div", { class: "row" }, h("label", {}, "config file", input), list, go),
+  h("details", {}, h("summary", {}, "No config yet? Answer expertune init's questions"), h("p", { class: "muted small" },
+    "Writes a starter config sized for your GPU into the folder (never overwriting a file), with a README; put your images and captions in the images folder, then start stage 1, and stage 2 when it ends."),
+  questions, init));
 }
 
 async function viewRun(main, path) {
