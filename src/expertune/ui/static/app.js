@@ -171,7 +171,7 @@ function scheduleChart(schedule) {
   return h("figure", { class: "panel" }, h("figcaption", {}, "Schedule: the experts' bands and SNR"), svg,
     h("div", { class: "legend" }, ...schedule.bands.map((b) => h("span", { class: `k${b.expert % 8}` },
       `${b.role === "peer" ? "peer" : "expert " + b.expert} [${b.lo}, ${b.hi}]`)),
-      h("span", { class: "muted" }, "log10 SNR(t) (black line)")), note ? h("p", { class: "muted small" }, note) : null);
+      h("span", { class: "muted" }, "log10 SNR(t): the curve, right axis")), note ? h("p", { class: "muted small" }, note) : null);
 }
 
 function bandsMini(bands, n = 1000) {
