@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast typecheck venv clean world study
+.PHONY: demo test test-fast typecheck venv clean world study browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,17 @@ world: $(STAMP)
 study: $(STAMP)
 	$(BIN)/python bench/expert_study.py $(STUDY_ARGS)
 
-test: $(STAMP)
+# The UI's browser test drives Debian's chromium through its chromedriver: installed here when we are root with
+# apt-get, else `make test` stops with one line naming the packages.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "make test needs the Debian packages chromium and chromium-driver: apt-get install chromium chromium-driver (as root)"; exit 1; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 typecheck: $(STAMP)

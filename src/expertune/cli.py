@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit(verbs)
     _add_generate(verbs)
     _add_export(verbs)
+    _add_ui(verbs)
     _add_model_verbs(verbs)
     return parser
 
@@ -415,6 +416,63 @@ def _add_generate(verbs: Any) -> None:
                           help="PNG file to write (several images: OUT_00.png ... and their grid at OUT)")
     generate.set_defaults(handler=_cmd_generate)
 
+
+
+def _cmd_ui(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from expertune.errors import ConfigError
+    from expertune.ui.server import make_server
+
+    workspace = Path(args.workspace)
+    if not workspace.is_dir():
+        raise ConfigError(f"ui: workspace {workspace} is not a folder; give the folder your runs write under")
+    try:
+        server, app = make_server(workspace, args.host, args.port)
+    except OSError as error:
+        raise ConfigError(f"ui: cannot listen on {args.host}:{args.port} ({error.strerror or error}); "
+                          "choose another --port") from None
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{port}/" + (f"?token={app.guard.token}" if app.guard.token else "")
+    print(f"expertune ui: serving {app.workspace} at {address}", flush=True)
+    if app.guard.token:
+        print("expertune ui: that address holds the access token (shown once); keep it private", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        print("expertune ui: stopped (jobs it started keep running)", flush=True)
+    finally:
+        app.jobs.close()
+        server.server_close()
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from expertune.ui.report import write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out), image_width=args.image_width)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_ui(verbs: Any) -> None:
+    ui = verbs.add_parser("ui", help="a local web app over the runs of a workspace: watch, compare, export, sample",
+                          description="Serve the run list, live run pages, compare and jobs of the runs found under "
+                          "WORKSPACE (docs/ui.md). Binds to 127.0.0.1; any other address needs the token it prints.")
+    ui.add_argument("workspace", nargs="?", default=".", metavar="WORKSPACE", help="folder holding runs (default: .)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    ui.set_defaults(handler=_cmd_ui)
+    report = verbs.add_parser("report", help="a run's page as one self-contained HTML file",
+                              description="Write the run page of RUN_DIR (schedule, losses, held-out losses, gallery, "
+                              "config) as one HTML file with its images inlined: no external requests.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("-o", "--out", default="report.html", help="file to write (default report.html)")
+    report.add_argument("--image_width", type=int, default=256, help="inlined images' width in px (default 256)")
+    report.set_defaults(handler=_cmd_report)
 
 
 def _add_export(verbs: Any) -> None:

@@ -41,6 +41,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert report[stage]["step_0"]["step"] == 0 and report[stage]["final"]["step"] == 2
         assert report[stage]["step_0"]["eval/loss"] > 0
     assert list((out / "stage1" / "validation").rglob("text_to_image_*.png"))
+    page = (out / "report_stage2.html").read_text()  # the run page, images inlined, nothing fetched
+    assert "data:image/jpeg;base64," in page and 'src="http' not in page and "/static/" not in page
     assert list((out / "stage2" / "validation").rglob("partial_denoise_*.png"))
     assert list((out / "stage2" / "validation").rglob("chain_*.png"))  # through the stage 1 expert
     # The demo's TensorBoard event files hold the validation images and every scalar.

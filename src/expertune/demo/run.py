@@ -8,7 +8,8 @@ few of the pretrained ones so nothing is forgotten). Each expert is validated th
 0 (stage 2 also through the chain with stage 1), with the per-band held-out loss and the world CLIP's score.
 It leaves `before_after.png` (the base chained with itself against the trained experts, same prompts and
 seeds), `palette.png` (every shape colour on every background), each of those samples on its own in
-`samples/{before,after,palette}/NN_<prompt>.png`, and `report.json` with the figures.
+`samples/{before,after,palette}/NN_<prompt>.png`, `report.json` with the figures, and each stage's run page as
+one self-contained HTML file (`report_stage1.html`, `report_stage2.html`; `expertune report`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,10 @@ def run_demo(out: str | os.PathLike = "outputs/demo", steps: int = STEPS, refine
         report[f"stage{number}"] = {"step_0": first, "final": last}
     report["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(root / "report.json", report)
+    from expertune.ui.report import write_report
+
+    for number, stage_dir in zip((1, 2), stage_dirs):  # the run pages, self-contained (docs/ui.md)
+        write_report(stage_dir, root / f"report_stage{number}.html")
     before, after = report["held_out_prompts"]["before"], report["held_out_prompts"]["after"]
     log.info("held-out prompts, base chain -> trained experts: CLIP %.1f -> %.1f, colours right %.0f%% -> %.0f%%",
              before["clip"], after["clip"], 100 * before["colour/both"], 100 * after["colour/both"])

@@ -71,7 +71,7 @@ def _train(run: Run) -> RunResult:
         validation.at_startup(run)
     progress = tqdm(total=run.total_steps, initial=run.step, desc=f"training {describe_bands(run)}",
                     disable=not run.accelerator.is_local_main_process)
-    with StopRequests() as stop, progress, ActiveExpert(run) as active:
+    with StopRequests(run.output_dir) as stop, progress, ActiveExpert(run) as active:
         while run.step < run.total_steps:
             expert = active.take(run.next_expert())
             tail = train_step(run, expert)
