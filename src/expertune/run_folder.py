@@ -62,6 +62,16 @@ class LockHolder:
         return f"PID {self.pid} on {self.host}, started {self.started}"
 
 
+def lock_holder(output_dir: Path) -> tuple[LockHolder | None, bool]:
+    """Who holds (or last held) the run's lock, and whether that process may still be running: a holder on this
+    host whose PID is gone is not; one on another host is assumed alive (its PID cannot be checked from here).
+    (None, False) without a readable lock file. For readers (ui, report); jobs use RunLock."""
+    holder = _read_holder(Path(output_dir) / LOCK_FILE)
+    if holder is None:
+        return None, False
+    return holder, holder.host != socket.gethostname() or _alive(holder.pid)
+
+
 def _read_holder(path: Path) -> LockHolder | None:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))

@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expertune.run_folder import LOCK_FILE, lock_holder  # the run folder module owns the lock file
 from expertune.train.signals import StopRequests
 from expertune.ui.metrics import MetricColumns, MetricsReader
 
-LOCK_FILE = ".expertune.lock"  # run_folder.RunLock's file (helper-ckpt's run-folder module)
 STOP_FILE = StopRequests.STOP_FILE  # the run saves a checkpoint at its next step and stops
 UI_DIR = ".expertune-ui"  # the UI's own files in the workspace: job queue, logs, samples
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -103,16 +102,10 @@ def lock_state(run_dir: Path) -> tuple[str | None, str]:
     document, problem = read_json(run_dir / LOCK_FILE)
     if document is None:
         return (None, "") if problem is None else ("running", "a job is starting (lock being written)")
-    pid, host = document.get("pid"), str(document.get("host", "?"))
-    holder = f"PID {pid} on {host}, started {document.get('started', '?')}"
-    if host == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "interrupted", f"its job ({holder}) is gone"
-        except PermissionError:
-            pass
-    return "running", holder
+    holder, alive = lock_holder(run_dir)
+    if holder is None:
+        return "running", "a job is starting (lock being written)"
+    return ("running", str(holder)) if alive else ("interrupted", f"its job ({holder}) is gone")
 
 
 def checkpoint_list(run_dir: Path) -> list[dict[str, Any]]:
