@@ -46,7 +46,7 @@ def run(model: Path, data: Path, out: Path, steps: int, batch: int, prefetch: bo
                              "--validation_disable", "--overwrite_output_dir", f"--prefetch_batches={prefetch}"])
     train(config)
     seconds = [row["seconds"] for row in read_metrics(out / "metrics.jsonl")]
-    return statistics.median(seconds[3:])
+    return statistics.median(seconds[3:] or seconds)
 
 
 def main() -> None:

@@ -55,21 +55,26 @@ def test_flops_are_counted_once_and_give_throughput_and_mfu() -> None:
 
 @pytest.mark.integration
 def test_metrics_hold_synchronised_timing_and_prefetch_changes_nothing(tiny_model_dir: Path, small_dataset: Path,
-                                                                       tmp_path: Path) -> None:
+                                                                       tmp_path: Path, caplog) -> None:
     from expertune.train.loop import train
 
     runs = {}
     for prefetch in ("true", "false"):
         output = tmp_path / f"prefetch-{prefetch}"
+        # 2 of the 6 images held out; the run without prefetch validates once, scoring only the first of them
+        validation = ["--validation_disable"] if prefetch == "true" else ["--eval_holdout_max_images=1"]
         config, _ = load_config([*FAST_FLAGS, "--max_train_steps=4", "--train_batch_size=2",
-                                 "--gradient_accumulation_steps=2", "--report_to=none", "--validation_disable",
+                                 "--gradient_accumulation_steps=2", "--report_to=none", *validation,
                                  f"--pretrained_model_name_or_path={tiny_model_dir}", "--use_ema",
                                  f"--data_backend_config={small_dataset}", f"--output_dir={output}",
                                  f"--prefetch_batches={prefetch}", "--timing_breakdown_interval=2",
-                                 "--peak_tflops=0.01"])
-        train(config)
+                                 "--peak_tflops=0.01", "--eval_holdout_fraction=0.34"])
+        with caplog.at_level("INFO", logger="expertune.validate.samples"):
+            train(config)
         runs[prefetch] = output
         assert not [t for t in threading.enumerate() if t.name.startswith("expertune-prefetch")]
+    assert "scoring the first 1 of 2 held-out images (eval_holdout_max_images)" in caplog.text
+    assert any("eval/loss" in row for row in read_metrics(runs["false"] / "metrics.jsonl", kind="validation"))
     rows = read_metrics(runs["true"] / "metrics.jsonl")
     plain = read_metrics(runs["false"] / "metrics.jsonl")
     assert [r["loss"] for r in rows] == [r["loss"] for r in plain]  # same batches, same order, same numbers
