@@ -3,8 +3,9 @@
 held-out loss every 50 steps.
 
   expertune  `expertune train` in a subprocess as a user runs it: --use_ema, --checkpoint_step_interval=50,
-             --eval_holdout_fraction with --validation_step_interval=50 and no validation prompt (the held-out loss
-             is the whole validation), batches read from the caches (prefetched);
+             --eval_holdout_fraction with --validation_step_interval=50 (each validation also makes its default
+             images, dataset captions, at one sampler step: work the bare loop does not do), batches read from the
+             caches (prefetched);
   bare       a fresh subprocess: the same UNet, the same cached tensors held in memory, forward + v-target MSE +
              backward + clip + AdamW + foreach EMA; every 50 steps the UNet, the EMA and the AdamW moments written
              with safetensors, and the held-out loss of as many images at the same fixed timesteps.
@@ -45,7 +46,8 @@ def expertune_seconds(model: Path, data: Path, work: Path, steps: int, batch: in
                "--prediction_type=v_prediction", "--rescale_betas_zero_snr", f"--resolution={MODELS['tiny']}",
                f"--train_batch_size={batch}", f"--max_train_steps={steps}", "--learning_rate=1e-5",
                "--report_to=none", "--use_ema", f"--checkpoint_step_interval={EVERY}",
-               f"--eval_holdout_fraction={HOLDOUT}", f"--validation_step_interval={EVERY}"]
+               f"--eval_holdout_fraction={HOLDOUT}", f"--validation_step_interval={EVERY}",
+               "--validation_num_inference_steps=1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
     metrics, seen, first, last = out / "metrics.jsonl", 0, None, None

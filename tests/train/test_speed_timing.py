@@ -4,6 +4,7 @@ MFU), and batch prefetching that changes nothing but the speed."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,11 @@ def test_flops_are_counted_once_and_give_throughput_and_mfu() -> None:
 
     meter = StepMeter(torch.device("cpu"), breakdown_interval=2, peak_tflops=0.5)
     layout = tiny_layout().unet
-    meter.count(layout, (4, 8, 8), 77, POOLED_WIDTH)
+    first_step = StepClock(torch.device("cpu"), breakdown=False)
+    started = time.perf_counter()
+    meter.count(layout, (4, 8, 8), 77, POOLED_WIDTH, clock=first_step)
+    counting = time.perf_counter() - started
+    assert first_step.finish() < counting / 2  # the counting is not the step's time
     per_sample = meter.flops_per_sample
     assert per_sample is not None and per_sample > 0 and not meter.count_flops  # counted once per run
     meter.count({"not": "a unet"}, (4, 8, 8))

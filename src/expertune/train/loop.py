@@ -118,13 +118,15 @@ def step_meter(run: Run) -> StepMeter:
     return StepMeter(device, t.timing_breakdown_interval, peak)
 
 
-def unet_config(accelerator: Any, expert: ExpertRun) -> dict[str, Any] | None:
-    """The trained UNet's diffusers config (for counting its FLOPs), through accelerate's and peft's wrappers."""
+def unet_config(accelerator: Any, expert: ExpertRun) -> tuple[dict[str, Any] | None, type | None]:
+    """The trained UNet's diffusers config and class (for counting its FLOPs), through accelerate's and peft's
+    wrappers."""
     model = accelerator.unwrap_model(expert.unet)
     model = getattr(model, "base_model", model)
     model = getattr(model, "model", model)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     config = getattr(model, "config", None)
-    return dict(config) if config is not None else None
+    return (dict(config), type(model)) if config is not None else (None, None)
 
 
 def train_step(run: Run, expert: ExpertRun, meter: StepMeter | None = None, feed: BatchFeed | None = None
@@ -154,8 +156,9 @@ def train_step(run: Run, expert: ExpertRun, meter: StepMeter | None = None, feed
         batch = drop_captions(batch, mine.keep_caption)
         clock.mark("data")
         if meter.count_flops:
-            meter.count(unet_config(accelerator, expert), tuple(batch.latents.shape[1:]),
-                        batch.prompt_embeds.shape[1], batch.pooled_embeds.shape[-1])
+            config, unet_class = unet_config(accelerator, expert)
+            meter.count(config, tuple(batch.latents.shape[1:]), batch.prompt_embeds.shape[1],
+                        batch.pooled_embeds.shape[-1], unet_class, clock)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \
                 accelerator.autocast():
             out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights)

@@ -82,6 +82,11 @@ class StepClock:
         self.parts[part] += now - self._last
         self._last = now
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of bookkeeping (counting FLOPs) out of the step and of its current part."""
+        self.started += seconds
+        self._last += seconds
+
     def finish(self) -> float:
         """Seconds from the start of the step until the device has finished all of it."""
         synchronize(self.device)
@@ -104,18 +109,23 @@ class StepMeter:
         return StepClock(self.device, bool(every) and step % every == 0)  # type: ignore[operator]
 
     def count(self, unet_config: dict[str, Any] | None, latent_shape: tuple[int, ...], text_tokens: int = 77,
-              pooled: int = 1280) -> None:
+              pooled: int = 1280, unet_class: type | None = None, clock: StepClock | None = None) -> None:
         """Counts the training FLOPs per sample of the UNet `unet_config` (see `training_flops`) once per run; a
-        layout that cannot be counted leaves them unknown (no tflops, no mfu), never stops the run."""
+        layout that cannot be counted leaves them unknown (no tflops, no mfu), never stops the run. The time it
+        takes is left out of `clock`'s step."""
         if not self.count_flops or self.flops_per_sample is not None:
             return
         self.count_flops = False
+        started = time.perf_counter()
         try:
-            self.flops_per_sample = training_flops(unet_config or {}, latent_shape, text_tokens, pooled)
+            self.flops_per_sample = training_flops(unet_config or {}, latent_shape, text_tokens, pooled, unet_class)
         except Exception as error:  # noqa: BLE001 - a figure for the logs, not worth a failed run
             log.info("training FLOPs not counted (%s: %s): no tflops or mfu in metrics.jsonl",
                      type(error).__name__, error)
             return
+        finally:
+            if clock is not None:
+                clock.exclude(time.perf_counter() - started)
         log.info("FLOPs per training sample (forward + backward, counted): %.3g%s", self.flops_per_sample,
                  f"; MFU against a peak of {self.peak_tflops:g} TFLOP/s" if self.peak_tflops else "")
 
@@ -134,15 +144,19 @@ class StepMeter:
 
 
 def training_flops(unet_config: dict[str, Any], latent_shape: tuple[int, ...], text_tokens: int = 77,
-                   pooled: int = 1280) -> float:
+                   pooled: int = 1280, unet_class: type | None = None) -> float:
     """FLOPs of one training sample (forward and backward) of the diffusers UNet `unet_config` at `latent_shape`
     ([C, h, w]) with `text_tokens` tokens and a `pooled`-wide pooled text embedding, counted with
-    `FlopCounterMode` on the meta device (no memory, no weights)."""
-    from diffusers import UNet2DConditionModel
+    `FlopCounterMode` on the meta device (no memory, no weights). `unet_class`: the trained UNet's class (default
+    diffusers' UNet2DConditionModel; passing the class already loaded spares importing diffusers' model zoo)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if unet_class is None:
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+        unet_class = UNet2DConditionModel
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(unet_config))
+        unet = unet_class.from_config(dict(unet_config))  # type: ignore[union-attr]
     config = unet.config
     kwargs: dict[str, Any] = {}
     if config.addition_embed_type == "text_time":  # SDXL's six time ids, the refiner's five: what the width leaves
