@@ -149,6 +149,9 @@ EXPECTED = {
     "pretrained_evaluation_model_name_or_path": ("validation", str, False, DEFAULT_EVALUATION_MODEL),
     "eval_dataset_id": ("validation", str, True, None),
     "eval_holdout_fraction": ("validation", float, True, None),
+    # issue 25 (speed)
+    "timing_breakdown_interval": ("train", int, True, None), "peak_tflops": ("train", float, True, None),
+    "prefetch_batches": ("train", bool, False, True), "eval_holdout_max_images": ("validation", int, False, 256),
     "eval_subbands": ("validation", int, False, 4),
     "eval_timesteps_per_subband": ("validation", int, False, 4),
     # The SDXL refiner layout (docs/refiner.md)

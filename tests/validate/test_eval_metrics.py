@@ -87,3 +87,36 @@ def test_held_out_loss_is_reported_per_sub_band_at_fixed_noise_and_timesteps(tin
     assert HeldOutLoss([], ExpertBand(0, 349), schedule, subbands=4, timesteps_per_subband=2, seed=1)(tiny_unet, "cpu") == {}
     narrow = HeldOutLoss(samples[:1], ExpertBand(0, 2), schedule, subbands=4, timesteps_per_subband=1, seed=1)
     assert list(narrow(tiny_unet, "cpu")) == ["eval/loss_0_0", "eval/loss_1_1", "eval/loss_2_2", "eval/loss"]
+
+
+def test_held_out_loss_is_batched_over_images_of_one_size_under_the_given_autocast(tiny_unet) -> None:
+    """Issue 25: images of one latent size share a forward pass (batch_rows rows at most); the result is the one an
+    image at a time gives; the run's autocast wraps every pass."""
+    schedule = NoiseSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    g = torch.Generator().manual_seed(9)
+    wide = [HeldOutSample(torch.randn(4, 8, 12, generator=g), torch.tensor([64., 96, 0, 0, 64, 96]),
+                          torch.randn(77, 48, generator=g), torch.randn(32, generator=g))]
+    samples = _samples(3) + wide + _samples(2)  # two sizes: 3 square, 1 wide, 2 square
+    one_by_one = HeldOutLoss(samples, ExpertBand(350, 999), schedule, subbands=2, timesteps_per_subband=2, seed=1,
+                             batch_rows=2)
+    batched = HeldOutLoss(samples, ExpertBand(350, 999), schedule, subbands=2, timesteps_per_subband=2, seed=1,
+                          batch_rows=16)
+    passes: list[int] = []
+    hook = tiny_unet.register_forward_pre_hook(lambda module, args: passes.append(int(args[0].shape[0])))
+    try:
+        single = one_by_one(tiny_unet, "cpu")
+        assert passes == [2] * 12  # 6 images × 2 sub-bands, one image (2 timesteps) a pass
+        passes.clear()
+        together = batched(tiny_unet, "cpu")
+        assert passes == [6, 2, 4] * 2  # per sub-band: 3 square images, the wide one, 2 square
+    finally:
+        hook.remove()
+    assert together == pytest.approx(single, rel=1e-5)
+    entered: list[bool] = []
+
+    def autocast():
+        entered.append(True)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    low = batched(tiny_unet, "cpu", autocast)
+    assert len(entered) == 6 and low != together and low == pytest.approx(together, rel=0.1)

@@ -250,8 +250,9 @@ class ModelConfig:
     pure_bf16: bool = opt(False, "SimpleTuner's PURE_BF16: hold the trained weights in bfloat16 with no float32 "
                                  "copy; needs optimizer=adamw_bf16 (which always does so) and mixed_precision=bf16.",
                           env=("PURE_BF16",))
-    allow_tf32: bool = opt(False, "Let float32 matmuls and convolutions on a CUDA GPU use TF32 tensor cores "
-                                  "(faster, ~10-bit mantissa); no effect elsewhere.", env=("ALLOW_TF32",))
+    allow_tf32: bool = opt(False, "Let float32 matmuls on a CUDA GPU use TF32 tensor cores (faster, ~10-bit "
+                                  "mantissa); cuDNN convolutions keep PyTorch's default (TF32); no effect "
+                                  "elsewhere.", env=("ALLOW_TF32",))
     dynamo_backend: str = opt("no", "torch.compile the trained UNet with this TorchDynamo backend (no: eager). "
                                     "Refused where the backend cannot run (inductor needs a C++ compiler).",
                               choices=("no", "inductor", "eager", "aot_eager", "cudagraphs"),
@@ -464,6 +465,18 @@ class TrainConfig:
                                         env=("ACCELERATE_CONFIG_PATH",))
     accelerate_extra_args: str | None = opt(None, "Extra arguments for accelerate launch.",
                                             env=("ACCELERATE_EXTRA_ARGS",))
+    # issue 25 (speed): honest step timing, throughput and MFU; the host out of the accelerator's way.
+    timing_breakdown_interval: int | None = opt(None, "Every this many steps also log the step's data, compute and "
+                                                      "optimizer seconds (seconds_data, seconds_compute, "
+                                                      "seconds_optimizer) in metrics.jsonl; each such step waits for "
+                                                      "the accelerator between its parts (unset: never).", ge=1,
+                                                on_resume="not_compared")
+    peak_tflops: float | None = opt(None, "The accelerator's dense peak TFLOP/s in the run's precision, for the model "
+                                          "FLOP utilisation (mfu) in metrics.jsonl (unset: the datasheet figure of "
+                                          "a recognised NVIDIA GPU, else no mfu).", gt=0, on_resume="not_compared")
+    prefetch_batches: bool = opt(True, "Read, collate (and on CUDA pin) the next step's batches on a background "
+                                       "thread while the step runs; the batches and their order are the same either "
+                                       "way.", on_resume="not_compared")
     # issue 19 (config): SimpleTuner's offset noise (its names, defaults and switch).
     offset_noise: bool = opt(False, "Offset noise: add noise_offset * N(0, 1) of shape (C, 1, 1) to a sample's "
                                     "noise, with probability noise_offset_probability per sample.")
@@ -537,6 +550,10 @@ class ValidationConfig:
                                             "the per-band validation loss.")
     eval_holdout_fraction: float | None = opt(None, "Fraction of the images (a seeded choice) held out from "
                                                     "training for the per-band validation loss.", gt=0, lt=1)
+    # issue 25 (speed): a cap on the held-out images scored at each validation.
+    eval_holdout_max_images: int = opt(256, "Score at most this many held-out images (the first, in a fixed order) "
+                                            "for the per-band validation loss; each costs eval_subbands x "
+                                            "eval_timesteps_per_subband UNet forward passes.", ge=1)
     eval_subbands: int = opt(4, "Equal sub-bands of the expert's band the held-out loss is reported for.", ge=1)
     eval_timesteps_per_subband: int = opt(4, "Fixed timesteps per sub-band at which each held-out image is "
                                              "scored.", ge=1)

@@ -45,8 +45,9 @@ class TrainingBatch:
     pooled_embeds: torch.Tensor  # [B, d_pool]
     time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w (refiner: [B, 5])
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TrainingBatch":
-        return TrainingBatch(*(t.to(device=device, dtype=dtype) for t in
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "TrainingBatch":
+        return TrainingBatch(*(t.to(device=device, dtype=dtype, non_blocking=non_blocking) for t in
                                (self.latents, self.prompt_embeds, self.pooled_embeds, self.time_ids)))
 
     @property

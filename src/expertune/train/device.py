@@ -18,15 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def apply_tf32(allowed: bool, device: torch.device) -> bool:
-    """Let float32 matmuls and cuDNN convolutions use TF32 on a CUDA device; returns whether it is on."""
+    """Let float32 matmuls use TF32 on a CUDA device; returns whether it is on.
+
+    cuDNN convolutions are left at PyTorch's own default (`torch.backends.cudnn.allow_tf32`, True): only the
+    matmul setting is the option's, as in PyTorch, whose matmul default is full float32."""
     if device.type != "cuda":
         if allowed:
             log.info("allow_tf32: %s has no TF32 tensor cores; float32 maths stays float32", device.type)
         return False
     torch.backends.cuda.matmul.allow_tf32 = allowed
-    torch.backends.cudnn.allow_tf32 = allowed
     if allowed:
-        log.info("allow_tf32: float32 matmuls and convolutions use TF32 tensor cores")
+        log.info("allow_tf32: float32 matmuls use TF32 tensor cores (cuDNN convolutions: PyTorch's default)")
     return allowed
 
 

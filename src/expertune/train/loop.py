@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from expertune.config import Config
-from expertune.data.batches import MicroBatch, caption_for, collate, drop_captions
-from expertune.data.prepare import PreparedData
+from expertune.data.batches import MicroBatch, drop_captions
 from expertune.errors import NonFiniteError, TrainingInterrupted
 from expertune.experts import ExpertBand
 from expertune.run_folder import checkpoints_dir, disk_full_is_a_stop
@@ -27,6 +26,7 @@ from expertune.train.export import export_experts, export_on_interrupt, final_we
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
+from expertune.train.prefetch import BatchFeed, load_batch  # noqa: F401  (load_batch: re-exported)
 from expertune.train.runtime import agreed
 from expertune.train.setup import (  # noqa: F401  (re-exported: the loop's helpers, as before)
     ExpertRun,
@@ -37,6 +37,7 @@ from expertune.train.setup import (  # noqa: F401  (re-exported: the loop's help
     total_optimizer_steps,
 )
 from expertune.train.signals import StopRequests, injected_nonfinite
+from expertune.train.timing import StepMeter, known_peak_tflops
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,12 @@ def _train(run: Run) -> RunResult:
         validation.at_startup(run)
     progress = tqdm(total=run.total_steps, initial=run.step, desc=f"training {describe_bands(run)}",
                     disable=not run.accelerator.is_local_main_process)
-    with StopRequests(run.output_dir) as stop, progress, ActiveExpert(run) as active:
+    meter = step_meter(run)
+    with StopRequests(run.output_dir) as stop, progress, ActiveExpert(run) as active, \
+            BatchFeed(run, config.train.prefetch_batches) as feed:
         while run.step < run.total_steps:
             expert = active.take(run.next_expert())
-            tail = train_step(run, expert)
+            tail = train_step(run, expert, meter, feed)
             updated = bool(expert.last_record)
             if updated:
                 log_step(run, expert.last_record, progress)
@@ -107,44 +110,61 @@ def describe_bands(run: Run) -> str:
     return str(run.experts[0].band) if len(run.experts) == 1 else f"{len(run.experts)} experts"
 
 
-def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
-    latents, time_ids, embeds = [], [], []
-    for index in micro.indices:
-        item = prepared.items[index]
-        latent, ids = prepared.latent_cache.load(item.record, item.spec)
-        latents.append(latent)
-        time_ids.append(ids)
-        embeds.append(prepared.embed_cache.load(caption_for(item, micro.epoch)))
-    return collate(latents, time_ids, embeds)
+def step_meter(run: Run) -> StepMeter:
+    """The run's step timing: breakdown interval, peak for MFU."""
+    t, m = run.config.train, run.config.model
+    device = run.accelerator.device
+    peak = t.peak_tflops or known_peak_tflops(device, m.mixed_precision, m.allow_tf32)
+    return StepMeter(device, t.timing_breakdown_interval, peak)
 
 
-def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
+def unet_config(accelerator: Any, expert: ExpertRun) -> tuple[dict[str, Any] | None, type | None]:
+    """The trained UNet's diffusers config and class (for counting its FLOPs), through accelerate's and peft's
+    wrappers."""
+    model = accelerator.unwrap_model(expert.unet)
+    model = getattr(model, "base_model", model)
+    model = getattr(model, "model", model)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    config = getattr(model, "config", None)
+    return (dict(config), type(model)) if config is not None else (None, None)
+
+
+def train_step(run: Run, expert: ExpertRun, meter: StepMeter | None = None, feed: BatchFeed | None = None
+               ) -> MicroBatch:
     """One optimizer step of `expert`: accumulate its micro-batches, clip, step, EMA; advance its state and
     leave the step's metrics in `expert.last_record`. Returns the step's last micro-batch.
 
     A non-finite loss or gradient norm on any rank skips the update on every rank (the batches are consumed, the
     step is not counted, `expert.last_record` is left empty); `max_nonfinite_steps` in a row stop the run."""
     accelerator, t = run.accelerator, run.config.train
-    step_started = time.monotonic()
+    meter = meter or StepMeter(accelerator.device, count_flops=False)
+    feed = feed or BatchFeed(run, prefetch=False)
+    clock = meter.clock(run.step + 1)
     step = expert.state.step + 1  # the expert's own step; the job's is run.step + 1
-    assert expert.stream is not None
-    group = [next(expert.stream) for _ in range(t.gradient_accumulation_steps)]
+    pairs = feed.take(expert, t.gradient_accumulation_steps)
+    group = [micro for micro, _ in pairs]
     samples = sum(len(m.indices) for m in group)
     stratified = run.config.band.timestep_sampling == "stratified"
     step_loss = torch.zeros((), dtype=torch.float64)
     step_timesteps = []
-    for position, micro in enumerate(group):
-        batch = load_batch(run.data_of(expert), micro).to(accelerator.device, expert.strategy.input_dtype())
+    for position, (micro, host_batch) in enumerate(pairs):
+        batch = feed.to_device(host_batch, expert.strategy.input_dtype())
         draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
                                 stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability)
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
         batch = drop_captions(batch, mine.keep_caption)
+        clock.mark("data")
+        if meter.count_flops:
+            config, unet_class = unet_config(accelerator, expert)
+            meter.count(config, tuple(batch.latents.shape[1:]), batch.prompt_embeds.shape[1],
+                        batch.pooled_embeds.shape[-1], unet_class, clock)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \
                 accelerator.autocast():
             out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights)
             weight = batch.size / samples
             accelerator.backward(out.loss * (weight * expert.strategy.loss_scale))
+        clock.mark("compute")
         step_loss += out.loss.detach().double().cpu() * weight
         step_timesteps.append(draws.timesteps)  # every sample of every rank
     grad_norm = None
@@ -160,6 +180,8 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     expert.optimizer.zero_grad(set_to_none=True)
     if expert.ema is not None and step % t.ema_update_interval == 0:
         expert.ema.update(expert.trainable)
+    clock.mark("optimizer")
+    seconds = clock.finish()  # after the device has finished the step: clipping, optimizer and EMA included
     tail = _advance(run, expert, step, group)
     if accelerator.num_processes > 1:
         step_loss = accelerator.reduce(step_loss.float().to(accelerator.device), "mean").cpu()
@@ -174,8 +196,8 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
         "timestep_min": int(timesteps.min()),
         "timestep_max": int(timesteps.max()),
         "samples": sum(m.global_size for m in group),
-        "seconds": round(time.monotonic() - step_started, 4),
     }
+    record |= meter.figures(clock, seconds, record["samples"], samples)
     if grad_norm is not None and float(grad_norm) >= 0:  # DeepSpeed reports -1 before its first norm
         record["grad_norm"] = float(grad_norm)
     expert.last_record = record

@@ -14,17 +14,28 @@ if TYPE_CHECKING:
     from expertune.config.schema import TrainConfig
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def adamw_kernel(device: torch.device | None) -> dict[str, bool]:
+    """torch AdamW's implementation for `device`: the fused kernel on CUDA (one launch per parameter group and
+    dtype), the multi-tensor (foreach) one elsewhere, which on a CPU gives the for-loop's numbers exactly."""
+    if device is not None and device.type == "cuda":
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: TrainConfig,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names, over the trainable parameters, at `train.learning_rate`.
 
     The learning-rate schedule is applied on top (build_lr_scheduler) for all of them; Adafactor therefore
-    runs with its own relative-step schedule switched off.
+    runs with its own relative-step schedule switched off. `device`: where the parameters will train (the
+    AdamW kernel is chosen for it, see `adamw_kernel`).
     """
     params = [p for p in parameters if p.requires_grad]
     name = train.optimizer
     if name == "adamw":
         return torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                                 weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+                                 weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
+                                 **adamw_kernel(device))
     if name == "adamw_bf16":
         return _adamw_bf16(params, train)
     if name == "adamw8bit":

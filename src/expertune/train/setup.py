@@ -308,7 +308,7 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
     t = config.train
     unet = _trainable_unet(config, unet)
     bf16_weights = _device_settings(config, accelerator, unet)
-    optimizer = build_optimizer(unet.parameters(), t)
+    optimizer = build_optimizer(unet.parameters(), t, accelerator.device)
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps, processes=accelerator.num_processes)
     if accelerator.distributed_type.value == "DEEPSPEED":
         configure_deepspeed(accelerator, config)

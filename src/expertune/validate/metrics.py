@@ -7,14 +7,16 @@ The per-band loss is the training loss (MSE against the trained parameterisation
 out of training, with noise and timesteps fixed once for the whole run, so two validations differ only
 by the weights. The expert's band is cut into equal sub-bands (`sub_bands`), each scored at fixed
 timesteps (`fixed_timesteps`); keys are `eval/loss_<lo>_<hi>` (inclusive ends) and `eval/loss`, the mean
-of the sub-bands.
+of the sub-bands. The forward passes run under the run's autocast (as training does), batched over held-out
+images of one size (`batch_rows` rows a pass); validation scores at most `eval_holdout_max_images` of them.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -118,8 +120,9 @@ class HeldOutLoss:
     """The denoising loss on held-out samples at fixed noise and timesteps, per sub-band of the band."""
 
     def __init__(self, samples: Sequence[HeldOutSample], band: ExpertBand, schedule: NoiseSchedule, *,
-                 subbands: int, timesteps_per_subband: int, seed: int) -> None:
+                 subbands: int, timesteps_per_subband: int, seed: int, batch_rows: int = 16) -> None:
         self.samples = list(samples)
+        self.batch_rows = batch_rows
         self.schedule = schedule
         self.subbands = sub_bands(band, min(subbands, band.size))
         self.timesteps = [torch.tensor(fixed_timesteps(sub, timesteps_per_subband)) for sub in self.subbands]
@@ -129,20 +132,39 @@ class HeldOutLoss:
                        for _ in self.subbands] for s in self.samples]
 
     @torch.no_grad()
-    def __call__(self, unet: Any, device: torch.device | str) -> dict[str, float]:
+    def __call__(self, unet: Any, device: torch.device | str,
+                 autocast: Callable[[], AbstractContextManager[Any]] | None = None) -> dict[str, float]:
+        """`eval/loss_<lo>_<hi>` per sub-band and `eval/loss`: the mean over images of each image's mean loss over
+        the sub-band's fixed timesteps. `autocast`: the run's (accelerator.autocast), around each forward pass."""
         if not self.samples:
             return {}
         dtype = next(unet.parameters()).dtype
         totals = [0.0] * len(self.subbands)
-        for sample, noises in zip(self.samples, self.noise):
-            for j, (timesteps, noise) in enumerate(zip(self.timesteps, noises)):
-                count = timesteps.numel()
-                batch = TrainingBatch(sample.latent.unsqueeze(0).expand(count, -1, -1, -1),
-                                      sample.prompt_embeds.expand(count, -1, -1),
-                                      sample.pooled_embeds.expand(count, -1),
-                                      sample.time_ids.expand(count, -1)).to(device)
-                draws = StepRandomness(timesteps, noise, torch.ones(count, dtype=torch.bool))
-                totals[j] += float(denoising_loss(unet, batch, self.schedule, draws, model_dtype=dtype).loss)
+        for j, timesteps in enumerate(self.timesteps):
+            group: list[int] = []  # consecutive images of one latent size, up to batch_rows rows
+            for index, sample in enumerate(self.samples):
+                if group and (self.samples[group[0]].latent.shape != sample.latent.shape
+                              or (len(group) + 1) * timesteps.numel() > self.batch_rows):
+                    totals[j] += self._group_loss(unet, group, j, device, dtype, autocast)
+                    group = []
+                group.append(index)
+            totals[j] += self._group_loss(unet, group, j, device, dtype, autocast)
         per_band = {loss_key(sub): total / len(self.samples) for sub, total in zip(self.subbands, totals)}
         per_band["eval/loss"] = sum(per_band.values()) / len(per_band)
         return per_band
+
+    def _group_loss(self, unet: Any, group: list[int], subband: int, device: torch.device | str, dtype: torch.dtype,
+                    autocast: Callable[[], AbstractContextManager[Any]] | None) -> float:
+        """The sum over the images of `group` of each one's mean loss at sub-band `subband`'s timesteps: one pass."""
+        timesteps = self.timesteps[subband]
+        count = timesteps.numel()
+        samples = [self.samples[i] for i in group]
+        batch = TrainingBatch(torch.cat([s.latent.unsqueeze(0).expand(count, -1, -1, -1) for s in samples]),
+                              torch.cat([s.prompt_embeds.expand(count, -1, -1) for s in samples]),
+                              torch.cat([s.pooled_embeds.expand(count, -1) for s in samples]),
+                              torch.cat([s.time_ids.expand(count, -1) for s in samples])).to(device)
+        draws = StepRandomness(timesteps.repeat(len(group)), torch.cat([self.noise[i][subband] for i in group]),
+                               torch.ones(count * len(group), dtype=torch.bool))
+        with autocast() if autocast is not None else nullcontext():
+            loss = denoising_loss(unet, batch, self.schedule, draws, model_dtype=dtype).loss
+        return float(loss) * len(group)  # the mean over equal-sized parts times their number: the sum of their means

@@ -192,7 +192,11 @@ class Validator:
 
     def _held_out_loss(self) -> HeldOutLoss:
         samples = []
-        for item in self.prepared.eval_items:
+        held_out, cap = self.prepared.eval_items, self.v.eval_holdout_max_images
+        if len(held_out) > cap:
+            log.info("held-out loss: scoring the first %d of %d held-out images (eval_holdout_max_images)", cap,
+                     len(held_out))
+        for item in held_out[:cap]:  # a cap: minutes, not hours, per validation
             latent, time_ids = self.prepared.latent_cache.load(item.record, item.spec)
             embeds, pooled = self.prepared.embed_cache.load(item.captions[0])
             samples.append(HeldOutSample(latent, time_ids, embeds, pooled))
@@ -340,7 +344,8 @@ class Validator:
                     images += self.chain_images(unet)
                 if self.chain_with:
                     images += self.mixture_chain_images()
-                values = self.held_out(unet, self.accelerator.device) if self.held_out else {}
+                values = (self.held_out(unet, self.accelerator.device, self.accelerator.autocast) if self.held_out
+                          else {})
                 if self.plan.clip is not None:
                     values.update(self.plan.clip.scores([(i.name, i.output, i.prompt) for i in images]))
         finally:
