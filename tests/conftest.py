@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,33 @@ def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _torch
     not once per test (torch would otherwise build them under each test's XDG cache: about 20 s each)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir))
+
+
+def _refuse(item: pytest.Item, what: str) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail(f"{item.nodeid} {what} but is not marked integration: mark it @pytest.mark.integration (the "
+                    "marker means 'trains or launches'), or test the unit without training or launching", pytrace=False)
+    return refuse
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The `integration` marker means "trains or launches", and this holds it: while a test without it runs (its
+    fixtures included), a training step (`expertune.train.loop.train_step`, which every training run takes) or the
+    start of a process (`subprocess.Popen`, which every launch takes) fails the test with the fix."""
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    from expertune.train import loop
+
+    saved = loop.train_step, subprocess.Popen._execute_child  # type: ignore[attr-defined]
+    loop.train_step = _refuse(item, "trains an expert")  # type: ignore[assignment]
+    subprocess.Popen._execute_child = _refuse(item, "starts a process")  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        loop.train_step, subprocess.Popen._execute_child = saved  # type: ignore[attr-defined]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test not marked `integration` is a `unit` test (`make test-fast` runs only those)."""

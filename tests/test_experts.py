@@ -126,13 +126,13 @@ def test_sub_bands_tile_the_band_in_near_equal_parts(band, count) -> None:
     if count > band.size:
         with pytest.raises(ValueError, match="sub-bands"):
             sub_bands(band, count)
-        return
-    parts = sub_bands(band, count)
-    assert parts[0].lo == band.lo and parts[-1].hi == band.hi
-    assert partition_problems(parts + ([ExpertBand(0, band.lo - 1)] if band.lo else [])
-                              + ([ExpertBand(band.hi + 1, 999)] if band.hi < 999 else [])) == []
-    assert max(p.size for p in parts) - min(p.size for p in parts) <= 1
-    assert all(p.num_train_timesteps == band.num_train_timesteps for p in parts)
+    else:
+        parts = sub_bands(band, count)
+        assert parts[0].lo == band.lo and parts[-1].hi == band.hi
+        assert partition_problems(parts + ([ExpertBand(0, band.lo - 1)] if band.lo else [])
+                                  + ([ExpertBand(band.hi + 1, 999)] if band.hi < 999 else [])) == []
+        assert max(p.size for p in parts) - min(p.size for p in parts) <= 1
+        assert all(p.num_train_timesteps == band.num_train_timesteps for p in parts)
 
 
 def test_fixed_timesteps_are_stratum_midpoints_inside_the_band() -> None:
