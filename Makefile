@@ -22,7 +22,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/expertune demo --out outputs/demo
 
-# Rebuild the committed world model from nothing (about 26 min on 2 CPU cores), then check it.
+# Rebuild the committed world model from nothing (about half an hour on 2 CPU cores: docs/benchmarks.md), then check it.
 world: $(STAMP)
 	$(BIN)/expertune world build src/expertune/world/pretrained
 
