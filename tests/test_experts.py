@@ -243,3 +243,14 @@ def test_sub_bands_and_fixed_timesteps_keep_the_schedule_and_name_bad_counts() -
         sub_bands(ExpertBand(0, 2), 4)
     with pytest.raises(ValueError, match=r"^count must be >= 1, got 0$"):
         fixed_timesteps(ExpertBand(0, 10), 0)
+
+
+def test_draws_are_made_on_the_device_asked_for() -> None:
+    band = ExpertBand(0, 9, 10)
+    assert band.sample(3, device="meta").device.type == "meta"
+    assert band.sample(3, device="meta", stratified=True).device.type == "meta"
+
+
+def test_a_range_with_letters_is_refused_as_not_two_integers() -> None:
+    with pytest.raises(ValueError, match=r"^timestep_range='X1,5' is not valid: expected 'LO,HI' with two integers"):
+        parse_timestep_range("X1,5")

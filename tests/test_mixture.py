@@ -228,3 +228,12 @@ def test_expert_sources_take_each_entry_or_the_default() -> None:
     with pytest.raises(ValueError) as caught:
         expert_sources("700,350", "a,b", "base")
     assert str(caught.value).startswith("expert_models='a,b' has 2 values for 3 experts")
+
+
+def test_a_single_band_owns_every_step_and_an_unknown_rule_is_named() -> None:
+    one = [ExpertBand(0, 9, 10)]
+    for rule in ("alternate", "proportional", "timestep"):
+        assert step_owners(rule, one, 3) == [0, 0, 0]
+    with pytest.raises(ValueError) as caught:
+        step_owners("random", BANDS, 3)
+    assert str(caught.value) == "mixture_schedule 'random' is not one of: alternate, proportional, timestep"

@@ -161,3 +161,18 @@ def test_noising_and_targets_keep_the_latents_dtype() -> None:
     t = torch.tensor([10, 900])
     assert add_noise(x0, x0, t, schedule.alphas_cumprod).dtype == torch.bfloat16
     assert training_target(x0, x0, t, schedule.alphas_cumprod, "v_prediction").dtype == torch.bfloat16
+
+
+def test_betas_are_float32_whatever_the_default_dtype() -> None:
+    """diffusers computes its betas in float32; a float64 default dtype must not change the schedule."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert make_betas(3).dtype == torch.float32
+        assert make_betas(3, 0.1, 0.2, "linear").dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_linspace_with_two_steps_visits_both_ends() -> None:
+    assert inference_timesteps(10, 2, "linspace") == [9, 0]
