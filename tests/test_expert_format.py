@@ -130,7 +130,8 @@ def _write_mixture(root: Path, members: tuple[MixtureMember, ...] = MEMBERS, own
     mixture = MixtureDescription(members, PARAMS if params is None else params)
     for member, band in zip(members, own or [m.band for m in members]):
         (root / member.path).mkdir(parents=True, exist_ok=True)
-        ExpertDescription(band, PARAMS, member.model_type).write(root / member.path)
+        own_params = PARAMS if params is None or "num_train_timesteps" not in params else params
+        ExpertDescription(band, own_params, member.model_type).write(root / member.path)
     assert mixture.write(root) == root / MIXTURE_FILE
     return mixture
 
@@ -238,3 +239,15 @@ def test_a_mixture_whose_expert_owns_another_band_by_its_own_expert_json_is_refu
     (tmp_path / "expert-1/pipeline" / EXPERT_FILE).unlink()
     with pytest.raises(ModelError, match="is not an expertune expert"):
         MixtureDescription.read(tmp_path)
+
+
+def test_a_mixture_names_every_problem_of_its_bands_and_keeps_its_schedule_length(tmp_path: Path) -> None:
+    short = (MixtureMember("a", ExpertBand(5, 9, 10)), MixtureMember("b", ExpertBand(0, 4, 10)))
+    mixture = _write_mixture(tmp_path, short, params={"num_train_timesteps": 10})
+    assert MixtureDescription.read(tmp_path) == mixture
+    path = _rewrite(tmp_path, {"experts": [MixtureMember("a", ExpertBand(5, 8, 10)).to_json(),
+                                           MixtureMember("b", ExpertBand(1, 4, 10)).to_json()]})
+    with pytest.raises(ModelError) as caught:
+        MixtureDescription.read(tmp_path)
+    assert str(caught.value) == (f"{path}: no expert holds t = 9 (highest band is [5, 8]); no expert holds t = 0 "
+                                 "(lowest band is [1, 4])")

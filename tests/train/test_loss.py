@@ -97,9 +97,9 @@ class _ShiftUNet(torch.nn.Module):
     conditioning tensor, computed in the dtype it is fed (so a cast, or a dropped input, changes the loss)."""
 
     def forward(self, noisy, timesteps, *, encoder_hidden_states, added_cond_kwargs, return_dict):
-        shift = (encoder_hidden_states.mean() + added_cond_kwargs["text_embeds"].mean()
-                 + added_cond_kwargs["time_ids"].mean() / 64)
-        return (noisy * 0.5 + shift + timesteps.to(noisy.dtype).view(-1, 1, 1, 1) / 1000,)
+        shift = (encoder_hidden_states.mean(dim=(1, 2)) + added_cond_kwargs["text_embeds"].mean(dim=1)
+                 + added_cond_kwargs["time_ids"].mean(dim=1) / 64)  # per sample, in the conditioning's dtype
+        return (noisy * 0.5 + shift.view(-1, 1, 1, 1) + timesteps.to(noisy.dtype).view(-1, 1, 1, 1) / 1000,)
 
 
 def _batch() -> TrainingBatch:
@@ -112,8 +112,9 @@ def _batch() -> TrainingBatch:
 def _by_hand(batch: TrainingBatch, schedule: NoiseSchedule, draws, weights: torch.Tensor | None,
              dtype: torch.dtype = torch.float32) -> float:
     t = draws.timesteps
-    ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x0, noise = batch.latents, draws.noise
+    x0 = batch.latents
+    ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
+    noise = draws.noise.to(x0.dtype)
     noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
     cast = batch.to("cpu", dtype)
@@ -164,3 +165,23 @@ def test_draws_come_in_order_from_one_generator() -> None:
     assert torch.equal(draws.noise, torch.randn((6, 2, 3), generator=replay))
     assert torch.equal(draws.keep_caption, torch.rand(6, generator=replay) >= 0.5)
     assert bool(draw_randomness(band, torch.Generator(), 64, (1,)).keep_caption.all())  # no dropout unless asked
+
+
+def test_a_bf16_batch_is_noised_and_compared_in_bf16() -> None:
+    schedule = NoiseSchedule(prediction_type="v_prediction")
+    batch = _batch().to("cpu", torch.bfloat16)
+    draws = draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(2), 3, (4, 4, 4))
+    out = denoising_loss(_ShiftUNet(), batch, schedule, draws)
+    assert out.loss.item() == pytest.approx(_by_hand(batch, schedule, draws, None, torch.bfloat16), rel=1e-6)
+
+
+def test_noise_is_drawn_in_float32_whatever_the_default_dtype() -> None:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        draws = draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(0), 2, (1, 2))
+    finally:
+        torch.set_default_dtype(previous)
+    assert draws.noise.dtype == torch.float32
+    assert torch.equal(draws.noise, draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(0), 2,
+                                                    (1, 2)).noise)

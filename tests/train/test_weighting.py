@@ -125,6 +125,7 @@ def test_band_summary_rounds_to_six_places_over_the_inclusive_band() -> None:
     assert table.band_summary(0, 3) == {"weighting": "debiased", "prediction_type": "sample", "snr_gamma": None,
                                         "mean": 0.25, "min": 0.0, "max": 0.666667, "zero_weight_timesteps": [0, 3]}
     assert table.band_summary(1, 2)["mean"] == 0.5 and table.band_summary(1, 2)["min"] == 0.333333
+    assert table.band_summary(1, 1)["mean"] == 0.333333
 
 
 def test_starvation_names_the_mean_the_zero_timesteps_and_the_fix() -> None:
