@@ -185,3 +185,18 @@ def test_noise_is_drawn_in_float32_whatever_the_default_dtype() -> None:
     assert draws.noise.dtype == torch.float32
     assert torch.equal(draws.noise, draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(0), 2,
                                                     (1, 2)).noise)
+
+
+@pytest.mark.parametrize("model_dtype", [None, torch.bfloat16])
+def test_the_loss_is_computed_on_the_latents_device(model_dtype: torch.dtype | None) -> None:
+    """Draws are made on the CPU (one generator for every rank); noise, timesteps and weights follow the latents to
+    their device. `meta` stands in for an accelerator: a tensor left on the CPU cannot meet one there."""
+    from expertune.train.weighting import WeightTable
+
+    schedule = NoiseSchedule(prediction_type="v_prediction")
+    batch = _batch().to("meta")
+    draws = draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(2), 3, (4, 4, 4))
+    table = WeightTable.build(schedule.alphas_cumprod, "min_snr", "v_prediction", 5.0)
+    for weights in (None, table):
+        out = denoising_loss(_ShiftUNet(), batch, schedule, draws, model_dtype=model_dtype, weights=weights)
+        assert out.loss.device.type == "meta" and out.timesteps.device.type == "meta"
