@@ -141,3 +141,11 @@ def test_starvation_names_the_mean_the_zero_timesteps_and_the_fix() -> None:
     at_the_limit = WeightTable("debiased", "epsilon", None, torch.tensor([0.25, 0.25]))
     assert at_the_limit.starvation(0, 1) is None
     assert WeightTable("none", "epsilon", None, torch.zeros(3)).starvation(0, 2) is None
+
+
+def test_weights_follow_the_timesteps_and_the_predictions_to_their_device() -> None:
+    """`meta` stands in for an accelerator: a weight left on the CPU cannot meet a prediction there."""
+    table = WeightTable.build(NoiseSchedule().alphas_cumprod, "min_snr", "epsilon", 5.0)
+    assert table.for_timesteps(torch.tensor([3, 700], device="meta")).device.type == "meta"
+    prediction = torch.zeros(2, 4, device="meta")
+    assert weighted_mse(prediction, prediction, torch.tensor([1.0, 0.5])).device.type == "meta"
