@@ -193,6 +193,7 @@ SHELL_CASES = textwrap.dedent("""\
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash to compare with")
+@pytest.mark.integration  # it starts bash
 def test_env_parser_agrees_with_bash(tmp_path):
     path = write(tmp_path, "shell.env", "EMPTY=\n" + SHELL_CASES)
     names = sorted({a.name for a in parse_env_text(path.read_text(), environ={})})
