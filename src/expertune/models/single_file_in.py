@@ -58,15 +58,23 @@ def _digest(path: Path) -> str:
 
 
 def _cached_tokenizers(family: str) -> Path | None:
-    """The official repository's tokenizer folders from the local Hugging Face cache (no download), or None."""
-    from huggingface_hub import snapshot_download
+    """The official repository's tokenizer folders: from the local Hugging Face cache, else (unless HF_HUB_OFFLINE)
+    fetched once into it — the tokenizer files only, a few MB, as diffusers' own single-file loader would — or None."""
+    from huggingface_hub import constants, snapshot_download
 
-    try:
-        folder = Path(snapshot_download(FAMILIES[family], local_files_only=True,
-                                        allow_patterns=[f"{t}/*" for t in TOKENIZERS]))
-    except Exception:  # noqa: BLE001 - any miss (not cached, offline, no such repo) means "not available here"
-        return None
-    return folder if (folder / "tokenizer_2").is_dir() else None
+    patterns = [f"{t}/*" for t in TOKENIZERS]
+    for local_only in (True, False):
+        if not local_only and constants.HF_HUB_OFFLINE:
+            return None
+        try:
+            if not local_only:
+                log.info("fetching the %s tokenizers (tokenizer/, tokenizer_2/ only) from %s", family, FAMILIES[family])
+            folder = Path(snapshot_download(FAMILIES[family], local_files_only=local_only, allow_patterns=patterns))
+        except Exception:  # noqa: BLE001 - any miss (not cached, no network, no such repo) means "not available"
+            continue
+        if (folder / "tokenizer_2").is_dir():
+            return folder
+    return None
 
 
 def config_folder(family: str, single_file_config: str | None, scratch: Path) -> Path:
@@ -80,7 +88,7 @@ def config_folder(family: str, single_file_config: str | None, scratch: Path) ->
     if tokenizers is None:
         raise ModelError(
             f"the checkpoint has the {family} layout, whose CLIP tokenizers (BPE vocabulary) expertune does not ship "
-            f"and {FAMILIES[family]} is not in the local Hugging Face cache; pass --single_file_config DIR, a "
+            f"and {FAMILIES[family]}'s tokenizers are neither in the local Hugging Face cache nor could be fetched; pass --single_file_config DIR, a "
             f"diffusers folder of the same family holding tokenizer/ and tokenizer_2/ (e.g. a download of "
             f"{FAMILIES[family]}), or download that repository once so its cached copy is found")
     shutil.copytree(CONFIGS / family, scratch, dirs_exist_ok=True)
