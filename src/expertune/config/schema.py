@@ -323,6 +323,24 @@ class BandConfig:
                                            "of refiner_training).", check=parse_timestep_range)
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn inside the band.",
                                  choices=("uniform", "stratified"))
+    # -- issue 23 (knobs): the timestep distribution inside the band (timestep_dist.py) ------------------------
+    timestep_distribution: str = opt("uniform", "Distribution of training timesteps over the whole schedule, cut "
+                                     "to the expert's band by conditioning (its shape kept): uniform, or "
+                                     "logit_normal (t/N = sigmoid(u), u ~ N(logit_mean, logit_std^2)).",
+                                     choices=("uniform", "logit_normal"))
+    logit_mean: float = opt(0.0, "Mean of timestep_distribution=logit_normal's normal (< 0: more low-noise "
+                                 "timesteps, > 0: more high-noise).")
+    logit_std: float = opt(1.0, "Standard deviation of timestep_distribution=logit_normal's normal.", gt=0)
+    timestep_bias_strategy: str = opt("none", "SimpleTuner's timestep bias: multiply the probability of the "
+                                      "earlier (low-noise), later (high-noise) or a range of timesteps by "
+                                      "timestep_bias_multiplier, then cut to the band.",
+                                      choices=("none", "earlier", "later", "range"))
+    timestep_bias_multiplier: float = opt(1.0, "Factor on the probability of the biased timesteps (< 1 avoids "
+                                               "them).", gt=0)
+    timestep_bias_begin: int = opt(0, "First timestep of timestep_bias_strategy=range.", ge=0)
+    timestep_bias_end: int = opt(1000, "End (excluded) of timestep_bias_strategy=range.", ge=1)
+    timestep_bias_portion: float = opt(0.25, "Fraction of the schedule biased by timestep_bias_strategy=earlier "
+                                             "or later.", ge=0, le=1)
 
 
 def _check_export_format(text: str) -> None:
@@ -423,6 +441,16 @@ class TrainConfig:
                                            "weighting): none, min_snr (needs snr_gamma), debiased (1/sqrt(SNR), "
                                            "capped), or unset: min_snr when snr_gamma is set, else none.",
                                      choices=("none", "min_snr", "debiased"))
+    # -- issue 23 (knobs): loss types (losses.py); the per-band evaluation always scores MSE ----------------------
+    loss_type: str = opt("l2", "Training loss: l2 (mean squared error), huber (pseudo-Huber 2c(sqrt(r^2+c^2)-c): "
+                               "MSE-like for small residuals, linear for large ones, robust to outliers) or "
+                               "smooth_l1 (the same / c).", choices=("l2", "huber", "smooth_l1"),
+                         aliases={"mse": "l2", "pseudo_huber": "huber"})
+    huber_schedule: str = opt("snr", "How the huber / smooth_l1 threshold c changes with the timestep: snr "
+                                     "((1-huber_c)/(1+sigma)^2+huber_c), exponential (huber_c^(t/N)) or constant "
+                                     "(huber_c).", choices=("snr", "exponential", "constant"))
+    huber_c: float = opt(0.1, "Threshold c of the huber / smooth_l1 loss (its value at high noise for the snr and "
+                              "exponential schedules).", gt=0, le=1)
     optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw_bf16 (SimpleTuner's: bfloat16 weights, "
                                   "stochastic rounding and a compensation buffer; needs mixed_precision=bf16), "
                                   "adamw8bit (bitsandbytes, CUDA), adafactor (memory-lean, factored second "

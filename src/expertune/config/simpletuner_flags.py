@@ -168,9 +168,6 @@ _ROWS: list[SimpleTunerOption] = [
     *_ignore("disable_bucket_pruning", "buckets are never pruned"),
     *_ignore("disable_segmented_timestep_sampling", "timesteps are drawn inside the expert's band (timestep_sampling "
                                                     "uniform or stratified)"),
-    *_ignore("huber_c huber_schedule", "read only with loss_type huber, which is refused"),
-    *_ignore("timestep_bias_multiplier timestep_bias_begin timestep_bias_end timestep_bias_portion",
-             "read only with timestep_bias_strategy, which is refused"),
     *_ignore("input_perturbation_steps", "read only with input_perturbation, which is refused"),
     *_ignore("soft_min_snr_sigma_data", "read only with use_soft_min_snr, which is refused"),
     *_ignore("lycoris_config init_lokr_norm", "read only with lora_type lycoris, which is refused"),
@@ -180,11 +177,6 @@ _ROWS: list[SimpleTunerOption] = [
                                           "with user_prompt_library FILE"),  # shadowed by the field for a path
     *_ignore("sdxl_refiner_uses_full_range", "set refiner_training / timestep_range for the band you want", warn=True),
     # ---- training expertune cannot do
-    _refuse("loss_type", "expertune's loss is the (weighted) mean squared error: use loss_type l2, or leave it out",
-            quiet=(*OFF, "l2", "mse")),
-    _refuse("timestep_bias_strategy", "expertune draws timesteps inside the expert's band (timestep_range, "
-                                      "refiner_training, mixture_boundaries); leave it at none",
-            quiet=(*OFF, "none")),
     _refuse("input_perturbation", "input perturbation is not implemented; leave it at 0", quiet=(*OFF, "0.0")),
     _refuse("masked_loss_probability", "masked loss needs conditioning masks, which expertune does not read",
             quiet=(*OFF, "0.0")),

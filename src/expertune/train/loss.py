@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from expertune.data.batches import TrainingBatch
 from expertune.experts import ExpertBand
+from expertune.losses import LossType
 from expertune.schedule import NoiseSchedule, add_noise, training_target
+from expertune.timestep_dist import TimestepDistribution
 from expertune.train.weighting import WeightTable, weighted_mse
 
 
@@ -37,10 +39,15 @@ def draw_randomness(
     stratified: bool = False,
     noise_offset: float = 0.0,
     noise_offset_probability: float = 1.0,
+    distribution: TimestepDistribution | None = None,
 ) -> StepRandomness:
-    """Timesteps (inside the band, vectorised), noise and caption-dropout mask, in that order, on the CPU; then,
-    with `noise_offset` > 0, the offset noise (`offset_noise`)."""
-    timesteps = band.sample(global_size, generator, stratified=stratified)
+    """Timesteps (inside the band from `distribution` conditioned on it, uniform when None; vectorised), noise and
+    caption-dropout mask, in that order, on the CPU; then, with `noise_offset` > 0, the offset noise
+    (`offset_noise`)."""
+    if distribution is None:
+        timesteps = band.sample(global_size, generator, stratified=stratified)
+    else:
+        timesteps = distribution.sample(band, global_size, generator, stratified=stratified)
     noise = torch.randn((global_size, *latent_shape), generator=generator, dtype=torch.float32)
     keep = torch.rand(global_size, generator=generator) >= caption_dropout
     if noise_offset > 0:
@@ -65,12 +72,14 @@ class LossOutput:
 
 
 def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness,
-                   model_dtype: torch.dtype | None = None, weights: WeightTable | None = None) -> LossOutput:
-    """Mean-squared error between the UNet's prediction and the target at the drawn timesteps, each sample
-    weighted by `weights` (train/weighting.py) when given and active.
+                   model_dtype: torch.dtype | None = None, weights: WeightTable | None = None,
+                   loss_type: LossType | None = None) -> LossOutput:
+    """Mean-squared error (or `loss_type`'s huber / smooth_l1, losses.py) between the UNet's prediction and the
+    target at the drawn timesteps, each sample weighted by `weights` (train/weighting.py) when given and active.
 
     The one loss of the project: training minimises it, validation's held-out loss measures it (with the
-    expert's own weighting). The noisy input and target are computed in the batch's dtype; `model_dtype` casts
+    expert's own weighting, always as MSE: it passes no `loss_type`). The noisy input and target are computed
+    in the batch's dtype; `model_dtype` casts
     what the UNet gets (a bf16 UNet validated on float32 latents), None feeds the batch as it is.
     """
     latents = batch.latents
@@ -86,7 +95,12 @@ def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, dra
         added_cond_kwargs={"text_embeds": conditioning.pooled_embeds, "time_ids": conditioning.time_ids},
         return_dict=False,
     )[0]
-    if weights is None or not weights.active:
+    if loss_type is not None and not loss_type.is_l2:
+        per_sample = loss_type.per_sample(prediction, target, timesteps, schedule.alphas_cumprod)
+        if weights is not None and weights.active:
+            per_sample = per_sample * weights.for_timesteps(timesteps).to(per_sample.device, per_sample.dtype)
+        loss = per_sample.mean()
+    elif weights is None or not weights.active:
         loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
     else:
         loss = weighted_mse(prediction, target, weights.for_timesteps(timesteps))

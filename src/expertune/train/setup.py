@@ -43,6 +43,7 @@ from expertune.train.checkpoint import (
 from expertune.train import device as device_settings
 from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.metrics import MetricsLog, truncate_metrics
+from expertune.train.knobs import check_distribution
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
 from expertune.train.weighting import WeightTable, resolve_weighting
@@ -347,6 +348,7 @@ def loss_weights(config: Config, schedule: NoiseSchedule, band: ExpertBand) -> W
              summary["mean"], summary["min"], summary["max"])
     if (starved := weights.starvation(band.lo, band.hi)) is not None:
         log.warning(starved)
+    check_distribution(config, band)  # issue 23
     return weights
 
 

@@ -1,0 +1,43 @@
+"""The typed training knobs of issue 23 read from a Config: the loss type and the timestep distribution.
+
+The pure maths lives on the ground floor (losses.py, timestep_dist.py); this module only reads the fields, so
+that a per-expert config (`setup.expert_config`) gives each expert its own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from expertune.config import Config
+from expertune.errors import ConfigError
+from expertune.experts import ExpertBand
+from expertune.losses import LossType
+from expertune.timestep_dist import TimestepDistribution
+
+log = logging.getLogger(__name__)
+
+
+def loss_type_for(config: Config) -> LossType:
+    t = config.train
+    return LossType(t.loss_type, t.huber_schedule, t.huber_c)
+
+
+def distribution_for(config: Config) -> TimestepDistribution:
+    b = config.band
+    return TimestepDistribution(b.timestep_distribution, b.logit_mean, b.logit_std, b.timestep_bias_strategy,
+                                b.timestep_bias_multiplier, b.timestep_bias_begin, b.timestep_bias_end,
+                                b.timestep_bias_portion)
+
+
+def check_distribution(config: Config, band: ExpertBand) -> None:
+    """Log the expert's timestep distribution and the share of it its band holds; ConfigError for a band it
+    gives no probability."""
+    distribution = distribution_for(config)
+    if distribution.is_uniform:
+        return
+    try:
+        distribution.in_band(band)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    log.info("timestep distribution %s, conditioned on the band %s (which holds %.3g of it)",
+             distribution.describe(), band, distribution.band_share(band))

@@ -1,0 +1,66 @@
+"""Issue 23's loss types and timestep distributions through the training loss, the config and the loop's reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertune.config import load_config
+from expertune.errors import ConfigError
+from expertune.experts import ExpertBand
+from expertune.losses import LossType, huber_threshold
+from expertune.schedule import NoiseSchedule
+from expertune.timestep_dist import TimestepDistribution
+from expertune.train.knobs import distribution_for, loss_type_for
+from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.train.weighting import WeightTable
+
+
+def test_huber_loss_with_min_snr_weights_matches_the_closed_form(tiny_model_dir: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    batch = TrainingBatch(latents=torch.randn(3, 4, 8, 8, generator=g), prompt_embeds=torch.randn(3, 77, 48, generator=g),
+                          pooled_embeds=torch.randn(3, 32, generator=g),
+                          time_ids=torch.tensor([[64, 64, 0, 0, 64, 64]] * 3, dtype=torch.float32))
+    schedule = NoiseSchedule(prediction_type="epsilon")
+    weights = WeightTable.build(schedule.alphas_cumprod, "min_snr", "epsilon", 5.0)
+    band = ExpertBand(0, 999)
+    distribution = TimestepDistribution(bias_strategy="later", bias_multiplier=4.0)
+    draws = draw_randomness(band, torch.Generator().manual_seed(3), 3, (4, 8, 8), distribution=distribution)
+    spec = LossType("huber", "snr", 0.1)
+    out = denoising_loss(unet, batch, schedule, draws, weights=weights, loss_type=spec)
+    with torch.no_grad():
+        t = draws.timesteps
+        ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * batch.latents + (1 - ab).sqrt() * draws.noise
+        prediction = unet(noisy, t, encoder_hidden_states=batch.prompt_embeds,
+                          added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids}).sample
+    c = huber_threshold(t, schedule.alphas_cumprod, "snr", 0.1).float().view(-1, 1, 1, 1)
+    per_sample = (2 * c * (((prediction - draws.noise) ** 2 + c * c).sqrt() - c)).flatten(1).mean(1)
+    expected = (per_sample * weights.for_timesteps(t)).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = denoising_loss(unet, batch, schedule, draws, weights=weights)  # what the evaluation scores: MSE
+    assert plain.loss.item() != pytest.approx(out.loss.item(), rel=1e-3)
+
+
+def test_the_loop_reads_the_knobs_from_the_config() -> None:
+    config, _ = load_config(["--loss_type=pseudo_huber", "--huber_schedule=constant", "--huber_c=0.3",
+                             "--timestep_distribution=logit_normal", "--logit_mean=-0.5", "--logit_std=1.5",
+                             "--timestep_bias_strategy=range", "--timestep_bias_begin=100",
+                             "--timestep_bias_end=300", "--timestep_bias_multiplier=2"], find_config=False)
+    assert loss_type_for(config) == LossType("huber", "constant", 0.3)
+    assert distribution_for(config) == TimestepDistribution("logit_normal", -0.5, 1.5, "range", 2.0, 100, 300, 0.25)
+
+
+def test_bad_knob_values_are_refused_before_any_model_loads() -> None:
+    with pytest.raises(ConfigError, match="timestep_bias_begin"):
+        load_config(["--timestep_bias_strategy=range", "--timestep_bias_begin=500", "--timestep_bias_end=400"],
+                    find_config=False)
+    with pytest.raises(ConfigError, match="loss_type"):
+        load_config(["--loss_type=l1"], find_config=False)
+    with pytest.raises(ConfigError, match="huber_c"):
+        load_config(["--huber_c=0"], find_config=False)
