@@ -303,6 +303,11 @@ class DataConfig:
     cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
                                       "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).",
                                       on_resume="may_change")
+    # -- issue 23 (knobs): horizontal flip augmentation ------------------------------------------------------
+    flip_images: bool = opt(False, "Horizontal flip augmentation: every image is also cached mirrored (its own "
+                                   "latent, with SDXL's crop_left mirrored) and each sample trains as one or the "
+                                   "other, a fair coin per epoch. Not for images whose left and right matter "
+                                   "(text, asymmetric subjects).")
     # The SDXL refiner layout (docs/refiner.md); SimpleTuner's name and default.
     data_aesthetic_score: float = opt(7.0, "Aesthetic score every training image is conditioned on when the model "
                                            "has the SDXL refiner layout (its fifth time id; ignored otherwise).",

@@ -214,7 +214,8 @@ def _prepare(config: Config, components: SDXLComponents, extra_prompts: list[str
     dataloader = load_datasets(config)
     index = FileIndex(config.resolved_cache_dir() / INDEX_NAME)
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
-                               index=index, time_ids=time_id_layout(config, components))
+                               index=index, time_ids=time_id_layout(config, components),
+                               flip=config.data.flip_images)  # issue 23
     skips = _Skips()
     skipped, skip = skips.entries, skips.add
     found, planned = _plan_images(dataloader, latent_cache, skips, progress)

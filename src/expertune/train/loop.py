@@ -90,7 +90,8 @@ def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
     latents, time_ids, embeds = [], [], []
     for index in micro.indices:
         item = prepared.items[index]
-        latent, ids = prepared.latent_cache.load(item.record, item.spec)
+        latent, ids = prepared.latent_cache.load(item.record, item.spec,
+                                                 prepared.latent_cache.flips_at(micro.epoch, index))  # issue 23
         latents.append(latent)
         time_ids.append(ids)
         embeds.append(prepared.embed_cache.load(caption_for(item, micro.epoch)))
