@@ -64,3 +64,21 @@ def test_bad_knob_values_are_refused_before_any_model_loads() -> None:
         load_config(["--loss_type=l1"], find_config=False)
     with pytest.raises(ConfigError, match="huber_c"):
         load_config(["--huber_c=0"], find_config=False)
+
+
+def test_expert_json_records_the_knobs(tmp_path: Path) -> None:
+    from expertune.expert_format import ExpertDescription
+    from expertune.train.knobs import knobs_summary
+
+    plain, _ = load_config([], find_config=False)
+    assert knobs_summary(plain) == {}  # plain training adds nothing to expert.json
+    config, _ = load_config(["--loss_type=huber", "--timestep_bias_strategy=later", "--timestep_bias_multiplier=2",
+                             "--flip_images", "--model_type=lora", "--use_dora", "--lora_rank=8"], find_config=False)
+    summary = knobs_summary(config)
+    assert summary == {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1,
+                       "timestep_distribution": "uniform, bias x2 on the last 0.25", "flip_images": True,
+                       "adapter": "dora", "rank": 8, "alpha": 8}
+    ExpertDescription(ExpertBand(0, 349), {"prediction_type": "epsilon", "num_train_timesteps": 1000},
+                      model_type="lora", training=summary).write(tmp_path)
+    again = ExpertDescription.read(tmp_path)
+    assert again.training == summary and "training" not in again.parameterisation

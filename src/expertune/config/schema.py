@@ -224,17 +224,20 @@ class ModelConfig:
     model_family: str = opt("sdxl", "Model architecture family.", choices=("sdxl",), env=("MODEL_FAMILY",))
     model_type: str = opt("full", "Train the full UNet weights (full) or adapters (lora).",
                           choices=("full", "lora"), env=("MODEL_TYPE",))
-    use_dora: bool = opt(False, "Train DoRA adapters.", env=("USE_DORA",), unsupported=Unsupported(
-        "`true`", _is_true, "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) "
-        "or standard LoRA adapters (model_type=lora)"))
+    # -- issue 23 (knobs): DoRA and the LyCORIS adapters peft provides (models/adapters.py) ----------------------
+    use_dora: bool = opt(False, "Train DoRA adapters (model_type=lora, lora_type=standard): LoRA plus a learned "
+                                "magnitude per output feature; often closer to a full fine-tune at the same rank, "
+                                "slower per step.", env=("USE_DORA",))
     layer_freeze_strategy: str = opt("none", "Which UNet weights to freeze.", choices=("none", "bitfit"),
                                      env=("USE_BITFIT",), env_true_value="bitfit", unsupported=Unsupported(
         "`bitfit`", lambda v: v == "bitfit", "BitFit freezing is not supported; expertune trains all UNet weights "
         "(model_type=full) or LoRA adapters (model_type=lora): use layer_freeze_strategy=none (USE_BITFIT=false)"))
-    lora_type: str = opt("standard", "Kind of LoRA adapter (LoRA training only).", env=("LORA_TYPE",),
-                         unsupported=Unsupported(
-        "not `standard`", lambda v: v != "standard", "LoRA variants are not supported; use standard LoRA adapters "
-        "(model_type=lora, lora_type=standard) or full UNet weights (model_type=full)"))
+    lora_type: str = opt("standard", "Kind of adapter (model_type=lora): standard (peft LoRA, or DoRA with "
+                                     "use_dora) or lycoris (LoRA, LoHa or LoKr as lycoris_config's algo says).",
+                         choices=("standard", "lycoris"), env=("LORA_TYPE",))
+    lycoris_config: str | None = opt(None, "JSON file of lora_type=lycoris: its algo (lora, loha or lokr), "
+                                           "linear_dim (rank), linear_alpha, factor (lokr) ... (docs/knobs.md lists "
+                                           "the fields).")
     lora_rank: int = opt(16, "Rank of the LoRA adapters (model_type=lora).", ge=1)
     lora_alpha: float | None = opt(None, "LoRA scaling alpha (unset: equal to lora_rank, a scale of 1).", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path during training.", ge=0, lt=1)

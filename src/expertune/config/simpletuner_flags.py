@@ -170,7 +170,7 @@ _ROWS: list[SimpleTunerOption] = [
                                                     "uniform or stratified)"),
     *_ignore("input_perturbation_steps", "read only with input_perturbation, which is refused"),
     *_ignore("soft_min_snr_sigma_data", "read only with use_soft_min_snr, which is refused"),
-    *_ignore("lycoris_config init_lokr_norm", "read only with lora_type lycoris, which is refused"),
+    *_ignore("init_lokr_norm", "LoKr adapters start as peft initialises them (lokr_w2 zero)", warn=True),
     *_ignore("prodigy_steps optimizer_config", "the optimizer's own defaults are used beside the adam_* options",
              warn=True),
     *_ignore("validation_prompt_library", "SimpleTuner's built-in prompt library is not shipped: give your prompts "

@@ -7,11 +7,13 @@ that a per-expert config (`setup.expert_config`) gives each expert its own.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from expertune.config import Config
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.losses import LossType
+from expertune.models.adapters import adapter_spec
 from expertune.timestep_dist import TimestepDistribution
 
 log = logging.getLogger(__name__)
@@ -41,3 +43,19 @@ def check_distribution(config: Config, band: ExpertBand) -> None:
         raise ConfigError(str(error)) from None
     log.info("timestep distribution %s, conditioned on the band %s (which holds %.3g of it)",
              distribution.describe(), band, distribution.band_share(band))
+
+
+def knobs_summary(config: Config) -> dict[str, Any]:
+    """What expert.json records of how the expert was trained: the knobs that differ from plain training."""
+    out: dict[str, Any] = {}
+    loss = loss_type_for(config)
+    if not loss.is_l2:
+        out.update(loss_type=loss.loss_type, huber_schedule=loss.huber_schedule, huber_c=loss.huber_c)
+    distribution = distribution_for(config)
+    if not distribution.is_uniform:
+        out["timestep_distribution"] = distribution.describe()
+    if config.data.flip_images:
+        out["flip_images"] = True
+    if config.model.model_type == "lora":
+        out.update(adapter_spec(config.model).describe())
+    return out

@@ -27,7 +27,8 @@ from expertune.data.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
 from expertune.mixture import expert_sources, per_expert, plan_bands, step_owners, steps_per_expert
 from expertune.experts import ExpertBand, band_from_settings
-from expertune.models.lora import add_lora_adapters
+from expertune.models.adapters import adapter_spec
+from expertune.models.lora import add_adapters
 from expertune.models.sdxl import SDXLComponents, load_components
 from expertune.schedule import NoiseSchedule
 from expertune.train.checkpoint import (
@@ -280,8 +281,10 @@ def _trainable_unet(config: Config, unet: Any) -> Any:
     unet.train()
     m = config.model
     if m.model_type == "lora":
-        count = add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
-        log.info("training LoRA adapters (rank %d): %.2fM parameters", m.lora_rank, count / 1e6)
+        spec = adapter_spec(m)  # issue 23: LoRA, DoRA, LoHa, LoKr
+        count = add_adapters(unet, spec)
+        log.info("training %s adapters (rank %d): %.2fM parameters", spec.describe()["adapter"], spec.rank,
+                 count / 1e6)
     else:
         unet.requires_grad_(True)
     if config.train.gradient_checkpointing:
