@@ -165,7 +165,7 @@ EXPECTED = {
     "timestep_bias_end": ("band", int, False, 1000), "timestep_bias_portion": ("band", float, False, 0.25),
     "loss_type": ("train", str, False, "l2"), "huber_schedule": ("train", str, False, "snr"),
     "huber_c": ("train", float, False, 0.1), "flip_images": ("data", bool, False, False),
-    "lycoris_config": ("model", str, True, None),
+    "lycoris_config": ("model", str, True, None), "optimizer_release_gradients": ("train", bool, False, False),
 }
 
 

@@ -7,6 +7,9 @@ from typing import Any, Mapping
 
 from expertune.errors import ConfigError
 
+# Optimizers whose update of a parameter reads only that parameter's gradient and state (train/fused.py).
+PER_PARAMETER_OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
+
 
 def check_knobs(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
     def src(name: str) -> str:
@@ -19,6 +22,7 @@ def check_knobs(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
             f"{values['timestep_bias_end']}), which is empty: give a begin below the end (e.g. 0 and 250)")
 
     check_adapters(values, sources)
+    check_release_gradients(values, sources)
 
 
 def check_adapters(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
@@ -42,3 +46,30 @@ def check_adapters(values: Mapping[str, Any], sources: Mapping[str, str]) -> Non
         from expertune.models.adapters import adapter_spec_from_values
 
         adapter_spec_from_values(values)
+
+
+def check_release_gradients(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """optimizer_release_gradients steps each parameter from its own gradient in backward: refuse what needs every
+    gradient first."""
+    if not values["optimizer_release_gradients"]:
+        return
+    where = f"optimizer_release_gradients (from {sources.get('optimizer_release_gradients', 'defaults')})"
+    problems = []
+    if values["optimizer"] not in PER_PARAMETER_OPTIMIZERS:
+        problems.append(f"optimizer={values['optimizer']} (use {', '.join(PER_PARAMETER_OPTIMIZERS)}: they update "
+                        "each parameter from its own gradient)")
+    if values["gradient_accumulation_steps"] != 1:
+        problems.append(f"gradient_accumulation_steps={values['gradient_accumulation_steps']} (set 1: a step per "
+                        "micro-batch; raise train_batch_size instead)")
+    if values["max_grad_norm"]:
+        problems.append(f"max_grad_norm={values['max_grad_norm']} (set 0: the global norm needs every gradient "
+                        "before the first step)")
+    if values["num_processes"] * values["num_machines"] > 1 or values["accelerate_config"]:
+        problems.append("several processes or an accelerate_config (DDP, FSDP and DeepSpeed reduce gradients after "
+                        "the hook that steps them; train on one process)")
+    if values["mixed_precision"] == "fp16":
+        problems.append("mixed_precision=fp16 (its loss scaler unscales the gradients after backward; use bf16)")
+    if values["mixture_offload_inactive"]:
+        problems.append("mixture_offload_inactive (it moves optimizer states the hooks hold)")
+    if problems:
+        raise ConfigError(f"{where} cannot run with " + "; ".join(problems))

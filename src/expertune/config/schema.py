@@ -467,6 +467,12 @@ class TrainConfig:
                          env=("OPTIMIZER",), unsupported=Unsupported(
         f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS, f"supported optimizers are "
         f"{', '.join(OPTIMIZERS)} (adamw_bf16: SimpleTuner's bfloat16 AdamW; adamw8bit: bitsandbytes)"))
+    # -- issue 23 (knobs): the optimizer step in the backward pass (train/fused.py) -----------------------------
+    optimizer_release_gradients: bool = opt(False, "Step each parameter as soon as its gradient is complete, in "
+                                            "the backward pass, and free the gradient at once (kohya's fused "
+                                            "backward pass): saves up to one copy of the trained weights of memory "
+                                            "in a full fine-tune. Needs optimizer adamw, adamw_bf16 or adafactor, "
+                                            "gradient_accumulation_steps=1, max_grad_norm=0 and one process.")
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay.", ge=0)

@@ -144,8 +144,10 @@ _ROWS: list[SimpleTunerOption] = [
              "gradient_checkpointing_offload_attention gradient_checkpointing_offload_pin_memory_max_buckets "
              "gradient_checkpointing_offload_prefetch", "gradient_checkpointing recomputes every ResNet and "
              "transformer block (diffusers'), keeping nothing off the GPU", warn=True),
-    *_ignore("fuse_optimizer optimizer_release_gradients grad_clip_method gradient_precision",
+    *_ignore("grad_clip_method gradient_precision",
              "gradients are float32 (bf16 with optimizer=adamw_bf16) and clipped by norm (max_grad_norm)"),
+    *_ignore("fuse_optimizer", "SimpleTuner's fused kernels of CPU-offloaded optimizers; the optimizer step in "
+                               "backward is optimizer_release_gradients"),
     *_ignore("quantize_via quantization_config quantize_activations base_model_default_dtype "
              "text_encoder_1_precision text_encoder_2_precision",
              "the frozen encoders run once, for the caches; the UNet precision is mixed_precision"),

@@ -44,6 +44,7 @@ from expertune.train.checkpoint import (
 from expertune.train import device as device_settings
 from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.metrics import MetricsLog, truncate_metrics
+from expertune.train.fused import StepInBackward
 from expertune.train.knobs import check_distribution
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
@@ -308,7 +309,8 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
     t = config.train
     unet = _trainable_unet(config, unet)
     bf16_weights = _device_settings(config, accelerator, unet)
-    optimizer = build_optimizer(unet.parameters(), t)
+    optimizer = (StepInBackward(unet.parameters(), lambda params: build_optimizer(params, t))  # issue 23
+                 if t.optimizer_release_gradients else build_optimizer(unet.parameters(), t))
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps, processes=accelerator.num_processes)
     if accelerator.distributed_type.value == "DEEPSPEED":
         configure_deepspeed(accelerator, config)
