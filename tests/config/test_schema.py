@@ -166,6 +166,7 @@ EXPECTED = {
     "loss_type": ("train", str, False, "l2"), "huber_schedule": ("train", str, False, "snr"),
     "huber_c": ("train", float, False, 0.1), "flip_images": ("data", bool, False, False),
     "lycoris_config": ("model", str, True, None), "optimizer_release_gradients": ("train", bool, False, False),
+    "input_perturbation": ("train", float, False, 0.0), "input_perturbation_steps": ("train", int, False, 0),
 }
 
 

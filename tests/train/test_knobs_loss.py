@@ -82,3 +82,40 @@ def test_expert_json_records_the_knobs(tmp_path: Path) -> None:
                       model_type="lora", training=summary).write(tmp_path)
     again = ExpertDescription.read(tmp_path)
     assert again.training == summary and "training" not in again.parameterisation
+
+
+def test_input_perturbation_strength_decays_like_simpletuners() -> None:
+    from expertune.train.loss import input_perturbation_strength
+
+    assert input_perturbation_strength(0.1, 0, 0) == input_perturbation_strength(0.1, 0, 10_000) == 0.1
+    assert [input_perturbation_strength(0.1, 4, s) for s in range(6)] == pytest.approx([0.1, 0.075, 0.05, 0.025, 0, 0])
+    assert input_perturbation_strength(0.0, 4, 0) == 0.0
+
+
+def test_input_perturbation_noises_the_input_not_the_target(tiny_model_dir: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    batch = TrainingBatch(latents=torch.randn(2, 4, 8, 8, generator=g), prompt_embeds=torch.randn(2, 77, 48, generator=g),
+                          pooled_embeds=torch.randn(2, 32, generator=g),
+                          time_ids=torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32))
+    schedule = NoiseSchedule(prediction_type="epsilon")
+    band = ExpertBand(0, 999)
+    plain = draw_randomness(band, torch.Generator().manual_seed(3), 2, (4, 8, 8))
+    draws = draw_randomness(band, torch.Generator().manual_seed(3), 2, (4, 8, 8), input_perturbation=0.1)
+    assert plain.input_noise is None and torch.equal(draws.noise, plain.noise)  # the same stream up to the extra draw
+    replay = torch.Generator().manual_seed(3)
+    replay_t = torch.randint(0, 1000, (2,), generator=replay)
+    replay_noise = torch.randn(2, 4, 8, 8, generator=replay)
+    torch.rand(2, generator=replay)  # caption dropout
+    expected_input = replay_noise + 0.1 * torch.randn(2, 4, 8, 8, generator=replay)
+    assert torch.equal(draws.timesteps, replay_t) and torch.equal(draws.input_noise, expected_input)
+    assert torch.equal(draws.for_rank(1, 2).input_noise, expected_input[1:])
+    out = denoising_loss(unet, batch, schedule, draws)
+    with torch.no_grad():
+        ab = schedule.alphas_cumprod[replay_t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * batch.latents + (1 - ab).sqrt() * expected_input
+        prediction = unet(noisy, replay_t, encoder_hidden_states=batch.prompt_embeds,
+                          added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids}).sample
+    assert out.loss.item() == pytest.approx((prediction - replay_noise).pow(2).mean().item(), rel=1e-5)

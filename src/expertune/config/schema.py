@@ -512,6 +512,12 @@ class TrainConfig:
     noise_offset: float = opt(0.1, "Strength of the offset noise (used with offset_noise).", ge=0)
     noise_offset_probability: float = opt(0.25, "Probability that a sample gets the offset noise (with "
                                                 "offset_noise).", ge=0, le=1)
+    # -- issue 23 (knobs): input perturbation (SimpleTuner's names) -------------------------------------------
+    input_perturbation: float = opt(0.0, "Input perturbation (Ning et al. 2023): make the noisy input with noise "
+                                         "+ input_perturbation * N(0, 1) while the target keeps the noise; 0.1 is "
+                                         "usual; 0: off.", ge=0)
+    input_perturbation_steps: int = opt(0, "Decay input_perturbation linearly to 0 over this many optimizer steps "
+                                           "of each expert (0: constant).", ge=0)
     # -- issue 19 (export): the formats a run exports in, and the export after a Ctrl-C / SIGTERM --------------
     export_format: str = opt("diffusers", "Formats of the exported experts, comma-separated: diffusers (pipeline "
                              "folders with expert.json) and single_file (one original-layout .safetensors per expert "

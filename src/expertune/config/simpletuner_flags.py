@@ -170,7 +170,6 @@ _ROWS: list[SimpleTunerOption] = [
     *_ignore("disable_bucket_pruning", "buckets are never pruned"),
     *_ignore("disable_segmented_timestep_sampling", "timesteps are drawn inside the expert's band (timestep_sampling "
                                                     "uniform or stratified)"),
-    *_ignore("input_perturbation_steps", "read only with input_perturbation, which is refused"),
     *_ignore("soft_min_snr_sigma_data", "read only with use_soft_min_snr, which is refused"),
     *_ignore("init_lokr_norm", "LoKr adapters start as peft initialises them (lokr_w2 zero)", warn=True),
     *_ignore("prodigy_steps optimizer_config", "the optimizer's own defaults are used beside the adam_* options",
@@ -179,7 +178,6 @@ _ROWS: list[SimpleTunerOption] = [
                                           "with user_prompt_library FILE"),  # shadowed by the field for a path
     *_ignore("sdxl_refiner_uses_full_range", "set refiner_training / timestep_range for the band you want", warn=True),
     # ---- training expertune cannot do
-    _refuse("input_perturbation", "input perturbation is not implemented; leave it at 0", quiet=(*OFF, "0.0")),
     _refuse("masked_loss_probability", "masked loss needs conditioning masks, which expertune does not read",
             quiet=(*OFF, "0.0")),
     _refuse("use_soft_min_snr", "use snr_gamma (min-SNR) or loss_weighting debiased"),

@@ -13,6 +13,7 @@ from expertune.config import Config
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.losses import LossType
+from expertune.train.loss import input_perturbation_strength
 from expertune.models.adapters import adapter_spec
 from expertune.timestep_dist import TimestepDistribution
 
@@ -29,6 +30,12 @@ def distribution_for(config: Config) -> TimestepDistribution:
     return TimestepDistribution(b.timestep_distribution, b.logit_mean, b.logit_std, b.timestep_bias_strategy,
                                 b.timestep_bias_multiplier, b.timestep_bias_begin, b.timestep_bias_end,
                                 b.timestep_bias_portion)
+
+
+def perturbation_for(config: Config, step: int) -> float:
+    """The input perturbation strength at the expert's optimizer step `step` (0 for the first)."""
+    t = config.train
+    return input_perturbation_strength(t.input_perturbation, t.input_perturbation_steps, step)
 
 
 def check_distribution(config: Config, band: ExpertBand) -> None:
@@ -54,6 +61,9 @@ def knobs_summary(config: Config) -> dict[str, Any]:
     distribution = distribution_for(config)
     if not distribution.is_uniform:
         out["timestep_distribution"] = distribution.describe()
+    if config.train.input_perturbation > 0:
+        out.update(input_perturbation=config.train.input_perturbation,
+                   input_perturbation_steps=config.train.input_perturbation_steps)
     if config.data.flip_images:
         out["flip_images"] = True
     if config.model.model_type == "lora":

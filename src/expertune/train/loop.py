@@ -22,7 +22,7 @@ from expertune.experts import ExpertBand
 from expertune.train.checkpoint import DataPosition, checkpoints_dir
 from expertune.train.checkpointer import Checkpointer
 from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
-from expertune.train.knobs import distribution_for, loss_type_for
+from expertune.train.knobs import distribution_for, loss_type_for, perturbation_for
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
@@ -115,7 +115,8 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
         draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
                                 stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability,
-                                distribution_for(expert.config or run.config))  # issue 23
+                                distribution_for(expert.config or run.config),  # issue 23
+                                perturbation_for(expert.config or run.config, expert.state.step))
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
         batch = drop_captions(batch, mine.keep_caption)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \

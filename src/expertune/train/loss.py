@@ -24,10 +24,13 @@ class StepRandomness:
     timesteps: torch.Tensor  # [G] long, inside the band
     noise: torch.Tensor  # [G, C, h, w]
     keep_caption: torch.Tensor  # [G] bool: False where caption dropout zeroes the text conditioning
+    # input perturbation (issue 23): the noise the noisy input is made with, when it is not `noise` (the target's)
+    input_noise: torch.Tensor | None = None
 
     def for_rank(self, rank: int, world_size: int) -> "StepRandomness":
         return StepRandomness(self.timesteps[rank::world_size], self.noise[rank::world_size],
-                              self.keep_caption[rank::world_size])
+                              self.keep_caption[rank::world_size],
+                              None if self.input_noise is None else self.input_noise[rank::world_size])
 
 
 def draw_randomness(
@@ -40,10 +43,11 @@ def draw_randomness(
     noise_offset: float = 0.0,
     noise_offset_probability: float = 1.0,
     distribution: TimestepDistribution | None = None,
+    input_perturbation: float = 0.0,
 ) -> StepRandomness:
     """Timesteps (inside the band from `distribution` conditioned on it, uniform when None; vectorised), noise and
     caption-dropout mask, in that order, on the CPU; then, with `noise_offset` > 0, the offset noise
-    (`offset_noise`)."""
+    (`offset_noise`); then, with `input_perturbation` > 0, the perturbed input noise (`perturbed_input_noise`)."""
     if distribution is None:
         timesteps = band.sample(global_size, generator, stratified=stratified)
     else:
@@ -52,7 +56,25 @@ def draw_randomness(
     keep = torch.rand(global_size, generator=generator) >= caption_dropout
     if noise_offset > 0:
         noise = offset_noise(noise, noise_offset, noise_offset_probability, generator)
-    return StepRandomness(timesteps, noise, keep)
+    input_noise = perturbed_input_noise(noise, input_perturbation, generator) if input_perturbation > 0 else None
+    return StepRandomness(timesteps, noise, keep, input_noise)
+
+
+def input_perturbation_strength(strength: float, decay_steps: int, step: int) -> float:
+    """SimpleTuner's `input_perturbation` at optimizer step `step` (0 for the first): `strength`, or with
+    `input_perturbation_steps` > 0 the linear decay strength * (1 - step / decay_steps), 0 from decay_steps on."""
+    if strength <= 0:
+        return 0.0
+    if decay_steps > 0:
+        return strength * (1.0 - step / decay_steps) if step < decay_steps else 0.0
+    return strength
+
+
+def perturbed_input_noise(noise: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models";
+    diffusers' and SimpleTuner's `input_perturbation`): the noisy input is made with noise + strength * N(0, 1)
+    while the target keeps `noise`, so the model learns to correct the small errors it makes at sampling time."""
+    return noise + strength * torch.randn(noise.shape, generator=generator, dtype=noise.dtype)
 
 
 def offset_noise(noise: torch.Tensor, strength: float, probability: float, generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +107,8 @@ def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, dra
     latents = batch.latents
     noise = draws.noise.to(latents.device, latents.dtype)
     timesteps = draws.timesteps.to(latents.device)
-    noisy = add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
+    noisy_with = noise if draws.input_noise is None else draws.input_noise.to(latents.device, latents.dtype)
+    noisy = add_noise(latents, noisy_with, timesteps, schedule.alphas_cumprod)
     target = training_target(latents, noise, timesteps, schedule.alphas_cumprod, schedule.prediction_type)
     conditioning = batch if model_dtype is None else batch.to(latents.device, model_dtype)
     prediction = unet(
