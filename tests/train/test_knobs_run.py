@@ -57,3 +57,19 @@ def test_a_full_fine_tune_with_the_optimizer_step_in_backward(tiny_model_dir: Pa
     base = load_file(str(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     assert sum(not trained[k].equal(base[k]) for k in base) > 0.9 * len(base)
     assert first.output_dir == result.output_dir
+
+
+def test_a_lora_expert_over_an_int8_base_loads_onto_the_ordinary_base(tiny_model_dir: Path, small_dataset: Path,
+                                                                     tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "out", small_dataset)
+    config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=2", "--report_to=none",
+                             "--validation_disable", "--train_batch_size=2", "--model_type=lora", "--lora_rank=4",
+                             "--learning_rate=1e-2", "--base_model_precision=int8-torchao"])
+    result = train(config)
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    assert len(records) == 2 and all(0 < r["loss"] < float("inf") for r in records)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    pipe.load_lora_weights(str(result.pipeline_dir))  # float adapters, the ordinary float base
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())

@@ -23,6 +23,11 @@ def check_knobs(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
 
     check_adapters(values, sources)
     check_release_gradients(values, sources)
+    from expertune.models.quantize import precision_problem
+
+    problem = precision_problem(values["base_model_precision"], values["model_type"])
+    if problem is not None:
+        raise ConfigError(f"{problem} (base_model_precision from {src('base_model_precision')})")
 
 
 def check_adapters(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:

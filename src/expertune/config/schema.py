@@ -243,10 +243,11 @@ class ModelConfig:
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path during training.", ge=0, lt=1)
     lora_target_modules: str = opt("to_k,to_q,to_v,to_out.0",
                                    "Comma-separated UNet module names that get LoRA adapters (peft target_modules).")
-    base_model_precision: str = opt("no_change", "Quantisation of the frozen base model weights.",
-                                    env=("BASE_MODEL_PRECISION",), unsupported=Unsupported(
-        "not `no_change`", lambda v: v != "no_change", "quantised base models are not supported; use "
-        "base_model_precision=no_change (with --mixed_precision=bf16 or fp16 to save memory)"))
+    # -- issue 23 (knobs): a quantised frozen base under LoRA experts (models/quantize.py) ------------------------
+    base_model_precision: str = opt("no_change", "Quantisation of the frozen base under LoRA experts: no_change, or "
+                                    "int8-torchao (the UNet's Linear weights in int8, about half of bf16's memory; "
+                                    "CPU and CUDA). SimpleTuner's other values are refused with their reason.",
+                                    env=("BASE_MODEL_PRECISION",))
     mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32 "
                                      "(except with optimizer=adamw_bf16).",
                                choices=("no", "bf16", "fp16"), env=("MIXED_PRECISION",))

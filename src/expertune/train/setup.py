@@ -29,6 +29,7 @@ from expertune.mixture import expert_sources, per_expert, plan_bands, step_owner
 from expertune.experts import ExpertBand, band_from_settings
 from expertune.models.adapters import adapter_spec
 from expertune.models.lora import add_adapters
+from expertune.models.quantize import quantize_frozen_base
 from expertune.models.sdxl import SDXLComponents, load_components
 from expertune.schedule import NoiseSchedule
 from expertune.train.checkpoint import (
@@ -282,6 +283,7 @@ def _trainable_unet(config: Config, unet: Any) -> Any:
     unet.train()
     m = config.model
     if m.model_type == "lora":
+        quantize_frozen_base(unet, m.base_model_precision)  # issue 23: int8 base under the adapters
         spec = adapter_spec(m)  # issue 23: LoRA, DoRA, LoHa, LoKr
         count = add_adapters(unet, spec)
         log.info("training %s adapters (rank %d): %.2fM parameters", spec.describe()["adapter"], spec.rank,
