@@ -167,6 +167,7 @@ EXPECTED = {
     "huber_c": ("train", float, False, 0.1), "flip_images": ("data", bool, False, False),
     "lycoris_config": ("model", str, True, None), "optimizer_release_gradients": ("train", bool, False, False),
     "input_perturbation": ("train", float, False, 0.0), "input_perturbation_steps": ("train", int, False, 0),
+    "masked_loss_probability": ("train", float, False, 1.0),
 }
 
 

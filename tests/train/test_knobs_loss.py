@@ -119,3 +119,38 @@ def test_input_perturbation_noises_the_input_not_the_target(tiny_model_dir: Path
         prediction = unet(noisy, replay_t, encoder_hidden_states=batch.prompt_embeds,
                           added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids}).sample
     assert out.loss.item() == pytest.approx((prediction - replay_noise).pow(2).mean().item(), rel=1e-5)
+
+
+def test_masked_loss_weights_each_latent_element(tiny_model_dir: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, :, :4] = 1.0
+    batch = TrainingBatch(latents=torch.randn(2, 4, 8, 8, generator=g), prompt_embeds=torch.randn(2, 77, 48, generator=g),
+                          pooled_embeds=torch.randn(2, 32, generator=g),
+                          time_ids=torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32), masks=masks)
+    schedule = NoiseSchedule(prediction_type="epsilon")
+    draws = draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(3), 2, (4, 8, 8))
+    weights = WeightTable.build(schedule.alphas_cumprod, "min_snr", "epsilon", 5.0)
+    masked = denoising_loss(unet, batch, schedule, draws, weights=weights, use_masks=True)
+    whole = denoising_loss(unet, batch, schedule, draws, weights=weights)  # use_masks off: the whole image
+    with torch.no_grad():
+        t = draws.timesteps
+        ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * batch.latents + (1 - ab).sqrt() * draws.noise
+        prediction = unet(noisy, t, encoder_hidden_states=batch.prompt_embeds,
+                          added_cond_kwargs={"text_embeds": batch.pooled_embeds, "time_ids": batch.time_ids}).sample
+    squared = (prediction - draws.noise) ** 2
+    w = weights.for_timesteps(t)
+    assert masked.loss.item() == pytest.approx(((squared * masks).flatten(1).mean(1) * w).mean().item(), rel=1e-5)
+    assert whole.loss.item() == pytest.approx((squared.flatten(1).mean(1) * w).mean().item(), rel=1e-5)
+    ones = TrainingBatch(batch.latents, batch.prompt_embeds, batch.pooled_embeds, batch.time_ids, torch.ones_like(masks))
+    assert denoising_loss(unet, ones, schedule, draws, weights=weights, use_masks=True).loss.item() == \
+        pytest.approx(whole.loss.item(), rel=1e-5)
+    # masked_loss_probability: one draw per micro-batch, only when the batch has masks
+    assert draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(3), 2, (4, 8, 8)).use_masks
+    uses = [draw_randomness(ExpertBand(0, 999), torch.Generator().manual_seed(s), 2, (4, 8, 8),
+                            masked_loss_probability=0.5).use_masks for s in range(200)]
+    assert 70 < sum(uses) < 130

@@ -73,3 +73,35 @@ def test_a_lora_expert_over_an_int8_base_loads_onto_the_ordinary_base(tiny_model
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
     pipe.load_lora_weights(str(result.pipeline_dir))  # float adapters, the ordinary float base
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_a_run_with_loss_masks_skips_and_lists_the_images_without_one(tiny_model_dir: Path, small_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    dataloader = json.loads(small_dataset.read_text())
+    images = Path(next(e["instance_data_dir"] for e in dataloader if e.get("dataset_type", "image") == "image"))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    names = sorted(p.name for p in images.glob("*.png"))
+    for name in names[:-1]:  # the last image has no mask
+        pixels = np.zeros((96, 96), dtype=np.uint8)
+        pixels[:, :48] = 255
+        Image.fromarray(pixels, "L").save(masks / name)
+    for entry in dataloader:
+        if entry.get("dataset_type", "image") == "image":
+            entry["conditioning_data"] = "shape-masks"
+    dataloader.append({"id": "shape-masks", "type": "local", "dataset_type": "conditioning",
+                       "conditioning_type": "mask", "instance_data_dir": str(masks)})
+    config_path = tmp_path / "dataloader.json"
+    config_path.write_text(json.dumps(dataloader))
+    env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / "out", config_path)
+    config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=2", "--report_to=none",
+                             "--validation_disable", "--train_batch_size=2", "--flip_images"])
+    result = train(config)
+    run = json.loads((result.output_dir / "run.json").read_text())
+    skipped = [Path(entry["path"]).name for entry in run["skipped_images"]]
+    assert skipped == [names[-1]] and "no mask" in run["skipped_images"][0]["reason"]
+    assert run["cache"]["masks_encoded"] == len(names) - 1
+    assert sum(bucket["images"] for bucket in run["buckets"]) == len(names) - 1

@@ -519,6 +519,9 @@ class TrainConfig:
                                          "usual; 0: off.", ge=0)
     input_perturbation_steps: int = opt(0, "Decay input_perturbation linearly to 0 over this many optimizer steps "
                                            "of each expert (0: constant).", ge=0)
+    masked_loss_probability: float = opt(1.0, "With loss masks (a dataset's conditioning_data mask dataset or "
+                                              "alpha_mask), the probability that a micro-batch's loss is masked "
+                                              "(otherwise the whole image counts).", ge=0, le=1)
     # -- issue 19 (export): the formats a run exports in, and the export after a Ctrl-C / SIGTERM --------------
     export_format: str = opt("diffusers", "Formats of the exported experts, comma-separated: diffusers (pipeline "
                              "folders with expert.json) and single_file (one original-layout .safetensors per expert "

@@ -178,8 +178,6 @@ _ROWS: list[SimpleTunerOption] = [
                                           "with user_prompt_library FILE"),  # shadowed by the field for a path
     *_ignore("sdxl_refiner_uses_full_range", "set refiner_training / timestep_range for the band you want", warn=True),
     # ---- training expertune cannot do
-    _refuse("masked_loss_probability", "masked loss needs conditioning masks, which expertune does not read",
-            quiet=(*OFF, "0.0")),
     _refuse("use_soft_min_snr", "use snr_gamma (min-SNR) or loss_weighting debiased"),
     _refuse("snr_weight", "use snr_gamma (min-SNR) or loss_weighting"),
     _refuse("train_text_encoder", "expertune trains the UNet only; the text embeddings are cached"),

@@ -87,15 +87,21 @@ def describe_bands(run: Run) -> str:
 
 
 def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
-    latents, time_ids, embeds = [], [], []
+    latents, time_ids, embeds, masks = [], [], [], []
+    masked = prepared.mask_cache is not None and any(prepared.items[i].spec.has_masks for i in micro.indices)
     for index in micro.indices:
         item = prepared.items[index]
-        latent, ids = prepared.latent_cache.load(item.record, item.spec,
-                                                 prepared.latent_cache.flips_at(micro.epoch, index))  # issue 23
+        flipped = prepared.latent_cache.flips_at(micro.epoch, index)  # issue 23
+        latent, ids = prepared.latent_cache.load(item.record, item.spec, flipped)
         latents.append(latent)
         time_ids.append(ids)
         embeds.append(prepared.embed_cache.load(caption_for(item, micro.epoch)))
-    return collate(latents, time_ids, embeds)
+        if masked and prepared.mask_cache is not None:
+            masks.append(prepared.mask_cache.load(item.record, item.spec, flipped))
+    batch = collate(latents, time_ids, embeds)
+    if masks:
+        batch.masks = torch.stack(masks)
+    return batch
 
 
 def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
@@ -116,13 +122,16 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
                                 stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability,
                                 distribution_for(expert.config or run.config),  # issue 23
-                                perturbation_for(expert.config or run.config, expert.state.step))
+                                perturbation_for(expert.config or run.config, expert.state.step),
+                                (expert.config or run.config).train.masked_loss_probability
+                                if batch.masks is not None else None)
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
         batch = drop_captions(batch, mine.keep_caption)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \
                 accelerator.autocast():
             out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights,
-                                 loss_type=loss_type_for(expert.config or run.config))
+                                 loss_type=loss_type_for(expert.config or run.config),
+                                 use_masks=mine.use_masks)
             weight = batch.size / samples
             accelerator.backward(out.loss * (weight * expert.strategy.loss_scale))
         step_loss += out.loss.detach().double().cpu() * weight

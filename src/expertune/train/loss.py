@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from expertune.data.batches import TrainingBatch
 from expertune.experts import ExpertBand
-from expertune.losses import LossType
+from expertune.data.masks import masked_mean
+from expertune.losses import LossType, elementwise_loss, huber_threshold
 from expertune.schedule import NoiseSchedule, add_noise, training_target
 from expertune.timestep_dist import TimestepDistribution
 from expertune.train.weighting import WeightTable, weighted_mse
@@ -26,11 +27,13 @@ class StepRandomness:
     keep_caption: torch.Tensor  # [G] bool: False where caption dropout zeroes the text conditioning
     # input perturbation (issue 23): the noise the noisy input is made with, when it is not `noise` (the target's)
     input_noise: torch.Tensor | None = None
+    use_masks: bool = True  # masked loss: whether this micro-batch's loss masks apply (masked_loss_probability)
 
     def for_rank(self, rank: int, world_size: int) -> "StepRandomness":
         return StepRandomness(self.timesteps[rank::world_size], self.noise[rank::world_size],
                               self.keep_caption[rank::world_size],
-                              None if self.input_noise is None else self.input_noise[rank::world_size])
+                              None if self.input_noise is None else self.input_noise[rank::world_size],
+                              self.use_masks)
 
 
 def draw_randomness(
@@ -44,6 +47,7 @@ def draw_randomness(
     noise_offset_probability: float = 1.0,
     distribution: TimestepDistribution | None = None,
     input_perturbation: float = 0.0,
+    masked_loss_probability: float | None = None,
 ) -> StepRandomness:
     """Timesteps (inside the band from `distribution` conditioned on it, uniform when None; vectorised), noise and
     caption-dropout mask, in that order, on the CPU; then, with `noise_offset` > 0, the offset noise
@@ -57,7 +61,10 @@ def draw_randomness(
     if noise_offset > 0:
         noise = offset_noise(noise, noise_offset, noise_offset_probability, generator)
     input_noise = perturbed_input_noise(noise, input_perturbation, generator) if input_perturbation > 0 else None
-    return StepRandomness(timesteps, noise, keep, input_noise)
+    use_masks = True
+    if masked_loss_probability is not None and masked_loss_probability < 1:  # a batch with masks: one draw
+        use_masks = bool(torch.rand((), generator=generator) < masked_loss_probability)
+    return StepRandomness(timesteps, noise, keep, input_noise, use_masks)
 
 
 def input_perturbation_strength(strength: float, decay_steps: int, step: int) -> float:
@@ -95,7 +102,7 @@ class LossOutput:
 
 def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness,
                    model_dtype: torch.dtype | None = None, weights: WeightTable | None = None,
-                   loss_type: LossType | None = None) -> LossOutput:
+                   loss_type: LossType | None = None, use_masks: bool = False) -> LossOutput:
     """Mean-squared error (or `loss_type`'s huber / smooth_l1, losses.py) between the UNet's prediction and the
     target at the drawn timesteps, each sample weighted by `weights` (train/weighting.py) when given and active.
 
@@ -118,7 +125,18 @@ def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, dra
         added_cond_kwargs={"text_embeds": conditioning.pooled_embeds, "time_ids": conditioning.time_ids},
         return_dict=False,
     )[0]
-    if loss_type is not None and not loss_type.is_l2:
+    masks = batch.masks if use_masks else None
+    if masks is not None:  # issue 23: each latent element's loss times its mask (data/masks.py)
+        threshold = (None if loss_type is None or loss_type.is_l2
+                     else huber_threshold(timesteps, schedule.alphas_cumprod, loss_type.huber_schedule,
+                                          loss_type.huber_c))
+        elementwise = elementwise_loss(prediction, target, "l2" if loss_type is None else loss_type.loss_type,
+                                       threshold)
+        per_sample = masked_mean(elementwise, masks)
+        if weights is not None and weights.active:
+            per_sample = per_sample * weights.for_timesteps(timesteps).to(per_sample.device, per_sample.dtype)
+        loss = per_sample.mean()
+    elif loss_type is not None and not loss_type.is_l2:
         per_sample = loss_type.per_sample(prediction, target, timesteps, schedule.alphas_cumprod)
         if weights is not None and weights.active:
             per_sample = per_sample * weights.for_timesteps(timesteps).to(per_sample.device, per_sample.dtype)
