@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def add_adapters(unet: Any, spec: AdapterSpec) -> int:
     refusal = (f"lora_target_modules={modules!r} matched no UNet module; name attention projections such as "
                "'to_k,to_q,to_v,to_out.0'")
     try:
-        unet.add_adapter(spec.peft_config())
+        with warnings.catch_warnings():  # an int8 base (models/quantize.py): training needs no merge
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+            unet.add_adapter(spec.peft_config())
     except ValueError as error:
         raise ConfigError(f"{refusal} ({error})") from None
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
