@@ -12,11 +12,10 @@ this stack lacks.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import types
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -56,28 +55,13 @@ def precision_problem(precision: str, model_type: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
-    """torchao logs a line for each CUDA extension it cannot load on a CPU-only torch: not a problem here."""
-    names = ("torchao", "torch.utils._pytree")
-    levels = [logging.getLogger(name).level for name in names]
-    for name in names:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for name, level in zip(names, levels):
-            logging.getLogger(name).setLevel(level)
-
-
 def quantize_frozen_base(unet: Any, precision: str) -> int:
     """Quantise the frozen UNet's Linear weights in place (before the adapters are added); returns how many."""
     if precision == "no_change":
         return 0
     if precision != "int8-torchao":
         raise ValueError(f"base_model_precision {precision!r} is not one of {BASE_PRECISIONS}")
-    with _quiet_torchao_import():
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # its import logs: see expertune/__init__.py
 
     unet.requires_grad_(False)
     linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
