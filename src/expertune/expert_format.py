@@ -9,6 +9,8 @@
       "model_type": "full" | "lora",         what the directory holds
       "base_model": "...",                   the model it was trained from (a LoRA expert loads onto it)
       "weights": "trained" | "ema"           which weights were exported
+      "training": {...}                      how it was trained, when not the defaults: loss type, timestep
+                                             distribution, flips, adapter kind (issue 23; informative)
     }
 
 `ExpertDescription.read` refuses a file of another `format_version`, naming both versions and the fix; an
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 MODEL_TYPES = ("full", "lora")
 WEIGHTS = ("trained", "ema")
 _BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_end")
-_OWN_KEYS = ("model_type", "base_model", "weights")
+_OWN_KEYS = ("model_type", "base_model", "weights", "training")
 
 
 def check_format_version(version: Any, reads: int, what: str) -> None:
@@ -52,6 +54,7 @@ class ExpertDescription:
     model_type: str = "full"
     base_model: str | None = None
     weights: str = "trained"
+    training: dict[str, Any] = field(default_factory=dict)  # issue 23: the training knobs, recorded
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -65,6 +68,8 @@ class ExpertDescription:
         }
         if self.base_model is not None:
             document["base_model"] = self.base_model
+        if self.training:
+            document["training"] = self.training
         return document
 
     def write(self, directory: str | os.PathLike) -> Path:
@@ -86,8 +91,9 @@ class ExpertDescription:
             raise ModelError(f"{source}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
         parameterisation = {k: v for k, v in document.items() if k not in _BAND_KEYS + _OWN_KEYS}
         base = document.get("base_model")
+        training = document.get("training")
         return cls(band, parameterisation, model_type, None if base is None else str(base),
-                   str(document.get("weights", "trained")))
+                   str(document.get("weights", "trained")), dict(training) if isinstance(training, dict) else {})
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExpertDescription:

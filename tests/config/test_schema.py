@@ -159,6 +159,16 @@ EXPECTED = {
     "tracker_run_name": ("logging", str, True, None), "logging_dir": ("logging", str, True, None),
     "push_to_hub": ("hub", bool, False, False), "hub_model_id": ("hub", str, True, None),
     "push_checkpoints_to_hub": ("hub", bool, False, False),
+    # issue 23 (knobs)
+    "timestep_distribution": ("band", str, False, "uniform"), "logit_mean": ("band", float, False, 0.0),
+    "logit_std": ("band", float, False, 1.0), "timestep_bias_strategy": ("band", str, False, "none"),
+    "timestep_bias_multiplier": ("band", float, False, 1.0), "timestep_bias_begin": ("band", int, False, 0),
+    "timestep_bias_end": ("band", int, False, 1000), "timestep_bias_portion": ("band", float, False, 0.25),
+    "loss_type": ("train", str, False, "l2"), "huber_schedule": ("train", str, False, "snr"),
+    "huber_c": ("train", float, False, 0.1), "flip_images": ("data", bool, False, False),
+    "lycoris_config": ("model", str, True, None), "optimizer_release_gradients": ("train", bool, False, False),
+    "input_perturbation": ("train", float, False, 0.0), "input_perturbation_steps": ("train", int, False, 0),
+    "masked_loss_probability": ("train", float, False, 1.0),
 }
 
 

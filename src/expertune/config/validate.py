@@ -11,6 +11,7 @@ import difflib
 import math
 from typing import Any, Mapping
 
+from expertune.config.knobs_check import check_knobs
 from expertune.config.schema import UNSUPPORTED, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
 from expertune.resolution import resolution_problem
@@ -147,6 +148,7 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
             f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
     check_mixture_fields(values, sources)
+    check_knobs(values, sources)  # issue 23
     if values["push_to_hub"] and not values["hub_model_id"]:  # issue 19, hub helper
         raise ConfigError(f"push_to_hub (from {src('push_to_hub')}) needs hub_model_id: add --hub_model_id=NAME "
                           "(HUB_MODEL_NAME in config.env), `owner/name` or a name under your hub account")

@@ -44,10 +44,14 @@ class TrainingBatch:
     prompt_embeds: torch.Tensor  # [B, 77, d1 + d2]
     pooled_embeds: torch.Tensor  # [B, d_pool]
     time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w (refiner: [B, 5])
+    masks: torch.Tensor | None = None  # issue 23: [B, 1, h, w] loss masks on the latent grid (data/masks.py)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TrainingBatch":
-        return TrainingBatch(*(t.to(device=device, dtype=dtype) for t in
-                               (self.latents, self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+        return TrainingBatch(self.latents.to(device=device, dtype=dtype),
+                             self.prompt_embeds.to(device=device, dtype=dtype),
+                             self.pooled_embeds.to(device=device, dtype=dtype),
+                             self.time_ids.to(device=device, dtype=dtype),
+                             None if self.masks is None else self.masks.to(device=device))
 
     @property
     def size(self) -> int:
@@ -251,4 +255,5 @@ def drop_captions(batch: TrainingBatch, keep: torch.Tensor) -> TrainingBatch:
         prompt_embeds=batch.prompt_embeds * mask.view(-1, 1, 1),
         pooled_embeds=batch.pooled_embeds * mask.view(-1, 1),
         time_ids=batch.time_ids,
+        masks=batch.masks,
     )

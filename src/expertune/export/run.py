@@ -148,9 +148,11 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     from expertune.config.sources import config_from_mapping
     from expertune.expert_format import ExpertDescription
     from expertune.mixture import expert_sources
-    from expertune.models.lora import add_lora_adapters, save_lora_expert
+    from expertune.models.adapters import adapter_spec
+    from expertune.models.lora import add_adapters, save_lora_expert
     from expertune.models.sdxl import SDXLComponents, load_components, make_scheduler, save_expert_pipeline
     from expertune.train.checkpoint import expert_folder, read_checkpoint_document
+    from expertune.train.knobs import knobs_summary
     from expertune.train.setup import expert_bands_for, noise_schedule_for
 
     document = read_checkpoint_document(checkpoint)
@@ -186,7 +188,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
         unet = copy.deepcopy(model.unet) if remaining[model_source] else model.unet
         folder = checkpoint / expert_folder(index) if mixture else checkpoint
         if m.model_type == "lora":
-            add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+            add_adapters(unet, adapter_spec(m))  # issue 23: the run's adapter kind
         else:
             unet.requires_grad_(True)
         unet.load_state_dict(load_file(str(folder / "unet.safetensors")), strict=m.model_type != "lora")
@@ -201,7 +203,8 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
                 parameter.data.copy_(shadow[str(position)])
         unet.eval()
         description = ExpertDescription(band, schedule.describe(), model_type=m.model_type, base_model=model.source,
-                                        weights="ema" if use_ema else "trained")
+                                        weights="ema" if use_ema else "trained",
+                                        training=knobs_summary(config))  # issue 23 (per-expert: the run's)
         scheduler = make_scheduler(model.scheduler_class, schedule.scheduler_config(model.scheduler_config))
         destination = staged / expert_relative_dir(m.model_type, index, mixture)
         if m.model_type == "lora":

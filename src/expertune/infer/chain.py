@@ -306,7 +306,9 @@ class _PipelineLoader:
             self.bases[base] = self._pipeline(local_model(base))
         pipe = self.bases[base]
         name = f"expert_{index}"
-        pipe.load_lora_weights(str(expert.path), adapter_name=name)
+        from expertune.models.lora import load_adapter_expert  # LoRA / DoRA through diffusers, LoHa / LoKr peft
+
+        load_adapter_expert(pipe, expert.path, name)
         return pipe, saved_scheduler(expert.path), name
 
 

@@ -13,6 +13,7 @@ from expertune.io_utils import atomic_write_json
 from expertune.models.lora import save_lora_expert
 from expertune.models.sdxl import make_scheduler, save_expert_pipeline
 from expertune.train import device as device_settings
+from expertune.train.knobs import knobs_summary
 from expertune.train.runtime import library_versions, peak_memory_gib
 from expertune.train.setup import ExpertRun, Run
 from expertune.train.signals import pause_point
@@ -75,7 +76,8 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     config, components, schedule = run.config, run.components_of(expert), run.schedule
     description = ExpertDescription(
         expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
-        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")
+        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained",
+        training=knobs_summary(expert.config or config))  # issue 23
     if not run.is_main:
         return description
     scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))

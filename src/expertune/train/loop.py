@@ -24,6 +24,7 @@ from expertune.run_folder import checkpoints_dir, disk_full_is_a_stop
 from expertune.train.checkpoint import DataPosition, check_finite
 from expertune.train.checkpointer import Checkpointer
 from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
+from expertune.train.knobs import distribution_for, loss_type_for, perturbation_for
 from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
@@ -108,14 +109,21 @@ def describe_bands(run: Run) -> str:
 
 
 def load_batch(prepared: PreparedData, micro: MicroBatch) -> TrainingBatch:
-    latents, time_ids, embeds = [], [], []
+    latents, time_ids, embeds, masks = [], [], [], []
+    masked = prepared.mask_cache is not None and any(prepared.items[i].spec.has_masks for i in micro.indices)
     for index in micro.indices:
         item = prepared.items[index]
-        latent, ids = prepared.latent_cache.load(item.record, item.spec)
+        flipped = prepared.latent_cache.flips_at(micro.epoch, index)  # issue 23
+        latent, ids = prepared.latent_cache.load(item.record, item.spec, flipped)
         latents.append(latent)
         time_ids.append(ids)
         embeds.append(prepared.embed_cache.load(caption_for(item, micro.epoch)))
-    return collate(latents, time_ids, embeds)
+        if masked and prepared.mask_cache is not None:
+            masks.append(prepared.mask_cache.load(item.record, item.spec, flipped))
+    batch = collate(latents, time_ids, embeds)
+    if masks:
+        batch.masks = torch.stack(masks)
+    return batch
 
 
 def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
@@ -137,12 +145,18 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
         batch = load_batch(run.data_of(expert), micro).to(accelerator.device, expert.strategy.input_dtype())
         draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
-                                stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability)
+                                stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability,
+                                distribution_for(expert.config or run.config),  # issue 23
+                                perturbation_for(expert.config or run.config, expert.state.step),
+                                (expert.config or run.config).train.masked_loss_probability
+                                if batch.masks is not None else None)
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
         batch = drop_captions(batch, mine.keep_caption)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \
                 accelerator.autocast():
-            out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights)
+            out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights,
+                                 loss_type=loss_type_for(expert.config or run.config),
+                                 use_masks=mine.use_masks)
             weight = batch.size / samples
             accelerator.backward(out.loss * (weight * expert.strategy.loss_scale))
         step_loss += out.loss.detach().double().cpu() * weight

@@ -27,7 +27,9 @@ from expertune.data.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
 from expertune.mixture import expert_sources, per_expert, plan_bands, step_owners, steps_per_expert
 from expertune.experts import ExpertBand, band_from_settings
-from expertune.models.lora import add_lora_adapters
+from expertune.models.adapters import adapter_spec
+from expertune.models.lora import add_adapters
+from expertune.models.quantize import quantize_frozen_base
 from expertune.models.sdxl import SDXLComponents, load_components
 from expertune.run_folder import RunLock
 from expertune.schedule import NoiseSchedule
@@ -45,6 +47,8 @@ from expertune.train import device as device_settings
 from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.resume_check import check_resume_compatible
 from expertune.train.metrics import MetricsLog, truncate_metrics
+from expertune.train.fused import StepInBackward
+from expertune.train.knobs import check_distribution
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
 from expertune.train.weighting import WeightTable, resolve_weighting
@@ -283,8 +287,11 @@ def _trainable_unet(config: Config, unet: Any) -> Any:
     unet.train()
     m = config.model
     if m.model_type == "lora":
-        count = add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
-        log.info("training LoRA adapters (rank %d): %.2fM parameters", m.lora_rank, count / 1e6)
+        quantize_frozen_base(unet, m.base_model_precision)  # issue 23: int8 base under the adapters
+        spec = adapter_spec(m)  # issue 23: LoRA, DoRA, LoHa, LoKr
+        count = add_adapters(unet, spec)
+        log.info("training %s adapters (rank %d): %.2fM parameters", spec.describe()["adapter"], spec.rank,
+                 count / 1e6)
     else:
         unet.requires_grad_(True)
     if config.train.gradient_checkpointing:
@@ -308,7 +315,8 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
     t = config.train
     unet = _trainable_unet(config, unet)
     bf16_weights = _device_settings(config, accelerator, unet)
-    optimizer = build_optimizer(unet.parameters(), t)
+    optimizer = (StepInBackward(unet.parameters(), lambda params: build_optimizer(params, t))  # issue 23
+                 if t.optimizer_release_gradients else build_optimizer(unet.parameters(), t))
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps, processes=accelerator.num_processes)
     if accelerator.distributed_type.value == "DEEPSPEED":
         configure_deepspeed(accelerator, config)
@@ -356,6 +364,7 @@ def loss_weights(config: Config, schedule: NoiseSchedule, band: ExpertBand) -> W
              summary["mean"], summary["min"], summary["max"])
     if (starved := weights.starvation(band.lo, band.hi)) is not None:
         log.warning(starved)
+    check_distribution(config, band)  # issue 23
     return weights
 
 
