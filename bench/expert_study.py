@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (40 if args.quick else 800)
 
     from expertune.config import load_config
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.demo.run import demo_scenes, pretrained_world
-    from expertune.data.prepare import cache_only
+    from expertune.prepare import cache_only
     from expertune.world import PRETRAINED
     from expertune.world.dataset import write_world_dataset
 

@@ -99,7 +99,7 @@ def _publish(config: Config) -> int:
 def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
-    from expertune.data.prepare import cache_only
+    from expertune.prepare import cache_only
     from expertune.train.accelerator_errors import accelerator_errors
     from expertune.validate.plan import prompt_texts
 
@@ -127,7 +127,7 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
     from expertune.errors import ConfigError
-    from expertune.export.run import expert_folders
+    from expertune.export_run import expert_folders
     from expertune.infer.chain import mixture_expert_paths, resolve_device, resolve_dtype, save_images
     from expertune.infer.generate import load_chain, run_chain
     from expertune.infer.sources import base_expert, read_prompts
@@ -164,7 +164,7 @@ def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
     from expertune.export.formats import parse_formats
-    from expertune.export.run import export_run
+    from expertune.export_run import export_run
 
     paths = export_run(Path(args.source), Path(args.out) if args.out else None, parse_formats(args.export_format),
                        args.precision, revision=args.revision, variant=args.variant)

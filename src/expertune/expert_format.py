@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expertune.errors import ModelError
+from expertune.errors import ConfigError, ModelError
 from expertune.experts import ExpertBand
 from expertune.io_utils import atomic_write_json
 
@@ -31,8 +31,20 @@ EXPERT_FILE = "expert.json"
 FORMAT_VERSION = 1
 MODEL_TYPES = ("full", "lora")
 WEIGHTS = ("trained", "ema")
+# The formats an export writes (export/formats.py); the words of the export_format option.
+FORMATS = ("diffusers", "single_file")
 _BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_end")
 _OWN_KEYS = ("model_type", "base_model", "weights")
+
+
+def parse_formats(text: str | None) -> tuple[str, ...]:
+    """`"diffusers,single_file"` → the formats, in FORMATS order; ConfigError naming an unknown one."""
+    names = [part.strip() for part in (text or "diffusers").split(",") if part.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise ConfigError(f"export_format {text!r}: {', '.join(unknown) or 'nothing'} is not a format; use a "
+                          f"comma-separated list of {', '.join(FORMATS)}")
+    return tuple(name for name in FORMATS if name in names)
 
 
 def check_format_version(version: Any, reads: int, what: str) -> None:

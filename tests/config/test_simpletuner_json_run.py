@@ -15,7 +15,7 @@ from expertune.cli import main
 def test_a_simpletuner_config_json_trains_to_an_exported_expert(tiny_model_dir: Path, small_dataset: Path,
                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
 
     (tmp_path / "config").mkdir()
     dataloader = write_dataloader_config(tmp_path / "config" / "multidatabackend.json",

@@ -8,7 +8,7 @@ import torch
 
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule
-from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.objective.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 
 

@@ -326,7 +326,7 @@ class BandConfig:
 
 
 def _check_export_format(text: str) -> None:
-    from expertune.export.formats import parse_formats  # issue 19 (export)
+    from expertune.expert_format import parse_formats  # issue 19 (export)
 
     parse_formats(text)
 

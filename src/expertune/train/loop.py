@@ -16,13 +16,13 @@ import torch
 
 from expertune.config import Config
 from expertune.data.batches import MicroBatch, caption_for, collate, drop_captions
-from expertune.data.prepare import PreparedData
+from expertune.prepare import PreparedData
 from expertune.errors import TrainingInterrupted
 from expertune.experts import ExpertBand
 from expertune.train.checkpoint import DataPosition, checkpoints_dir
 from expertune.train.checkpointer import Checkpointer
 from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
-from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.objective.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
 from expertune.train.runtime import agreed

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from expertune.errors import ConfigError, StorageError
-from expertune.data.prepare import PreparedData
+from expertune.prepare import PreparedData
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints")
 # What --overwrite_output_dir clears at the start (the old pipeline is replaced only when the new one is saved).

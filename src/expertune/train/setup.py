@@ -23,7 +23,7 @@ import torch
 from expertune.config import Config, required
 from expertune.config.schema import FIELDS
 from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
-from expertune.data.prepare import PreparedData, prepare_data
+from expertune.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
 from expertune.mixture import expert_sources, per_expert, plan_bands, step_owners, steps_per_expert
 from expertune.experts import ExpertBand, band_from_settings
@@ -45,7 +45,7 @@ from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
-from expertune.train.weighting import WeightTable, resolve_weighting
+from expertune.objective.weighting import WeightTable, resolve_weighting
 from expertune.train.outputs import check_output_dir, run_identity
 from expertune.train.runtime import has_accelerator, tracker_config
 from expertune.train.strategy import (
@@ -167,7 +167,7 @@ class ExpertRun:
     validator: Any = None  # validate.samples.Validator, made once the metrics log exists
     last_record: dict[str, Any] = field(default_factory=dict)
     layout_epoch: int | None = None  # the epoch whose order `state.epoch_order` holds
-    weights: WeightTable | None = None  # the expert's loss weighting over the schedule (train/weighting.py)
+    weights: WeightTable | None = None  # the expert's loss weighting over the schedule (objective/weighting.py)
     bf16_weights: bool = False  # the UNet is held in bfloat16 (optimizer=adamw_bf16)
     config: Config | None = None  # the run's config as this expert sees it (`expert_config`)
     total_steps: int = 0  # this expert's own optimizer steps in the job
@@ -438,7 +438,7 @@ def setup_run(config: Config) -> Run:
 def convert_single_files(config: Config, accelerator: Any) -> None:
     """Single-file checkpoints among the run's models are converted by the main process first (issue 19); the
     other processes then find the converted folders instead of writing them too."""
-    from expertune.data.prepare import expert_model_sources
+    from expertune.prepare import expert_model_sources
     from expertune.models.sdxl import model_folder
     from expertune.models.single_file_in import is_single_file
 
@@ -512,7 +512,7 @@ def expert_data(config: Config, prepared: PreparedData, components: SDXLComponen
                 prompts: list[str], device: Any) -> list[PreparedData]:
     """Each expert's view of the run's data: the run's own, or (another model) the same items and shared latents
     with that model's text embeddings and time ids (`prepared_for_model`, which refuses another VAE)."""
-    from expertune.data.prepare import prepared_for_model
+    from expertune.prepare import prepared_for_model
 
     views: dict[int, PreparedData] = {id(components): prepared}
     for k, model in enumerate(models):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from expertune.data.batches import TrainingBatch
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule, add_noise, training_target
-from expertune.train.weighting import WeightTable, weighted_mse
+from expertune.objective.weighting import WeightTable, weighted_mse
 
 
 @dataclass
@@ -67,7 +67,7 @@ class LossOutput:
 def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, draws: StepRandomness,
                    model_dtype: torch.dtype | None = None, weights: WeightTable | None = None) -> LossOutput:
     """Mean-squared error between the UNet's prediction and the target at the drawn timesteps, each sample
-    weighted by `weights` (train/weighting.py) when given and active.
+    weighted by `weights` (objective/weighting.py) when given and active.
 
     The one loss of the project: training minimises it, validation's held-out loss measures it (with the
     expert's own weighting). The noisy input and target are computed in the batch's dtype; `model_dtype` casts
