@@ -147,7 +147,6 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     from expertune.config.migrations import migrate_snapshot
     from expertune.config.sources import config_from_mapping
     from expertune.expert_format import ExpertDescription
-    from expertune.mixture import expert_sources
     from expertune.models.lora import add_lora_adapters, save_lora_expert
     from expertune.models.sdxl import SDXLComponents, load_components, make_scheduler, save_expert_pipeline
     from expertune.train.checkpoint import expert_folder, read_checkpoint_document
@@ -173,8 +172,8 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     if (count or 1) != len(bands):
         raise ModelError(f"checkpoint {checkpoint} holds {count or 1} expert(s) but its config plans {len(bands)}")
     mixture = count is not None
-    sources = (expert_sources(str(config.mixture.mixture_boundaries), config.mixture.expert_models, source)
-               if mixture else [source])
+    plan = config.mixture_plan
+    sources = plan.model_sources(source, source) if mixture and plan is not None else [source]
     loaded: dict[str, Any] = {source: components}
     remaining = Counter(sources)
     folders = []

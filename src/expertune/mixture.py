@@ -175,10 +175,3 @@ def owner_of(timestep: int, bands: Sequence[ExpertBand]) -> int:
 def steps_per_expert(owners: Sequence[int], count: int) -> list[int]:
     """How many optimizer steps each expert takes in a job whose steps are owned by `owners`."""
     return [sum(1 for owner in owners if owner == k) for k in range(count)]
-
-
-def expert_sources(boundaries: str, expert_models: str | None, default: str) -> list[str]:
-    """The model each expert of the plan `boundaries` starts from, in chain order: its `expert_models` entry, or
-    `default` for an unset or empty one."""
-    count = len(parse_boundaries(boundaries)) + 1
-    return [source or default for source in per_expert(expert_models, count, "expert_models", str, "")]

@@ -38,7 +38,7 @@ def _journal_counts(root: Path) -> dict[str, int]:
 def _prepare(config, caplog: pytest.LogCaptureFixture | None = None) -> PreparedData:
     if caplog is None:
         return cache_only(config, prompt_texts(config), progress=False)
-    with caplog.at_level(logging.INFO, logger="expertune.data"):
+    with caplog.at_level(logging.INFO, logger="expertune"):
         return cache_only(config, prompt_texts(config), progress=False)
 
 

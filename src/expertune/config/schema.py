@@ -15,12 +15,15 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from expertune.config.simpletuner_flags import ENV_NAMES
 from expertune.errors import ConfigError
 from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
+
+if TYPE_CHECKING:
+    from expertune.config.plan import MixturePlan
 
 _META_KEY = "expertune"
 
@@ -365,6 +368,10 @@ class MixtureConfig:
                                                    "one for all (unset: loss_weighting).")
     expert_ema_decays: str | None = opt(None, "EMA decay per expert with --use_ema, comma-separated in chain "
                                               "order, or one for all (unset: ema_decay).")
+    # ---- issue 22 (plan helper): a shared start before the split ------------------------------------------------
+    mixture_shared_steps: str | None = opt(
+        None, "Train one model on the union of the bands for this many job steps (400) or this fraction of the run "
+        "(0.25), then branch it into the experts (weights, optimizer state and EMA copied) for the rest.")
 
 
 @dataclass(frozen=True)
@@ -649,6 +656,13 @@ class Config:
         for name, value in self.flat().items():
             out[FIELDS[name].section][name] = value
         return out
+
+    @property
+    def mixture_plan(self) -> MixturePlan | None:
+        """The mixture plan (config/plan.py), parsed from the mixture options; None for a single expert."""
+        from expertune.config.plan import MixturePlan  # issue 22 (plan helper)
+
+        return MixturePlan.from_values(self.flat())
 
     @property
     def timestep_bounds(self) -> tuple[int, int] | None:

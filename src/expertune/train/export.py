@@ -68,7 +68,7 @@ def export_on_interrupt(run: Run) -> None:
 
 def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:
     """Save the expert (main process) and return its expert.json description."""
-    config, components, schedule = run.config, run.components_of(expert), run.schedule
+    config, components, schedule = run.config, expert.components, run.schedule
     description = ExpertDescription(
         expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
         weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")
@@ -124,8 +124,8 @@ def write_summary(run: Run, descriptions: list[ExpertDescription], validation_fi
             "schedule": run.config.mixture.mixture_schedule,
             "experts": [{"expert": d.to_json(), "path": str(expert_dir_for(run, e).relative_to(run.output_dir)),
                          "steps": e.state.step, "final": e.last_record, "loss_weight": expert_weight_summary(e),
-                         "learning_rate": e.config.train.learning_rate if e.config else None,
-                         "model": run.components_of(e).source, "cache": run.data_of(e).cache_stats}
+                         "learning_rate": e.settings.learning_rate,
+                         "model": e.components.source, "cache": e.prepared.cache_stats}
                         for e, d in zip(run.experts, descriptions)],
         }
     atomic_write_json(run.output_dir / "run.json", summary)

@@ -109,7 +109,7 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     step_loss = torch.zeros((), dtype=torch.float64)
     step_timesteps = []
     for position, micro in enumerate(group):
-        batch = load_batch(run.data_of(expert), micro).to(accelerator.device, expert.strategy.input_dtype())
+        batch = load_batch(expert.prepared, micro).to(accelerator.device, expert.strategy.input_dtype())
         draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
                                 stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability)

@@ -52,10 +52,9 @@ class PeriodicValidation:
 
     def _validate(self, run: Run, unets: list[Any], step: int) -> list[Path]:
         written: list[Path] = []
-        if run.is_mixture:
-            run.experts[0].validator.chain_with = [(unet, e.validator) for unet, e in zip(unets, run.experts)]
         for expert, unet in zip(run.experts, unets):
-            written += expert.validator.run(unet, step)
+            later = unets[1:] if expert.validator.chain else []  # the first expert of a mixture draws the chain
+            written += expert.validator.run(unet, step, later)
         if run.is_mixture and run.is_main:
             log_mixture_loss(run, step)
         return written

@@ -1,0 +1,198 @@
+"""The mixture plan as one typed value: read from the config's mixture options and checked when the config is read.
+
+`MixturePlan.from_values(values, sources)` parses `--mixture_boundaries`, the rule of who trains when, the shared
+start (`--mixture_shared_steps`) and every per-expert option, and refuses a plan that does not fit before any model
+loads, naming the option and the fix. Where a boundary falls on the noise schedule (`snr:X`, the top band's width)
+needs the model's scheduler config; `MixturePlan.bands` checks that as soon as the schedule is known (before the
+model's weights load, `train.setup`).
+
+Per-expert options are declared in one table, `PER_EXPERT`: each names the shared option it overrides per expert.
+An entry is parsed and checked exactly as the shared option is (its type, choices and bounds, `coerce_value`), an
+empty entry or an unset list means the shared option's value, and `ExpertSettings` holds one resolved value per
+row — the expert's own settings, never "None: use the run's". A new per-expert option is one row here and one
+field of `ExpertSettings` with the shared option's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+from expertune.errors import ConfigError
+from expertune.experts import ExpertBand
+from expertune.mixture import Boundary, parse_boundaries, plan_bands, step_owners
+
+# Per-expert option → the shared option it overrides (one value per expert in chain order, or one for all).
+PER_EXPERT: dict[str, str] = {
+    "expert_models": "pretrained_model_name_or_path",
+    "expert_learning_rates": "learning_rate",
+    "expert_loss_weightings": "loss_weighting",
+    "expert_ema_decays": "ema_decay",
+}
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """One expert's resolved settings: each field is named after the shared option it overrides (`PER_EXPERT`)."""
+
+    pretrained_model_name_or_path: str  # the model the expert starts from
+    learning_rate: float
+    loss_weighting: str | None  # None: the shared rule (min_snr with snr_gamma, else none), as for one expert
+    ema_decay: float
+
+    @classmethod
+    def shared(cls, values: Mapping[str, Any]) -> ExpertSettings:
+        """The settings of an expert that overrides nothing: the shared options' values (a single-expert run)."""
+        given = {f.name: values[f.name] for f in fields(cls)}
+        return cls(**{**given, "pretrained_model_name_or_path": given["pretrained_model_name_or_path"] or ""})
+
+    def overrides(self) -> dict[str, Any]:
+        """The shared options this expert overrides, by name, with its values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def model(self) -> str:
+        return self.pretrained_model_name_or_path
+
+
+if {f.name for f in fields(ExpertSettings)} != set(PER_EXPERT.values()):  # pragma: no cover (a declaration error)
+    raise AssertionError("ExpertSettings must have exactly one field per PER_EXPERT row")
+
+
+@dataclass(frozen=True)
+class SharedSteps:
+    """`--mixture_shared_steps`: a number of job steps (`400`) or a fraction of the run's steps (`0.25`)."""
+
+    text: str
+    steps: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SharedSteps:
+        written = text.strip()
+        try:
+            number = float(written)
+        except ValueError:
+            raise ConfigError(f"mixture_shared_steps={text!r} is not a number: give job steps (400) or a fraction of "
+                              "the run's steps (0.25)") from None
+        if 0 < number < 1:
+            return cls(written, fraction=number)
+        if number >= 1 and number.is_integer():
+            return cls(written, steps=int(number))
+        raise ConfigError(f"mixture_shared_steps={text!r}: give a whole number of job steps >= 1 (400) or a fraction "
+                          "between 0 and 1 of the run's steps (0.25)")
+
+    def resolve(self, total_steps: int) -> int:
+        """The shared phase's job steps in a run of `total_steps`; ConfigError when it leaves the experts none."""
+        steps = self.steps if self.steps is not None else round(float(self.fraction or 0) * total_steps)
+        if steps >= total_steps:
+            raise ConfigError(f"mixture_shared_steps={self.text} is {steps} job steps, not shorter than the run "
+                              f"({total_steps} steps): the experts would never train apart. Use fewer shared steps "
+                              "(or a fraction such as 0.25), or raise --max_train_steps")
+        return max(steps, 0)
+
+
+@dataclass(frozen=True)
+class MixturePlan:
+    """Every expert of a joint job: where the boundaries fall, who trains when, and each expert's settings."""
+
+    boundaries: tuple[Boundary, ...]
+    experts: tuple[ExpertSettings, ...]  # chain order (0: the expert that starts from pure noise)
+    schedule: str  # mixture_schedule
+    switch_every: int
+    offload_inactive: bool
+    shared: SharedSteps | None = None  # a shared start before the split (item 2 of issue 22)
+    datasets: tuple[tuple[str, ...], ...] = ()  # per-expert dataset ids (issue 22 item 5; empty: every dataset)
+
+    @property
+    def count(self) -> int:
+        return len(self.experts)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> MixturePlan | None:
+        """The plan of typed flat config values (None without `mixture_boundaries`), fully checked."""
+        src = sources or {}
+        text = values["mixture_boundaries"]
+        if text is None:
+            return None
+        try:
+            boundaries = tuple(parse_boundaries(text))
+        except ValueError as error:
+            raise ConfigError(f"invalid value for mixture_boundaries (from {src.get('mixture_boundaries', 'defaults')}): "
+                              f"{error}") from None
+        check_timestep_order(boundaries)
+        count = len(boundaries) + 1
+        columns = {field: per_expert_values(option, values, count, src) for option, field in PER_EXPERT.items()}
+        columns["pretrained_model_name_or_path"] = [m or "" for m in columns["pretrained_model_name_or_path"]]
+        experts = tuple(ExpertSettings(**{field: column[k] for field, column in columns.items()}) for k in range(count))
+        for option in ("expert_ema_decays",):
+            if values[option] is not None and not values["use_ema"]:
+                raise ConfigError(f"{option}={values[option]!r} (from {src.get(option, 'defaults')}) needs use_ema: add "
+                                  f"--use_ema, or drop {option}")
+        for k, expert in enumerate(experts):
+            if expert.loss_weighting == "min_snr" and values["snr_gamma"] is None:
+                raise ConfigError(f"expert_loss_weightings={values['expert_loss_weightings']!r} gives expert {k} min_snr, "
+                                  "which needs snr_gamma: add --snr_gamma=5, or choose another weighting for it")
+        shared_text = values.get("mixture_shared_steps")
+        shared = SharedSteps.parse(shared_text) if shared_text is not None else None
+        if shared is not None and values["max_train_steps"]:
+            shared.resolve(int(values["max_train_steps"]))
+        return cls(boundaries, experts, values["mixture_schedule"], int(values["mixture_switch_every"]),
+                   bool(values["mixture_offload_inactive"]), shared)
+
+    def model_sources(self, main: str | None, loaded_as: str) -> list[str]:
+        """The model each expert starts from, the run's own model (`main`) named as it was loaded (`loaded_as`: a
+        converted single file's folder)."""
+        return [loaded_as if expert.model in ("", main) else expert.model for expert in self.experts]
+
+    def bands(self, alphas_cumprod: torch.Tensor) -> list[ExpertBand]:
+        """The experts' bands on the run's schedule, in chain order; ConfigError naming a boundary that does not fit."""
+        try:
+            return plan_bands(",".join(b.text for b in self.boundaries), alphas_cumprod)
+        except ValueError as error:
+            raise ConfigError(f"mixture plan: {error}") from None
+
+    def owners(self, bands: list[ExpertBand], total_steps: int, seed: int) -> list[int]:
+        """The expert that trains each job step after the shared start (`mixture.step_owners`)."""
+        return step_owners(self.schedule, bands, total_steps, switch_every=self.switch_every, seed=seed)
+
+
+def check_timestep_order(boundaries: tuple[Boundary, ...]) -> None:
+    """Timestep boundaries that are out of order or equal are refused without the schedule (SNR ones later)."""
+    timesteps = [b for b in boundaries if b.kind == "t"]
+    for upper, lower in zip(timesteps, timesteps[1:]):
+        if lower.value >= upper.value:
+            what = "an empty band" if lower.value == upper.value else "bands out of order"
+            raise ConfigError(f"mixture_boundaries: {lower.text} is not below {upper.text}: {what}; list the "
+                              "boundaries highest timestep first, each strictly below the one before")
+
+
+def per_expert_values(option: str, values: Mapping[str, Any], count: int, sources: Mapping[str, str]) -> list[Any]:
+    """One value per expert of the per-expert `option`: its entries parsed as the shared option is, an empty entry
+    or an unset list meaning the shared option's value."""
+    from expertune.config.schema import FIELDS
+    from expertune.config.validate import coerce_value
+
+    shared_name = PER_EXPERT[option]
+    shared = values[shared_name]
+    text = values[option]
+    if text is None:
+        return [shared] * count
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) not in (1, count):
+        raise ConfigError(f"{option}={text!r} (from {sources.get(option, 'defaults')}) has {len(parts)} values for "
+                          f"{count} experts: give one value for all, or exactly {count} (one per expert, in chain "
+                          "order; an empty entry keeps the shared --" + shared_name + ")")
+    spec = FIELDS[shared_name]
+    parsed = []
+    for k, part in enumerate(parts):
+        if part in ("", "default"):
+            parsed.append(shared)
+            continue
+        try:
+            parsed.append(coerce_value(spec, part, f"entry {k} of {option}"))
+        except ConfigError as error:
+            raise ConfigError(f"{option}={text!r}: {error}") from None
+    return parsed * count if len(parsed) == 1 else parsed
