@@ -13,7 +13,7 @@ from expertune.config import load_config
 from expertune.config.plan import PER_EXPERT, ExpertSettings, MixturePlan, SharedSteps
 from expertune.config.schema import TrainConfig
 from expertune.errors import ConfigError
-from expertune.train.setup import expert_settings, train_settings
+from expertune.train.setup import expert_settings
 
 
 def _plan(*flags: str) -> MixturePlan:
@@ -46,7 +46,7 @@ def test_the_per_expert_table_drives_the_settings_and_the_training_section() -> 
     assert set(PER_EXPERT.values()) == set(ExpertSettings.__dataclass_fields__)
     settings = ExpertSettings(pretrained_model_name_or_path="m", learning_rate=7e-5, loss_weighting="debiased",
                               ema_decay=0.5)
-    train = train_settings(TrainConfig(learning_rate=1e-6, ema_decay=0.9), settings)
+    train = settings.applied_to(TrainConfig(learning_rate=1e-6, ema_decay=0.9))
     assert (train.learning_rate, train.loss_weighting, train.ema_decay) == (7e-5, "debiased", 0.5)
     config, _ = load_config(["--pretrained_model_name_or_path=/m", "--learning_rate=2e-4"])
     assert expert_settings(config, 1) == [ExpertSettings(pretrained_model_name_or_path="/m", learning_rate=2e-4,

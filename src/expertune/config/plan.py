@@ -15,11 +15,12 @@ field of `ExpertSettings` with the shared option's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 import torch
 
+from expertune.config.schema import TrainConfig
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.mixture import Boundary, parse_boundaries, plan_bands, step_owners
@@ -55,6 +56,11 @@ class ExpertSettings:
     @property
     def model(self) -> str:
         return self.pretrained_model_name_or_path
+
+    def applied_to(self, train: TrainConfig) -> TrainConfig:
+        """The training section as this expert's optimizer, LR schedule and EMA use it: its overrides applied."""
+        names = {f.name for f in fields(TrainConfig)}
+        return replace(train, **{k: v for k, v in self.overrides().items() if k in names})
 
 
 if {f.name for f in fields(ExpertSettings)} != set(PER_EXPERT.values()):  # pragma: no cover (a declaration error)
@@ -137,6 +143,10 @@ class MixturePlan:
                                   "which needs snr_gamma: add --snr_gamma=5, or choose another weighting for it")
         shared_text = values.get("mixture_shared_steps")
         shared = SharedSteps.parse(shared_text) if shared_text is not None else None
+        if shared is not None and len({expert.model for expert in experts}) > 1:
+            raise ConfigError(f"mixture_shared_steps={shared_text} trains one model before the experts branch from it, "
+                              f"but expert_models={values['expert_models']!r} starts them from different models: drop "
+                              "expert_models, or drop mixture_shared_steps")
         if shared is not None and values["max_train_steps"]:
             shared.resolve(int(values["max_train_steps"]))
         return cls(boundaries, experts, values["mixture_schedule"], int(values["mixture_switch_every"]),

@@ -70,7 +70,7 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     """Save the expert (main process) and return its expert.json description."""
     config, components, schedule = run.config, expert.components, run.schedule
     description = ExpertDescription(
-        expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
+        run.own_band(expert), schedule.describe(), model_type=config.model.model_type, base_model=components.source,
         weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")
     if not run.is_main:
         return description
@@ -122,6 +122,7 @@ def write_summary(run: Run, descriptions: list[ExpertDescription], validation_fi
         del summary["expert"], summary["final"], summary["loss_weight"]
         summary["mixture"] = {
             "schedule": run.config.mixture.mixture_schedule,
+            "shared_steps": run.shared.steps if run.shared is not None else 0,  # --mixture_shared_steps
             "experts": [{"expert": d.to_json(), "path": str(expert_dir_for(run, e).relative_to(run.output_dir)),
                          "steps": e.state.step, "final": e.last_record, "loss_weight": expert_weight_summary(e),
                          "learning_rate": e.settings.learning_rate,

@@ -19,6 +19,7 @@ from expertune.data.batches import MicroBatch, caption_for, collate, drop_captio
 from expertune.prepare import PreparedData
 from expertune.errors import TrainingInterrupted
 from expertune.experts import ExpertBand
+from expertune.train.branch import branch
 from expertune.train.checkpoint import DataPosition, checkpoints_dir
 from expertune.train.checkpointer import Checkpointer
 from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
@@ -61,6 +62,8 @@ def train(config: Config) -> RunResult:
                     disable=not run.accelerator.is_local_main_process)
     with StopRequests() as stop, progress, ActiveExpert(run) as active:
         while run.step < run.total_steps:
+            if run.shared is not None and run.shared.due(run.step):
+                branch(run)  # --mixture_shared_steps: the experts branch from the trunk (train/branch.py)
             expert = active.take(run.next_expert())
             tail = train_step(run, expert)
             log_step(run, expert.last_record, progress)
@@ -137,6 +140,8 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     record: dict[str, Any] = {"step": run.step}
     if run.is_mixture:
         record.update(expert=expert.index, expert_step=step)
+        if run.shared is not None and not run.shared.branched:
+            record["shared"] = True  # the trunk of a shared start trains this step
     record |= {
         "epoch": tail.epoch,
         "loss": float(step_loss),

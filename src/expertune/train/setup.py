@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import torch
 
 from expertune.config import Config, required
 from expertune.config.plan import ExpertSettings, MixturePlan
-from expertune.config.schema import TrainConfig
 from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
 from expertune.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
@@ -42,6 +41,7 @@ from expertune.train.checkpoint import (
     resume_requested,
 )
 from expertune.train import device as device_settings
+from expertune.train.branch import SharedStart, become_expert
 from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.metrics import MetricsLog, truncate_metrics
 from expertune.train.optim import build_lr_scheduler, build_optimizer
@@ -102,12 +102,6 @@ def expert_settings(config: Config, count: int) -> list[ExpertSettings]:
     if plan is None:
         return [ExpertSettings.shared(config.flat())] * count
     return list(plan.experts)
-
-
-def train_settings(train: TrainConfig, settings: ExpertSettings) -> TrainConfig:
-    """The training section as the expert's optimizer, LR schedule and EMA use it: its own overrides applied."""
-    names = {f.name for f in fields(TrainConfig)}
-    return replace(train, **{k: v for k, v in settings.overrides().items() if k in names})
 
 
 def total_optimizer_steps(config: Config, buckets: int | Sequence[Bucket], world_size: int) -> int:
@@ -173,6 +167,7 @@ class Run:
     started: float
     plan: MixturePlan | None = None  # the mixture plan (config/plan.py); None for a single expert
     owners: list[int] = field(default_factory=list)  # the expert of each job step (a mixture; mixture.py)
+    shared: SharedStart | None = None  # a shared start before the split (train/branch.py)
     first_step_at: float | None = None
 
     @property
@@ -193,6 +188,10 @@ class Run:
     def step(self) -> int:
         """Job steps done: each trains exactly one expert, so the sum of the experts' own steps."""
         return sum(expert.state.step for expert in self.experts)
+
+    def own_band(self, expert: ExpertRun) -> ExpertBand:
+        """The band the expert is saved and validated with: its own, also while expert 0 is the shared start's trunk."""
+        return self.shared.band if self.shared is not None and expert.index == 0 else expert.band
 
     def next_expert(self) -> ExpertRun:
         """The expert that trains the next job step."""
@@ -268,7 +267,7 @@ def build_expert(config: Config, accelerator: Any, unet: Any, *, index: int, ban
                  total_steps: int, weights: WeightTable) -> ExpertRun:
     """The expert's trainable UNet, optimizer, LR schedule and EMA (with its own settings), prepared by accelerate;
     state at step 0."""
-    t = train_settings(config.train, settings)
+    t = settings.applied_to(config.train)
     unet = _trainable_unet(config, unet)
     bf16_weights = _device_settings(config, accelerator, unet)
     optimizer = build_optimizer(unet.parameters(), t)
@@ -292,6 +291,11 @@ def build_expert(config: Config, accelerator: Any, unet: Any, *, index: int, ban
     return ExpertRun(index=index, band=band, settings=settings, plan=plan, components=components, prepared=prepared,
                      unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, strategy=strategy, ema=ema,
                      state=state, weights=weights, total_steps=total_steps, bf16_weights=bf16_weights)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The job step a checkpoint was saved at."""
+    return int(read_checkpoint_document(path)["step"])
 
 
 def resume(config: Config, path: Path, states: list[TrainingState], *, snapshot: dict[str, Any],
@@ -367,12 +371,23 @@ def setup_run(config: Config) -> Run:
     for model in {id(m): m for m in [components, *models]}.values():
         model.release_text_encoders()
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
-    owners = plan.owners(bands, total_steps, t.seed) if plan is not None else []
-    shares = steps_per_expert(owners, len(bands)) if owners else [total_steps]
+    shared_steps = plan.shared.resolve(total_steps) if plan is not None and plan.shared is not None else 0
+    after = plan.owners(bands, total_steps - shared_steps, t.seed) if plan is not None else []
+    owners = [0] * shared_steps + after  # the trunk is expert 0 during the shared phase (train/branch.py)
+    shares = steps_per_expert(after, len(bands)) if owners else [total_steps]
+    shared = None
+    if shared_steps:  # expert 0 starts as the trunk: the union of the bands, the shared settings, S steps
+        shared = SharedStart(shared_steps, bands[0], settings[0], weights[0], shares[0])
+        trunk = ExpertSettings.shared(config.flat())
+        full = ExpertBand.full(schedule.num_train_timesteps)
+        bands, settings = [full, *bands[1:]], [trunk, *settings[1:]]
+        weights, shares = [loss_weights(config, schedule, full, trunk), *weights[1:]], [shared_steps, *shares[1:]]
     experts = [build_expert(config, accelerator, unet, index=k, band=bands[k], settings=settings[k], plan=plans[k],
                             components=models[k], prepared=views[k], total_steps=shares[k], weights=weights[k])
                for k, unet in enumerate(expert_unets(models))]
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
+    if shared is not None and checkpoint_path is not None and checkpoint_step(checkpoint_path) > shared.steps:
+        become_expert(experts[0], shared, shared.settings.applied_to(t), accelerator)  # resumed after the split
     if checkpoint_path is not None:
         resume(config, checkpoint_path, [e.state for e in experts], snapshot=snapshot, identity=identity,
                prepared=prepared, world_size=accelerator.num_processes)
@@ -386,14 +401,16 @@ def setup_run(config: Config) -> Run:
     run = Run(config=config, accelerator=accelerator, output_dir=output_dir, components=components, schedule=schedule,
               prepared=prepared, identity=identity, total_steps=total_steps, config_snapshot=snapshot,
               checkpoint_path=checkpoint_path, metrics=metrics, experts=experts, started=started, plan=plan,
-              owners=owners)
+              owners=owners, shared=shared)
     attach_validators(run)
     for expert in experts:
         expert.stream = run.stream_after(expert.state.data.micro_batches_consumed)
         expert.layout_epoch = expert.state.data.epoch if expert.state.epoch_order else None
     if len(experts) > 1:
-        log.info("mixture of %d experts, schedule %s: steps per expert %s", len(experts), config.mixture.mixture_schedule,
-                 ", ".join(str(s) for s in shares))
+        log.info("mixture of %d experts, schedule %s: steps per expert %s%s", len(experts),
+                 config.mixture.mixture_schedule, ", ".join(str(s) for s in (shared and [shared.total_steps, *shares[1:]]
+                                                                             or shares)),
+                 f", after {shared.steps} shared steps" if shared else "")
     return run
 
 
@@ -422,8 +439,8 @@ def attach_validators(run: Run) -> None:
     made: list[Validator] = []
     for expert in reversed(run.experts):  # the later experts first: the first expert's validator chains them
         expert.validator = Validator(
-            run.config, expert.plan, expert.components, run.schedule, expert.band, expert.prepared, run.accelerator,
-            run.output_dir, run.metrics, expert_index=expert.index if run.is_mixture else None,
+            run.config, expert.plan, expert.components, run.schedule, run.own_band(expert), expert.prepared,
+            run.accelerator, run.output_dir, run.metrics, expert_index=expert.index if run.is_mixture else None,
             chain=list(reversed(made)) if run.is_mixture and expert.index == 0 else (),
             autocast=expert.bf16_weights)  # bfloat16 weights: autocast casts the pipelines' float32 latents
         made.append(expert.validator)
