@@ -34,7 +34,8 @@ WEIGHTS = ("trained", "ema")
 # The formats an export writes (export/formats.py); the words of the export_format option.
 FORMATS = ("diffusers", "single_file")
 _BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_end")
-_OWN_KEYS = ("model_type", "base_model", "weights")
+_OWN_KEYS = ("model_type", "base_model", "weights", "training_timestep_range")
+TRAINING_RANGE = "training_timestep_range"  # the band widened by --mixture_overlap, when the expert trained on more
 
 
 def parse_formats(text: str | None) -> tuple[str, ...]:
@@ -64,6 +65,7 @@ class ExpertDescription:
     model_type: str = "full"
     base_model: str | None = None
     weights: str = "trained"
+    training_band: ExpertBand | None = None  # the band it trained on, when wider than `band` (--mixture_overlap)
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -77,6 +79,8 @@ class ExpertDescription:
         }
         if self.base_model is not None:
             document["base_model"] = self.base_model
+        if self.training_band is not None:
+            document[TRAINING_RANGE] = self.training_band.to_json()
         return document
 
     def write(self, directory: str | os.PathLike) -> Path:
@@ -99,7 +103,7 @@ class ExpertDescription:
         parameterisation = {k: v for k, v in document.items() if k not in _BAND_KEYS + _OWN_KEYS}
         base = document.get("base_model")
         return cls(band, parameterisation, model_type, None if base is None else str(base),
-                   str(document.get("weights", "trained")))
+                   str(document.get("weights", "trained")), _training_band(document, band, source))
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExpertDescription:
@@ -114,6 +118,20 @@ class ExpertDescription:
         if not isinstance(document, dict):
             raise ModelError(f"{path} is not a valid expert description: not a JSON object")
         return cls.from_json(document, str(path))
+
+
+def _training_band(document: dict[str, Any], band: ExpertBand, source: str) -> ExpertBand | None:
+    """The `training_timestep_range` of an expert or mixture entry (None when absent), checked to hold the band."""
+    if TRAINING_RANGE not in document:
+        return None
+    try:
+        lo, hi = document[TRAINING_RANGE]
+        wide = ExpertBand(int(lo), int(hi), band.num_train_timesteps)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{source}: {TRAINING_RANGE} is not a valid range: {error}") from None
+    if wide.lo > band.lo or wide.hi < band.hi:
+        raise ModelError(f"{source}: {TRAINING_RANGE} {wide} does not hold the expert's band {band}")
+    return wide
 
 
 def expert_summary(band: ExpertBand, parameterisation: dict[str, Any]) -> dict[str, Any]:
@@ -150,10 +168,15 @@ class MixtureMember:
     path: str
     band: ExpertBand
     model_type: str = "full"
+    training_band: ExpertBand | None = None  # the band it trained on, when wider than `band` (--mixture_overlap)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "timestep_range": self.band.to_json(), "denoising_start": self.band.denoising_start,
-                "denoising_end": self.band.denoising_end, "model_type": self.model_type}
+        document: dict[str, Any] = {
+            "path": self.path, "timestep_range": self.band.to_json(), "denoising_start": self.band.denoising_start,
+            "denoising_end": self.band.denoising_end, "model_type": self.model_type}
+        if self.training_band is not None:
+            document[TRAINING_RANGE] = self.training_band.to_json()
+        return document
 
 
 @dataclass(frozen=True)
@@ -193,9 +216,10 @@ class MixtureDescription:
         check_format_version(version, MIXTURE_FORMAT_VERSION, f"{path} is a mixture")
         try:
             n = int(document["num_train_timesteps"])
-            members = tuple(MixtureMember(str(e["path"]), ExpertBand(int(e["timestep_range"][0]),
-                                                                    int(e["timestep_range"][1]), n),
-                                          str(e.get("model_type", "full"))) for e in document["experts"])
+            bands = [ExpertBand(int(e["timestep_range"][0]), int(e["timestep_range"][1]), n) for e in document["experts"]]
+            members = tuple(MixtureMember(str(e["path"]), band, str(e.get("model_type", "full")),
+                                          _training_band(e, band, str(path)))
+                            for e, band in zip(document["experts"], bands))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ModelError(f"{path} is not a valid mixture description: {error}") from None
         if not members:

@@ -111,3 +111,60 @@ def test_a_boundary_the_schedule_never_reaches_is_refused_before_any_weights_loa
     with pytest.raises(ConfigError, match=r"mixture plan: boundary 'snr:1e-9': no timestep of the schedule has snr "
                                           r"below 1e-09"):
         setup.setup_run(config)
+
+
+def _alphas(zero_terminal: bool = True):
+    from expertune.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_scheduler_config({"num_train_timesteps": 1000},
+                                                   rescale_betas_zero_snr=zero_terminal or None)
+    return schedule.alphas_cumprod
+
+
+def test_an_overlap_widens_each_band_across_its_boundaries_in_timesteps_or_log_snr() -> None:
+    from expertune.mixture import snr_of
+
+    plan = _plan("--mixture_boundaries=700,350", "--mixture_overlap=50")
+    assert [(b.lo, b.hi) for b in plan.training_bands(_alphas())] == [(650, 999), (300, 749), (0, 399)]
+    assert [(b.lo, b.hi) for b in plan.bands(_alphas())] == [(700, 999), (350, 699), (0, 349)]  # their own bands
+    plan = _plan("--mixture_boundaries=350", "--mixture_overlap=snr:0.5")
+    high, low = plan.training_bands(_alphas())
+    logsnr = snr_of(_alphas()).log()
+    # every timestep within 0.5 in log-SNR of the boundary's side, and none further
+    assert logsnr[high.lo] - logsnr[350] <= 0.5 < logsnr[high.lo - 1] - logsnr[350]
+    assert logsnr[349] - logsnr[low.hi] <= 0.5 < logsnr[349] - logsnr[low.hi + 1]
+    assert (high.hi, low.lo) == (999, 0) and high.lo < 350 and low.hi > 349
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--mixture_boundaries=700,350", "--mixture_overlap=350"],
+     r"mixture_overlap=350 is wider than the band \[350, 699\] \(350 timesteps\).*use an overlap below 350"),
+    (["--mixture_boundaries=350", "--mixture_overlap=2.5"], r"mixture_overlap='2.5': give a whole number"),
+    (["--mixture_boundaries=350", "--mixture_overlap=db:3"], r"mixture_overlap='db:3': write a number of timesteps"),
+    (["--mixture_overlap=50"], r"mixture_overlap='50' \(from command line\).*mixture_boundaries is unset"),
+])
+def test_an_overlap_that_does_not_fit_is_refused_when_the_config_is_read(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags)
+
+
+def test_an_overlap_known_only_on_the_schedule_is_refused_when_the_bands_are() -> None:
+    plan = _plan("--mixture_boundaries=snr:0.5", "--mixture_overlap=snr:30")
+    with pytest.raises(ConfigError, match=r"mixture_overlap=snr:30: .*wider than a neighbouring band.*use a smaller"):
+        plan.training_bands(_alphas())
+
+
+def test_expert_and_mixture_files_record_the_training_range(tmp_path: Path) -> None:
+    from expertune.expert_format import ExpertDescription, MixtureMember
+    from expertune.experts import ExpertBand
+    from expertune.errors import ModelError
+
+    band, wide = ExpertBand(0, 349), ExpertBand(0, 399)
+    description = ExpertDescription(band, {"num_train_timesteps": 1000}, training_band=wide)
+    description.write(tmp_path)
+    assert ExpertDescription.read(tmp_path).training_band == wide
+    assert MixtureMember("expert-1/pipeline", band, "full", wide).to_json()["training_timestep_range"] == [0, 399]
+    assert "training_timestep_range" not in ExpertDescription(band, {"num_train_timesteps": 1000}).to_json()
+    ExpertDescription(band, {"num_train_timesteps": 1000}, training_band=ExpertBand(10, 349)).write(tmp_path)
+    with pytest.raises(ModelError, match=r"training_timestep_range .* does not hold the expert's band"):
+        ExpertDescription.read(tmp_path)

@@ -1,6 +1,7 @@
 """A shared start, then the split, in one job (`--mixture_shared_steps`, train/branch.py): the trunk trains on every
 timestep, each expert branches from it with its weights, optimizer state, EMA and data position, and a run resumed
-before, at or after the split equals the uninterrupted one bit for bit."""
+before, at or after the split equals the uninterrupted one bit for bit. The same run has an overlap
+(`--mixture_overlap`): after the split each expert draws its timesteps from its band widened by the margin."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration  # trains: not in `make test-fast`
 WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 RUN = ["--mixture_boundaries=350", "--mixture_schedule=alternate", "--max_train_steps=7", "--mixture_shared_steps=3",
        "--checkpoint_step_interval=1", "--use_ema", "--expert_learning_rates=2e-4,5e-5", "--expert_ema_decays=0.9,0.99",
-       "--lr_scheduler=cosine", "--lr_warmup_steps=1"]
+       "--lr_scheduler=cosine", "--lr_warmup_steps=1", "--mixture_overlap=300"]
 
 
 def _config(model: Path, data: Path, output: Path, *extra: str):
@@ -49,8 +50,15 @@ def test_the_trunk_trains_every_timestep_then_the_experts_branch_from_it(uninter
         (1, 0, True), (2, 0, True), (3, 0, True), (4, 0, False), (5, 1, False), (6, 0, False), (7, 1, False)]
     assert [r["expert_step"] for r in rows] == [1, 2, 3, 4, 1, 5, 2]  # expert 0 counts its trunk steps
     assert max(r["timestep_max"] for r in rows[:3]) >= 350 > min(r["timestep_min"] for r in rows[:3])  # both bands
-    assert all(r["timestep_min"] >= 350 for r in rows[3:] if r["expert"] == 0)
-    assert all(r["timestep_max"] <= 349 for r in rows[3:] if r["expert"] == 1)
+    # after the split: each expert inside its band widened by 300 timesteps, and into the margin
+    assert all(r["timestep_min"] >= 50 for r in rows[3:] if r["expert"] == 0)
+    assert all(r["timestep_max"] <= 649 for r in rows[3:] if r["expert"] == 1)
+    assert any(r["timestep_max"] > 349 for r in rows[3:] if r["expert"] == 1)
+    mixture = json.loads((uninterrupted / "mixture.json").read_text())
+    assert [(e["timestep_range"], e["training_timestep_range"]) for e in mixture["experts"]] == [
+        ([350, 999], [50, 999]), ([0, 349], [0, 649])]
+    expert = json.loads((uninterrupted / "expert-1" / "pipeline" / "expert.json").read_text())
+    assert (expert["timestep_range"], expert["training_timestep_range"]) == ([0, 349], [0, 649])
     checkpoints = uninterrupted / "checkpoints"
     base = tiny_model_dir / WEIGHTS
     before = checkpoints / "checkpoint-3"

@@ -23,7 +23,7 @@ import torch
 from expertune.config.schema import TrainConfig
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
-from expertune.mixture import Boundary, parse_boundaries, plan_bands, step_owners
+from expertune.mixture import Boundary, parse_boundaries, plan_bands, step_owners, widened_bands
 
 # Per-expert option → the shared option it overrides (one value per expert in chain order, or one for all).
 PER_EXPERT: dict[str, str] = {
@@ -101,6 +101,33 @@ class SharedSteps:
 
 
 @dataclass(frozen=True)
+class Overlap:
+    """`--mixture_overlap`: the margin each expert's training band reaches across each of its boundaries, in
+    timesteps (`50`) or in natural log-SNR (`snr:0.5`)."""
+
+    text: str
+    kind: str  # "t" | "logsnr"
+    margin: float
+
+    @classmethod
+    def parse(cls, text: str) -> Overlap:
+        written = text.strip()
+        kind, _, number = written.rpartition(":")
+        kind = kind.strip().lower()
+        if kind not in ("", "snr", "logsnr"):
+            raise ConfigError(f"mixture_overlap={text!r}: write a number of timesteps (50) or a log-SNR margin "
+                              "(snr:0.5)")
+        try:
+            margin = float(number)
+        except ValueError:
+            raise ConfigError(f"mixture_overlap={text!r}: {number.strip()!r} is not a number") from None
+        if not (margin > 0 and margin < float("inf")) or (not kind and not margin.is_integer()):
+            raise ConfigError(f"mixture_overlap={text!r}: give a whole number of timesteps >= 1 (50) or a positive "
+                              "log-SNR margin (snr:0.5)")
+        return cls(written, "t" if not kind else "logsnr", margin)
+
+
+@dataclass(frozen=True)
 class MixturePlan:
     """Every expert of a joint job: where the boundaries fall, who trains when, and each expert's settings."""
 
@@ -110,6 +137,7 @@ class MixturePlan:
     switch_every: int
     offload_inactive: bool
     shared: SharedSteps | None = None  # a shared start before the split (item 2 of issue 22)
+    overlap: Overlap | None = None  # each expert trains on its band widened by this margin (item 3 of issue 22)
     datasets: tuple[tuple[str, ...], ...] = ()  # per-expert dataset ids (issue 22 item 5; empty: every dataset)
 
     @property
@@ -149,8 +177,17 @@ class MixturePlan:
                               "expert_models, or drop mixture_shared_steps")
         if shared is not None and values["max_train_steps"]:
             shared.resolve(int(values["max_train_steps"]))
+        overlap_text = values.get("mixture_overlap")
+        overlap = Overlap.parse(overlap_text) if overlap_text is not None else None
+        if overlap is not None and overlap.kind == "t" and all(b.kind == "t" for b in boundaries):
+            cuts = [int(b.value) for b in boundaries]  # every band's size but the top one's is known now
+            for upper, lower in zip(cuts, [*cuts[1:], 0]):
+                if overlap.margin >= upper - lower:
+                    raise ConfigError(f"mixture_overlap={overlap.text} is wider than the band [{lower}, {upper - 1}] "
+                                      f"({upper - lower} timesteps) of mixture_boundaries={text}: use an overlap below "
+                                      f"{upper - lower}")
         return cls(boundaries, experts, values["mixture_schedule"], int(values["mixture_switch_every"]),
-                   bool(values["mixture_offload_inactive"]), shared)
+                   bool(values["mixture_offload_inactive"]), shared, overlap)
 
     def model_sources(self, main: str | None, loaded_as: str) -> list[str]:
         """The model each expert starts from, the run's own model (`main`) named as it was loaded (`loaded_as`: a
@@ -163,6 +200,16 @@ class MixturePlan:
             return plan_bands(",".join(b.text for b in self.boundaries), alphas_cumprod)
         except ValueError as error:
             raise ConfigError(f"mixture plan: {error}") from None
+
+    def training_bands(self, alphas_cumprod: torch.Tensor) -> list[ExpertBand]:
+        """The bands the experts train on: their own, widened by the overlap; ConfigError when one does not fit."""
+        bands = self.bands(alphas_cumprod)
+        if self.overlap is None:
+            return bands
+        try:
+            return widened_bands(bands, self.overlap.kind, self.overlap.margin, alphas_cumprod)
+        except ValueError as error:
+            raise ConfigError(f"mixture_overlap={self.overlap.text}: {error}; use a smaller overlap") from None
 
     def owners(self, bands: list[ExpertBand], total_steps: int, seed: int) -> list[int]:
         """The expert that trains each job step after the shared start (`mixture.step_owners`)."""

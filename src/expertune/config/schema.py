@@ -372,6 +372,9 @@ class MixtureConfig:
     mixture_shared_steps: str | None = opt(
         None, "Train one model on the union of the bands for this many job steps (400) or this fraction of the run "
         "(0.25), then branch it into the experts (weights, optimizer state and EMA copied) for the rest.")
+    mixture_overlap: str | None = opt(
+        None, "Train each expert on its band widened across each boundary by this many timesteps (50), or by this "
+        "margin in natural log-SNR (snr:0.5); sampled uniformly over the widened band, weighted as any timestep.")
 
 
 @dataclass(frozen=True)

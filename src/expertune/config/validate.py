@@ -198,7 +198,7 @@ def check_mixture_fields(values: Mapping[str, Any], sources: Mapping[str, str]) 
         return
     from expertune.config.plan import PER_EXPERT
 
-    for name in (*PER_EXPERT, "mixture_shared_steps"):
+    for name in (*PER_EXPERT, "mixture_shared_steps", "mixture_overlap"):
         if values[name] is not None:
             raise ConfigError(f"{name}={show(values[name])} (from {src(name)}) sets a value per expert of a "
                               "mixture, but mixture_boundaries is unset: add --mixture_boundaries (e.g. 350 for "

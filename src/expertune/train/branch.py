@@ -39,6 +39,7 @@ class SharedStart:
 
     steps: int  # job steps of the shared phase (S)
     band: ExpertBand  # expert 0's own band after the split
+    training_band: ExpertBand  # the band it trains on after the split (its own, widened by --mixture_overlap)
     settings: ExpertSettings  # expert 0's own settings after the split
     weights: WeightTable  # expert 0's own loss weighting after the split
     total_steps: int  # expert 0's own optimizer steps after the split
@@ -64,6 +65,7 @@ def become_expert(expert: ExpertRun, start: SharedStart, train: TrainConfig, acc
     expert.lr_scheduler = accelerator.prepare(scheduler)
     expert.state.lr_scheduler = expert.lr_scheduler
     expert.band, expert.settings, expert.weights = start.band, start.settings, start.weights
+    expert.training_band = start.training_band
     expert.total_steps = start.total_steps
     if expert.ema is not None:
         expert.ema.max_decay = start.settings.ema_decay

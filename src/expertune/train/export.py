@@ -43,8 +43,8 @@ def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription
     """Save every expert of the job (main process) and, for a mixture, mixture.json; their descriptions."""
     descriptions = [export_expert(run, expert, final) for expert, final in zip(run.experts, finals)]
     if run.is_mixture and run.is_main:
-        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), e.band,
-                                      run.config.model.model_type) for e in run.experts)
+        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), run.own_band(e),
+                                      run.config.model.model_type, run.widened_band(e)) for e in run.experts)
         MixtureDescription(members, run.schedule.describe()).write(run.output_dir)
     if run.is_main and "single_file" in parse_formats(run.config.train.export_format):
         write_single_files(run.output_dir, precision=run.config.train.export_precision, name=run.output_dir.name)
@@ -71,7 +71,8 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     config, components, schedule = run.config, expert.components, run.schedule
     description = ExpertDescription(
         run.own_band(expert), schedule.describe(), model_type=config.model.model_type, base_model=components.source,
-        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")
+        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained",
+        training_band=run.widened_band(expert))
     if not run.is_main:
         return description
     scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))

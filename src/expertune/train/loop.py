@@ -113,7 +113,7 @@ def train_step(run: Run, expert: ExpertRun) -> MicroBatch:
     step_timesteps = []
     for position, micro in enumerate(group):
         batch = load_batch(expert.prepared, micro).to(accelerator.device, expert.strategy.input_dtype())
-        draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
+        draws = draw_randomness(expert.training_band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
                                 stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability)
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)

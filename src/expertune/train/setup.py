@@ -120,6 +120,7 @@ class ExpertRun:
 
     index: int  # place in the chain (0: the expert that starts from pure noise)
     band: ExpertBand
+    training_band: ExpertBand  # where its timesteps are drawn: the band, widened by --mixture_overlap
     settings: ExpertSettings  # its learning rate, loss weighting, EMA decay and model (config/plan.py)
     plan: ValidationPlan
     components: SDXLComponents  # the model it started from (the run's, or its `expert_models` entry)
@@ -193,6 +194,13 @@ class Run:
         """The band the expert is saved and validated with: its own, also while expert 0 is the shared start's trunk."""
         return self.shared.band if self.shared is not None and expert.index == 0 else expert.band
 
+    def widened_band(self, expert: ExpertRun) -> ExpertBand | None:
+        """The band the expert trains on when an overlap widens its own (expert.json's training_timestep_range)."""
+        plan = self.plan
+        if plan is None or plan.overlap is None:
+            return None
+        return plan.training_bands(self.schedule.alphas_cumprod)[expert.index]
+
     def next_expert(self) -> ExpertRun:
         """The expert that trains the next job step."""
         return self.experts[self.owners[self.step]] if self.owners else self.experts[0]
@@ -263,7 +271,7 @@ def _device_settings(config: Config, accelerator: Any, unet: Any) -> bool:
 
 
 def build_expert(config: Config, accelerator: Any, unet: Any, *, index: int, band: ExpertBand,
-                 settings: ExpertSettings, plan: ValidationPlan, components: SDXLComponents, prepared: PreparedData,
+                 training_band: ExpertBand, settings: ExpertSettings, plan: ValidationPlan, components: SDXLComponents, prepared: PreparedData,
                  total_steps: int, weights: WeightTable) -> ExpertRun:
     """The expert's trainable UNet, optimizer, LR schedule and EMA (with its own settings), prepared by accelerate;
     state at step 0."""
@@ -288,7 +296,7 @@ def build_expert(config: Config, accelerator: Any, unet: Any, *, index: int, ban
     state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=strategy.unet, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema,
                           strategy=strategy)
-    return ExpertRun(index=index, band=band, settings=settings, plan=plan, components=components, prepared=prepared,
+    return ExpertRun(index=index, band=band, training_band=training_band, settings=settings, plan=plan, components=components, prepared=prepared,
                      unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, strategy=strategy, ema=ema,
                      state=state, weights=weights, total_steps=total_steps, bf16_weights=bf16_weights)
 
@@ -342,7 +350,7 @@ def setup_run(config: Config) -> Run:
     convert_single_files(config, accelerator)
     plan = config.mixture_plan
     if plan is not None:  # where the boundaries fall, from the scheduler config alone: refused before any weights load
-        plan.bands(noise_schedule_for(config, scheduler_config_of(config)).alphas_cumprod)
+        plan.training_bands(noise_schedule_for(config, scheduler_config_of(config)).alphas_cumprod)
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
         components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
@@ -352,6 +360,7 @@ def setup_run(config: Config) -> Run:
     for warning in schedule.warnings():
         log.warning(warning)
     bands = expert_bands_for(config, schedule)
+    training = plan.training_bands(schedule.alphas_cumprod) if plan is not None else bands
     if len(bands) > 1:
         check_mixture_engine(config, accelerator)
     log.info("expert band%s %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
@@ -377,12 +386,13 @@ def setup_run(config: Config) -> Run:
     shares = steps_per_expert(after, len(bands)) if owners else [total_steps]
     shared = None
     if shared_steps:  # expert 0 starts as the trunk: the union of the bands, the shared settings, S steps
-        shared = SharedStart(shared_steps, bands[0], settings[0], weights[0], shares[0])
+        shared = SharedStart(shared_steps, bands[0], training[0], settings[0], weights[0], shares[0])
         trunk = ExpertSettings.shared(config.flat())
         full = ExpertBand.full(schedule.num_train_timesteps)
-        bands, settings = [full, *bands[1:]], [trunk, *settings[1:]]
+        bands, settings, training = [full, *bands[1:]], [trunk, *settings[1:]], [full, *training[1:]]
         weights, shares = [loss_weights(config, schedule, full, trunk), *weights[1:]], [shared_steps, *shares[1:]]
-    experts = [build_expert(config, accelerator, unet, index=k, band=bands[k], settings=settings[k], plan=plans[k],
+    experts = [build_expert(config, accelerator, unet, index=k, band=bands[k], training_band=training[k],
+                            settings=settings[k], plan=plans[k],
                             components=models[k], prepared=views[k], total_steps=shares[k], weights=weights[k])
                for k, unet in enumerate(expert_unets(models))]
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
