@@ -153,7 +153,7 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         for name, prompt in prompts.items():
             images = run_chain(loaded, prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                                num_images=args.num_images, seed=args.seed, height=args.height, width=args.width,
-                               progress=True)
+                               progress=True, handoff_blend=args.handoff_blend)
             out = Path(args.out) if not name else Path(args.out).with_suffix("") / f"{name}.png"
             for path in save_images(images, out):
                 print(f"wrote {path}")
@@ -384,6 +384,9 @@ def _add_generate(verbs: Any) -> None:
     generate.add_argument("--scheduler", default="saved", choices=("saved", *SCHEDULER_CLASSES),
                           help="sampler; built from each expert's saved scheduler config (default: that "
                           "scheduler itself)")
+    generate.add_argument("--handoff_blend", type=int, default=0, metavar="W",
+                          help="blend the hand-offs: within W/2 timesteps of each boundary, mix both experts' "
+                          "predictions linearly (docs/mixtures.md); 0 (default): a hard switch")
     generate.add_argument("--num_images", type=int, default=1,
                           help="images to make; image i uses seed S+i; several also write a grid")
     generate.add_argument("--seed", type=int, default=0)
