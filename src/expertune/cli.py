@@ -146,6 +146,11 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
             experts = mixture_expert_paths(args.mixture)
         else:
             experts = [folder for source in args.expert for folder in expert_folders(source, Path(scratch))]
+        blend = args.handoff_blend
+        if blend is None:  # a mixture's own window (mixture.json, --mixture_handoff_blend), else a hard hand-off
+            from expertune.expert_format import MixtureDescription
+
+            blend = MixtureDescription.read(args.mixture).handoff_blend if args.mixture else 0
         loaded = load_chain(experts, guidance_scale=args.guidance or [7.5],
                             guidance_rescale=args.guidance_rescale or [0.0], scheduler=args.scheduler, device=device,
                             dtype=resolve_dtype(args.dtype, device), aesthetic_score=args.aesthetic_score,
@@ -153,7 +158,7 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         for name, prompt in prompts.items():
             images = run_chain(loaded, prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                                num_images=args.num_images, seed=args.seed, height=args.height, width=args.width,
-                               progress=True, handoff_blend=args.handoff_blend)
+                               progress=True, handoff_blend=blend)
             out = Path(args.out) if not name else Path(args.out).with_suffix("") / f"{name}.png"
             for path in save_images(images, out):
                 print(f"wrote {path}")
@@ -384,9 +389,10 @@ def _add_generate(verbs: Any) -> None:
     generate.add_argument("--scheduler", default="saved", choices=("saved", *SCHEDULER_CLASSES),
                           help="sampler; built from each expert's saved scheduler config (default: that "
                           "scheduler itself)")
-    generate.add_argument("--handoff_blend", type=int, default=0, metavar="W",
+    generate.add_argument("--handoff_blend", type=int, default=None, metavar="W",
                           help="blend the hand-offs: within W/2 timesteps of each boundary, mix both experts' "
-                          "predictions linearly (docs/mixtures.md); 0 (default): a hard switch")
+                          "predictions linearly (docs/mixtures.md); 0: a hard switch (default: a --mixture's "
+                          "handoff_blend in mixture.json, else 0)")
     generate.add_argument("--num_images", type=int, default=1,
                           help="images to make; image i uses seed S+i; several also write a grid")
     generate.add_argument("--seed", type=int, default=0)

@@ -185,10 +185,14 @@ class MixtureDescription:
 
     experts: tuple[MixtureMember, ...]
     parameterisation: dict[str, Any] = field(default_factory=dict)
+    handoff_blend: int = 0  # the blended hand-off window `expertune generate --mixture` uses by default (0: none)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": MIXTURE_FORMAT_VERSION, "experts": [m.to_json() for m in self.experts],
-                **self.parameterisation}
+        document = {"format_version": MIXTURE_FORMAT_VERSION, "experts": [m.to_json() for m in self.experts],
+                    **self.parameterisation}
+        if self.handoff_blend:
+            document["handoff_blend"] = self.handoff_blend
+        return document
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MIXTURE_FILE
@@ -234,5 +238,8 @@ class MixtureDescription:
             if own.band != member.band:
                 raise ModelError(f"{path}: expert {member.path} owns {own.band} by its expert.json, but the mixture "
                                  f"lists {member.band}")
-        parameterisation = {k: v for k, v in document.items() if k not in ("format_version", "experts")}
-        return cls(members, parameterisation)
+        parameterisation = {k: v for k, v in document.items() if k not in ("format_version", "experts", "handoff_blend")}
+        blend = document.get("handoff_blend", 0)
+        if not isinstance(blend, int) or isinstance(blend, bool) or blend < 0:
+            raise ModelError(f"{path}: handoff_blend {blend!r} is not a window of timesteps >= 0")
+        return cls(members, parameterisation, blend)

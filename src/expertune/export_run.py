@@ -214,7 +214,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     if mixture:
         members = tuple(MixtureMember(str(expert_relative_dir(m.model_type, k, True)), band, m.model_type, widened[k])
                         for k, band in enumerate(bands))
-        MixtureDescription(members, schedule.describe()).write(staged)
+        MixtureDescription(members, schedule.describe(), plan.handoff_blend if plan is not None else 0).write(staged)
     return folders
 
 

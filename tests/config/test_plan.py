@@ -35,8 +35,8 @@ def test_each_expert_holds_its_own_resolved_settings() -> None:
                        ema_decay=0.99),
         ExpertSettings(pretrained_model_name_or_path="/models/refiner", learning_rate=3e-4, loss_weighting="none",
                        ema_decay=0.99),
-        # an empty entry is the shared option's value (loss_weighting unset: the shared rule, min_snr with gamma)
-        ExpertSettings(pretrained_model_name_or_path="/models/base", learning_rate=2e-5, loss_weighting=None,
+        # an empty entry is the shared option's value (loss_weighting unset: resolved, min_snr with snr_gamma)
+        ExpertSettings(pretrained_model_name_or_path="/models/base", learning_rate=2e-5, loss_weighting="min_snr",
                        ema_decay=0.99),
     )
     assert plan.model_sources("/models/base", "/loaded/base") == ["/loaded/base", "/models/refiner", "/loaded/base"]
@@ -50,7 +50,7 @@ def test_the_per_expert_table_drives_the_settings_and_the_training_section() -> 
     assert (train.learning_rate, train.loss_weighting, train.ema_decay) == (7e-5, "debiased", 0.5)
     config, _ = load_config(["--pretrained_model_name_or_path=/m", "--learning_rate=2e-4"])
     assert expert_settings(config, 1) == [ExpertSettings(pretrained_model_name_or_path="/m", learning_rate=2e-4,
-                                                         loss_weighting=None, ema_decay=0.9999)]
+                                                         loss_weighting="none", ema_decay=0.9999)]
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -142,16 +142,22 @@ def test_an_overlap_widens_each_band_across_its_boundaries_in_timesteps_or_log_s
     (["--mixture_boundaries=350", "--mixture_overlap=2.5"], r"mixture_overlap='2.5': give a whole number"),
     (["--mixture_boundaries=350", "--mixture_overlap=db:3"], r"mixture_overlap='db:3': write a number of timesteps"),
     (["--mixture_overlap=50"], r"mixture_overlap='50' \(from command line\).*mixture_boundaries is unset"),
+    (["--mixture_boundaries=700,350", "--mixture_handoff_blend=350"],
+     r"mixture_handoff_blend=350 is not shorter than the narrowest band .*\(350 timesteps\): use a window below 350"),
+    (["--mixture_handoff_blend=10"], r"mixture_handoff_blend=10 \(from command line\).*mixture_boundaries is unset"),
 ])
 def test_an_overlap_that_does_not_fit_is_refused_when_the_config_is_read(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(flags)
 
 
-def test_an_overlap_known_only_on_the_schedule_is_refused_when_the_bands_are() -> None:
+def test_an_overlap_or_blend_known_only_on_the_schedule_is_refused_when_the_bands_are() -> None:
     plan = _plan("--mixture_boundaries=snr:0.5", "--mixture_overlap=snr:30")
     with pytest.raises(ConfigError, match=r"mixture_overlap=snr:30: .*wider than a neighbouring band.*use a smaller"):
         plan.training_bands(_alphas())
+    plan = _plan("--mixture_boundaries=snr:0.5", "--mixture_handoff_blend=900")
+    with pytest.raises(ConfigError, match=r"mixture_handoff_blend=900 is not shorter than the narrowest band"):
+        plan.check_blend(plan.bands(_alphas()))
 
 
 def test_expert_and_mixture_files_record_the_training_range(tmp_path: Path) -> None:

@@ -59,3 +59,39 @@ def test_generate_with_a_blend_is_the_documented_plain_diffusers_chain(trained_e
     monkeypatch.chdir(tmp_path)
     exec(compile(code.group(1).replace('"OUTPUT_DIR"', repr(str(root))), "docs/mixtures.md", "exec"), {})
     assert list(Image.open(tmp_path / "mixture_blend.png").getdata()) == list(blended.getdata())
+
+
+@pytest.mark.integration
+def test_a_mixture_blends_its_validation_chain_and_generate_takes_the_window_from_mixture_json(
+        tiny_model_dir: Path, small_dataset: Path, tmp_path: Path) -> None:
+    import json
+
+    from helpers import FAST_FLAGS
+    from PIL import Image
+
+    from expertune.cli import main
+    from expertune.config import load_config
+    from expertune.infer.chain import mixture_expert_paths
+    from expertune.infer.generate import generate_images
+    from expertune.train.loop import train
+
+    chains = {}
+    for blend in (0, 300):
+        output = tmp_path / f"blend{blend}"
+        config, _ = load_config([*FAST_FLAGS, "--report_to=none", "--train_batch_size=2", "--max_train_steps=1",
+                                 f"--pretrained_model_name_or_path={tiny_model_dir}",
+                                 f"--data_backend_config={small_dataset}", f"--output_dir={output}",
+                                 "--mixture_boundaries=350", f"--mixture_handoff_blend={blend}",
+                                 "--validation_num_inference_steps=10"])
+        train(config)
+        chains[blend] = list(Image.open(output / "validation" / "step_000001" / "expert_0" / "chain_prompt.png").getdata())
+    assert chains[0] != chains[300]  # the same experts (the blend changes no training): the chain differs by the blend
+    mixture = tmp_path / "blend300"
+    assert json.loads((mixture / "mixture.json").read_text())["handoff_blend"] == 300
+    assert "handoff_blend" not in json.loads((tmp_path / "blend0" / "mixture.json").read_text())
+    out = tmp_path / "generated.png"
+    assert main(["generate", "--mixture", str(mixture), "--prompt", "a red circle", "--steps", "12", "--guidance", "5",
+                 "--device", "cpu", "--dtype", "fp32", "--height", "64", "--width", "64", "--out", str(out)]) == 0
+    expected = generate_images(mixture_expert_paths(mixture), "a red circle", num_inference_steps=12, guidance_scale=5.0,
+                               device="cpu", height=64, width=64, handoff_blend=300)[0]
+    assert list(Image.open(out).getdata()) == list(expected.getdata())

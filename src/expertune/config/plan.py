@@ -24,6 +24,7 @@ from expertune.config.schema import TrainConfig
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.mixture import Boundary, parse_boundaries, plan_bands, step_owners, widened_bands
+from expertune.objective.weighting import resolve_weighting
 
 # Per-expert option → the shared option it overrides (one value per expert in chain order, or one for all).
 PER_EXPERT: dict[str, str] = {
@@ -40,14 +41,15 @@ class ExpertSettings:
 
     pretrained_model_name_or_path: str  # the model the expert starts from
     learning_rate: float
-    loss_weighting: str | None  # None: the shared rule (min_snr with snr_gamma, else none), as for one expert
+    loss_weighting: str  # resolved: an unset one is min_snr with snr_gamma, else none (objective.weighting)
     ema_decay: float
 
     @classmethod
     def shared(cls, values: Mapping[str, Any]) -> ExpertSettings:
         """The settings of an expert that overrides nothing: the shared options' values (a single-expert run)."""
         given = {f.name: values[f.name] for f in fields(cls)}
-        return cls(**{**given, "pretrained_model_name_or_path": given["pretrained_model_name_or_path"] or ""})
+        return cls(**{**given, "pretrained_model_name_or_path": given["pretrained_model_name_or_path"] or "",
+                      "loss_weighting": resolve_weighting(given["loss_weighting"], values["snr_gamma"])})
 
     def overrides(self) -> dict[str, Any]:
         """The shared options this expert overrides, by name, with its values."""
@@ -138,6 +140,7 @@ class MixturePlan:
     offload_inactive: bool
     shared: SharedSteps | None = None  # a shared start before the split (item 2 of issue 22)
     overlap: Overlap | None = None  # each expert trains on its band widened by this margin (item 3 of issue 22)
+    handoff_blend: int = 0  # validation's chain and mixture.json: a blended hand-off over this window (infer/handoff)
     datasets: tuple[tuple[str, ...], ...] = ()  # per-expert dataset ids (issue 22 item 5; empty: every dataset)
 
     @property
@@ -160,6 +163,7 @@ class MixturePlan:
         count = len(boundaries) + 1
         columns = {field: per_expert_values(option, values, count, src) for option, field in PER_EXPERT.items()}
         columns["pretrained_model_name_or_path"] = [m or "" for m in columns["pretrained_model_name_or_path"]]
+        columns["loss_weighting"] = [resolve_weighting(w, values["snr_gamma"]) for w in columns["loss_weighting"]]
         experts = tuple(ExpertSettings(**{field: column[k] for field, column in columns.items()}) for k in range(count))
         for option in ("expert_ema_decays",):
             if values[option] is not None and not values["use_ema"]:
@@ -186,8 +190,15 @@ class MixturePlan:
                     raise ConfigError(f"mixture_overlap={overlap.text} is wider than the band [{lower}, {upper - 1}] "
                                       f"({upper - lower} timesteps) of mixture_boundaries={text}: use an overlap below "
                                       f"{upper - lower}")
+        blend = int(values.get("mixture_handoff_blend") or 0)
+        if blend and all(b.kind == "t" for b in boundaries):
+            cuts = [int(b.value) for b in boundaries]
+            narrowest = min(upper - lower for upper, lower in zip(cuts, [*cuts[1:], 0]))
+            if blend >= narrowest:
+                raise ConfigError(f"mixture_handoff_blend={blend} is not shorter than the narrowest band of "
+                                  f"mixture_boundaries={text} ({narrowest} timesteps): use a window below {narrowest}")
         return cls(boundaries, experts, values["mixture_schedule"], int(values["mixture_switch_every"]),
-                   bool(values["mixture_offload_inactive"]), shared, overlap)
+                   bool(values["mixture_offload_inactive"]), shared, overlap, blend)
 
     def model_sources(self, main: str | None, loaded_as: str) -> list[str]:
         """The model each expert starts from, the run's own model (`main`) named as it was loaded (`loaded_as`: a
@@ -210,6 +221,13 @@ class MixturePlan:
             return widened_bands(bands, self.overlap.kind, self.overlap.margin, alphas_cumprod)
         except ValueError as error:
             raise ConfigError(f"mixture_overlap={self.overlap.text}: {error}; use a smaller overlap") from None
+
+    def check_blend(self, bands: list[ExpertBand]) -> None:
+        """`mixture_handoff_blend` against the bands on the schedule: a window shorter than every band."""
+        narrowest = min(band.size for band in bands)
+        if self.handoff_blend >= narrowest:
+            raise ConfigError(f"mixture_handoff_blend={self.handoff_blend} is not shorter than the narrowest band "
+                              f"({narrowest} timesteps): use a window below {narrowest}")
 
     def owners(self, bands: list[ExpertBand], total_steps: int, seed: int) -> list[int]:
         """The expert that trains each job step after the shared start (`mixture.step_owners`)."""

@@ -375,6 +375,9 @@ class MixtureConfig:
     mixture_overlap: str | None = opt(
         None, "Train each expert on its band widened across each boundary by this many timesteps (50), or by this "
         "margin in natural log-SNR (snr:0.5); sampled uniformly over the widened band, weighted as any timestep.")
+    mixture_handoff_blend: int = opt(
+        0, "Blend the chain's hand-offs over a window of this many timesteps in validation, recorded in mixture.json "
+        "as the default of `expertune generate --mixture` (0: hard switches).", ge=0, on_resume="may_change")
 
 
 @dataclass(frozen=True)

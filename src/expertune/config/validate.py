@@ -198,6 +198,10 @@ def check_mixture_fields(values: Mapping[str, Any], sources: Mapping[str, str]) 
         return
     from expertune.config.plan import PER_EXPERT
 
+    if values.get("mixture_handoff_blend"):
+        raise ConfigError(f"mixture_handoff_blend={values['mixture_handoff_blend']} (from "
+                          f"{src('mixture_handoff_blend')}) blends the hand-offs of a mixture, but mixture_boundaries is "
+                          "unset: add --mixture_boundaries, or drop mixture_handoff_blend")
     for name in (*PER_EXPERT, "mixture_shared_steps", "mixture_overlap"):
         if values[name] is not None:
             raise ConfigError(f"{name}={show(values[name])} (from {src(name)}) sets a value per expert of a "

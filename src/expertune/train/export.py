@@ -45,7 +45,8 @@ def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription
     if run.is_mixture and run.is_main:
         members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), run.own_band(e),
                                       run.config.model.model_type, run.widened_band(e)) for e in run.experts)
-        MixtureDescription(members, run.schedule.describe()).write(run.output_dir)
+        blend = run.plan.handoff_blend if run.plan is not None else 0
+        MixtureDescription(members, run.schedule.describe(), blend).write(run.output_dir)
     if run.is_main and "single_file" in parse_formats(run.config.train.export_format):
         write_single_files(run.output_dir, precision=run.config.train.export_precision, name=run.output_dir.name)
     return descriptions

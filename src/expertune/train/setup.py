@@ -350,7 +350,9 @@ def setup_run(config: Config) -> Run:
     convert_single_files(config, accelerator)
     plan = config.mixture_plan
     if plan is not None:  # where the boundaries fall, from the scheduler config alone: refused before any weights load
-        plan.training_bands(noise_schedule_for(config, scheduler_config_of(config)).alphas_cumprod)
+        alphas = noise_schedule_for(config, scheduler_config_of(config)).alphas_cumprod
+        plan.training_bands(alphas)
+        plan.check_blend(plan.bands(alphas))
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
         components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
@@ -452,7 +454,8 @@ def attach_validators(run: Run) -> None:
             run.config, expert.plan, expert.components, run.schedule, run.own_band(expert), expert.prepared,
             run.accelerator, run.output_dir, run.metrics, expert_index=expert.index if run.is_mixture else None,
             chain=list(reversed(made)) if run.is_mixture and expert.index == 0 else (),
-            autocast=expert.bf16_weights)  # bfloat16 weights: autocast casts the pipelines' float32 latents
+            autocast=expert.bf16_weights,  # bfloat16 weights: autocast casts the pipelines' float32 latents
+            handoff_blend=run.plan.handoff_blend if run.plan is not None and expert.index == 0 else 0)
         made.append(expert.validator)
 
 
@@ -504,6 +507,10 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
             raise ConfigError(f"expert_models entry {k} ({source}) has the SDXL refiner layout, and expert {k} owns "
                               f"{band}, which starts from pure noise: a refiner only continues a chain. Give that band "
                               "a base-layout model (the refiner usually takes the last, low-noise band)")
+        if model.is_refiner and plan.handoff_blend:
+            raise ConfigError(f"mixture_handoff_blend={plan.handoff_blend}: expert_models entry {k} ({source}) has the "
+                              "SDXL refiner layout, and a blended hand-off runs two experts on one stage's text "
+                              "conditioning: drop mixture_handoff_blend, or give every expert a base-layout model")
         result.append(model)
     return result
 

@@ -146,7 +146,7 @@ class Validator:
     def __init__(self, config: Config, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
                  band: ExpertBand, prepared: Any, accelerator: Any, output_dir: Path,
                  metrics: Any | None = None, expert_index: int | None = None, chain: Sequence[Validator] = (),
-                 autocast: bool = False) -> None:
+                 autocast: bool = False, handoff_blend: int = 0) -> None:
         self.config = config
         self.v = config.validation
         self.plan = plan
@@ -164,6 +164,7 @@ class Validator:
         # building and conditioning its own stage (its model's layout and cached text embeddings).
         self.chain = list(chain)
         self.autocast = autocast  # bfloat16 weights: the pipelines' float32 latents are cast under autocast
+        self.handoff_blend = handoff_blend  # the mixture chain's blended hand-off window (infer/handoff.py)
         self.last_values: dict[str, float] = {}  # the metrics of the last validation
         self._peer: tuple[torch.dtype, Any] | None = None  # (dtype, UNet) of the peer expert, loaded on first use
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
@@ -246,14 +247,15 @@ class Validator:
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.settings.seed)
 
-    def _chain_images(self, prefix: str, stages_for: Callable[[str], list[ChainStage]]) -> list[ValidationImage]:
+    def _chain_images(self, prefix: str, stages_for: Callable[[str], list[ChainStage]],
+                      handoff_blend: int = 0) -> list[ValidationImage]:
         """Text-to-image of every validation prompt through the stages `stages_for(prompt)` gives, seeded alike."""
         result = []
         for prompt in self.prompts():
             for width, height in self.sizes:  # several sizes: each image named by its size
                 image = denoise_chain(stages_for(prompt.text), self._conditioning(prompt.text),
                                       generator=self._generator(), num_inference_steps=self.settings.num_inference_steps,
-                                      height=height, width=width)[0]
+                                      height=height, width=width, handoff_blend=handoff_blend)[0]
                 size = f"_{width}x{height}" if len(self.sizes) > 1 else ""
                 result.append(ValidationImage(f"{prefix}_{prompt.name}{size}", image, image, prompt.text))
         return result
@@ -326,7 +328,7 @@ class Validator:
                 stage.conditioning = owner._conditioning(prompt)
             return built
 
-        return self._chain_images("chain", stages)
+        return self._chain_images("chain", stages, self.handoff_blend)
 
     # ---- one validation ------------------------------------------------------------------------
 
