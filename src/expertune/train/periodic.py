@@ -53,8 +53,10 @@ class PeriodicValidation:
     def _validate(self, run: Run, unets: list[Any], step: int) -> list[Path]:
         written: list[Path] = []
         for expert, unet in zip(run.experts, unets):
-            later = unets[1:] if expert.validator.chain else []  # the first expert of a mixture draws the chain
-            written += expert.validator.run(unet, step, later)
+            if expert.validator.chain:  # the first expert of a mixture draws the chain, with the later experts' UNets
+                written += expert.validator.run(unet, step, unets[1:])
+            else:
+                written += expert.validator.run(unet, step)
         if run.is_mixture and run.is_main:
             log_mixture_loss(run, step)
         return written
