@@ -35,8 +35,8 @@ def test_each_expert_holds_its_own_resolved_settings() -> None:
                        ema_decay=0.99),
         ExpertSettings(pretrained_model_name_or_path="/models/refiner", learning_rate=3e-4, loss_weighting="none",
                        ema_decay=0.99),
-        # an empty entry is the shared option's value (loss_weighting unset: resolved, min_snr with snr_gamma)
-        ExpertSettings(pretrained_model_name_or_path="/models/base", learning_rate=2e-5, loss_weighting="min_snr",
+        # an empty entry is the shared option's value (loss_weighting unset: its own rule, min_snr with snr_gamma)
+        ExpertSettings(pretrained_model_name_or_path="/models/base", learning_rate=2e-5, loss_weighting=None,
                        ema_decay=0.99),
     )
     assert plan.model_sources("/models/base", "/loaded/base") == ["/loaded/base", "/models/refiner", "/loaded/base"]
@@ -50,7 +50,7 @@ def test_the_per_expert_table_drives_the_settings_and_the_training_section() -> 
     assert (train.learning_rate, train.loss_weighting, train.ema_decay) == (7e-5, "debiased", 0.5)
     config, _ = load_config(["--pretrained_model_name_or_path=/m", "--learning_rate=2e-4"])
     assert expert_settings(config, 1) == [ExpertSettings(pretrained_model_name_or_path="/m", learning_rate=2e-4,
-                                                         loss_weighting="none", ema_decay=0.9999)]
+                                                         loss_weighting=None, ema_decay=0.9999)]
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -24,7 +24,6 @@ from expertune.config.schema import TrainConfig
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.mixture import Boundary, parse_boundaries, plan_bands, step_owners, widened_bands
-from expertune.objective.weighting import resolve_weighting
 
 # Per-expert option → the shared option it overrides (one value per expert in chain order, or one for all).
 PER_EXPERT: dict[str, str] = {
@@ -41,15 +40,14 @@ class ExpertSettings:
 
     pretrained_model_name_or_path: str  # the model the expert starts from
     learning_rate: float
-    loss_weighting: str  # resolved: an unset one is min_snr with snr_gamma, else none (objective.weighting)
+    loss_weighting: str | None  # as the loss_weighting option: unset is min_snr with snr_gamma, else none
     ema_decay: float
 
     @classmethod
     def shared(cls, values: Mapping[str, Any]) -> ExpertSettings:
         """The settings of an expert that overrides nothing: the shared options' values (a single-expert run)."""
         given = {f.name: values[f.name] for f in fields(cls)}
-        return cls(**{**given, "pretrained_model_name_or_path": given["pretrained_model_name_or_path"] or "",
-                      "loss_weighting": resolve_weighting(given["loss_weighting"], values["snr_gamma"])})
+        return cls(**{**given, "pretrained_model_name_or_path": given["pretrained_model_name_or_path"] or ""})
 
     def overrides(self) -> dict[str, Any]:
         """The shared options this expert overrides, by name, with its values."""
@@ -163,7 +161,6 @@ class MixturePlan:
         count = len(boundaries) + 1
         columns = {field: per_expert_values(option, values, count, src) for option, field in PER_EXPERT.items()}
         columns["pretrained_model_name_or_path"] = [m or "" for m in columns["pretrained_model_name_or_path"]]
-        columns["loss_weighting"] = [resolve_weighting(w, values["snr_gamma"]) for w in columns["loss_weighting"]]
         experts = tuple(ExpertSettings(**{field: column[k] for field, column in columns.items()}) for k in range(count))
         for option in ("expert_ema_decays",):
             if values[option] is not None and not values["use_ema"]:
