@@ -48,7 +48,7 @@ def test_generate_with_a_blend_is_the_documented_plain_diffusers_chain(trained_e
     members = tuple(MixtureMember(str(e.path), e.band) for e in experts)  # absolute paths: os.path.join keeps them
     MixtureDescription(members, {k: experts[0].description[k] for k in ("num_train_timesteps",)}).write(root)
     paths = mixture_expert_paths(root)
-    options = dict(num_inference_steps=30, seed=0, guidance_scale=5.0, device="cpu")
+    options = dict(num_inference_steps=16, seed=0, guidance_scale=5.0, device="cpu")
     hard = generate_images(paths, "a red circle on a blue background", **options)[0]
     blended = generate_images(paths, "a red circle on a blue background", handoff_blend=300, **options)[0]
     assert list(generate_images(paths, "a red circle on a blue background", handoff_blend=0, **options)[0].getdata()) \
@@ -57,7 +57,9 @@ def test_generate_with_a_blend_is_the_documented_plain_diffusers_chain(trained_e
     code = re.search(r"### A blended hand-off in plain diffusers.*?```python\n(.*?)```", DOCS.read_text(), re.S)
     assert code is not None
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.group(1).replace('"OUTPUT_DIR"', repr(str(root))), "docs/mixtures.md", "exec"), {})
+    source = code.group(1).replace('"OUTPUT_DIR"', repr(str(root)))
+    assert 'background", 30' in source
+    exec(compile(source.replace('background", 30', 'background", 16'), "docs/mixtures.md", "exec"), {})  # 16 steps
     assert list(Image.open(tmp_path / "mixture_blend.png").getdata()) == list(blended.getdata())
 
 
