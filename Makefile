@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 
 # Mutation testing of the pure core against its unit tests ([tool.mutmut] in pyproject.toml; docs/testing.md):
 # one module at a time on one core, then the score per module, the mutants not killed, and last the total score.
-MUTATION_MODULES := experts schedule mixture resolution expert_format train.loss train.weighting
+MUTATION_MODULES := experts schedule mixture resolution expert_format objective.loss objective.weighting config.plan
 mutation: $(STAMP)
 	rm -rf mutants
 	for module in $(MUTATION_MODULES); do \

@@ -16,6 +16,10 @@ costs the same:
                `--mixture_schedule proportional`: the same 0.65 / 0.35 shares of the S steps, interleaved)
   three_experts  a mixture of three (`--mixture_boundaries 700,350`: [700, 999], [350, 699], [0, 349]) in one
                job, steps in proportion to the bands (0.30 / 0.35 / 0.35 S)
+  shared_start branching as one job (`--mixture_boundaries 350 --mixture_shared_steps 0.5`): a shared trunk on
+               [0, 999] for S/2 steps, then the two experts branch from it with its optimizer state, EMA and data
+               position (0.65 / 0.35 of the other S/2). `branching` stays the separate-jobs recipe its recorded
+               results came from (each expert a fresh optimizer from the shared weights)
 
 Metrics per (arm, seed): the chain's held-out loss in 8 sub-bands of [0, 999] (5 in the high-noise band, 3 in the
 low; each timestep scored by the expert that owns it, fixed noise), the world CLIP's score of the chained samples,
@@ -49,8 +53,9 @@ from pathlib import Path
 
 BOUNDARY = 350
 HIGH_SHARE = (1000 - BOUNDARY) / 1000
-ARMS = ("one_model", "two_experts", "branching", "joint_two", "three_experts")
-MIXTURES = {"joint_two": "350", "three_experts": "700,350"}
+ARMS = ("one_model", "two_experts", "branching", "joint_two", "three_experts", "shared_start")
+MIXTURES = {"joint_two": "350", "three_experts": "700,350", "shared_start": "350"}
+SHARED_STEPS = {"shared_start": "0.5"}  # --mixture_shared_steps of the mixture arms that have a shared start
 Band = tuple[int, int] | str  # a timestep range, or a mixture plan (--mixture_boundaries)
 
 
@@ -85,9 +90,11 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 
 
 def train_flags(model: Path, output: Path, dataloader: Path, band: Band, steps: int, seed: int,
-                learning_rate: float) -> list[str]:
+                learning_rate: float, shared_steps: str | None = None) -> list[str]:
     which = ([f"--mixture_boundaries={band}", "--mixture_schedule=proportional"] if isinstance(band, str)
              else [f"--timestep_range={band[0]},{band[1]}"])
+    if shared_steps is not None:
+        which.append(f"--mixture_shared_steps={shared_steps}")
     return [
         f"--pretrained_model_name_or_path={model}", f"--output_dir={output}", f"--data_backend_config={dataloader}",
         *which, "--prediction_type=v_prediction", "--rescale_betas_zero_snr",
@@ -100,8 +107,8 @@ def train_flags(model: Path, output: Path, dataloader: Path, band: Band, steps: 
 
 def run_flags(task: dict, model: Path, output: Path, band: Band, steps: int) -> list[str]:
     """The flags of one training run of `task`: the study's, then a --variant's own."""
-    return train_flags(model, output, Path(task["dataloader"]), band, steps, task["seed"],
-                       task["learning_rate"]) + list(task.get("extra_flags", []))
+    return train_flags(model, output, Path(task["dataloader"]), band, steps, task["seed"], task["learning_rate"],
+                       SHARED_STEPS.get(task["arm"])) + list(task.get("extra_flags", []))
 
 
 def evaluation_set(seed: int = 4242, seen: int = 24, repeats: int = 2):
@@ -282,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (40 if args.quick else 800)
 
     from expertune.config import load_config
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.demo.run import demo_scenes, pretrained_world
-    from expertune.data.prepare import cache_only
+    from expertune.prepare import cache_only
     from expertune.world import PRETRAINED
     from expertune.world.dataset import write_world_dataset
 

@@ -136,7 +136,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six captioned 96-px images in a local dataset, and a dataloader JSON with its own cache dirs."""
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
 
     root = tmp_path_factory.mktemp("data")
     images = root / "images"
@@ -156,7 +156,7 @@ def trained_experts(tiny_model_dir: Path, small_dataset: Path, tiny_clip_dir: Pa
     from expertune.config import load_config
     from expertune.train.loop import train
 
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
 
     root = tmp_path_factory.mktemp("experts")
     # Its own caches, so the encoded/reused counts do not depend on which tests ran before.

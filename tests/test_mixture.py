@@ -12,7 +12,6 @@ from expertune.config import load_config
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand, partition_problems
 from expertune.mixture import (
-    expert_sources,
     owner_of,
     parse_boundaries,
     parse_boundary,
@@ -221,13 +220,21 @@ def test_a_bad_plan_is_refused_with_its_whole_message(text: str, message: str) -
     assert str(caught.value) == message
 
 
+def _sources(boundaries: str, models: str | None) -> list[str]:
+    """The model each expert starts from (config/plan.py's MixturePlan.model_sources), the run's own as "base"."""
+    flags = ["--pretrained_model_name_or_path=base", f"--mixture_boundaries={boundaries}"]
+    config, _ = load_config(flags + ([f"--expert_models={models}"] if models is not None else []))
+    assert config.mixture_plan is not None
+    return config.mixture_plan.model_sources("base", "base")
+
+
 def test_expert_sources_take_each_entry_or_the_default() -> None:
-    assert expert_sources("700,350", None, "base") == ["base", "base", "base"]
-    assert expert_sources("700,350", "a,,c", "base") == ["a", "base", "c"]
-    assert expert_sources("350", "one", "base") == ["one", "one"]
-    with pytest.raises(ValueError) as caught:
-        expert_sources("700,350", "a,b", "base")
-    assert str(caught.value).startswith("expert_models='a,b' has 2 values for 3 experts")
+    assert _sources("700,350", None) == ["base", "base", "base"]
+    assert _sources("700,350", "a,,c") == ["a", "base", "c"]
+    assert _sources("350", "one") == ["one", "one"]
+    with pytest.raises(ConfigError) as caught:
+        _sources("700,350", "a,b")
+    assert str(caught.value).startswith("expert_models='a,b' (from command line) has 2 values for 3 experts")
 
 
 def test_a_single_band_owns_every_step_and_an_unknown_rule_is_named() -> None:

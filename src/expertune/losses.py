@@ -17,7 +17,7 @@ The threshold c depends on the timestep through `--huber_schedule` (c₀ = `--hu
 - `snr`: c = (1 - c₀) / (1 + σ)² + c₀ with σ = √((1 - ᾱ_t) / ᾱ_t): 1 where σ = 0, → c₀ as σ → ∞ (zero terminal
   SNR included: σ = ∞ gives exactly c₀).
 
-Each sample's loss is the mean over its elements; the per-timestep weighting (train/weighting.py) multiplies it
+Each sample's loss is the mean over its elements; the per-timestep weighting (objective/weighting.py) multiplies it
 as it does the MSE.
 """
 

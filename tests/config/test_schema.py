@@ -105,6 +105,8 @@ EXPECTED = {
     "mixture_switch_every": ("mixture", int, False, 1), "mixture_offload_inactive": ("mixture", bool, False, False),
     "expert_models": ("mixture", str, True, None), "expert_learning_rates": ("mixture", str, True, None),
     "expert_loss_weightings": ("mixture", str, True, None), "expert_ema_decays": ("mixture", str, True, None),
+    "mixture_shared_steps": ("mixture", str, True, None), "mixture_overlap": ("mixture", str, True, None),  # issue 22
+    "mixture_handoff_blend": ("mixture", int, False, 0),
     "prediction_type": ("schedule", str, True, None), "rescale_betas_zero_snr": ("schedule", bool, False, False),
     "training_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
     "inference_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),

@@ -14,8 +14,8 @@ from expertune.losses import LossType, huber_threshold
 from expertune.schedule import NoiseSchedule
 from expertune.timestep_dist import TimestepDistribution
 from expertune.train.knobs import distribution_for, loss_type_for
-from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
-from expertune.train.weighting import WeightTable
+from expertune.objective.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.objective.weighting import WeightTable
 
 
 def test_huber_loss_with_min_snr_weights_matches_the_closed_form(tiny_model_dir: Path) -> None:
@@ -85,7 +85,7 @@ def test_expert_json_records_the_knobs(tmp_path: Path) -> None:
 
 
 def test_input_perturbation_strength_decays_like_simpletuners() -> None:
-    from expertune.train.loss import input_perturbation_strength
+    from expertune.objective.loss import input_perturbation_strength
 
     assert input_perturbation_strength(0.1, 0, 0) == input_perturbation_strength(0.1, 0, 10_000) == 0.1
     assert [input_perturbation_strength(0.1, 4, s) for s in range(6)] == pytest.approx([0.1, 0.075, 0.05, 0.025, 0, 0])

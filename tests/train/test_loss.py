@@ -8,7 +8,7 @@ import torch
 
 from expertune.experts import ExpertBand
 from expertune.schedule import NoiseSchedule
-from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.objective.loss import TrainingBatch, denoising_loss, draw_randomness
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 
 
@@ -126,7 +126,7 @@ def _by_hand(batch: TrainingBatch, schedule: NoiseSchedule, draws, weights: torc
 
 
 def test_a_weighted_loss_is_the_hand_computed_weighted_mse() -> None:
-    from expertune.train.weighting import WeightTable
+    from expertune.objective.weighting import WeightTable
 
     schedule = NoiseSchedule(prediction_type="v_prediction")
     batch = _batch()
@@ -191,7 +191,7 @@ def test_noise_is_drawn_in_float32_whatever_the_default_dtype() -> None:
 def test_the_loss_is_computed_on_the_latents_device(model_dtype: torch.dtype | None) -> None:
     """Draws are made on the CPU (one generator for every rank); noise, timesteps and weights follow the latents to
     their device. `meta` stands in for an accelerator: a tensor left on the CPU cannot meet one there."""
-    from expertune.train.weighting import WeightTable
+    from expertune.objective.weighting import WeightTable
 
     schedule = NoiseSchedule(prediction_type="v_prediction")
     batch = _batch().to("meta")

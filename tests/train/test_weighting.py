@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertune.schedule import NoiseSchedule, signal_to_noise_ratio
-from expertune.train.weighting import (
+from expertune.objective.weighting import (
     WeightTable,
     epsilon_weights,
     loss_weights,

@@ -63,7 +63,7 @@ def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
 
 def _world_dataloader(folder: Path) -> Path:
     """A dataloader JSON over one image of each held-out combination (a tiny fine-tuning set)."""
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.world.dataset import write_world_dataset
     from expertune.world.scene import HELD_OUT, scenes
 

@@ -15,12 +15,16 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from expertune.config.simpletuner_flags import ENV_NAMES
 from expertune.errors import ConfigError
+from expertune.io_utils import default_cache_dir  # noqa: F401  (re-exported: config.default_cache_dir)
 from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
+
+if TYPE_CHECKING:
+    from expertune.config.plan import MixturePlan
 
 _META_KEY = "expertune"
 
@@ -66,13 +70,6 @@ def required(value: str | None, name: str) -> str:
     if value is None:
         raise ConfigError(f"{name} is unset: set --{name}")
     return value
-
-
-def default_cache_dir() -> Path:
-    """Per-user cache root: ``$XDG_CACHE_HOME/expertune``, or ``~/.cache/expertune``."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "expertune"
 
 
 # What a resumed run may do with an option that differs from its checkpoint's: "refused" (it would change the
@@ -353,7 +350,7 @@ class BandConfig:
 
 
 def _check_export_format(text: str) -> None:
-    from expertune.export.formats import parse_formats  # issue 19 (export)
+    from expertune.expert_format import parse_formats  # issue 19 (export)
 
     parse_formats(text)
 
@@ -392,6 +389,16 @@ class MixtureConfig:
                                                    "one for all (unset: loss_weighting).")
     expert_ema_decays: str | None = opt(None, "EMA decay per expert with --use_ema, comma-separated in chain "
                                               "order, or one for all (unset: ema_decay).")
+    # ---- issue 22 (plan helper): a shared start before the split ------------------------------------------------
+    mixture_shared_steps: str | None = opt(
+        None, "Train one model on the union of the bands for this many job steps (400) or this fraction of the run "
+        "(0.25), then branch it into the experts (weights, optimizer state and EMA copied) for the rest.")
+    mixture_overlap: str | None = opt(
+        None, "Train each expert on its band widened across each boundary by this many timesteps (50), or by this "
+        "margin in natural log-SNR (snr:0.5); sampled uniformly over the widened band, weighted as any timestep.")
+    mixture_handoff_blend: int = opt(
+        0, "Blend the chain's hand-offs over a window of this many timesteps in validation, recorded in mixture.json "
+        "as the default of `expertune generate --mixture` (0: hard switches).", ge=0, on_resume="may_change")
 
 
 @dataclass(frozen=True)
@@ -705,6 +712,13 @@ class Config:
         for name, value in self.flat().items():
             out[FIELDS[name].section][name] = value
         return out
+
+    @property
+    def mixture_plan(self) -> MixturePlan | None:
+        """The mixture plan (config/plan.py), parsed from the mixture options; None for a single expert."""
+        from expertune.config.plan import MixturePlan  # issue 22 (plan helper)
+
+        return MixturePlan.from_values(self.flat())
 
     @property
     def timestep_bounds(self) -> tuple[int, int] | None:

@@ -29,8 +29,6 @@ from expertune.errors import ConfigError
 if TYPE_CHECKING:
     from peft import PeftConfig
 
-    from expertune.config.schema import ModelConfig
-
 log = logging.getLogger(__name__)
 
 LYCORIS_ALGOS = ("lora", "loha", "lokr")
@@ -140,8 +138,9 @@ def target_modules(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def adapter_spec(m: ModelConfig) -> AdapterSpec:
-    """The adapters a LoRA expert of model config `m` trains (lora_type, use_dora, lycoris_config)."""
+def adapter_spec(m: object) -> AdapterSpec:
+    """The adapters a LoRA expert of model config `m` (config.schema.ModelConfig: typed as `object` so that models/
+    does not import config/, which imports it) trains (lora_type, use_dora, lycoris_config)."""
     return adapter_spec_from_values({name: getattr(m, name) for name in _SPEC_FIELDS})
 
 

@@ -48,9 +48,10 @@ def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription
         descriptions.append(export_expert(run, expert, final))
         pause_point("export")  # tests: a kill between two experts' exports
     if run.is_mixture and run.is_main:
-        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), e.band,
-                                      run.config.model.model_type) for e in run.experts)
-        MixtureDescription(members, run.schedule.describe()).write(run.output_dir)
+        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), run.own_band(e),
+                                      run.config.model.model_type, run.widened_band(e)) for e in run.experts)
+        blend = run.plan.handoff_blend if run.plan is not None else 0
+        MixtureDescription(members, run.schedule.describe(), blend).write(run.output_dir)
     if run.is_main and "single_file" in parse_formats(run.config.train.export_format):
         write_single_files(run.output_dir, precision=run.config.train.export_precision, name=run.output_dir.name)
     return descriptions
@@ -73,11 +74,11 @@ def export_on_interrupt(run: Run) -> None:
 
 def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:
     """Save the expert (main process) and return its expert.json description."""
-    config, components, schedule = run.config, run.components_of(expert), run.schedule
+    config, components, schedule = run.config, expert.components, run.schedule
     description = ExpertDescription(
-        expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
+        run.own_band(expert), schedule.describe(), model_type=config.model.model_type, base_model=components.source,
         weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained",
-        training=knobs_summary(expert.config or config))  # issue 23
+        training_band=run.widened_band(expert), training=knobs_summary(run.config_of(expert)))  # issue 23
     if not run.is_main:
         return description
     scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))
@@ -128,10 +129,11 @@ def write_summary(run: Run, descriptions: list[ExpertDescription], validation_fi
         del summary["expert"], summary["final"], summary["loss_weight"]
         summary["mixture"] = {
             "schedule": run.config.mixture.mixture_schedule,
+            "shared_steps": run.shared.steps if run.shared is not None else 0,  # --mixture_shared_steps
             "experts": [{"expert": d.to_json(), "path": str(expert_dir_for(run, e).relative_to(run.output_dir)),
                          "steps": e.state.step, "final": e.last_record, "loss_weight": expert_weight_summary(e),
-                         "learning_rate": e.config.train.learning_rate if e.config else None,
-                         "model": run.components_of(e).source, "cache": run.data_of(e).cache_stats}
+                         "learning_rate": e.settings.learning_rate,
+                         "model": e.components.source, "cache": e.prepared.cache_stats}
                         for e, d in zip(run.experts, descriptions)],
         }
     atomic_write_json(run.output_dir / "run.json", summary)

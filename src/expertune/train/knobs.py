@@ -1,7 +1,7 @@
 """The typed training knobs of issue 23 read from a Config: the loss type and the timestep distribution.
 
 The pure maths lives on the ground floor (losses.py, timestep_dist.py); this module only reads the fields, so
-that a per-expert config (`setup.expert_config`) gives each expert its own.
+that the config an expert trains under (`Run.config_of`: its `ExpertSettings` applied) gives each expert its own.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from expertune.config import Config
 from expertune.errors import ConfigError
 from expertune.experts import ExpertBand
 from expertune.losses import LossType
-from expertune.train.loss import input_perturbation_strength
+from expertune.objective.loss import input_perturbation_strength
 from expertune.models.adapters import adapter_spec
 from expertune.timestep_dist import TimestepDistribution
 

@@ -414,12 +414,10 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
 
 def expert_model_sources(config: Config, main_source: str) -> list[tuple[int, str]]:
     """(first expert index, model) of each distinct `expert_models` entry other than the run's own model."""
-    from expertune.mixture import expert_sources
-
-    mix = config.mixture
-    if mix.mixture_boundaries is None or mix.expert_models is None:
+    plan = config.mixture_plan
+    if plan is None or config.mixture.expert_models is None:
         return []
     firsts: dict[str, int] = {}
-    for index, source in enumerate(expert_sources(mix.mixture_boundaries, mix.expert_models, main_source)):
+    for index, source in enumerate(plan.model_sources(config.model.pretrained_model_name_or_path, main_source)):
         firsts.setdefault(source, index)
     return [(index, source) for source, index in firsts.items() if source != main_source]

@@ -13,8 +13,8 @@ from expertune.experts import ExpertBand
 from expertune.data.masks import masked_mean
 from expertune.losses import LossType, elementwise_loss, huber_threshold
 from expertune.schedule import NoiseSchedule, add_noise, training_target
+from expertune.objective.weighting import WeightTable, weighted_mse
 from expertune.timestep_dist import TimestepDistribution
-from expertune.train.weighting import WeightTable, weighted_mse
 
 
 @dataclass
@@ -104,7 +104,7 @@ def denoising_loss(unet: Any, batch: TrainingBatch, schedule: NoiseSchedule, dra
                    model_dtype: torch.dtype | None = None, weights: WeightTable | None = None,
                    loss_type: LossType | None = None, use_masks: bool = False) -> LossOutput:
     """Mean-squared error (or `loss_type`'s huber / smooth_l1, losses.py) between the UNet's prediction and the
-    target at the drawn timesteps, each sample weighted by `weights` (train/weighting.py) when given and active.
+    target at the drawn timesteps, each sample weighted by `weights` (objective/weighting.py) when given and active.
 
     The one loss of the project: training minimises it, validation's held-out loss measures it (with the
     expert's own weighting, always as MSE: it passes no `loss_type`). The noisy input and target are computed
