@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast typecheck venv clean world study browser
+.PHONY: demo test test-fast typecheck venv clean world study browser mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/expertune demo --out outputs/demo
 
-# Rebuild the committed world model from nothing (about 26 min on 2 CPU cores), then check it.
+# Rebuild the committed world model from nothing (about half an hour on 2 CPU cores: docs/benchmarks.md), then check it.
 world: $(STAMP)
 	$(BIN)/expertune world build src/expertune/world/pretrained
 
@@ -50,5 +50,16 @@ typecheck: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# Mutation testing of the pure core against its unit tests ([tool.mutmut] in pyproject.toml; docs/testing.md):
+# one module at a time on one core, then the score per module, the mutants not killed, and last the total score.
+MUTATION_MODULES := experts schedule mixture resolution expert_format objective.loss objective.weighting config.plan
+mutation: $(STAMP)
+	rm -rf mutants
+	for module in $(MUTATION_MODULES); do \
+		OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 "expertune.$$module.*" > /dev/null 2>&1 \
+			|| { echo "mutmut failed on $$module: run '$(BIN)/mutmut run expertune.$$module.*' to see why"; exit 1; }; \
+	done
+	$(BIN)/python bench/mutation_score.py
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache mutants

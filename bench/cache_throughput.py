@@ -36,7 +36,7 @@ from expertune.cache.latents import LatentCache
 from expertune.config import load_config
 from expertune.data.records import discover_records
 from expertune.data.transforms import image_to_tensor, load_image
-from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image
+from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image
 from expertune.models.layouts import sdxl_vae_config
 from expertune.models.sdxl import load_components
 from expertune.models.tiny import (
@@ -47,7 +47,7 @@ from expertune.models.tiny import (
     tiny_unet_config,
     tiny_vae_config,
 )
-from expertune.data.prepare import load_datasets, prepare_data
+from expertune.prepare import load_datasets, prepare_data
 from expertune.validate.plan import prompt_texts as validation_prompts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

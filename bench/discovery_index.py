@@ -127,7 +127,7 @@ def time_discovery(loader: Path, cache: Path, vae) -> tuple[float, int, int]:
     from expertune.cache.latents import LatentCache
     from expertune.data.dataloader import load_dataloader_config
     from expertune.data.file_index import INDEX_NAME, FileIndex
-    from expertune.data.prepare import _plan_images, _Skips
+    from expertune.prepare import _plan_images, _Skips
 
     start = time.perf_counter()
     dataloader = load_dataloader_config(loader, default_resolution=64, default_cache_dir=cache)
@@ -142,7 +142,7 @@ def time_discovery(loader: Path, cache: Path, vae) -> tuple[float, int, int]:
 def time_start(loader: Path, cache: Path, components) -> tuple[float, dict]:
     """(seconds, cache counts) of `prepare_data` over `loader`: a run's whole start before its first step."""
     from expertune.config import load_config
-    from expertune.data.prepare import prepare_data
+    from expertune.prepare import prepare_data
     from expertune.world import PRETRAINED
 
     config, _ = load_config([f"--pretrained_model_name_or_path={PRETRAINED / 'base'}",

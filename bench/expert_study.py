@@ -16,6 +16,10 @@ costs the same:
                `--mixture_schedule proportional`: the same 0.65 / 0.35 shares of the S steps, interleaved)
   three_experts  a mixture of three (`--mixture_boundaries 700,350`: [700, 999], [350, 699], [0, 349]) in one
                job, steps in proportion to the bands (0.30 / 0.35 / 0.35 S)
+  shared_start branching as one job (`--mixture_boundaries 350 --mixture_shared_steps 0.5`): a shared trunk on
+               [0, 999] for S/2 steps, then the two experts branch from it with its optimizer state, EMA and data
+               position (0.65 / 0.35 of the other S/2). `branching` stays the separate-jobs recipe its recorded
+               results came from (each expert a fresh optimizer from the shared weights)
 
 Metrics per (arm, seed): the chain's held-out loss in 8 sub-bands of [0, 999] (5 in the high-noise band, 3 in the
 low; each timestep scored by the expert that owns it, fixed noise), the world CLIP's score of the chained samples,
@@ -23,6 +27,13 @@ and the colour judge's accuracy (centre = shape colour, border = background) on 
 
     .venv/bin/python bench/expert_study.py            # 3 seeds, S = 800: about 15 min on 2 cores
     .venv/bin/python bench/expert_study.py --quick    # 2 seeds, S = 40: a few minutes
+
+Knobs per arm (issue 23): `--variant NAME=ARM:FLAGS` adds an arm NAME that trains as ARM with FLAGS appended to every
+one of its runs, so a knob's effect on each band sits beside the plain arm in the same table, e.g.
+
+    .venv/bin/python bench/expert_study.py --arms two_experts --variant "two_huber=two_experts:--loss_type=huber"
+    .venv/bin/python bench/expert_study.py --arms joint_two \
+        --variant "joint_later=joint_two:--timestep_bias_strategy=later --timestep_bias_multiplier=2 --flip_images"
 
 Results: OUT/results.json, OUT/table.md, OUT/chart.png (default OUT: outputs/expert_study).
 Tasks run in `--jobs` processes of one thread each (two side by side on two cores).
@@ -42,8 +53,9 @@ from pathlib import Path
 
 BOUNDARY = 350
 HIGH_SHARE = (1000 - BOUNDARY) / 1000
-ARMS = ("one_model", "two_experts", "branching", "joint_two", "three_experts")
-MIXTURES = {"joint_two": "350", "three_experts": "700,350"}
+ARMS = ("one_model", "two_experts", "branching", "joint_two", "three_experts", "shared_start")
+MIXTURES = {"joint_two": "350", "three_experts": "700,350", "shared_start": "350"}
+SHARED_STEPS = {"shared_start": "0.5"}  # --mixture_shared_steps of the mixture arms that have a shared start
 Band = tuple[int, int] | str  # a timestep range, or a mixture plan (--mixture_boundaries)
 
 
@@ -65,10 +77,24 @@ def plan(arm: str, steps: int) -> list[tuple[str, Band, int, str]]:
     raise ValueError(arm)
 
 
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """`NAME=ARM:FLAGS` -> (name, arm, flags): an arm that trains as ARM with FLAGS added to each run."""
+    import shlex
+
+    name, _, rest = text.partition("=")
+    arm, _, flags = rest.partition(":")
+    name, arm = name.strip(), arm.strip()
+    if not name or arm not in ARMS or name in ARMS:
+        raise ValueError(f"--variant {text!r}: write NAME=ARM:FLAGS with a new NAME and ARM one of {', '.join(ARMS)}")
+    return name, arm, shlex.split(flags)
+
+
 def train_flags(model: Path, output: Path, dataloader: Path, band: Band, steps: int, seed: int,
-                learning_rate: float) -> list[str]:
+                learning_rate: float, shared_steps: str | None = None) -> list[str]:
     which = ([f"--mixture_boundaries={band}", "--mixture_schedule=proportional"] if isinstance(band, str)
              else [f"--timestep_range={band[0]},{band[1]}"])
+    if shared_steps is not None:
+        which.append(f"--mixture_shared_steps={shared_steps}")
     return [
         f"--pretrained_model_name_or_path={model}", f"--output_dir={output}", f"--data_backend_config={dataloader}",
         *which, "--prediction_type=v_prediction", "--rescale_betas_zero_snr",
@@ -77,6 +103,12 @@ def train_flags(model: Path, output: Path, dataloader: Path, band: Band, steps: 
         "--lr_scheduler=cosine", f"--lr_warmup_steps={max(1, steps // 20)}", "--caption_dropout_probability=0.1",
         f"--seed={seed}", "--validation_disable", "--report_to=none", "--overwrite_output_dir",
     ]
+
+
+def run_flags(task: dict, model: Path, output: Path, band: Band, steps: int) -> list[str]:
+    """The flags of one training run of `task`: the study's, then a --variant's own."""
+    return train_flags(model, output, Path(task["dataloader"]), band, steps, task["seed"], task["learning_rate"],
+                       SHARED_STEPS.get(task["arm"])) + list(task.get("extra_flags", []))
 
 
 def evaluation_set(seed: int = 4242, seen: int = 24, repeats: int = 2):
@@ -116,7 +148,8 @@ def run_task(task: dict) -> dict:
     started = time.perf_counter()
     root = Path(task["out"]) / task["arm"] / f"seed{task['seed']}"
     outputs: dict[str, Path] = {"base": Path(task["base"])}
-    for name, band, steps, start in plan(task["arm"], task["steps"]):
+    kind = task.get("trains_as", task["arm"])  # a --variant trains as its arm, with its extra flags
+    for name, band, steps, start in plan(kind, task["steps"]):
         start_model = outputs[start] if start == "base" else outputs[start] / "pipeline"
         outputs[name] = root / name
         if task.get("evaluate_only"):
@@ -124,16 +157,15 @@ def run_task(task: dict) -> dict:
                 raise SystemExit(f"--evaluate_only: {root / name} is not a finished run of {steps} steps at seed "
                                  f"{task['seed']}; run the study without --evaluate_only")
             continue
-        flags = train_flags(start_model, root / name, Path(task["dataloader"]), band, steps, task["seed"],
-                            task["learning_rate"])
+        flags = run_flags(task, start_model, root / name, band, steps)
         config, _ = load_config(flags)
         train(config)
-    if task["arm"] in MIXTURES:
+    if kind in MIXTURES:
         from expertune.infer.chain import mixture_expert_paths
 
         experts = mixture_expert_paths(outputs["mixture"])
     else:
-        experts = [outputs[name] for name, *_ in plan(task["arm"], task["steps"]) if name != "shared"]
+        experts = [outputs[name] for name, *_ in plan(kind, task["steps"]) if name != "shared"]
     from expertune.demo.run import GUIDANCE, GUIDANCE_RESCALE
 
     stages = expert_stages(experts, guidance=GUIDANCE, rescale=GUIDANCE_RESCALE)
@@ -162,9 +194,10 @@ def run_task(task: dict) -> dict:
 
 
 def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-    """arm -> metric -> (mean, sample standard deviation over seeds)."""
+    """arm -> metric -> (mean, sample standard deviation over seeds); the study's arms first, then variants."""
     summary: dict[str, dict[str, tuple[float, float]]] = {}
-    for arm in ARMS:
+    variants = sorted({r["arm"] for r in results} - set(ARMS))
+    for arm in (*ARMS, *variants):
         rows = [r for r in results if r["arm"] == arm]
         if not rows:
             continue
@@ -242,17 +275,23 @@ def main(argv: list[str] | None = None) -> int:
                         "as a rebuilt evaluation CLIP; the chains' samples are the same (fixed seeds)")
     parser.add_argument("--merge", default=None,
                         help="an earlier results.json (same S and seeds) whose arms not run now join the summary")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=ARM:FLAGS: also run an arm NAME trained as ARM with FLAGS added (a knob per arm)")
     args = parser.parse_args(argv)
-    arms = [a.strip() for a in args.arms.split(",")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+    try:
+        variants = {name: (arm, flags) for name, arm, flags in map(parse_variant, args.variant)}
+    except ValueError as error:
+        parser.error(str(error))
     seeds = args.seeds or (2 if args.quick else 3)
     steps = args.steps or (40 if args.quick else 800)
 
     from expertune.config import load_config
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.demo.run import demo_scenes, pretrained_world
-    from expertune.data.prepare import cache_only
+    from expertune.prepare import cache_only
     from expertune.world import PRETRAINED
     from expertune.world.dataset import write_world_dataset
 
@@ -263,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     dataloader = write_dataloader_config(out / "dataloader.json", images, out / "cache", 64)
     # One cache for every run: built once here, then only read.
     cache_only(load_config(train_flags(base, out / "cache_run", dataloader, (0, 999), 1, 0, 1e-4))[0], progress=False)
-    tasks = [{"arm": arm, "seed": seed, "steps": steps, "out": str(out), "base": str(base), "clip": str(clip),
-              "dataloader": str(dataloader), "learning_rate": args.learning_rate, "evaluate_only": args.evaluate_only}
-             for seed in range(seeds) for arm in arms]
+    common = {"steps": steps, "out": str(out), "base": str(base), "clip": str(clip), "dataloader": str(dataloader),
+              "learning_rate": args.learning_rate, "evaluate_only": args.evaluate_only}
+    tasks = [{**common, "arm": arm, "seed": seed} for seed in range(seeds) for arm in arms]
+    tasks += [{**common, "arm": name, "seed": seed, "trains_as": arm, "extra_flags": flags}
+              for seed in range(seeds) for name, (arm, flags) in variants.items()]
     environment_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.environ.update(environment_threads)
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
@@ -279,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(Path(args.merge).read_text())
         if (earlier["steps"], earlier["seeds"]) != (steps, seeds):
             parser.error(f"--merge {args.merge}: S = {earlier['steps']}, {earlier['seeds']} seeds, not {steps}, {seeds}")
-        results += [r for r in earlier["results"] if r["arm"] not in arms]
-    results.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+        results += [r for r in earlier["results"] if r["arm"] not in arms and r["arm"] not in variants]
+    results.sort(key=lambda r: (ARMS.index(r["arm"]) if r["arm"] in ARMS else len(ARMS), r["arm"], r["seed"]))
     summary = summarise(results)
     table = markdown_table(summary, seeds, steps)
     (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "results": results,

@@ -76,7 +76,7 @@ def bare_seconds(model: Path, data: Path, work: Path, steps: int, batch: int) ->
     from safetensors.torch import save_file
 
     from expertune.config import config_from_mapping
-    from expertune.data.prepare import prepare_data
+    from expertune.prepare import prepare_data
     from expertune.models.sdxl import load_components
     from expertune.schedule import NoiseSchedule, add_noise, training_target
 

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from expertune.config import load_config
-    from expertune.data.prepare import cache_only
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.prepare import cache_only
+    from expertune.data.captioned import write_dataloader_config
     from expertune.demo.run import demo_scenes, pretrained_world
     from expertune.world import PRETRAINED
     from expertune.world.dataset import write_world_dataset

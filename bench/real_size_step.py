@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from expertune.config import load_config
-from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
 from expertune.infer.chain import generate
 from expertune.models.layouts import sdxl_layout, sdxl_refiner_layout, ssd1b_layout
 from expertune.models.tiny import build_random_pipeline, tiny_layout, tiny_refiner_layout

@@ -46,7 +46,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def prepare(work: Path, layout: str, images: int) -> tuple[Path, Path]:
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
     from expertune.models.tiny import build_random_pipeline, small_layout, tiny_layout
 
     resolution = MODELS[layout]
@@ -100,7 +100,7 @@ def bare_loop(model: Path, data: Path, layout: str, steps: int, batch: int) -> d
     from expertune.config import config_from_mapping
     from expertune.models.sdxl import load_components
     from expertune.schedule import NoiseSchedule, add_noise, training_target
-    from expertune.data.prepare import prepare_data
+    from expertune.prepare import prepare_data
 
     config = config_from_mapping({"data_backend_config": str(data), "resolution": MODELS[layout]})
     components = load_components(str(model))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,6 +63,69 @@ def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _torch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(_torch_extensions_dir))
 
+
+_OURS = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src" / "expertune"))
+
+
+def _refuse(item: pytest.Item, what: str) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail(f"{item.nodeid} {what} but is not marked integration: mark it @pytest.mark.integration (the "
+                    "marker means 'trains or launches'), or test the unit without training or launching", pytrace=False)
+    return refuse
+
+
+def _refuse_our_launches(item: pytest.Item, start: Callable[..., None]) -> Callable[..., None]:
+    """`Popen._execute_child` that fails the test when the process is started by expertune or by the test itself;
+    one a library starts for its own needs (ctypes asking ldconfig where a library is) starts as usual."""
+    refuse = _refuse(item, "starts a process")
+
+    def execute_child(*args: object, **kwargs: object) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename == subprocess.__file__:
+            frame = frame.f_back  # type: ignore[assignment]
+        caller = str(Path(frame.f_code.co_filename).resolve()) if frame is not None else ""
+        if caller.startswith(_OURS):
+            refuse()
+        start(*args, **kwargs)
+    return execute_child
+
+
+@contextmanager
+def _guarded(item: pytest.Item, launches: bool) -> Iterator[None]:
+    from expertune.train import loop
+
+    saved = loop.train_step, subprocess.Popen._execute_child  # type: ignore[attr-defined]
+    loop.train_step = _refuse(item, "trains an expert")  # type: ignore[assignment]
+    if launches:
+        subprocess.Popen._execute_child = _refuse_our_launches(item, saved[1])  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        loop.train_step, subprocess.Popen._execute_child = saved  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """The `integration` marker means "trains or launches", and this hook and the next hold it. A test without it
+    fails when it, or a fixture it sets up, takes a training step (`expertune.train.loop.train_step`, which every
+    training run takes); or when its body starts a process from expertune's code or the test's own
+    (`subprocess.Popen`, which every launch takes). Fixtures may start services (the S3 tests' moto server)."""
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    with _guarded(item, launches=False):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    with _guarded(item, launches=True):
+        yield
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test not marked `integration` is a `unit` test (`make test-fast` runs only those)."""
     for item in items:
@@ -69,7 +136,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six captioned 96-px images in a local dataset, and a dataloader JSON with its own cache dirs."""
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
 
     root = tmp_path_factory.mktemp("data")
     images = root / "images"
@@ -89,7 +156,7 @@ def trained_experts(tiny_model_dir: Path, small_dataset: Path, tiny_clip_dir: Pa
     from expertune.config import load_config
     from expertune.train.loop import train
 
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
 
     root = tmp_path_factory.mktemp("experts")
     # Its own caches, so the encoded/reused counts do not depend on which tests ran before.

@@ -31,7 +31,7 @@ def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path: Path) -> N
     [
         (["train", "--learning_rat=1e-4"], "did you mean 'learning_rate'"),
         (["train", "--use_dora"], "DoRA"),
-        (["train", "--lora_type=lycoris"], "LoRA"),
+        (["train", "--lora_type=lycoris"], "lora_type=lycoris"),
         (["train", "--prediction_type=flow"], "prediction_type"),
         (["train"], "pretrained_model_name_or_path"),
     ],

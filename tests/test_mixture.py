@@ -13,6 +13,7 @@ from expertune.errors import ConfigError
 from expertune.experts import ExpertBand, partition_problems
 from expertune.mixture import (
     owner_of,
+    parse_boundaries,
     parse_boundary,
     per_expert,
     plan_bands,
@@ -134,3 +135,112 @@ def test_timestep_rule_picks_the_owner_of_a_drawn_timestep_reproducibly() -> Non
     assert all(abs(s / 2000 - b.size / 1000) < 0.04 for s, b in zip(shares, BANDS))
     with pytest.raises(ValueError, match="not one of: alternate, proportional, timestep"):
         step_owners("random", BANDS, 3)
+
+
+# ---- pinned exactly (docs/testing.md: mutation testing) ----------------------------------------------
+
+def test_proportional_owners_of_small_plans_are_pinned_exactly() -> None:
+    """Worked by hand: at step s (1-based) expert k is behind by share_k * s - done_k; the furthest behind trains,
+    ties to the earlier expert. No slack: an off-by-one in s or in the tie-break changes these lists."""
+    assert step_owners("proportional", BANDS, 10) == [1, 2, 0, 1, 2, 0, 1, 2, 0, 1]
+    two = [ExpertBand(8, 9, 10), ExpertBand(0, 7, 10)]  # shares 0.2 and 0.8
+    assert step_owners("proportional", two, 10) == [1, 1, 0, 1, 1, 1, 1, 0, 1, 1]
+    halves = [ExpertBand(5, 9, 10), ExpertBand(0, 4, 10)]  # a tie at every other step goes to the earlier expert
+    assert step_owners("proportional", halves, 6) == [0, 1, 0, 1, 0, 1]
+
+
+def test_the_timestep_rule_draws_with_seed_0_unless_told() -> None:
+    drawn = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert step_owners("timestep", BANDS, 8) == [owner_of(t, BANDS) for t in drawn] == [2, 2, 0, 0, 0, 1, 1, 1]
+
+
+def test_owner_of_a_timestep_outside_every_band_is_refused_naming_the_bands() -> None:
+    with pytest.raises(ValueError) as caught:
+        owner_of(5, [ExpertBand(6, 9, 10), ExpertBand(0, 4, 10)])
+    assert str(caught.value) == "timestep 5 is in none of the bands [6, 9], [0, 4]"
+    assert [owner_of(t, BANDS) for t in (0, 349, 350, 699, 700, 999)] == [2, 2, 1, 1, 0, 0]
+
+
+EXACT = torch.tensor([0.8, 0.5, 0.2], dtype=torch.float64)  # SNR exactly 4, 1 and 0.25
+
+
+def test_a_threshold_is_strictly_below_and_a_missing_one_names_the_lowest_value() -> None:
+    assert parse_boundary("snr:1").timestep(EXACT) == 2  # SNR 1 at t = 1 is not below 1
+    assert parse_boundary("logsnr:0").timestep(EXACT) == 2
+    assert parse_boundary("snr:1.5").timestep(EXACT) == 1
+    assert parse_boundary("2").timestep(EXACT) == 2
+    with pytest.raises(ValueError) as caught:
+        parse_boundary("snr:0.1").timestep(EXACT)
+    assert str(caught.value) == "boundary 'snr:0.1': no timestep of the schedule has snr below 0.1 (the lowest is " \
+                                "0.25 at t = 2)"
+    with pytest.raises(ValueError) as caught:
+        parse_boundary("logsnr:-5").timestep(EXACT)
+    assert str(caught.value) == "boundary 'logsnr:-5': no timestep of the schedule has logsnr below -5 (the lowest " \
+                                "is -1.386 at t = 2)"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0", "mixture boundary '0': a timestep boundary is a whole number >= 1"),
+    ("1.5", "mixture boundary '1.5': a timestep boundary is a whole number >= 1"),
+    ("snr:0", "mixture boundary 'snr:0': an SNR threshold is a positive number"),
+    ("logsnr:inf", "mixture boundary 'logsnr:inf': the threshold must be finite"),
+    ("x:1", "mixture boundary 'x:1': 'x' is not a kind of boundary; write a timestep (350), snr:X or logsnr:X"),
+    ("snr:a", "mixture boundary 'snr:a': 'a' is not a number"),
+    ("5,,3", "mixture_boundaries='5,,3': expected a comma-separated list such as '700,350' or 'snr:0.5,snr:5', "
+             "with no empty entries"),
+])
+def test_a_bad_boundary_is_refused_with_its_whole_message(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_boundaries(text)
+    assert str(caught.value) == message
+    assert parse_boundaries("1") == [parse_boundary("1")] and parse_boundary(" SNR:0.5 ").kind == "snr"
+
+
+LINEAR = torch.linspace(0.99, 0.01, 10, dtype=torch.float64)  # SNR 99 ... 0.0101 over N = 10
+
+
+def test_plans_reach_both_ends_of_a_short_schedule_and_keep_its_length() -> None:
+    assert plan_bands("9", LINEAR) == [ExpertBand(9, 9, 10), ExpertBand(0, 8, 10)]
+    assert plan_bands("1", LINEAR) == [ExpertBand(1, 9, 10), ExpertBand(0, 0, 10)]
+    assert plan_bands("snr:0.5,snr:5", LINEAR) == [ExpertBand(7, 9, 10), ExpertBand(2, 6, 10), ExpertBand(0, 1, 10)]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("10", "mixture_boundaries 10: 10 falls at t = 10, outside [1, 9] (each expert needs at least one timestep of "
+           "the 10)"),
+    ("snr:50,5", "mixture_boundaries snr:50 (t = 1), 5: 5 (t = 5) is not below snr:50 (t = 1): bands out of order; "
+                 "list the boundaries highest timestep first, each strictly below the one before (SNR thresholds "
+                 "therefore rise: snr:0.5,snr:5)"),
+    ("5,5", "mixture_boundaries 5, 5: 5 (t = 5) is not below 5 (t = 5): an empty band; list the boundaries highest "
+            "timestep first, each strictly below the one before (SNR thresholds therefore rise: snr:0.5,snr:5)"),
+])
+def test_a_bad_plan_is_refused_with_its_whole_message(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        plan_bands(text, LINEAR)
+    assert str(caught.value) == message
+
+
+def _sources(boundaries: str, models: str | None) -> list[str]:
+    """The model each expert starts from (config/plan.py's MixturePlan.model_sources), the run's own as "base"."""
+    flags = ["--pretrained_model_name_or_path=base", f"--mixture_boundaries={boundaries}"]
+    config, _ = load_config(flags + ([f"--expert_models={models}"] if models is not None else []))
+    assert config.mixture_plan is not None
+    return config.mixture_plan.model_sources("base", "base")
+
+
+def test_expert_sources_take_each_entry_or_the_default() -> None:
+    assert _sources("700,350", None) == ["base", "base", "base"]
+    assert _sources("700,350", "a,,c") == ["a", "base", "c"]
+    assert _sources("350", "one") == ["one", "one"]
+    with pytest.raises(ConfigError) as caught:
+        _sources("700,350", "a,b")
+    assert str(caught.value).startswith("expert_models='a,b' (from command line) has 2 values for 3 experts")
+
+
+def test_a_single_band_owns_every_step_and_an_unknown_rule_is_named() -> None:
+    one = [ExpertBand(0, 9, 10)]
+    for rule in ("alternate", "proportional", "timestep"):
+        assert step_owners(rule, one, 3) == [0, 0, 0]
+    with pytest.raises(ValueError) as caught:
+        step_owners("random", BANDS, 3)
+    assert str(caught.value) == "mixture_schedule 'random' is not one of: alternate, proportional, timestep"

@@ -111,7 +111,7 @@ def _publish(config: Config) -> int:
 def _cmd_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from expertune.data.buckets import format_size
     from expertune.io_utils import atomic_write_json
-    from expertune.data.prepare import cache_only
+    from expertune.prepare import cache_only
     from expertune.train.accelerator_errors import accelerator_errors
     from expertune.validate.plan import prompt_texts
 
@@ -139,7 +139,7 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
     from expertune.errors import ConfigError
-    from expertune.export.run import expert_folders
+    from expertune.export_run import expert_folders
     from expertune.infer.chain import mixture_expert_paths, resolve_device, resolve_dtype, save_images
     from expertune.infer.generate import load_chain, run_chain
     from expertune.infer.sources import base_expert, read_prompts
@@ -158,6 +158,11 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
             experts = mixture_expert_paths(args.mixture)
         else:
             experts = [folder for source in args.expert for folder in expert_folders(source, Path(scratch))]
+        blend = args.handoff_blend
+        if blend is None:  # a mixture's own window (mixture.json, --mixture_handoff_blend), else a hard hand-off
+            from expertune.expert_format import MixtureDescription
+
+            blend = MixtureDescription.read(args.mixture).handoff_blend if args.mixture else 0
         loaded = load_chain(experts, guidance_scale=args.guidance or [7.5],
                             guidance_rescale=args.guidance_rescale or [0.0], scheduler=args.scheduler, device=device,
                             dtype=resolve_dtype(args.dtype, device), aesthetic_score=args.aesthetic_score,
@@ -165,7 +170,7 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         for name, prompt in prompts.items():
             images = run_chain(loaded, prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                                num_images=args.num_images, seed=args.seed, height=args.height, width=args.width,
-                               progress=True)
+                               progress=True, handoff_blend=blend)
             out = Path(args.out) if not name else Path(args.out).with_suffix("") / f"{name}.png"
             for path in save_images(images, out):
                 print(f"wrote {path}")
@@ -176,7 +181,7 @@ def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
     from expertune.export.formats import parse_formats
-    from expertune.export.run import export_run
+    from expertune.export_run import export_run
 
     paths = export_run(Path(args.source), Path(args.out) if args.out else None, parse_formats(args.export_format),
                        args.precision, revision=args.revision, variant=args.variant)
@@ -397,6 +402,10 @@ def _add_generate(verbs: Any) -> None:
     generate.add_argument("--scheduler", default="saved", choices=("saved", *SCHEDULER_CLASSES),
                           help="sampler; built from each expert's saved scheduler config (default: that "
                           "scheduler itself)")
+    generate.add_argument("--handoff_blend", type=int, default=None, metavar="W",
+                          help="blend the hand-offs: within W/2 timesteps of each boundary, mix both experts' "
+                          "predictions linearly (docs/mixtures.md); 0: a hard switch (default: a --mixture's "
+                          "handoff_blend in mixture.json, else 0)")
     generate.add_argument("--num_images", type=int, default=1,
                           help="images to make; image i uses seed S+i; several also write a grid")
     generate.add_argument("--seed", type=int, default=0)

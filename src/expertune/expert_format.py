@@ -9,6 +9,8 @@
       "model_type": "full" | "lora",         what the directory holds
       "base_model": "...",                   the model it was trained from (a LoRA expert loads onto it)
       "weights": "trained" | "ema"           which weights were exported
+      "training": {...}                      how it was trained, when not the defaults: loss type, timestep
+                                             distribution, flips, adapter kind (issue 23; informative)
     }
 
 `ExpertDescription.read` refuses a file of another `format_version`, naming both versions and the fix; an
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expertune.errors import ModelError
+from expertune.errors import ConfigError, ModelError
 from expertune.experts import ExpertBand
 from expertune.io_utils import atomic_write_json
 
@@ -31,8 +33,21 @@ EXPERT_FILE = "expert.json"
 FORMAT_VERSION = 1
 MODEL_TYPES = ("full", "lora")
 WEIGHTS = ("trained", "ema")
+# The formats an export writes (export/formats.py); the words of the export_format option.
+FORMATS = ("diffusers", "single_file")
 _BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_end")
-_OWN_KEYS = ("model_type", "base_model", "weights")
+_OWN_KEYS = ("model_type", "base_model", "weights", "training", "training_timestep_range")
+TRAINING_RANGE = "training_timestep_range"  # the band widened by --mixture_overlap, when the expert trained on more
+
+
+def parse_formats(text: str | None) -> tuple[str, ...]:
+    """`"diffusers,single_file"` → the formats, in FORMATS order; ConfigError naming an unknown one."""
+    names = [part.strip() for part in (text or "diffusers").split(",") if part.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise ConfigError(f"export_format {text!r}: {', '.join(unknown) or 'nothing'} is not a format; use a "
+                          f"comma-separated list of {', '.join(FORMATS)}")
+    return tuple(name for name in FORMATS if name in names)
 
 
 def check_format_version(version: Any, reads: int, what: str) -> None:
@@ -52,6 +67,8 @@ class ExpertDescription:
     model_type: str = "full"
     base_model: str | None = None
     weights: str = "trained"
+    training: dict[str, Any] = field(default_factory=dict)  # issue 23: the training knobs, recorded
+    training_band: ExpertBand | None = None  # the band it trained on, when wider than `band` (--mixture_overlap)
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -65,6 +82,10 @@ class ExpertDescription:
         }
         if self.base_model is not None:
             document["base_model"] = self.base_model
+        if self.training:
+            document["training"] = self.training
+        if self.training_band is not None:
+            document[TRAINING_RANGE] = self.training_band.to_json()
         return document
 
     def write(self, directory: str | os.PathLike) -> Path:
@@ -86,8 +107,10 @@ class ExpertDescription:
             raise ModelError(f"{source}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
         parameterisation = {k: v for k, v in document.items() if k not in _BAND_KEYS + _OWN_KEYS}
         base = document.get("base_model")
+        training = document.get("training")
         return cls(band, parameterisation, model_type, None if base is None else str(base),
-                   str(document.get("weights", "trained")))
+                   str(document.get("weights", "trained")), dict(training) if isinstance(training, dict) else {},
+                   _training_band(document, band, source))
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExpertDescription:
@@ -102,6 +125,20 @@ class ExpertDescription:
         if not isinstance(document, dict):
             raise ModelError(f"{path} is not a valid expert description: not a JSON object")
         return cls.from_json(document, str(path))
+
+
+def _training_band(document: dict[str, Any], band: ExpertBand, source: str) -> ExpertBand | None:
+    """The `training_timestep_range` of an expert or mixture entry (None when absent), checked to hold the band."""
+    if TRAINING_RANGE not in document:
+        return None
+    try:
+        lo, hi = document[TRAINING_RANGE]
+        wide = ExpertBand(int(lo), int(hi), band.num_train_timesteps)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{source}: {TRAINING_RANGE} is not a valid range: {error}") from None
+    if wide.lo > band.lo or wide.hi < band.hi:
+        raise ModelError(f"{source}: {TRAINING_RANGE} {wide} does not hold the expert's band {band}")
+    return wide
 
 
 def expert_summary(band: ExpertBand, parameterisation: dict[str, Any]) -> dict[str, Any]:
@@ -138,10 +175,15 @@ class MixtureMember:
     path: str
     band: ExpertBand
     model_type: str = "full"
+    training_band: ExpertBand | None = None  # the band it trained on, when wider than `band` (--mixture_overlap)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "timestep_range": self.band.to_json(), "denoising_start": self.band.denoising_start,
-                "denoising_end": self.band.denoising_end, "model_type": self.model_type}
+        document: dict[str, Any] = {
+            "path": self.path, "timestep_range": self.band.to_json(), "denoising_start": self.band.denoising_start,
+            "denoising_end": self.band.denoising_end, "model_type": self.model_type}
+        if self.training_band is not None:
+            document[TRAINING_RANGE] = self.training_band.to_json()
+        return document
 
 
 @dataclass(frozen=True)
@@ -150,10 +192,14 @@ class MixtureDescription:
 
     experts: tuple[MixtureMember, ...]
     parameterisation: dict[str, Any] = field(default_factory=dict)
+    handoff_blend: int = 0  # the blended hand-off window `expertune generate --mixture` uses by default (0: none)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": MIXTURE_FORMAT_VERSION, "experts": [m.to_json() for m in self.experts],
-                **self.parameterisation}
+        document = {"format_version": MIXTURE_FORMAT_VERSION, "experts": [m.to_json() for m in self.experts],
+                    **self.parameterisation}
+        if self.handoff_blend:
+            document["handoff_blend"] = self.handoff_blend
+        return document
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MIXTURE_FILE
@@ -181,9 +227,10 @@ class MixtureDescription:
         check_format_version(version, MIXTURE_FORMAT_VERSION, f"{path} is a mixture")
         try:
             n = int(document["num_train_timesteps"])
-            members = tuple(MixtureMember(str(e["path"]), ExpertBand(int(e["timestep_range"][0]),
-                                                                    int(e["timestep_range"][1]), n),
-                                          str(e.get("model_type", "full"))) for e in document["experts"])
+            bands = [ExpertBand(int(e["timestep_range"][0]), int(e["timestep_range"][1]), n) for e in document["experts"]]
+            members = tuple(MixtureMember(str(e["path"]), band, str(e.get("model_type", "full")),
+                                          _training_band(e, band, str(path)))
+                            for e, band in zip(document["experts"], bands))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ModelError(f"{path} is not a valid mixture description: {error}") from None
         if not members:
@@ -198,5 +245,8 @@ class MixtureDescription:
             if own.band != member.band:
                 raise ModelError(f"{path}: expert {member.path} owns {own.band} by its expert.json, but the mixture "
                                  f"lists {member.band}")
-        parameterisation = {k: v for k, v in document.items() if k not in ("format_version", "experts")}
-        return cls(members, parameterisation)
+        parameterisation = {k: v for k, v in document.items() if k not in ("format_version", "experts", "handoff_blend")}
+        blend = document.get("handoff_blend", 0)
+        if not isinstance(blend, int) or isinstance(blend, bool) or blend < 0:
+            raise ModelError(f"{path}: handoff_blend {blend!r} is not a window of timesteps >= 0")
+        return cls(members, parameterisation, blend)

@@ -173,3 +173,10 @@ def fsync_path(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache root (the cache_dir option's default; here so models/ need not import config/): ``$XDG_CACHE_HOME/expertune``, or ``~/.cache/expertune``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "expertune"

@@ -177,8 +177,24 @@ def steps_per_expert(owners: Sequence[int], count: int) -> list[int]:
     return [sum(1 for owner in owners if owner == k) for k in range(count)]
 
 
-def expert_sources(boundaries: str, expert_models: str | None, default: str) -> list[str]:
-    """The model each expert of the plan `boundaries` starts from, in chain order: its `expert_models` entry, or
-    `default` for an unset or empty one."""
-    count = len(parse_boundaries(boundaries)) + 1
-    return [source or default for source in per_expert(expert_models, count, "expert_models", str, "")]
+def widened_bands(bands: Sequence[ExpertBand], kind: str, margin: float, alphas_cumprod: torch.Tensor) -> list[ExpertBand]:
+    """Each band widened across its boundaries by `margin` (`kind` "t": timesteps; "logsnr": natural log-SNR on the
+    schedule `alphas_cumprod`), inside [0, N - 1]: what each expert trains on with an overlap. ValueError when a
+    widened band would reach past its neighbour's whole band."""
+    logsnr = snr_of(alphas_cumprod).log()
+    lows, highs = [band.lo for band in bands], [band.hi for band in bands]
+    for k in range(len(bands) - 1):  # the boundary between band k (above) and band k + 1 (below)
+        upper, lower = bands[k], bands[k + 1]
+        if kind == "t":
+            down, up = upper.lo - int(margin), lower.hi + int(margin)
+        else:
+            reach_down = torch.nonzero(logsnr[: upper.lo] - logsnr[upper.lo] <= margin).flatten()
+            reach_up = torch.nonzero(logsnr[lower.hi] - logsnr[lower.hi + 1:] <= margin).flatten()
+            down = int(reach_down[0]) if reach_down.numel() else upper.lo
+            up = lower.hi + 1 + int(reach_up[-1]) if reach_up.numel() else lower.hi
+        if down <= lower.lo or up >= upper.hi:
+            raise ValueError(f"an overlap of {margin:g} {'timesteps' if kind == 't' else 'in log-SNR'} at the boundary "
+                             f"t = {upper.lo} widens {upper} down to t = {down} and {lower} up to t = {up}: wider than a "
+                             f"neighbouring band ({lower.size} and {upper.size} timesteps)")
+        lows[k], highs[k + 1] = down, up
+    return [ExpertBand(lo, hi, band.num_train_timesteps) for lo, hi, band in zip(lows, highs, bands)]

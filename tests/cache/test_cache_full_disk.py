@@ -13,7 +13,7 @@ def test_expertune_cache_on_a_full_disk_stops_cleanly_and_resumes(
         tiny_model_dir: Path, small_disk, capsys: pytest.CaptureFixture) -> None:
     from helpers import FAST_FLAGS
     from expertune.cli import main
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
 
     images = small_disk.path.parent / "images"
     for index, (shape, colour, background) in enumerate(SHAPES[:6]):

@@ -121,8 +121,8 @@ def test_refiner_time_ids_are_diffusers_add_time_ids(refiner_pipe) -> None:
 def test_one_run_data_serves_a_refiner_expert_with_its_own_embeddings(models, tiny_model_dir: Path,
                                                                       small_dataset: Path, tmp_path: Path) -> None:
     from expertune.config import load_config
-    from expertune.data.prepare import prepare_data, prepared_for_model
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.prepare import prepare_data, prepared_for_model
+    from expertune.data.captioned import write_dataloader_config
     from expertune.models.tiny import build_tiny_refiner
 
     base, refiner = models

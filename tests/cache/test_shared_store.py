@@ -28,7 +28,7 @@ from expertune.config import load_config
 from expertune.data.records import discover_records
 from expertune.data.transforms import image_to_tensor, load_image
 from expertune.models.sdxl import load_components
-from expertune.data.prepare import load_datasets
+from expertune.prepare import load_datasets
 from expertune.validate.plan import prompt_texts as validation_prompts
 
 JOB_FLAGS = [*FAST_FLAGS, "--max_train_steps=1", "--validation_disable", "--report_to=none", "--vae_batch_size=2",

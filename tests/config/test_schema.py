@@ -105,6 +105,8 @@ EXPECTED = {
     "mixture_switch_every": ("mixture", int, False, 1), "mixture_offload_inactive": ("mixture", bool, False, False),
     "expert_models": ("mixture", str, True, None), "expert_learning_rates": ("mixture", str, True, None),
     "expert_loss_weightings": ("mixture", str, True, None), "expert_ema_decays": ("mixture", str, True, None),
+    "mixture_shared_steps": ("mixture", str, True, None), "mixture_overlap": ("mixture", str, True, None),  # issue 22
+    "mixture_handoff_blend": ("mixture", int, False, 0),
     "prediction_type": ("schedule", str, True, None), "rescale_betas_zero_snr": ("schedule", bool, False, False),
     "training_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
     "inference_scheduler_timestep_spacing": ("schedule", str, False, "trailing"),
@@ -162,6 +164,16 @@ EXPECTED = {
     "tracker_run_name": ("logging", str, True, None), "logging_dir": ("logging", str, True, None),
     "push_to_hub": ("hub", bool, False, False), "hub_model_id": ("hub", str, True, None),
     "push_checkpoints_to_hub": ("hub", bool, False, False),
+    # issue 23 (knobs)
+    "timestep_distribution": ("band", str, False, "uniform"), "logit_mean": ("band", float, False, 0.0),
+    "logit_std": ("band", float, False, 1.0), "timestep_bias_strategy": ("band", str, False, "none"),
+    "timestep_bias_multiplier": ("band", float, False, 1.0), "timestep_bias_begin": ("band", int, False, 0),
+    "timestep_bias_end": ("band", int, False, 1000), "timestep_bias_portion": ("band", float, False, 0.25),
+    "loss_type": ("train", str, False, "l2"), "huber_schedule": ("train", str, False, "snr"),
+    "huber_c": ("train", float, False, 0.1), "flip_images": ("data", bool, False, False),
+    "lycoris_config": ("model", str, True, None), "optimizer_release_gradients": ("train", bool, False, False),
+    "input_perturbation": ("train", float, False, 0.0), "input_perturbation_steps": ("train", int, False, 0),
+    "masked_loss_probability": ("train", float, False, 1.0),
 }
 
 

@@ -83,8 +83,8 @@ def test_ignored_options_say_why_and_stay_silent_when_off(tmp_path: Path, caplog
 
 
 @pytest.mark.parametrize("key,value,words", [
-    ("--loss_type", "huber", "mean squared error"),
-    ("--timestep_bias_strategy", "later", "band"),
+    ("--use_soft_min_snr", "true", "snr_gamma"),
+    ("--lora_init_type", "loftq", "peft"),
     ("--train_text_encoder", "true", "UNet only"),
     ("--crepa_enabled", "true", "CREPA"),
     ("--trust_remote_code", True, "never runs"),
@@ -95,6 +95,15 @@ def test_refused_options_name_the_file_key_and_value(tmp_path: Path, key: str, v
         load_config(["--config", str(path)])
     message = str(info.value)
     assert str(path) in message and repr(key) in message and words in message
+
+
+def test_simpletuner_knobs_of_issue_23_are_options(tmp_path: Path) -> None:
+    path = _json(tmp_path, {"--loss_type": "huber", "--huber_schedule": "exponential", "--huber_c": "0.2",
+                            "timestep_bias_strategy": "later", "timestep_bias_multiplier": "2.0"})
+    config, _ = load_config(["--config", str(path)])
+    assert (config.train.loss_type, config.train.huber_schedule, config.train.huber_c) == ("huber", "exponential", 0.2)
+    assert (config.band.timestep_bias_strategy, config.band.timestep_bias_multiplier) == ("later", 2.0)
+    assert config.to_dict()["train"]["loss_type"] == "huber"  # what run.json records
 
 
 def test_refused_options_pass_when_they_ask_for_nothing(tmp_path: Path) -> None:

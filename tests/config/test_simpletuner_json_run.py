@@ -16,7 +16,7 @@ from expertune.cli import main
 def test_a_simpletuner_config_json_trains_to_an_exported_expert(tiny_model_dir: Path, small_dataset: Path,
                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
 
     (tmp_path / "config").mkdir()
     dataloader = write_dataloader_config(tmp_path / "config" / "multidatabackend.json",
@@ -80,7 +80,7 @@ def test_an_expertune_toml_trains_to_an_expert_in_both_layouts(tiny_model_dir: P
     """The third config shape (expertune's TOML, its own option names) to both export layouts."""
     from safetensors import safe_open
 
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
 
     dataloader = write_dataloader_config(tmp_path / "multidatabackend.json", small_dataset.parent / "images",
                                          tmp_path / "cache", resolution=64)

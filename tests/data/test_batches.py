@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from expertune.data.batches import Bucket, batches_per_epoch, drop_captions, epoch_batches, epoch_order, micro_batches
-from expertune.train.loss import TrainingBatch
+from expertune.objective.loss import TrainingBatch
 
 
 def _take(stream, n):

@@ -16,7 +16,7 @@ from helpers import MESSY_SKIPPED, write_messy_datasets
 from expertune.cache.store import CacheStore
 from expertune.config import load_config
 from expertune.errors import DataError
-from expertune.data.prepare import PreparedData, cache_only
+from expertune.prepare import PreparedData, cache_only
 from expertune.validate.plan import prompt_texts
 
 
@@ -38,7 +38,7 @@ def _journal_counts(root: Path) -> dict[str, int]:
 def _prepare(config, caplog: pytest.LogCaptureFixture | None = None) -> PreparedData:
     if caplog is None:
         return cache_only(config, prompt_texts(config), progress=False)
-    with caplog.at_level(logging.INFO, logger="expertune.data"):
+    with caplog.at_level(logging.INFO, logger="expertune"):
         return cache_only(config, prompt_texts(config), progress=False)
 
 
@@ -140,7 +140,7 @@ def _item(prepared: PreparedData, name: str):
 def test_the_cycle_collector_pauses_only_where_asked_and_comes_back() -> None:
     import gc
 
-    from expertune.data.prepare import _cycle_collector_paused
+    from expertune.prepare import _cycle_collector_paused
 
     assert gc.isenabled()
     with _cycle_collector_paused():
@@ -163,7 +163,7 @@ def test_the_cycle_collector_pauses_only_where_asked_and_comes_back() -> None:
 def test_data_preparation_hides_older_objects_from_the_collector_and_gives_them_back() -> None:
     import gc
 
-    from expertune.data.prepare import _collector_sees_only_new_objects
+    from expertune.prepare import _collector_sees_only_new_objects
 
     assert gc.get_freeze_count() == 0
     with _collector_sees_only_new_objects():

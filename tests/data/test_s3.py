@@ -16,7 +16,7 @@ from expertune.errors import ConfigError, DataError
 
 
 def _images(folder: Path, count: int = 3, *, size: int = 96) -> Path:
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image
 
     for index, (shape, colour, background) in enumerate(SHAPES[:count]):
         save_captioned_image(draw_shape(shape, colour, background, size=size), folder / f"shape_{index}.png",
@@ -249,7 +249,7 @@ def test_a_vanished_key_is_reported_not_fatal(s3, tmp_path: Path) -> None:
 def test_a_key_deleted_between_listing_and_reading_is_skipped_and_listed(
         s3, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from expertune.config import load_config
-    from expertune.data import prepare
+    from expertune import prepare
 
     bucket = s3.bucket()
     s3.upload(bucket, _images(tmp_path / "images", 3))

@@ -14,7 +14,7 @@ from helpers import FAST_FLAGS, write_stage_env
 from expertune.cli import main
 from expertune.errors import ConfigError
 from expertune.export.formats import SINGLE_FILE_DIR, WORKFLOW_FILE
-from expertune.export.run import EXPORT_FILE, export_run
+from expertune.export_run import EXPORT_FILE, export_run
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from helpers import FAST_FLAGS
 from expertune.errors import TrainingInterrupted
 from expertune.export.formats import SINGLE_FILE_DIR, WORKFLOW_FILE
-from expertune.export.run import export_run
+from expertune.export_run import export_run
 from expertune.models.lora import LORA_WEIGHTS
 
 pytestmark = pytest.mark.integration

@@ -40,6 +40,7 @@ def test_half_precision_keeps_a_force_upcast_vae_in_float32(tiny_model_dir: Path
     assert pipe.vae.dtype == (torch.float32 if force_upcast else torch.float16)
 
 
+@pytest.mark.integration
 def test_each_expert_is_loaded_once_and_a_mixed_dtype_chain_decodes(trained_experts,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     stage1, stage2 = trained_experts

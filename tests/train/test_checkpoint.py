@@ -182,3 +182,44 @@ def test_options_added_since_a_checkpoint_was_written_do_not_block_its_resume() 
     assert config_changes(older, current) == []
     changed = Config.from_flat({"snr_gamma": 5.0}).to_dict()
     assert [c.name for c in config_changes(older, changed)] == ["snr_gamma"]
+
+
+def _dropout_state(seed: int, device: str = "cpu") -> TrainingState:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return TrainingState(0, DataPosition(0, 0, 0), model, optimizer, scheduler, torch.Generator().manual_seed(seed),
+                         [0], None)
+
+
+def _dropout_steps(state: TrainingState, steps: int) -> list[float]:
+    """Steps whose only randomness besides the run's generator is dropout's: the global RNG of the model's device."""
+    device = next(state.unet.parameters()).device
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 3, generator=state.generator).to(device)
+        loss = state.unet(x).pow(2).mean()
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.step += 1
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_resume_restores_the_global_rng_a_dropout_model_draws_from(tmp_path: Path, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA generator's round trip needs one")
+    reference = _dropout_state(0, device)
+    expected = _dropout_steps(reference, 6)
+    first = _dropout_state(0, device)
+    assert _dropout_steps(first, 3) == expected[:3]
+    path = save_checkpoint(tmp_path, first, {"train": {"seed": 0}}, {"items": 3})
+    _dropout_steps(first, 2)  # the process draws on after the save: the resume must not see these draws
+    resumed = _dropout_state(1, device)  # another seed: the global RNG differs until the checkpoint restores it
+    load_checkpoint(path, resumed)
+    assert _dropout_steps(resumed, 3) == expected[3:]
+    for a, b in zip(reference.unet.parameters(), resumed.unet.parameters()):
+        assert torch.equal(a, b)

@@ -68,6 +68,7 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+@pytest.mark.integration  # starts a process (the conftest rule)
 def test_a_full_disk_is_a_clean_stop_and_the_run_resumes_bitwise(resizable_disk) -> None:
     """On a real full file system safetensors raises its own SafetensorError (not an OSError) for the weights
     file: still exit 3, one line naming the checkpoint, nothing partial, the previous checkpoint intact and
@@ -210,6 +211,7 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path: Path) -> None:
     assert restored.get_scale() == 512.0 and restored.state_dict() == scaler.state_dict()
 
 
+@pytest.mark.integration  # starts a process (the conftest rule)
 def test_a_full_disk_while_writing_validation_images_is_one_line_and_leaves_no_temporary_file(resizable_disk) -> None:
     from expertune.io_utils import atomic_write_bytes
     from expertune.run_folder import disk_full_is_a_stop

@@ -180,3 +180,22 @@ def test_a_failing_final_validation_does_not_lose_the_expert(tiny_model_dir: Pat
     pipeline = tmp_path / "out" / "pipeline"
     assert json.loads((pipeline / "expert.json").read_text())["timestep_range"] == [350, 999]
     assert (pipeline / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_min_snr_changes_what_training_minimises(tiny_model_dir: Path, small_dataset: Path, tmp_path: Path) -> None:
+    """The same two steps (same draws, same data) with and without `--snr_gamma 5`: min-SNR weights every sample
+    (v-prediction: min(SNR, 5) / (SNR + 1) < 1), so the logged loss and the trained weights differ."""
+    runs = {}
+    for name, flags in (("plain", ["--loss_weighting=none"]), ("min_snr", ["--snr_gamma=5"])):
+        env = write_stage_env(tmp_path, 1, tiny_model_dir, tmp_path / name, small_dataset)
+        config, _ = load_config(["--env", str(env), *FAST_FLAGS, "--max_train_steps=2", "--report_to=none",
+                                 "--validation_disable", "--train_batch_size=2", *flags])
+        runs[name] = train(config)
+    losses = {name: [r["loss"] for r in read_metrics(result.output_dir / "metrics.jsonl")]
+              for name, result in runs.items()}
+    assert len(losses["plain"]) == len(losses["min_snr"]) == 2
+    assert losses["min_snr"][0] < losses["plain"][0]  # step 1: the same model and draws, every weight below 1
+    trained = {name: load_file(result.pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+               for name, result in runs.items()}
+    assert any(not torch.equal(trained["plain"][k], trained["min_snr"][k]) for k in trained["plain"])
+    assert json.loads((runs["min_snr"].output_dir / "run.json").read_text())["config"]["train"]["snr_gamma"] == 5.0

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from expertune.config import load_config
-from expertune.demo.dataset import write_dataloader_config
+from expertune.data.captioned import write_dataloader_config
 from expertune.demo.recipe import recipe_env
 from expertune.io_utils import atomic_write_json
 from expertune.train.loop import train

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from expertune.experts import ExpertBand
-from expertune.train.loss import draw_randomness, offset_noise
+from expertune.objective.loss import draw_randomness, offset_noise
 
 
 def test_offset_noise_is_the_formula_per_sample() -> None:

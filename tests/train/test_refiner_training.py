@@ -36,7 +36,7 @@ export TRAINER_EXTRA_ARGS="${{TRAINER_EXTRA_ARGS}} --validation_using_datasets {
 @pytest.fixture(scope="module")
 def refiner_run(tiny_model_dir: Path, tiny_refiner_dir: Path, small_dataset: Path,
                 tmp_path_factory: pytest.TempPathFactory):
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
 
     root = tmp_path_factory.mktemp("refiner-run")
     dataloader = write_dataloader_config(root / "dataloader.json", small_dataset.parent / "images", root / "cache",

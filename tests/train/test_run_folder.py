@@ -27,6 +27,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.integration  # starts a process (the conftest rule)
 def test_a_second_job_is_refused_naming_the_holder(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -41,6 +42,7 @@ def test_a_second_job_is_refused_naming_the_holder(tmp_path: Path) -> None:
         holder.wait()
 
 
+@pytest.mark.integration  # starts a process (the conftest rule)
 def test_the_lock_of_a_killed_job_is_taken_over_with_a_warning(tmp_path: Path, caplog) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -59,6 +61,7 @@ def test_the_lock_of_a_killed_job_is_taken_over_with_a_warning(tmp_path: Path, c
         assert again.held
 
 
+@pytest.mark.integration  # starts a process (the conftest rule)
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -108,7 +108,10 @@ class _Caches:
         self.delay, self.fail_at, self.reads = delay, fail_at, 0
         self.threads: set[str] = set()
 
-    def load(self, record: object, spec: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def flips_at(self, epoch: int, index: int) -> bool:
+        return False  # no --flip_images
+
+    def load(self, record: object, spec: object = None, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         self.reads += 1
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay)
@@ -121,9 +124,10 @@ class _Caches:
 
 def _run(items: int, delay: float, fail_at: int | None = None) -> SimpleNamespace:
     caches = _Caches(delay, fail_at)
-    prepared = SimpleNamespace(items=[_Item(i) for i in range(items)], latent_cache=caches, embed_cache=caches)
-    expert = SimpleNamespace(index=0, stream=micro_batches(items, 2, seed=5))
-    run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), data_of=lambda e: prepared)
+    prepared = SimpleNamespace(items=[_Item(i) for i in range(items)], latent_cache=caches, embed_cache=caches,
+                               mask_cache=None)
+    expert = SimpleNamespace(index=0, stream=micro_batches(items, 2, seed=5), prepared=prepared)
+    run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")))
     return SimpleNamespace(run=run, expert=expert, caches=caches)
 
 

@@ -147,9 +147,10 @@ def test_debug_extra_args_come_before_trainer_extra_args(tmp_path: Path) -> None
     assert config.logging.report_to == "wandb" and config.train.seed == 2
 
 
+@pytest.mark.integration
 def test_the_template_trains_to_an_exported_expert(tiny_model_dir: Path, small_dataset: Path, tmp_path: Path,
                                                     offline_wandb: Path, caplog) -> None:
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.train.loop import train
 
     base = tmp_path / "datasets"

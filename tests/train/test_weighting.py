@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertune.schedule import NoiseSchedule, signal_to_noise_ratio
-from expertune.train.weighting import (
+from expertune.objective.weighting import (
     WeightTable,
     epsilon_weights,
     loss_weights,
@@ -86,3 +86,66 @@ def test_weighted_mse_weights_each_sample() -> None:
     assert weighted_mse(prediction, target, None).item() == pytest.approx(2.5)
     assert weighted_mse(prediction, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
     assert weighted_mse(prediction, target, torch.tensor([0.5, 0.25])).item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+# ---- pinned whole (docs/testing.md: mutation testing) ------------------------------------------------
+
+def test_weighted_mse_is_the_mean_of_weighted_per_sample_squared_errors() -> None:
+    prediction = torch.tensor([[1.0, 3.0], [2.0, -1.0]])
+    target = torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # per-sample MSE: (1 + 4) / 2 = 2.5 and (1 + 4) / 2 = 2.5
+    target[1, 1] = 2.0  # second sample: (1 + 9) / 2 = 5
+    assert weighted_mse(prediction, target, None).item() == pytest.approx(3.75)
+    weighted = weighted_mse(prediction, target, torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert weighted.dtype == torch.float32 and weighted.item() == pytest.approx((2.5 * 0.5 + 5 * 2.0) / 2)
+
+
+def test_min_snr_needs_a_positive_gamma_and_unknown_names_are_refused() -> None:
+    for gamma in (None, 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"^min_snr needs gamma > 0$"):
+            epsilon_weights(SNRS, "min_snr", gamma)
+    assert epsilon_weights(torch.tensor([0.25, 1.0]), "min_snr", 0.5).tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match=r"^loss weighting 'p2' is not one of \('none', 'min_snr', 'debiased'\)$"):
+        epsilon_weights(SNRS, "p2")
+    with pytest.raises(ValueError, match=r"^prediction_type 'flow' is not epsilon, v_prediction or sample$"):
+        loss_weights(SNRS, "min_snr", "flow", 5.0)
+
+
+def test_a_weight_table_keeps_what_it_was_built_for_and_weights_each_timestep() -> None:
+    alphas = torch.tensor([1.0, 0.5, 0.2, 0.0], dtype=torch.float64)  # SNR inf, 1, 0.25, 0
+    table = WeightTable.build(alphas, "min_snr", "v_prediction", 0.5)
+    assert (table.weighting, table.prediction_type, table.gamma, table.active) == ("min_snr", "v_prediction", 0.5, True)
+    # w_eps = min(SNR, 0.5) / SNR, times SNR / (SNR + 1): 0.5 / (SNR + 1) above 0.5, SNR / (SNR + 1) below
+    assert table.weights.tolist() == pytest.approx([0.0, 0.25, 0.2, 0.0])
+    assert table.for_timesteps(torch.tensor([2, 1, 2])).tolist() == pytest.approx([0.2, 0.25, 0.2])
+    assert not WeightTable.build(alphas, "none", "epsilon").active
+
+
+def test_band_summary_rounds_to_six_places_over_the_inclusive_band() -> None:
+    table = WeightTable("debiased", "sample", None, torch.tensor([0.0, 1 / 3, 2 / 3, 0.0, 5.0], dtype=torch.float32))
+    assert table.band_summary(0, 3) == {"weighting": "debiased", "prediction_type": "sample", "snr_gamma": None,
+                                        "mean": 0.25, "min": 0.0, "max": 0.666667, "zero_weight_timesteps": [0, 3]}
+    assert table.band_summary(1, 2)["mean"] == 0.5 and table.band_summary(1, 2)["min"] == 0.333333
+    assert table.band_summary(1, 1)["mean"] == 0.333333
+
+
+def test_starvation_names_the_mean_the_zero_timesteps_and_the_fix() -> None:
+    four_zeros = WeightTable("min_snr", "v_prediction", 5.0, torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.2]))
+    assert four_zeros.starvation(0, 5) == (
+        "loss weighting min_snr (v_prediction) starves the band [0, 5]: its mean weight over the band is 0.2 (the "
+        "band trains at about 20% of the unweighted step size); timestep(s) 0, 1, 2 ... get weight 0 and are not "
+        "trained at all. Consider --loss_weighting=none for this expert")
+    three_zeros = WeightTable("min_snr", "epsilon", 5.0, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+    assert three_zeros.starvation(0, 5) == (
+        "loss weighting min_snr (epsilon) starves the band [0, 5]: timestep(s) 0, 1, 2 get weight 0 and are not "
+        "trained at all. Consider a larger --snr_gamma or --loss_weighting=none for this expert")
+    at_the_limit = WeightTable("debiased", "epsilon", None, torch.tensor([0.25, 0.25]))
+    assert at_the_limit.starvation(0, 1) is None
+    assert WeightTable("none", "epsilon", None, torch.zeros(3)).starvation(0, 2) is None
+
+
+def test_weights_follow_the_timesteps_and_the_predictions_to_their_device() -> None:
+    """`meta` stands in for an accelerator: a weight left on the CPU cannot meet a prediction there."""
+    table = WeightTable.build(NoiseSchedule().alphas_cumprod, "min_snr", "epsilon", 5.0)
+    assert table.for_timesteps(torch.tensor([3, 700], device="meta")).device.type == "meta"
+    prediction = torch.zeros(2, 4, device="meta")
+    assert weighted_mse(prediction, prediction, torch.tensor([1.0, 0.5])).device.type == "meta"

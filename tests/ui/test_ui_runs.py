@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
@@ -37,13 +35,24 @@ def test_states_of_finished_running_interrupted_damaged_and_foreign(workspace: P
     assert summarize(workspace, old.parent, reader).state == "interrupted"
 
 
+def _unused_pid() -> int:
+    """A PID no process has now (a job that is gone), found without starting one."""
+    for pid in range(4_194_000, 1_000, -1):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise AssertionError("no free PID")
+
+
 def test_lock_of_a_live_job_is_running_and_of_a_dead_one_interrupted(tmp_path: Path) -> None:
     run = write_run(tmp_path / "r", 2, finished=False)
     (run / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
                                              "started": "2026-12-03T10:00:00+0000"}))
     assert lock_state(run)[0] == "running"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (run / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
+    (run / LOCK_FILE).write_text(json.dumps({"pid": _unused_pid(), "host": os.uname().nodename, "started": "x"}))
     state, why = lock_state(run)
     assert state == "interrupted" and "gone" in why
     summary = summarize(tmp_path, run, MetricsReader())

@@ -20,7 +20,7 @@ from expertune.validate.samples import Validator, first_timestep_below
 
 @pytest.fixture(scope="module")
 def refiner_setup(tiny_refiner_dir: Path, small_dataset: Path):
-    from expertune.data.prepare import prepare_data
+    from expertune.prepare import prepare_data
     from expertune.models.sdxl import load_components
 
     flags = [f"--pretrained_model_name_or_path={tiny_refiner_dir}", f"--data_backend_config={small_dataset}",
@@ -51,7 +51,7 @@ def test_the_run_reads_the_refiner_caches(refiner_setup) -> None:
     from expertune.data.batches import MicroBatch
     from expertune.experts import ExpertBand
     from expertune.train.loop import load_batch
-    from expertune.train.loss import denoising_loss, draw_randomness
+    from expertune.objective.loss import denoising_loss, draw_randomness
 
     batch = load_batch(prepared, MicroBatch(epoch=0, position=0, indices=(0, 1), global_size=2))
     assert batch.prompt_embeds.shape[-1] == 32 and batch.time_ids.shape == (2, 5)

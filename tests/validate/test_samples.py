@@ -42,7 +42,7 @@ def test_validation_scheduler_carries_the_trained_parameterisation(tiny_model_di
 def validation_setup(tiny_model_dir: Path, small_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     """Loaded tiny components and the prepared small dataset, as `train` has them when it validates."""
     from expertune.models.sdxl import load_components
-    from expertune.data.prepare import prepare_data
+    from expertune.prepare import prepare_data
 
     inputs = tmp_path_factory.mktemp("inputs")
     Image.new("RGB", (80, 64), "orange").save(inputs / "sunset.png")

@@ -63,7 +63,7 @@ def test_summary_is_mean_and_sample_spread_over_seeds() -> None:
 
 def _world_dataloader(folder: Path) -> Path:
     """A dataloader JSON over one image of each held-out combination (a tiny fine-tuning set)."""
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.world.dataset import write_world_dataset
     from expertune.world.scene import HELD_OUT, scenes
 
@@ -107,3 +107,21 @@ def test_a_branching_task_trains_its_three_runs_and_scores_the_chain(tmp_path: P
     assert (tmp_path / "branching" / "seed0" / "shared" / "metrics.jsonl").read_text() == metrics
     with pytest.raises(SystemExit, match="stage1 is not a finished run of 2 steps"):  # S = 5: stage 1 gets 2, not 1
         study.run_task({**task, "steps": 5})
+
+
+def test_a_variant_arm_trains_as_its_arm_with_its_knobs() -> None:
+    assert study.parse_variant("two_huber=two_experts:--loss_type=huber --flip_images") == (
+        "two_huber", "two_experts", ["--loss_type=huber", "--flip_images"])
+    for bad in ("two_experts=two_experts:--flip_images", "x=nope:--flip_images", "=two_experts:"):
+        with pytest.raises(ValueError, match="NAME=ARM:FLAGS"):
+            study.parse_variant(bad)
+    rows = [{"arm": arm, "seed": 0, "eval/loss": 1.0} for arm in ("two_huber", "one_model")]
+    assert list(study.summarise(rows)) == ["one_model", "two_huber"]  # the study's arms first, then the variants
+
+    from expertune.config import load_config
+
+    task = {"dataloader": "d.json", "seed": 3, "learning_rate": 1e-4, "arm": "two_huber", "trains_as": "two_experts",
+            "extra_flags": ["--loss_type=huber", "--timestep_bias_strategy=later", "--timestep_bias_multiplier=2"]}
+    config, _ = load_config(study.run_flags(task, Path("base"), Path("out"), (350, 999), 10), find_config=False)
+    assert (config.train.loss_type, config.band.timestep_bias_strategy, config.band.timestep_range) == (
+        "huber", "later", "350,999")

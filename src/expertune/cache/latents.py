@@ -48,9 +48,11 @@ from expertune.data.transforms import (
     MAX_IMAGE_PIXELS,
     RESAMPLE_NAME,
     CropPlan,
+    flip_chosen,
     image_size,
     image_to_tensor,
     load_image,
+    mirror_plan,
 )
 from expertune.errors import ConfigError, DataError
 
@@ -81,6 +83,7 @@ class LatentPlan:
     key: str
     digest: str
     plan: CropPlan
+    flipped: bool = False  # the entry of the mirrored image (flip_images): `plan` is then its mirror_plan
 
 
 def _plan_fields(planned: LatentPlan) -> list[Any]:
@@ -105,7 +108,7 @@ class LatentCache:
     def __init__(
         self, vae: AutoencoderKL, *, seed: int, batch_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
         time_ids: TimeIdLayout = TimeIdLayout(),
-        index: FileIndex | None = None,
+        index: FileIndex | None = None, flip: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,6 +126,7 @@ class LatentCache:
         self._key_settings = {"decode": DECODE_VERSION, "resample": RESAMPLE_NAME, "flip": False,
                               "vae": self.fingerprint, "vae_dtype": str(self.dtype), "statistic": LATENT_STATISTIC}
         self.index = index if index is not None else FileIndex(None)
+        self.flip = bool(flip)  # flip_images: every image is also cached mirrored, as its own entry
 
     def with_time_ids(self, time_ids: TimeIdLayout) -> LatentCache:
         """The same cache (stores, VAE, memoised image hashes) whose `load` gives `time_ids`' layout."""
@@ -194,19 +198,36 @@ class LatentCache:
             info = self.inspect(record.path, stamp)
             # The random crop is drawn from the image *content*, so moving a dataset keeps its crops and cache.
             plan = spec.rule.plan(info.original_size, self.seed, image_key=info.digest)
-            parts = {
-                "image_sha256": info.digest,
-                "original_size": plan.original_size,
-                "resized_size": plan.resized_size,
-                "crop_top_left": plan.crop_top_left,
-                "target_size": plan.target_size,
-                **self._key_settings,
-            }
-            planned = LatentPlan(key=cache_key(LATENT_KIND, parts), digest=info.digest, plan=plan)
+            planned = LatentPlan(key=self._latent_key(info.digest, plan, False), digest=info.digest, plan=plan)
             self.index.put(kind, stamp, {"key": planned.key, "sha256": info.digest, "o": plan.original_size,
                                          "r": plan.resized_size, "c": plan.crop_top_left, "t": plan.target_size})
         self._plans[(kind, stamp)] = planned
         return planned
+
+    def _latent_key(self, digest: str, plan: CropPlan, flipped: bool) -> str:
+        parts = {
+            "image_sha256": digest,
+            "original_size": plan.original_size,
+            "resized_size": plan.resized_size,
+            "crop_top_left": plan.crop_top_left,
+            "target_size": plan.target_size,
+            **self._key_settings,
+            "flip": flipped,
+        }
+        return cache_key(LATENT_KIND, parts)
+
+    def flipped(self, planned: LatentPlan) -> LatentPlan:
+        """The entry of the mirrored image: its mirrored crop coordinates and its own key."""
+        plan = mirror_plan(planned.plan)
+        return LatentPlan(self._latent_key(planned.digest, plan, True), planned.digest, plan, flipped=True)
+
+    def variants(self, planned: LatentPlan) -> list[LatentPlan]:
+        """The entries an image needs: itself, and its mirror image with flip_images."""
+        return [planned, self.flipped(planned)] if self.flip else [planned]
+
+    def flips_at(self, epoch: int, index: int) -> bool:
+        """Whether the item at `index` trains flipped in `epoch` (always False without flip_images)."""
+        return self.flip and flip_chosen(self.seed, epoch, index)
 
     def plan_each(self, records: Sequence[ImageRecord], spec: DatasetSpec
                   ) -> Iterator[tuple[ImageRecord, LatentPlan | DataError]]:
@@ -268,10 +289,11 @@ class LatentCache:
                 failed.setdefault(str(record.path), str(error))
                 continue
             store = self.store_for(spec)
-            if (store.root, planned.key) not in seen:
-                seen.add((store.root, planned.key))
-                wanted.append((record, planned, store))
-                keys.setdefault(store, []).append(planned.key)
+            for variant in self.variants(planned):
+                if (store.root, variant.key) not in seen:
+                    seen.add((store.root, variant.key))
+                    wanted.append((record, variant, store))
+                    keys.setdefault(store, []).append(variant.key)
         absent = {store: store.missing(wanted_keys) for store, wanted_keys in keys.items()}
         for record, planned, store in wanted:
             if planned.key not in absent[store]:
@@ -300,7 +322,8 @@ class LatentCache:
         loaded: list[torch.Tensor | str] = []
         for record, planned in batch:
             try:
-                loaded.append(image_to_tensor(load_image(record.path, max_pixels=self.max_pixels), planned.plan))
+                loaded.append(image_to_tensor(load_image(record.path, max_pixels=self.max_pixels), planned.plan,
+                                              flip=planned.flipped))
             except DataError as error:  # truncated, undecodable: reported by the caller, the batch goes on
                 loaded.append(str(error))
         good = [pixels for pixels in loaded if isinstance(pixels, torch.Tensor)]
@@ -321,6 +344,8 @@ class LatentCache:
                 "vae_dtype": str(self.dtype),
                 "statistic": LATENT_STATISTIC,
             }
+            if planned.flipped:
+                metadata["flip"] = "true"
             outputs.append(({"latent": next(latents), "time_ids": time_ids}, metadata))
         return outputs
 
@@ -328,10 +353,12 @@ class LatentCache:
         """Scaled latent means of a [B, 3, H, W] batch in [-1, 1], computed in the VAE's dtype, on its device."""
         return encode_latents(self.vae, pixels)
 
-    def load(self, record: ImageRecord, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, record: ImageRecord, spec: DatasetSpec, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent [4, h, w] float32, already scaled; time_ids [6] float32, or [5] with the refiner's
-        `TimeIdLayout`) of a cached image."""
+        `TimeIdLayout`) of a cached image, or of its mirror image with `flipped` (flip_images)."""
         planned = self.planned(record, spec)
+        if flipped:
+            planned = self.flipped(planned)
         store = self.store_for(spec)
         entry = store.get(planned.key)
         tensors = entry[0] if entry is not None else {}

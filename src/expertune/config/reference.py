@@ -16,8 +16,8 @@ INTRO = """\
      (tests/config/test_schema.py fails when this file and the schema disagree). -->
 
 Every option has one name, used as the command-line flag (`--name`), as the key in a TOML file and in
-`run.json`. Options are grouped in sections (`model`, `data`, `band`, `schedule`, `train`, `validation`,
-`logging`) but names are unique, so the sections never appear in what you write.
+`run.json`. Options are grouped in sections ({sections})
+but names are unique, so the sections never appear in what you write.
 
 ## Where settings come from
 
@@ -145,7 +145,8 @@ to every model read from the hub: the pretrained model, `expert_models` entries,
 
 def render() -> str:
     required = ", ".join(f"`{n}` (`{'`/`'.join(FIELDS[n].env)}`)" for n in REQUIRED_FOR_TRAINING)
-    out = [INTRO.replace("{required}", required)]
+    sections = ", ".join(f"`{name}`" for name in SECTIONS)
+    out = [INTRO.replace("{required}", required).replace("{sections}", sections)]
     for section, cls in SECTIONS.items():
         out += [f"### `{section}`: {cls.__doc__}", "",
                 "| option | config.env | type | default | allowed | description |",

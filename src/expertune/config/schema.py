@@ -15,12 +15,16 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from expertune.config.simpletuner_flags import ENV_NAMES
 from expertune.errors import ConfigError
+from expertune.io_utils import default_cache_dir  # noqa: F401  (re-exported: config.default_cache_dir)
 from expertune.resolution import RESOLUTION_TYPES
 from expertune.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS
+
+if TYPE_CHECKING:
+    from expertune.config.plan import MixturePlan
 
 _META_KEY = "expertune"
 
@@ -66,13 +70,6 @@ def required(value: str | None, name: str) -> str:
     if value is None:
         raise ConfigError(f"{name} is unset: set --{name}")
     return value
-
-
-def default_cache_dir() -> Path:
-    """Per-user cache root: ``$XDG_CACHE_HOME/expertune``, or ``~/.cache/expertune``."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "expertune"
 
 
 # What a resumed run may do with an option that differs from its checkpoint's: "refused" (it would change the
@@ -224,26 +221,30 @@ class ModelConfig:
     model_family: str = opt("sdxl", "Model architecture family.", choices=("sdxl",), env=("MODEL_FAMILY",))
     model_type: str = opt("full", "Train the full UNet weights (full) or adapters (lora).",
                           choices=("full", "lora"), env=("MODEL_TYPE",))
-    use_dora: bool = opt(False, "Train DoRA adapters.", env=("USE_DORA",), unsupported=Unsupported(
-        "`true`", _is_true, "DoRA adapters are not supported; expertune trains full UNet weights (model_type=full) "
-        "or standard LoRA adapters (model_type=lora)"))
+    # -- issue 23 (knobs): DoRA and the LyCORIS adapters peft provides (models/adapters.py) ----------------------
+    use_dora: bool = opt(False, "Train DoRA adapters (model_type=lora, lora_type=standard): LoRA plus a learned "
+                                "magnitude per output feature; often closer to a full fine-tune at the same rank, "
+                                "slower per step.", env=("USE_DORA",))
     layer_freeze_strategy: str = opt("none", "Which UNet weights to freeze.", choices=("none", "bitfit"),
                                      env=("USE_BITFIT",), env_true_value="bitfit", unsupported=Unsupported(
         "`bitfit`", lambda v: v == "bitfit", "BitFit freezing is not supported; expertune trains all UNet weights "
         "(model_type=full) or LoRA adapters (model_type=lora): use layer_freeze_strategy=none (USE_BITFIT=false)"))
-    lora_type: str = opt("standard", "Kind of LoRA adapter (LoRA training only).", env=("LORA_TYPE",),
-                         unsupported=Unsupported(
-        "not `standard`", lambda v: v != "standard", "LoRA variants are not supported; use standard LoRA adapters "
-        "(model_type=lora, lora_type=standard) or full UNet weights (model_type=full)"))
+    lora_type: str = opt("standard", "Kind of adapter (model_type=lora): standard (peft LoRA, or DoRA with "
+                                     "use_dora) or lycoris (LoRA, LoHa or LoKr as lycoris_config's algo says).",
+                         choices=("standard", "lycoris"), env=("LORA_TYPE",))
+    lycoris_config: str | None = opt(None, "JSON file of lora_type=lycoris: its algo (lora, loha or lokr), "
+                                           "linear_dim (rank), linear_alpha, factor (lokr) ... (docs/knobs.md lists "
+                                           "the fields).")
     lora_rank: int = opt(16, "Rank of the LoRA adapters (model_type=lora).", ge=1)
     lora_alpha: float | None = opt(None, "LoRA scaling alpha (unset: equal to lora_rank, a scale of 1).", gt=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path during training.", ge=0, lt=1)
     lora_target_modules: str = opt("to_k,to_q,to_v,to_out.0",
                                    "Comma-separated UNet module names that get LoRA adapters (peft target_modules).")
-    base_model_precision: str = opt("no_change", "Quantisation of the frozen base model weights.",
-                                    env=("BASE_MODEL_PRECISION",), unsupported=Unsupported(
-        "not `no_change`", lambda v: v != "no_change", "quantised base models are not supported; use "
-        "base_model_precision=no_change (with --mixed_precision=bf16 or fp16 to save memory)"))
+    # -- issue 23 (knobs): a quantised frozen base under LoRA experts (models/quantize.py) ------------------------
+    base_model_precision: str = opt("no_change", "Quantisation of the frozen base under LoRA experts: no_change, or "
+                                    "int8-torchao (the UNet's Linear weights in int8, about half of bf16's memory; "
+                                    "CPU and CUDA). SimpleTuner's other values are refused with their reason.",
+                                    env=("BASE_MODEL_PRECISION",))
     mixed_precision: str = opt("no", "Autocast precision for the forward pass; trained weights stay float32 "
                                      "(except with optimizer=adamw_bf16).",
                                choices=("no", "bf16", "fp16"), env=("MIXED_PRECISION",))
@@ -304,6 +305,11 @@ class DataConfig:
     cache_dir: str | None = opt(None, "Root of the shared cache store for datasets that name no cache dirs "
                                       "(unset: $XDG_CACHE_HOME/expertune or ~/.cache/expertune).",
                                       on_resume="may_change")
+    # -- issue 23 (knobs): horizontal flip augmentation ------------------------------------------------------
+    flip_images: bool = opt(False, "Horizontal flip augmentation: every image is also cached mirrored (its own "
+                                   "latent, with SDXL's crop_left mirrored) and each sample trains as one or the "
+                                   "other, a fair coin per epoch. Not for images whose left and right matter "
+                                   "(text, asymmetric subjects).")
     # The SDXL refiner layout (docs/refiner.md); SimpleTuner's name and default.
     data_aesthetic_score: float = opt(7.0, "Aesthetic score every training image is conditioned on when the model "
                                            "has the SDXL refiner layout (its fifth time id; ignored otherwise).",
@@ -324,10 +330,28 @@ class BandConfig:
                                            "of refiner_training).", check=parse_timestep_range)
     timestep_sampling: str = opt("uniform", "How training timesteps are drawn inside the band.",
                                  choices=("uniform", "stratified"))
+    # -- issue 23 (knobs): the timestep distribution inside the band (timestep_dist.py) ------------------------
+    timestep_distribution: str = opt("uniform", "Distribution of training timesteps over the whole schedule, cut "
+                                     "to the expert's band by conditioning (its shape kept): uniform, or "
+                                     "logit_normal (t/N = sigmoid(u), u ~ N(logit_mean, logit_std^2)).",
+                                     choices=("uniform", "logit_normal"))
+    logit_mean: float = opt(0.0, "Mean of timestep_distribution=logit_normal's normal (< 0: more low-noise "
+                                 "timesteps, > 0: more high-noise).")
+    logit_std: float = opt(1.0, "Standard deviation of timestep_distribution=logit_normal's normal.", gt=0)
+    timestep_bias_strategy: str = opt("none", "SimpleTuner's timestep bias: multiply the probability of the "
+                                      "earlier (low-noise), later (high-noise) or a range of timesteps by "
+                                      "timestep_bias_multiplier, then cut to the band.",
+                                      choices=("none", "earlier", "later", "range"))
+    timestep_bias_multiplier: float = opt(1.0, "Factor on the probability of the biased timesteps (< 1 avoids "
+                                               "them).", gt=0)
+    timestep_bias_begin: int = opt(0, "First timestep of timestep_bias_strategy=range.", ge=0)
+    timestep_bias_end: int = opt(1000, "End (excluded) of timestep_bias_strategy=range.", ge=1)
+    timestep_bias_portion: float = opt(0.25, "Fraction of the schedule biased by timestep_bias_strategy=earlier "
+                                             "or later.", ge=0, le=1)
 
 
 def _check_export_format(text: str) -> None:
-    from expertune.export.formats import parse_formats  # issue 19 (export)
+    from expertune.expert_format import parse_formats  # issue 19 (export)
 
     parse_formats(text)
 
@@ -366,6 +390,16 @@ class MixtureConfig:
                                                    "one for all (unset: loss_weighting).")
     expert_ema_decays: str | None = opt(None, "EMA decay per expert with --use_ema, comma-separated in chain "
                                               "order, or one for all (unset: ema_decay).")
+    # ---- issue 22 (plan helper): a shared start before the split ------------------------------------------------
+    mixture_shared_steps: str | None = opt(
+        None, "Train one model on the union of the bands for this many job steps (400) or this fraction of the run "
+        "(0.25), then branch it into the experts (weights, optimizer state and EMA copied) for the rest.")
+    mixture_overlap: str | None = opt(
+        None, "Train each expert on its band widened across each boundary by this many timesteps (50), or by this "
+        "margin in natural log-SNR (snr:0.5); sampled uniformly over the widened band, weighted as any timestep.")
+    mixture_handoff_blend: int = opt(
+        0, "Blend the chain's hand-offs over a window of this many timesteps in validation, recorded in mixture.json "
+        "as the default of `expertune generate --mixture` (0: hard switches).", ge=0, on_resume="may_change")
 
 
 @dataclass(frozen=True)
@@ -424,6 +458,16 @@ class TrainConfig:
                                            "weighting): none, min_snr (needs snr_gamma), debiased (1/sqrt(SNR), "
                                            "capped), or unset: min_snr when snr_gamma is set, else none.",
                                      choices=("none", "min_snr", "debiased"))
+    # -- issue 23 (knobs): loss types (losses.py); the per-band evaluation always scores MSE ----------------------
+    loss_type: str = opt("l2", "Training loss: l2 (mean squared error), huber (pseudo-Huber 2c(sqrt(r^2+c^2)-c): "
+                               "MSE-like for small residuals, linear for large ones, robust to outliers) or "
+                               "smooth_l1 (the same / c).", choices=("l2", "huber", "smooth_l1"),
+                         aliases={"mse": "l2", "pseudo_huber": "huber"})
+    huber_schedule: str = opt("snr", "How the huber / smooth_l1 threshold c changes with the timestep: snr "
+                                     "((1-huber_c)/(1+sigma)^2+huber_c), exponential (huber_c^(t/N)) or constant "
+                                     "(huber_c).", choices=("snr", "exponential", "constant"))
+    huber_c: float = opt(0.1, "Threshold c of the huber / smooth_l1 loss (its value at high noise for the snr and "
+                              "exponential schedules).", gt=0, le=1)
     optimizer: str = opt("adamw", "Optimiser: adamw (torch), adamw_bf16 (SimpleTuner's: bfloat16 weights, "
                                   "stochastic rounding and a compensation buffer; needs mixed_precision=bf16), "
                                   "adamw8bit (bitsandbytes, CUDA), adafactor (memory-lean, factored second "
@@ -432,6 +476,12 @@ class TrainConfig:
                          env=("OPTIMIZER",), unsupported=Unsupported(
         f"not one of {', '.join(OPTIMIZERS)}", lambda v: v not in OPTIMIZERS, f"supported optimizers are "
         f"{', '.join(OPTIMIZERS)} (adamw_bf16: SimpleTuner's bfloat16 AdamW; adamw8bit: bitsandbytes)"))
+    # -- issue 23 (knobs): the optimizer step in the backward pass (train/fused.py) -----------------------------
+    optimizer_release_gradients: bool = opt(False, "Step each parameter as soon as its gradient is complete, in "
+                                            "the backward pass, and free the gradient at once (kohya's fused "
+                                            "backward pass): saves up to one copy of the trained weights of memory "
+                                            "in a full fine-tune. Needs optimizer adamw, adamw_bf16 or adafactor, "
+                                            "gradient_accumulation_steps=1, max_grad_norm=0 and one process.")
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = opt(1e-2, "AdamW decoupled weight decay.", ge=0)
@@ -483,6 +533,15 @@ class TrainConfig:
     noise_offset: float = opt(0.1, "Strength of the offset noise (used with offset_noise).", ge=0)
     noise_offset_probability: float = opt(0.25, "Probability that a sample gets the offset noise (with "
                                                 "offset_noise).", ge=0, le=1)
+    # -- issue 23 (knobs): input perturbation (SimpleTuner's names) -------------------------------------------
+    input_perturbation: float = opt(0.0, "Input perturbation (Ning et al. 2023): make the noisy input with noise "
+                                         "+ input_perturbation * N(0, 1) while the target keeps the noise; 0.1 is "
+                                         "usual; 0: off.", ge=0)
+    input_perturbation_steps: int = opt(0, "Decay input_perturbation linearly to 0 over this many optimizer steps "
+                                           "of each expert (0: constant).", ge=0)
+    masked_loss_probability: float = opt(1.0, "With loss masks (a dataset's conditioning_data mask dataset or "
+                                              "alpha_mask), the probability that a micro-batch's loss is masked "
+                                              "(otherwise the whole image counts).", ge=0, le=1)
     # -- issue 19 (export): the formats a run exports in, and the export after a Ctrl-C / SIGTERM --------------
     export_format: str = opt("diffusers", "Formats of the exported experts, comma-separated: diffusers (pipeline "
                              "folders with expert.json) and single_file (one original-layout .safetensors per expert "
@@ -670,6 +729,13 @@ class Config:
         for name, value in self.flat().items():
             out[FIELDS[name].section][name] = value
         return out
+
+    @property
+    def mixture_plan(self) -> MixturePlan | None:
+        """The mixture plan (config/plan.py), parsed from the mixture options; None for a single expert."""
+        from expertune.config.plan import MixturePlan  # issue 22 (plan helper)
+
+        return MixturePlan.from_values(self.flat())
 
     @property
     def timestep_bounds(self) -> tuple[int, int] | None:

@@ -64,7 +64,8 @@ _ROWS = (
                                               "VAE_BATCH_SIZE, TEXT_ENCODER_BATCH_SIZE)"),
     TemplateVariable("IMAGE_PROCESSING_BATCH_SIZE", "ignore", "images are resized and cropped as each VAE "
                                                               "batch is encoded (VAE_BATCH_SIZE)"),
-    TemplateVariable("AWS_MAX_POOL_CONNECTIONS", "ignore", "expertune reads local datasets only (no S3 connection pool)"),
+    TemplateVariable("AWS_MAX_POOL_CONNECTIONS", "ignore", '`"type": "aws"` datasets size their own connection '
+                                                           "pool (docs/storage.md)"),
     TemplateVariable("TORCH_NUM_THREADS", "ignore", "torch does not read it; set OMP_NUM_THREADS to bound CPU "
                                                     "threads"),
     TemplateVariable("DELETE_ERRORED_IMAGES", "ignore", "expertune never deletes images: unreadable ones are "

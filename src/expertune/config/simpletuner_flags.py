@@ -144,8 +144,10 @@ _ROWS: list[SimpleTunerOption] = [
              "gradient_checkpointing_offload_attention gradient_checkpointing_offload_pin_memory_max_buckets "
              "gradient_checkpointing_offload_prefetch", "gradient_checkpointing recomputes every ResNet and "
              "transformer block (diffusers'), keeping nothing off the GPU", warn=True),
-    *_ignore("fuse_optimizer optimizer_release_gradients grad_clip_method gradient_precision",
+    *_ignore("grad_clip_method gradient_precision",
              "gradients are float32 (bf16 with optimizer=adamw_bf16) and clipped by norm (max_grad_norm)"),
+    *_ignore("fuse_optimizer", "SimpleTuner's fused kernels of CPU-offloaded optimizers; the optimizer step in "
+                               "backward is optimizer_release_gradients"),
     *_ignore("quantize_via quantization_config quantize_activations base_model_default_dtype "
              "text_encoder_1_precision text_encoder_2_precision",
              "the frozen encoders run once, for the caches; the UNet precision is mixed_precision"),
@@ -168,26 +170,14 @@ _ROWS: list[SimpleTunerOption] = [
     *_ignore("disable_bucket_pruning", "buckets are never pruned"),
     *_ignore("disable_segmented_timestep_sampling", "timesteps are drawn inside the expert's band (timestep_sampling "
                                                     "uniform or stratified)"),
-    *_ignore("huber_c huber_schedule", "read only with loss_type huber, which is refused"),
-    *_ignore("timestep_bias_multiplier timestep_bias_begin timestep_bias_end timestep_bias_portion",
-             "read only with timestep_bias_strategy, which is refused"),
-    *_ignore("input_perturbation_steps", "read only with input_perturbation, which is refused"),
     *_ignore("soft_min_snr_sigma_data", "read only with use_soft_min_snr, which is refused"),
-    *_ignore("lycoris_config init_lokr_norm", "read only with lora_type lycoris, which is refused"),
+    *_ignore("init_lokr_norm", "LoKr adapters start as peft initialises them (lokr_w2 zero)", warn=True),
     *_ignore("prodigy_steps optimizer_config", "the optimizer's own defaults are used beside the adam_* options",
              warn=True),
     *_ignore("validation_prompt_library", "SimpleTuner's built-in prompt library is not shipped: give your prompts "
                                           "with user_prompt_library FILE"),  # shadowed by the field for a path
     *_ignore("sdxl_refiner_uses_full_range", "set refiner_training / timestep_range for the band you want", warn=True),
     # ---- training expertune cannot do
-    _refuse("loss_type", "expertune's loss is the (weighted) mean squared error: use loss_type l2, or leave it out",
-            quiet=(*OFF, "l2", "mse")),
-    _refuse("timestep_bias_strategy", "expertune draws timesteps inside the expert's band (timestep_range, "
-                                      "refiner_training, mixture_boundaries); leave it at none",
-            quiet=(*OFF, "none")),
-    _refuse("input_perturbation", "input perturbation is not implemented; leave it at 0", quiet=(*OFF, "0.0")),
-    _refuse("masked_loss_probability", "masked loss needs conditioning masks, which expertune does not read",
-            quiet=(*OFF, "0.0")),
     _refuse("use_soft_min_snr", "use snr_gamma (min-SNR) or loss_weighting debiased"),
     _refuse("snr_weight", "use snr_gamma (min-SNR) or loss_weighting"),
     _refuse("train_text_encoder", "expertune trains the UNet only; the text embeddings are cached"),

@@ -11,6 +11,7 @@ import difflib
 import math
 from typing import Any, Mapping
 
+from expertune.config.knobs_check import check_knobs
 from expertune.config.schema import UNSUPPORTED, Config, FieldSpec
 from expertune.errors import ConfigError, UnsupportedFeatureError
 from expertune.resolution import resolution_problem
@@ -147,6 +148,7 @@ def check_cross_fields(values: Mapping[str, Any], sources: Mapping[str, str]) ->
             f"timestep_range={show(values['timestep_range'])} (from {src('timestep_range')}) and "
             f"refiner_training (from {src('refiner_training')}) both choose the timestep band; use one")
     check_mixture_fields(values, sources)
+    check_knobs(values, sources)  # issue 23
     if values["push_to_hub"] and not values["hub_model_id"]:  # issue 19, hub helper
         raise ConfigError(f"push_to_hub (from {src('push_to_hub')}) needs hub_model_id: add --hub_model_id=NAME "
                           "(HUB_MODEL_NAME in config.env), `owner/name` or a name under your hub account")
@@ -192,8 +194,17 @@ def check_mixture_fields(values: Mapping[str, Any], sources: Mapping[str, str]) 
                     f"mixture_boundaries={show(plan)} (from {src('mixture_boundaries')}) gives every expert its "
                     f"band, and {other} (from {src(other)}) would choose one band for a single expert: drop "
                     f"{other}, or drop mixture_boundaries to train one expert")
+        from expertune.config.plan import MixturePlan  # issue 22: the whole plan, checked before any model loads
+
+        MixturePlan.from_values(values, sources)
         return
-    for name in ("expert_models", "expert_learning_rates", "expert_loss_weightings", "expert_ema_decays"):
+    from expertune.config.plan import PER_EXPERT
+
+    if values.get("mixture_handoff_blend"):
+        raise ConfigError(f"mixture_handoff_blend={values['mixture_handoff_blend']} (from "
+                          f"{src('mixture_handoff_blend')}) blends the hand-offs of a mixture, but mixture_boundaries is "
+                          "unset: add --mixture_boundaries, or drop mixture_handoff_blend")
+    for name in (*PER_EXPERT, "mixture_shared_steps", "mixture_overlap"):
         if values[name] is not None:
             raise ConfigError(f"{name}={show(values[name])} (from {src(name)}) sets a value per expert of a "
                               "mixture, but mixture_boundaries is unset: add --mixture_boundaries (e.g. 350 for "

@@ -44,11 +44,16 @@ class TrainingBatch:
     prompt_embeds: torch.Tensor  # [B, 77, d1 + d2]
     pooled_embeds: torch.Tensor  # [B, d_pool]
     time_ids: torch.Tensor  # [B, 6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w (refiner: [B, 5])
+    masks: torch.Tensor | None = None  # issue 23: [B, 1, h, w] loss masks on the latent grid (data/masks.py)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> "TrainingBatch":
-        return TrainingBatch(*(t.to(device=device, dtype=dtype, non_blocking=non_blocking) for t in
-                               (self.latents, self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+
+        return TrainingBatch(moved(self.latents), moved(self.prompt_embeds), moved(self.pooled_embeds),
+                             moved(self.time_ids),
+                             None if self.masks is None else self.masks.to(device=device, non_blocking=non_blocking))
 
     @property
     def size(self) -> int:
@@ -252,4 +257,5 @@ def drop_captions(batch: TrainingBatch, keep: torch.Tensor) -> TrainingBatch:
         prompt_embeds=batch.prompt_embeds * mask.view(-1, 1, 1),
         pooled_embeds=batch.pooled_embeds * mask.view(-1, 1),
         time_ids=batch.time_ids,
+        masks=batch.masks,
     )

@@ -37,6 +37,7 @@ _IMAGE_FIELDS = frozenset(
         "instance_prompt", "resolution", "resolution_type", "crop", "crop_style", "crop_aspect",
         "cache_dir_vae", "repeats", "disable_validation", "probability", "minimum_image_size",
         "maximum_image_size", "target_downsample_size", "aspect_bucket_alignment", "manifest", "exclude_file",
+        "conditioning_data", "alpha_mask",  # issue 23: loss masks
     }
 )
 _TEXT_EMBEDS_FIELDS = frozenset({"id", "type", "dataset_type", "disabled", "disable", "default", "cache_dir"})
@@ -92,6 +93,13 @@ class DatasetSpec:
     remote: S3Location | None = None  # an `aws` entry: objects are fetched into instance_data_dir (a local mirror)
     manifest: Path | None = None  # JSONL/CSV/Parquet of the images: no walk, no listing (data.manifest)
     exclude_file: Path | None = None  # images to leave out, one per line (`expertune audit --write-exclude`)
+    # issue 23 (knobs): loss masks
+    mask_dir: Path | None = None  # the folder of the `conditioning_type: mask` dataset this one names
+    alpha_mask: bool = False  # the image's own alpha channel is its loss mask (kohya's alpha_mask)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_dir is not None or self.alpha_mask
 
     @property
     def rule(self) -> BucketRule:
@@ -273,6 +281,8 @@ def load_dataloader_config(
 
     images: list[DatasetSpec] = []
     embeds: list[tuple[_Entry, bool]] = []
+    masks: dict[str, Path] = {}  # id of a conditioning_type mask dataset -> its folder
+    linked: list[_Entry] = []  # the image entries, in `images` order
     seen_ids: dict[str, int] = {}
     for index, raw in enumerate(entries):
         if not isinstance(raw, dict):
@@ -310,6 +320,9 @@ def load_dataloader_config(
             entry.warn_unknown(_IMAGE_FIELDS | (_AWS_FIELDS if backend == "aws" else frozenset()))
             remote = _s3_location(entry) if backend == "aws" else None
             images.append(_image_spec(entry, entry_id, defaults, default_cache_dir, remote))
+            linked.append(entry)
+        elif kind == "conditioning":  # issue 23: SimpleTuner's mask datasets (data/masks.py)
+            masks[entry_id] = _mask_dir(entry, backend)
         else:
             raise entry.error(
                 "dataset_type",
@@ -317,6 +330,7 @@ def load_dataloader_config(
                 "Use \"image\" (or leave it out) for images, or \"text_embeds\" for the text-embedding cache.",
             )
 
+    images = [_with_masks(spec, entry, masks) for spec, entry in zip(images, linked)]
     if not images:
         raise ConfigError(
             f"{source}: no enabled image dataset. Add an entry with \"type\": \"local\" and an "
@@ -325,6 +339,37 @@ def load_dataloader_config(
     return DataloaderConfig(
         source=source, datasets=tuple(images), text_embeds=_text_embeds_spec(source, embeds, default_cache_dir)
     )
+
+
+def _mask_dir(entry: _Entry, backend: str) -> Path:
+    """The folder of a `"dataset_type": "conditioning"` entry, which must be a local `conditioning_type: mask`."""
+    kind = entry.string("conditioning_type", default="mask")
+    if kind != "mask":
+        raise entry.error("conditioning_type", f"{kind!r} is not supported",
+                          "expertune reads conditioning datasets of type \"mask\" only (loss masks).")
+    if backend != "local":
+        raise entry.error("type", "a mask dataset in a bucket is not supported", "Use \"type\": \"local\".")
+    directory = entry.path("instance_data_dir")
+    if directory is None or not directory.is_dir():
+        raise entry.error("instance_data_dir", f"{directory} is not a directory",
+                          "Point it at the folder of the masks (one per image, same names).")
+    return directory
+
+
+def _with_masks(spec: DatasetSpec, entry: _Entry, masks: dict[str, Path]) -> DatasetSpec:
+    """`spec` with the loss masks its entry names (`conditioning_data`, `alpha_mask`)."""
+    from dataclasses import replace
+
+    linked = entry.string("conditioning_data")
+    alpha = entry.boolean("alpha_mask", default=False)
+    if linked is None and not alpha:
+        return spec
+    if linked is not None and alpha:
+        raise entry.error("alpha_mask", "and conditioning_data both give the loss masks", "Use one of them.")
+    if linked is not None and linked not in masks:
+        raise entry.error("conditioning_data", f"names {linked!r}, which is not an enabled entry with "
+                          "\"dataset_type\": \"conditioning\"", "Add the mask dataset, or fix the id.")
+    return replace(spec, mask_dir=masks[linked] if linked is not None else None, alpha_mask=alpha)
 
 
 def _s3_location(entry: _Entry) -> S3Location:

@@ -14,6 +14,7 @@ right way (16-bit scaled, not clipped; CMYK through its ICC profile; transparenc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -98,6 +99,20 @@ def plan_crop(
         crop_top_left=top_left,
         target_size=(target_h, target_w),
     )
+
+
+def mirror_plan(plan: CropPlan) -> CropPlan:
+    """The plan of the same crop taken from the horizontally mirrored image: the crop's left edge becomes
+    resized_width - crop_left - target_width (SDXL's crop coordinates of a flipped sample), the rest unchanged."""
+    top, left = plan.crop_top_left
+    return dataclasses.replace(plan, crop_top_left=(top, plan.resized_size[1] - left - plan.target_size[1]))
+
+
+def flip_chosen(seed: int, epoch: int, index: int) -> bool:
+    """Whether the item at `index` trains flipped in `epoch` (flip_images): a fair coin from a SHA-256 of
+    (seed, epoch, index) alone, so it is the same on every process and after a resume."""
+    digest = hashlib.sha256(json.dumps(["flip", int(seed), int(epoch), int(index)]).encode("utf-8")).digest()
+    return bool(digest[0] & 1)
 
 
 def _failure(path: os.PathLike | str, exc: BaseException) -> DataError:
@@ -209,8 +224,9 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -
         raise _failure(path, exc) from exc
 
 
-def image_to_tensor(image: Image.Image, plan: CropPlan) -> torch.Tensor:
-    """Resize and crop `image` by `plan`: float32 [3, H, W] in [-1, 1]."""
+def image_to_tensor(image: Image.Image, plan: CropPlan, flip: bool = False) -> torch.Tensor:
+    """Resize and crop `image` by `plan`: float32 [3, H, W] in [-1, 1]. With `flip`, the resized image is mirrored
+    before the crop, so a `mirror_plan` gives the mirror image of the unflipped plan's crop."""
     expected = (plan.original_size[1], plan.original_size[0])
     if image.size != expected:
         raise ValueError(
@@ -222,6 +238,8 @@ def image_to_tensor(image: Image.Image, plan: CropPlan) -> torch.Tensor:
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     if rgb.size != (resized_w, resized_h):
         rgb = rgb.resize((resized_w, resized_h), resample=RESAMPLE)
+    if flip:
+        rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     cropped = rgb.crop((left, top, left + target_w, top + target_h))
     array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -23,7 +23,7 @@ export DATALOADER_CONFIG="{dataloader}"
 # probably too high for whatever batch size most users can pull off.
 export LEARNING_RATE=4e-7
 # We really want this as high as you can tolerate.
-# - If training is very slow, ensure your CHECKPOINT_STEPS and VALIDATION_STEPS
+# - If training is very slow, ensure your CHECKPOINTING_STEPS and VALIDATION_STEPS
 # are set low enough that you'll get a checkpoint every couple hours.
 # - The original Segmind models used a batch size of 32 with 4 accumulations.
 export TRAIN_BATCH_SIZE=8

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertune.demo.dataset import write_dataloader_config
+from expertune.data.captioned import write_dataloader_config
 from expertune.demo.recipe import recipe_env
 from expertune.errors import ModelError
 from expertune.io_utils import atomic_write_bytes, atomic_write_json

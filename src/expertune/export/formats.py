@@ -17,25 +17,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertune.errors import ConfigError, ModelError
-from expertune.expert_format import EXPERT_FILE, MIXTURE_FILE, ExpertDescription, MixtureDescription
+from expertune.errors import ModelError
+from expertune.expert_format import (  # noqa: F401  (FORMATS, parse_formats: the export_format option's words)
+    EXPERT_FILE,
+    FORMATS,
+    MIXTURE_FILE,
+    ExpertDescription,
+    MixtureDescription,
+    parse_formats,
+)
 from expertune.io_utils import atomic_write_json, staged_directory
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "single_file")
 SINGLE_FILE_DIR = "single_file"
 WORKFLOW_FILE = "workflow_api.json"
-
-
-def parse_formats(text: str | None) -> tuple[str, ...]:
-    """`"diffusers,single_file"` → the formats, in FORMATS order; ConfigError naming an unknown one."""
-    names = [part.strip() for part in (text or "diffusers").split(",") if part.strip()]
-    unknown = [name for name in names if name not in FORMATS]
-    if unknown or not names:
-        raise ConfigError(f"export_format {text!r}: {', '.join(unknown) or 'nothing'} is not a format; use a "
-                          f"comma-separated list of {', '.join(FORMATS)}")
-    return tuple(name for name in FORMATS if name in names)
 
 
 def expert_relative_dir(model_type: str, index: int, mixture: bool) -> Path:

@@ -157,6 +157,7 @@ def denoise_chain(
     num_images_per_prompt: int = 1,
     output_type: str = "pil",
     progress: bool = False,
+    handoff_blend: int = 0,
 ) -> Any:
     """Run `stages` in order; return the last pipeline's `.images` (PIL list, or latents for "latent").
 
@@ -164,9 +165,15 @@ def denoise_chain(
     (each expert encodes them with its own text encoders) or precomputed `prompt_embeds=` etc.
     Without `latents` the first stage starts from pure noise (text-to-image); with `latents` — already
     noised to the first stage's top, as `denoising_start` expects (REFERENCE.md §4) — every stage runs
-    img2img. A stage that is not the last hands over latents.
+    img2img. A stage that is not the last hands over latents. `handoff_blend` W > 0 mixes both experts'
+    predictions over a window of W timesteps around each boundary (`infer.handoff`).
     """
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if handoff_blend:
+        from expertune.infer.handoff import blended_stages
+
+        stages = blended_stages(stages, handoff_blend)
 
     images: Any = latents
     final_vae = stages[-1].components["vae"]
@@ -306,7 +313,9 @@ class _PipelineLoader:
             self.bases[base] = self._pipeline(local_model(base))
         pipe = self.bases[base]
         name = f"expert_{index}"
-        pipe.load_lora_weights(str(expert.path), adapter_name=name)
+        from expertune.models.lora import load_adapter_expert  # LoRA / DoRA through diffusers, LoHa / LoKr peft
+
+        load_adapter_expert(pipe, expert.path, name)
         return pipe, saved_scheduler(expert.path), name
 
 

@@ -88,9 +88,10 @@ def load_chain(
 
 def run_chain(loaded: LoadedChain, prompt: str | Sequence[str], *, negative_prompt: str | None = None,
               num_inference_steps: int = 30, num_images: int = 1, seed: int = 0, height: int | None = None,
-              width: int | None = None, progress: bool = False) -> list[Any]:
+              width: int | None = None, progress: bool = False, handoff_blend: int = 0) -> list[Any]:
     """`num_images` PIL images of `prompt` (one for every expert, or one per expert in the order they were given);
-    image i starts from the noise of seed `seed + i`."""
+    image i starts from the noise of seed `seed + i`; `handoff_blend` W mixes both experts' predictions over W
+    timesteps around each boundary (`infer.handoff`)."""
     if num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {num_images}")
     prompts = per_expert_prompts(prompt, len(loaded.given))
@@ -102,7 +103,7 @@ def run_chain(loaded: LoadedChain, prompt: str | Sequence[str], *, negative_prom
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
     return list(denoise_chain(stages, stages[0].conditioning or {}, num_inference_steps=num_inference_steps,
                               generator=generators, height=height or loaded.size, width=width or loaded.size,
-                              num_images_per_prompt=num_images, progress=progress))
+                              num_images_per_prompt=num_images, progress=progress, handoff_blend=handoff_blend))
 
 
 def generate_images(
@@ -124,6 +125,7 @@ def generate_images(
     negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
     cpu_offload: bool = False,
     progress: bool = False,
+    handoff_blend: int = 0,
 ) -> list[Any]:
     """Load the chain and return `num_images` PIL images of `prompt` (see `load_chain` and `run_chain`).
 
@@ -139,7 +141,8 @@ def generate_images(
                         scheduler=scheduler, dtype=dtype, device=device, aesthetic_score=aesthetic_score,
                         negative_aesthetic_score=negative_aesthetic_score, cpu_offload=cpu_offload)
     return run_chain(loaded, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                     num_images=num_images, seed=seed, height=height, width=width, progress=progress)
+                     num_images=num_images, seed=seed, height=height, width=width, progress=progress,
+                     handoff_blend=handoff_blend)
 
 
 def generate_prompt_set(loaded: LoadedChain, prompts: Mapping[str, str], **options: Any) -> dict[str, list[Any]]:

@@ -68,6 +68,9 @@ def save_kohya_lora(lora_file: str | os.PathLike, destination: str | os.PathLike
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    if not Path(lora_file).is_file() and (Path(lora_file).parent / "adapter_config.json").is_file():
+        raise ModelError(f"{Path(lora_file).parent} holds LoHa / LoKr adapters (peft's layout), which expertune does "
+                         "not convert to the kohya layout: export it in the diffusers format only (issue 23)")
     with safe_open(str(lora_file), "pt") as handle:
         weights = {key: handle.get_tensor(key) for key in handle.keys()}
         stored = handle.metadata()

@@ -251,7 +251,7 @@ def model_folder(source: str, *, single_file_config: str | None = None, cache_di
     if not is_single_file(source):
         return source
     if cache_dir is None:
-        from expertune.config.schema import default_cache_dir
+        from expertune.io_utils import default_cache_dir
 
         cache_dir = default_cache_dir()
     return str(materialise(source, cache_dir=cache_dir, single_file_config=single_file_config))

@@ -193,7 +193,8 @@ def save_job_checkpoint(output_dir: Path, states: Sequence[TrainingState], confi
 def check_finite(weights: dict[str, torch.Tensor], state: TrainingState, who: str, step: int) -> None:
     """Refuse weights (or EMA weights) holding NaN or infinity: they must never reach a checkpoint or an export."""
     bad = next((name for name, value in weights.items()
-                if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+                if type(value) in (torch.Tensor, torch.nn.Parameter)  # a quantised frozen base (torchao) is skipped
+                and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
     if bad is None and state.ema is not None:
         shadow = state.ema.state_dict()["shadow_params"]
         bad = next((f"EMA weight {i}" for i, value in enumerate(shadow) if not bool(torch.isfinite(value).all())),

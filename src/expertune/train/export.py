@@ -13,6 +13,7 @@ from expertune.io_utils import atomic_write_json
 from expertune.models.lora import save_lora_expert
 from expertune.models.sdxl import make_scheduler, save_expert_pipeline
 from expertune.train import device as device_settings
+from expertune.train.knobs import knobs_summary
 from expertune.train.runtime import library_versions, peak_memory_gib
 from expertune.train.setup import ExpertRun, Run
 from expertune.train.signals import pause_point
@@ -47,9 +48,10 @@ def export_experts(run: Run, finals: list[Any | None]) -> list[ExpertDescription
         descriptions.append(export_expert(run, expert, final))
         pause_point("export")  # tests: a kill between two experts' exports
     if run.is_mixture and run.is_main:
-        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), e.band,
-                                      run.config.model.model_type) for e in run.experts)
-        MixtureDescription(members, run.schedule.describe()).write(run.output_dir)
+        members = tuple(MixtureMember(str(expert_dir_for(run, e).relative_to(run.output_dir)), run.own_band(e),
+                                      run.config.model.model_type, run.widened_band(e)) for e in run.experts)
+        blend = run.plan.handoff_blend if run.plan is not None else 0
+        MixtureDescription(members, run.schedule.describe(), blend).write(run.output_dir)
     if run.is_main and "single_file" in parse_formats(run.config.train.export_format):
         write_single_files(run.output_dir, precision=run.config.train.export_precision, name=run.output_dir.name)
     return descriptions
@@ -72,10 +74,11 @@ def export_on_interrupt(run: Run) -> None:
 
 def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescription:
     """Save the expert (main process) and return its expert.json description."""
-    config, components, schedule = run.config, run.components_of(expert), run.schedule
+    config, components, schedule = run.config, expert.components, run.schedule
     description = ExpertDescription(
-        expert.band, schedule.describe(), model_type=config.model.model_type, base_model=components.source,
-        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained")
+        run.own_band(expert), schedule.describe(), model_type=config.model.model_type, base_model=components.source,
+        weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained",
+        training_band=run.widened_band(expert), training=knobs_summary(run.config_of(expert)))  # issue 23
     if not run.is_main:
         return description
     scheduler = make_scheduler(components.scheduler_class, schedule.scheduler_config(components.scheduler_config))
@@ -126,10 +129,11 @@ def write_summary(run: Run, descriptions: list[ExpertDescription], validation_fi
         del summary["expert"], summary["final"], summary["loss_weight"]
         summary["mixture"] = {
             "schedule": run.config.mixture.mixture_schedule,
+            "shared_steps": run.shared.steps if run.shared is not None else 0,  # --mixture_shared_steps
             "experts": [{"expert": d.to_json(), "path": str(expert_dir_for(run, e).relative_to(run.output_dir)),
                          "steps": e.state.step, "final": e.last_record, "loss_weight": expert_weight_summary(e),
-                         "learning_rate": e.config.train.learning_rate if e.config else None,
-                         "model": run.components_of(e).source, "cache": run.data_of(e).cache_stats}
+                         "learning_rate": e.settings.learning_rate,
+                         "model": e.components.source, "cache": e.prepared.cache_stats}
                         for e, d in zip(run.experts, descriptions)],
         }
     atomic_write_json(run.output_dir / "run.json", summary)

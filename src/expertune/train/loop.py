@@ -19,11 +19,14 @@ from expertune.config import Config
 from expertune.data.batches import MicroBatch, drop_captions
 from expertune.errors import NonFiniteError, TrainingInterrupted
 from expertune.experts import ExpertBand
+from expertune.objective.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.prepare import PreparedData
 from expertune.run_folder import checkpoints_dir, disk_full_is_a_stop
+from expertune.train.branch import branch
 from expertune.train.checkpoint import DataPosition, check_finite
 from expertune.train.checkpointer import Checkpointer
 from expertune.train.export import export_experts, export_on_interrupt, final_weights, result_dir, write_summary
-from expertune.train.loss import TrainingBatch, denoising_loss, draw_randomness
+from expertune.train.knobs import distribution_for, loss_type_for, perturbation_for
 from expertune.train.offload import ActiveExpert
 from expertune.train.periodic import PeriodicValidation
 from expertune.train.prefetch import BatchFeed, load_batch  # noqa: F401  (load_batch: re-exported)
@@ -76,6 +79,8 @@ def _train(run: Run) -> RunResult:
     with StopRequests(run.output_dir) as stop, progress, ActiveExpert(run) as active, \
             BatchFeed(run, config.train.prefetch_batches) as feed:
         while run.step < run.total_steps:
+            if run.shared is not None and run.shared.due(run.step):
+                branch(run)  # --mixture_shared_steps: the experts branch from the trunk (train/branch.py)
             expert = active.take(run.next_expert())
             tail = train_step(run, expert, meter, feed)
             updated = bool(expert.last_record)
@@ -147,11 +152,15 @@ def train_step(run: Run, expert: ExpertRun, meter: StepMeter | None = None, feed
     stratified = run.config.band.timestep_sampling == "stratified"
     step_loss = torch.zeros((), dtype=torch.float64)
     step_timesteps = []
+    knobs = run.config_of(expert)  # issue 23: its loss type, timestep distribution, perturbation and masks
     for position, (micro, host_batch) in enumerate(pairs):
         batch = feed.to_device(host_batch, expert.strategy.input_dtype())
-        draws = draw_randomness(expert.band, expert.state.generator, micro.global_size,
+        draws = draw_randomness(expert.training_band, expert.state.generator, micro.global_size,
                                 tuple(batch.latents.shape[1:]), run.config.data.caption_dropout_probability,
-                                stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability)
+                                stratified, t.noise_offset if t.offset_noise else 0.0, t.noise_offset_probability,
+                                distribution_for(knobs), perturbation_for(knobs, expert.state.step),
+                                knobs.train.masked_loss_probability
+                                if batch.masks is not None else None)
         mine = draws.for_rank(accelerator.process_index, accelerator.num_processes)
         batch = drop_captions(batch, mine.keep_caption)
         clock.mark("data")
@@ -161,7 +170,9 @@ def train_step(run: Run, expert: ExpertRun, meter: StepMeter | None = None, feed
                         batch.pooled_embeds.shape[-1], unet_class, clock)
         with expert.strategy.micro_step(accelerator, expert.unet, position == len(group) - 1), \
                 accelerator.autocast():
-            out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights)
+            out = denoising_loss(expert.unet, batch, run.schedule, mine, weights=expert.weights,
+                                 loss_type=loss_type_for(knobs),
+                                 use_masks=mine.use_masks)
             weight = batch.size / samples
             accelerator.backward(out.loss * (weight * expert.strategy.loss_scale))
         clock.mark("compute")
@@ -189,6 +200,8 @@ def train_step(run: Run, expert: ExpertRun, meter: StepMeter | None = None, feed
     record: dict[str, Any] = {"step": run.step}
     if run.is_mixture:
         record.update(expert=expert.index, expert_step=step)
+        if run.shared is not None and not run.shared.branched:
+            record["shared"] = True  # the trunk of a shared start trains this step
     record |= {
         "epoch": tail.epoch,
         "loss": float(step_loss),
@@ -225,7 +238,7 @@ def _skip(run: Run, expert: ExpertRun, step: int, group: list[MicroBatch]) -> Mi
         raise NonFiniteError(f"a non-finite loss or gradient norm at step {run.step + 1} under DeepSpeed, whose "
                              "engine steps inside backward: the update cannot be skipped, so the run stops without "
                              "a checkpoint. Resume from the last one with a lower --learning_rate")
-    prepared = run.data_of(expert)
+    prepared = expert.prepared
     items = [str(prepared.items[i].record.remote_key or prepared.items[i].record.path)
              for micro in group for i in micro.indices]
     run.nonfinite_streak += 1

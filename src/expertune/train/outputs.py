@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from expertune.errors import ConfigError, ExpertuneError, StorageError
-from expertune.data.prepare import PreparedData
+from expertune.prepare import PreparedData
 from expertune.run_folder import RunLock, remove_leftovers
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "pipeline", "lora", "checkpoints", "mixture.json")

@@ -54,10 +54,11 @@ class PeriodicValidation:
 
     def _validate(self, run: Run, unets: list[Any], step: int) -> list[Path]:
         written: list[Path] = []
-        if run.is_mixture:
-            run.experts[0].validator.chain_with = [(unet, e.validator) for unet, e in zip(unets, run.experts)]
         for expert, unet in zip(run.experts, unets):
-            written += expert.validator.run(unet, step)
+            if expert.validator.chain:  # the first expert of a mixture draws the chain, with the later experts' UNets
+                written += expert.validator.run(unet, step, unets[1:])
+            else:
+                written += expert.validator.run(unet, step)
         if run.is_mixture and run.is_main:
             log_mixture_loss(run, step)
         return written

@@ -24,23 +24,31 @@ import torch
 from expertune.data.batches import MicroBatch, TrainingBatch, caption_for, collate
 
 if TYPE_CHECKING:
-    from expertune.data.prepare import PreparedData
+    from expertune.prepare import PreparedData
     from expertune.train.setup import ExpertRun, Run
 
 
 def load_batch(prepared: PreparedData, micro: MicroBatch, pin: bool = False) -> TrainingBatch:
-    """The micro-batch's cached latents, time ids and embeddings, stacked (in page-locked memory when `pin`)."""
-    latents, time_ids, embeds = [], [], []
+    """The micro-batch's cached latents (flipped ones where the epoch's coin says so), time ids, embeddings and loss
+    masks when the data has them, stacked (in page-locked memory when `pin`)."""
+    latents, time_ids, embeds, masks = [], [], [], []
+    masked = prepared.mask_cache is not None and any(prepared.items[i].spec.has_masks for i in micro.indices)
     for index in micro.indices:
         item = prepared.items[index]
-        latent, ids = prepared.latent_cache.load(item.record, item.spec)
+        flipped = prepared.latent_cache.flips_at(micro.epoch, index)  # issue 23: --flip_images
+        latent, ids = prepared.latent_cache.load(item.record, item.spec, flipped)
         latents.append(latent)
         time_ids.append(ids)
         embeds.append(prepared.embed_cache.load(caption_for(item, micro.epoch)))
+        if masked and prepared.mask_cache is not None:
+            masks.append(prepared.mask_cache.load(item.record, item.spec, flipped))
     batch = collate(latents, time_ids, embeds)
+    if masks:
+        batch.masks = torch.stack(masks)
     if pin:
-        batch = TrainingBatch(*(t.pin_memory() for t in
-                                (batch.latents, batch.prompt_embeds, batch.pooled_embeds, batch.time_ids)))
+        batch = TrainingBatch(batch.latents.pin_memory(), batch.prompt_embeds.pin_memory(),
+                              batch.pooled_embeds.pin_memory(), batch.time_ids.pin_memory(),
+                              None if batch.masks is None else batch.masks.pin_memory())
     return batch
 
 
@@ -85,7 +93,7 @@ class BatchFeed:
         """The expert's next `count` micro-batches and their batches (on the host; `to_device` copies them)."""
         stream = expert.stream
         assert stream is not None
-        prepared = self.run.data_of(expert)
+        prepared = expert.prepared
         pending = self.ahead.pop(expert.index, None)
         micros: list[MicroBatch] = []
         batches: list[TrainingBatch] = []

@@ -21,13 +21,15 @@ from typing import Any
 import torch
 
 from expertune.config import Config, required
-from expertune.config.schema import FIELDS
+from expertune.config.plan import ExpertSettings, MixturePlan
 from expertune.data.batches import Bucket, MicroBatch, batches_per_epoch, epoch_batches, micro_batches
-from expertune.data.prepare import PreparedData, prepare_data
+from expertune.prepare import PreparedData, prepare_data
 from expertune.errors import ConfigError
-from expertune.mixture import expert_sources, per_expert, plan_bands, step_owners, steps_per_expert
+from expertune.mixture import steps_per_expert
 from expertune.experts import ExpertBand, band_from_settings
-from expertune.models.lora import add_lora_adapters
+from expertune.models.adapters import adapter_spec
+from expertune.models.lora import add_adapters
+from expertune.models.quantize import quantize_frozen_base
 from expertune.models.sdxl import SDXLComponents, load_components
 from expertune.run_folder import RunLock
 from expertune.schedule import NoiseSchedule
@@ -42,12 +44,15 @@ from expertune.train.checkpoint import (
     resume_requested,
 )
 from expertune.train import device as device_settings
+from expertune.train.branch import SharedStart, become_expert
 from expertune.train.ema import ExponentialMovingAverage
 from expertune.train.resume_check import check_resume_compatible
 from expertune.train.metrics import MetricsLog, truncate_metrics
+from expertune.train.fused import StepInBackward
+from expertune.train.knobs import check_distribution
 from expertune.train.optim import build_lr_scheduler, build_optimizer
 from expertune.train.trackers import init_trackers, log_with
-from expertune.train.weighting import WeightTable, resolve_weighting
+from expertune.objective.weighting import WeightTable, resolve_weighting
 from expertune.train.outputs import check_output_dir, lock_output_dir, run_identity
 from expertune.train.runtime import has_accelerator, tracker_config
 from expertune.train.strategy import (
@@ -91,56 +96,18 @@ def expert_band_for(config: Config, num_train_timesteps: int) -> ExpertBand:
 
 def expert_bands_for(config: Config, schedule: NoiseSchedule) -> list[ExpertBand]:
     """The bands this job trains, in chain order: the mixture plan's, or the one band of a single expert."""
-    plan = config.mixture.mixture_boundaries
+    plan = config.mixture_plan
     if plan is None:
         return [expert_band_for(config, schedule.num_train_timesteps)]
-    try:
-        return plan_bands(plan, schedule.alphas_cumprod)
-    except ValueError as error:
-        raise ConfigError(f"mixture plan: {error}") from None
+    return plan.bands(schedule.alphas_cumprod)
 
 
-def expert_config(config: Config, index: int, count: int) -> Config:
-    """`config` as expert `index` of `count` sees it: the per-expert learning rate, loss weighting and EMA
-    decay of a mixture (`expert_*` options) in place of the shared ones."""
-    mix, t = config.mixture, config.train
-    if count == 1 and config.mixture.mixture_boundaries is None:
-        return config
-    weightings = FIELDS["loss_weighting"].choices or ()
-
-    def weighting(text: str) -> str | None:
-        if text in ("", "default"):
-            return None
-        if text not in weightings:
-            raise ValueError(f"not one of: {', '.join(weightings)}")
-        if text == "min_snr" and t.snr_gamma is None:
-            raise ValueError("min_snr needs --snr_gamma")
-        return text
-
-    try:
-        lr = per_expert(mix.expert_learning_rates, count, "expert_learning_rates", _positive, t.learning_rate)
-        loss = per_expert(mix.expert_loss_weightings, count, "expert_loss_weightings", weighting, t.loss_weighting)
-        decay = per_expert(mix.expert_ema_decays, count, "expert_ema_decays", _unit_interval, t.ema_decay)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if mix.expert_ema_decays is not None and not t.use_ema:
-        raise ConfigError(f"expert_ema_decays={mix.expert_ema_decays!r} needs --use_ema")
-    train = replace(t, learning_rate=lr[index], loss_weighting=loss[index], ema_decay=decay[index])
-    return replace(config, train=train)
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be > 0")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise ValueError("must be in (0, 1)")
-    return value
+def expert_settings(config: Config, count: int) -> list[ExpertSettings]:
+    """Each expert's resolved settings: the mixture plan's, or the shared options for a single expert."""
+    plan = config.mixture_plan
+    if plan is None:
+        return [ExpertSettings.shared(config.flat())] * count
+    return list(plan.experts)
 
 
 def total_optimizer_steps(config: Config, buckets: int | Sequence[Bucket], world_size: int) -> int:
@@ -152,29 +119,31 @@ def total_optimizer_steps(config: Config, buckets: int | Sequence[Bucket], world
     return max(1, -(-micro // t.gradient_accumulation_steps))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExpertRun:
-    """One expert being trained: its band, weights, optimizer, EMA, data position and validator."""
+    """One expert being trained: its band, resolved settings, model and data, weights, optimizer, EMA, data
+    position and validator."""
 
     index: int  # place in the chain (0: the expert that starts from pure noise)
     band: ExpertBand
+    training_band: ExpertBand  # where its timesteps are drawn: the band, widened by --mixture_overlap
+    settings: ExpertSettings  # its learning rate, loss weighting, EMA decay and model (config/plan.py)
     plan: ValidationPlan
+    components: SDXLComponents  # the model it started from (the run's, or its `expert_models` entry)
+    prepared: PreparedData  # the run's data with that model's text embeddings and time ids
     unet: Any  # as accelerate prepared it (what forward/backward and clipping see)
     optimizer: Any
     lr_scheduler: Any
     strategy: Replicated  # how the UNet is spread over processes
     ema: ExponentialMovingAverage | None
     state: TrainingState  # what a checkpoint captures
+    weights: WeightTable  # the expert's loss weighting over the schedule (objective/weighting.py)
+    total_steps: int  # this expert's own optimizer steps in the job
+    bf16_weights: bool = False  # the UNet is held in bfloat16 (optimizer=adamw_bf16)
     stream: Iterator[MicroBatch] | None = None
     validator: Any = None  # validate.samples.Validator, made once the metrics log exists
     last_record: dict[str, Any] = field(default_factory=dict)
     layout_epoch: int | None = None  # the epoch whose order `state.epoch_order` holds
-    weights: WeightTable | None = None  # the expert's loss weighting over the schedule (train/weighting.py)
-    bf16_weights: bool = False  # the UNet is held in bfloat16 (optimizer=adamw_bf16)
-    config: Config | None = None  # the run's config as this expert sees it (`expert_config`)
-    total_steps: int = 0  # this expert's own optimizer steps in the job
-    components: SDXLComponents | None = None  # a mixture expert's own model (`expert_models`); None: the run's
-    prepared: PreparedData | None = None  # the run's data with that model's text embeddings and time ids
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -186,7 +155,7 @@ class ExpertRun:
         return [p for p in self.trained.parameters() if p.requires_grad]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """What the whole job shares; `experts` are the experts it trains, in chain order (one, or a mixture)."""
 
@@ -203,7 +172,9 @@ class Run:
     metrics: MetricsLog
     experts: list[ExpertRun]
     started: float
+    plan: MixturePlan | None = None  # the mixture plan (config/plan.py); None for a single expert
     owners: list[int] = field(default_factory=list)  # the expert of each job step (a mixture; mixture.py)
+    shared: SharedStart | None = None  # a shared start before the split (train/branch.py)
     first_step_at: float | None = None
     lock: RunLock = field(default_factory=lambda: RunLock(Path(".")))  # held (main process) while the run lasts
     nonfinite_streak: int = 0  # updates skipped in a row for a non-finite loss or gradient norm
@@ -214,7 +185,7 @@ class Run:
 
     @property
     def is_mixture(self) -> bool:
-        return self.config.mixture.mixture_boundaries is not None
+        return self.plan is not None
 
     @property
     def expert(self) -> ExpertRun:
@@ -227,11 +198,21 @@ class Run:
         """Job steps done: each trains exactly one expert, so the sum of the experts' own steps."""
         return sum(expert.state.step for expert in self.experts)
 
-    def components_of(self, expert: ExpertRun) -> SDXLComponents:
-        return expert.components or self.components
+    def own_band(self, expert: ExpertRun) -> ExpertBand:
+        """The band the expert is saved and validated with: its own, also while expert 0 is the shared start's trunk."""
+        return self.shared.band if self.shared is not None and expert.index == 0 else expert.band
 
-    def data_of(self, expert: ExpertRun) -> PreparedData:
-        return expert.prepared or self.prepared
+    def config_of(self, expert: ExpertRun) -> Config:
+        """The run's config with the expert's own settings applied (`ExpertSettings.applied_to`): what its
+        training knobs (loss type, timestep distribution, perturbation, masks; train/knobs.py) are read from."""
+        return replace(self.config, train=expert.settings.applied_to(self.config.train))
+
+    def widened_band(self, expert: ExpertRun) -> ExpertBand | None:
+        """The band the expert trains on when an overlap widens its own (expert.json's training_timestep_range)."""
+        plan = self.plan
+        if plan is None or plan.overlap is None:
+            return None
+        return plan.training_bands(self.schedule.alphas_cumprod)[expert.index]
 
     def next_expert(self) -> ExpertRun:
         """The expert that trains the next job step."""
@@ -283,8 +264,11 @@ def _trainable_unet(config: Config, unet: Any) -> Any:
     unet.train()
     m = config.model
     if m.model_type == "lora":
-        count = add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
-        log.info("training LoRA adapters (rank %d): %.2fM parameters", m.lora_rank, count / 1e6)
+        quantize_frozen_base(unet, m.base_model_precision)  # issue 23: int8 base under the adapters
+        spec = adapter_spec(m)  # issue 23: LoRA, DoRA, LoHa, LoKr
+        count = add_adapters(unet, spec)
+        log.info("training %s adapters (rank %d): %.2fM parameters", spec.describe()["adapter"], spec.rank,
+                 count / 1e6)
     else:
         unet.requires_grad_(True)
     if config.train.gradient_checkpointing:
@@ -302,13 +286,17 @@ def _device_settings(config: Config, accelerator: Any, unet: Any) -> bool:
     return bf16_weights
 
 
-def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, plan: ValidationPlan,
-                 total_steps: int, weights: WeightTable, index: int = 0) -> ExpertRun:
-    """The expert's trainable UNet, optimizer, LR schedule and EMA, prepared by accelerate; state at step 0."""
-    t = config.train
+def build_expert(config: Config, accelerator: Any, unet: Any, *, index: int, band: ExpertBand,
+                 training_band: ExpertBand, settings: ExpertSettings, plan: ValidationPlan, components: SDXLComponents, prepared: PreparedData,
+                 total_steps: int, weights: WeightTable) -> ExpertRun:
+    """The expert's trainable UNet, optimizer, LR schedule and EMA (with its own settings), prepared by accelerate;
+    state at step 0."""
+    t = settings.applied_to(config.train)
     unet = _trainable_unet(config, unet)
     bf16_weights = _device_settings(config, accelerator, unet)
-    optimizer = build_optimizer(unet.parameters(), t, accelerator.device)
+    optimizer = (StepInBackward(unet.parameters(), lambda params: build_optimizer(params, t, accelerator.device))
+                 if t.optimizer_release_gradients  # issue 23
+                 else build_optimizer(unet.parameters(), t, accelerator.device))
     lr_scheduler = build_lr_scheduler(optimizer, t, total_steps, processes=accelerator.num_processes)
     if accelerator.distributed_type.value == "DEEPSPEED":
         configure_deepspeed(accelerator, config)
@@ -318,15 +306,22 @@ def build_expert(config: Config, accelerator: Any, unet: Any, band: ExpertBand, 
     ema = None
     if t.use_ema:
         trainable = [p for p in strategy.unet.parameters() if p.requires_grad]
-        ema = ExponentialMovingAverage(trainable, t.ema_decay, "cpu" if t.ema_device == "cpu" else accelerator.device)
+        ema = ExponentialMovingAverage(trainable, settings.ema_decay,
+                                       "cpu" if t.ema_device == "cpu" else accelerator.device)
     # One generator, the same on every rank: each rank draws the whole global batch's timesteps, noise and
     # caption dropout and takes its own slice (see StepRandomness), so results do not depend on world size.
     generator = torch.Generator().manual_seed(t.seed)
     state = TrainingState(step=0, data=DataPosition(0, 0, 0), unet=strategy.unet, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, generator=generator, epoch_order=[], ema=ema,
                           strategy=strategy)
-    return ExpertRun(index, band, plan, unet, optimizer, lr_scheduler, strategy, ema, state, weights=weights,
-                     bf16_weights=bf16_weights, config=config, total_steps=total_steps)
+    return ExpertRun(index=index, band=band, training_band=training_band, settings=settings, plan=plan, components=components, prepared=prepared,
+                     unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, strategy=strategy, ema=ema,
+                     state=state, weights=weights, total_steps=total_steps, bf16_weights=bf16_weights)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The job step a checkpoint was saved at."""
+    return int(read_checkpoint_document(path)["step"])
 
 
 def resume(config: Config, path: Path, states: list[TrainingState], *, snapshot: dict[str, Any],
@@ -346,24 +341,18 @@ def resume(config: Config, path: Path, states: list[TrainingState], *, snapshot:
     log.info("resumed from %s at step %d (epoch %d)", path, sum(s.step for s in states), states[0].data.epoch)
 
 
-def loss_weights(config: Config, schedule: NoiseSchedule, band: ExpertBand) -> WeightTable:
+def loss_weights(config: Config, schedule: NoiseSchedule, band: ExpertBand, settings: ExpertSettings) -> WeightTable:
     """The expert's loss weighting, logged with its mean over the band; a warning when it starves the band."""
     t = config.train
-    weights = WeightTable.build(schedule.alphas_cumprod, resolve_weighting(t.loss_weighting, t.snr_gamma),
+    weights = WeightTable.build(schedule.alphas_cumprod, resolve_weighting(settings.loss_weighting, t.snr_gamma),
                                 schedule.prediction_type, t.snr_gamma)
     summary = weights.band_summary(band.lo, band.hi)
     log.info("loss weighting %s: mean weight %.4g over the band (min %.4g, max %.4g)", weights.weighting,
              summary["mean"], summary["min"], summary["max"])
     if (starved := weights.starvation(band.lo, band.hi)) is not None:
         log.warning(starved)
+    check_distribution(config, band)  # issue 23
     return weights
-
-
-def _under_autocast(run: Any, accelerator: Any) -> Any:
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with accelerator.autocast():
-            return run(*args, **kwargs)
-    return wrapped
 
 
 def setup_run(config: Config) -> Run:
@@ -395,6 +384,11 @@ def _build_run(config: Config, accelerator: Any, output_dir: Path, started: floa
                        if resuming else None)
     torch.manual_seed(t.seed)
     convert_single_files(config, accelerator)
+    plan = config.mixture_plan
+    if plan is not None:  # where the boundaries fall, from the scheduler config alone: refused before any weights load
+        alphas = noise_schedule_for(config, scheduler_config_of(config)).alphas_cumprod
+        plan.training_bands(alphas)
+        plan.check_blend(plan.bands(alphas))
     with whole_model_loading(accelerator):  # ZeRO-3 must not partition the frozen models nor the UNet yet
         m = config.model
         components = load_components(required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path"),
@@ -404,13 +398,14 @@ def _build_run(config: Config, accelerator: Any, output_dir: Path, started: floa
     for warning in schedule.warnings():
         log.warning(warning)
     bands = expert_bands_for(config, schedule)
+    training = plan.training_bands(schedule.alphas_cumprod) if plan is not None else bands
     if len(bands) > 1:
         check_mixture_engine(config, accelerator)
     log.info("expert band%s %s of %d timesteps, prediction_type=%s, zero-terminal SNR=%s",
              "s" if len(bands) > 1 else "", ", ".join(map(str, bands)), schedule.num_train_timesteps,
              schedule.prediction_type, schedule.rescale_betas_zero_snr)
-    configs = [expert_config(config, k, len(bands)) for k in range(len(bands))]
-    weights = [loss_weights(c, schedule, band) for c, band in zip(configs, bands)]
+    settings = expert_settings(config, len(bands))
+    weights = [loss_weights(config, schedule, band, s) for s, band in zip(settings, bands)]
     with whole_model_loading(accelerator):  # refuses a bad peer early
         plans = [build_plan(config, band, schedule, output_dir, device=accelerator.device) for band in bands]
     for frozen in components.frozen_modules():  # (no text encoder 1 in the SDXL refiner layout)
@@ -423,17 +418,24 @@ def _build_run(config: Config, accelerator: Any, output_dir: Path, started: floa
     for model in {id(m): m for m in [components, *models]}.values():
         model.release_text_encoders()
     total_steps = total_optimizer_steps(config, prepared.buckets, accelerator.num_processes)
-    mix = config.mixture
-    owners = (step_owners(mix.mixture_schedule, bands, total_steps, switch_every=mix.mixture_switch_every, seed=t.seed)
-              if len(bands) > 1 else [])
-    shares = steps_per_expert(owners, len(bands)) if owners else [total_steps]
-    experts = [build_expert(c, accelerator, unet, band, plan, share, w, index=k)
-               for k, (c, unet, band, plan, share, w) in enumerate(zip(configs, expert_unets(models), bands, plans,
-                                                                       shares, weights))]
-    for expert, model, view in zip(experts, models, views):
-        if model is not components:
-            expert.components, expert.prepared = model, view
+    shared_steps = plan.shared.resolve(total_steps) if plan is not None and plan.shared is not None else 0
+    after = plan.owners(bands, total_steps - shared_steps, t.seed) if plan is not None else []
+    owners = [0] * shared_steps + after  # the trunk is expert 0 during the shared phase (train/branch.py)
+    shares = steps_per_expert(after, len(bands)) if owners else [total_steps]
+    shared = None
+    if shared_steps:  # expert 0 starts as the trunk: the union of the bands, the shared settings, S steps
+        shared = SharedStart(shared_steps, bands[0], training[0], settings[0], weights[0], shares[0])
+        trunk = ExpertSettings.shared(config.flat())
+        full = ExpertBand.full(schedule.num_train_timesteps)
+        bands, settings, training = [full, *bands[1:]], [trunk, *settings[1:]], [full, *training[1:]]
+        weights, shares = [loss_weights(config, schedule, full, trunk), *weights[1:]], [shared_steps, *shares[1:]]
+    experts = [build_expert(config, accelerator, unet, index=k, band=bands[k], training_band=training[k],
+                            settings=settings[k], plan=plans[k],
+                            components=models[k], prepared=views[k], total_steps=shares[k], weights=weights[k])
+               for k, unet in enumerate(expert_unets(models))]
     identity, snapshot = run_identity(prepared, components.source), config.to_dict()
+    if shared is not None and checkpoint_path is not None and checkpoint_step(checkpoint_path) > shared.steps:
+        become_expert(experts[0], shared, shared.settings.applied_to(t), accelerator)  # resumed after the split
     if checkpoint_path is not None:
         resume(config, checkpoint_path, [e.state for e in experts], snapshot=snapshot, identity=identity,
                prepared=prepared, world_size=accelerator.num_processes, scaler=getattr(accelerator, "scaler", None))
@@ -446,22 +448,26 @@ def _build_run(config: Config, accelerator: Any, output_dir: Path, started: floa
     if accelerator.is_main_process and config.logging.report_to != "none":
         init_trackers(accelerator, config, tracker_config(config))
     metrics = MetricsLog(output_dir / "metrics.jsonl")
-    run = Run(config, accelerator, output_dir, components, schedule, prepared, identity, total_steps, snapshot,
-              checkpoint_path, metrics, experts, started, owners=owners)
+    run = Run(config=config, accelerator=accelerator, output_dir=output_dir, components=components, schedule=schedule,
+              prepared=prepared, identity=identity, total_steps=total_steps, config_snapshot=snapshot,
+              checkpoint_path=checkpoint_path, metrics=metrics, experts=experts, started=started, plan=plan,
+              owners=owners, shared=shared)
+    attach_validators(run)
     for expert in experts:
-        attach_validator(run, expert)
         expert.stream = run.stream_after(expert.state.data.micro_batches_consumed)
         expert.layout_epoch = expert.state.data.epoch if expert.state.epoch_order else None
     if len(experts) > 1:
-        log.info("mixture of %d experts, schedule %s: steps per expert %s", len(experts), mix.mixture_schedule,
-                 ", ".join(str(s) for s in shares))
+        log.info("mixture of %d experts, schedule %s: steps per expert %s%s", len(experts),
+                 config.mixture.mixture_schedule, ", ".join(str(s) for s in (shared and [shared.total_steps, *shares[1:]]
+                                                                             or shares)),
+                 f", after {shared.steps} shared steps" if shared else "")
     return run
 
 
 def convert_single_files(config: Config, accelerator: Any) -> None:
     """Single-file checkpoints among the run's models are converted by the main process first (issue 19); the
     other processes then find the converted folders instead of writing them too."""
-    from expertune.data.prepare import expert_model_sources
+    from expertune.prepare import expert_model_sources
     from expertune.models.sdxl import model_folder
     from expertune.models.single_file_in import is_single_file
 
@@ -475,15 +481,30 @@ def convert_single_files(config: Config, accelerator: Any) -> None:
                          cache_dir=config.resolved_cache_dir())
 
 
-def attach_validator(run: Run, expert: ExpertRun) -> None:
-    """The expert's validator (its images in a folder and metrics under keys of its own in a mixture)."""
+def attach_validators(run: Run) -> None:
+    """Each expert's validator (its images in a folder and metrics under keys of its own in a mixture); in a
+    mixture the first expert's validator also draws the whole chain, through the others' validators."""
     from expertune.validate.samples import Validator
 
-    expert.validator = Validator(expert.config or run.config, expert.plan, run.components_of(expert), run.schedule,
-                                 expert.band, run.data_of(expert), run.accelerator, run.output_dir, run.metrics,
-                                 expert_index=expert.index if run.is_mixture else None)
-    if expert.bf16_weights:  # the pipelines feed float32 latents: autocast casts them for the bfloat16 UNet
-        expert.validator.run = _under_autocast(expert.validator.run, run.accelerator)
+    made: list[Validator] = []
+    for expert in reversed(run.experts):  # the later experts first: the first expert's validator chains them
+        expert.validator = Validator(
+            run.config, expert.plan, expert.components, run.schedule, run.own_band(expert), expert.prepared,
+            run.accelerator, run.output_dir, run.metrics, expert_index=expert.index if run.is_mixture else None,
+            chain=list(reversed(made)) if run.is_mixture and expert.index == 0 else (),
+            autocast=expert.bf16_weights,  # bfloat16 weights: autocast casts the pipelines' float32 latents
+            handoff_blend=run.plan.handoff_blend if run.plan is not None and expert.index == 0 else 0)
+        made.append(expert.validator)
+
+
+def scheduler_config_of(config: Config) -> dict[str, Any]:
+    """The run's model's scheduler config, read without loading the model (to check the mixture plan first)."""
+    from expertune.models.sdxl import model_folder, read_scheduler_config
+
+    m = config.model
+    source = required(m.pretrained_model_name_or_path, "pretrained_model_name_or_path")
+    folder = model_folder(source, single_file_config=m.single_file_config, cache_dir=config.resolved_cache_dir())
+    return read_scheduler_config(folder, revision=m.revision if folder == source else None)
 
 
 def check_mixture_engine(config: Config, accelerator: Any) -> None:
@@ -505,12 +526,9 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
     that starts from pure noise."""
     if len(bands) == 1:
         return [components]
-    mix = config.mixture
-    assert mix.mixture_boundaries is not None  # several bands come from a plan
-    try:
-        sources = expert_sources(mix.mixture_boundaries, mix.expert_models, components.source)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    plan = config.mixture_plan
+    assert plan is not None  # several bands come from a plan
+    sources = plan.model_sources(config.model.pretrained_model_name_or_path, components.source)
     loaded = {components.source: components}
     result = []
     for k, (source, band) in enumerate(zip(sources, bands)):
@@ -527,6 +545,10 @@ def expert_components(config: Config, components: SDXLComponents, bands: list[Ex
             raise ConfigError(f"expert_models entry {k} ({source}) has the SDXL refiner layout, and expert {k} owns "
                               f"{band}, which starts from pure noise: a refiner only continues a chain. Give that band "
                               "a base-layout model (the refiner usually takes the last, low-noise band)")
+        if model.is_refiner and plan.handoff_blend:
+            raise ConfigError(f"mixture_handoff_blend={plan.handoff_blend}: expert_models entry {k} ({source}) has the "
+                              "SDXL refiner layout, and a blended hand-off runs two experts on one stage's text "
+                              "conditioning: drop mixture_handoff_blend, or give every expert a base-layout model")
         result.append(model)
     return result
 
@@ -535,7 +557,7 @@ def expert_data(config: Config, prepared: PreparedData, components: SDXLComponen
                 prompts: list[str], device: Any) -> list[PreparedData]:
     """Each expert's view of the run's data: the run's own, or (another model) the same items and shared latents
     with that model's text embeddings and time ids (`prepared_for_model`, which refuses another VAE)."""
-    from expertune.data.prepare import prepared_for_model
+    from expertune.prepare import prepared_for_model
 
     views: dict[int, PreparedData] = {id(components): prepared}
     for k, model in enumerate(models):

@@ -21,8 +21,9 @@ from typing import IO
 
 from expertune.errors import ConfigError
 from expertune.io_utils import atomic_write_json
-from expertune.ui.jobrun import VERBS
 from expertune.ui.runs import UI_DIR
+
+VERBS = ("train", "generate", "export")  # the only verbs a UI job runs (expertune/jobrun.py checks them too)
 
 # Training and sampling use the device, one job at a time; exports (reading and converting files) run beside them.
 LANES = {"train": "device", "generate": "device", "export": "files"}
@@ -194,7 +195,7 @@ class JobQueue:
 
     def _launch(self, job: Job) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        argv = [self.python, "-m", "expertune.ui.jobrun", str(self._result_path(job)), job.verb, *job.args]
+        argv = [self.python, "-m", "expertune.jobrun", str(self._result_path(job)), job.verb, *job.args]
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "1"}
         with open(self.log_path(job), "ab") as log:
             log.write(f"$ expertune {job.verb} {' '.join(job.args)}\n".encode("utf-8"))

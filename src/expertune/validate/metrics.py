@@ -25,7 +25,7 @@ from expertune.errors import ModelError
 from expertune.experts import ExpertBand, fixed_timesteps, sub_bands
 from expertune.data.batches import TrainingBatch
 from expertune.schedule import NoiseSchedule
-from expertune.train.loss import StepRandomness, denoising_loss
+from expertune.objective.loss import StepRandomness, denoising_loss
 
 log = logging.getLogger(__name__)
 

@@ -145,7 +145,8 @@ class Validator:
 
     def __init__(self, config: Config, plan: ValidationPlan, components: SDXLComponents, schedule: NoiseSchedule,
                  band: ExpertBand, prepared: Any, accelerator: Any, output_dir: Path,
-                 metrics: Any | None = None, expert_index: int | None = None) -> None:
+                 metrics: Any | None = None, expert_index: int | None = None, chain: Sequence[Validator] = (),
+                 autocast: bool = False, handoff_blend: int = 0) -> None:
         self.config = config
         self.v = config.validation
         self.plan = plan
@@ -159,9 +160,11 @@ class Validator:
         # A mixture's expert: its images in validation/step_N/expert_<k>/, its tracker keys under expert_<k>/.
         self.expert_index = expert_index
         self.label = "" if expert_index is None else f"expert_{expert_index}"
-        # A mixture's current experts (UNet, its validator), for the chain images: each stage is built and
-        # conditioned by its own expert's validator (its model's layout and cached text embeddings).
-        self.chain_with: list[tuple[Any, Validator]] = []
+        # The first expert of a mixture draws the whole chain: the later experts' validators, in chain order, each
+        # building and conditioning its own stage (its model's layout and cached text embeddings).
+        self.chain = list(chain)
+        self.autocast = autocast  # bfloat16 weights: the pipelines' float32 latents are cast under autocast
+        self.handoff_blend = handoff_blend  # the mixture chain's blended hand-off window (infer/handoff.py)
         self.last_values: dict[str, float] = {}  # the metrics of the last validation
         self._peer: tuple[torch.dtype, Any] | None = None  # (dtype, UNet) of the peer expert, loaded on first use
         seed = self.v.validation_seed if self.v.validation_seed is not None else config.train.seed
@@ -248,14 +251,15 @@ class Validator:
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.settings.seed)
 
-    def _chain_images(self, prefix: str, stages_for: Callable[[str], list[ChainStage]]) -> list[ValidationImage]:
+    def _chain_images(self, prefix: str, stages_for: Callable[[str], list[ChainStage]],
+                      handoff_blend: int = 0) -> list[ValidationImage]:
         """Text-to-image of every validation prompt through the stages `stages_for(prompt)` gives, seeded alike."""
         result = []
         for prompt in self.prompts():
             for width, height in self.sizes:  # several sizes: each image named by its size
                 image = denoise_chain(stages_for(prompt.text), self._conditioning(prompt.text),
                                       generator=self._generator(), num_inference_steps=self.settings.num_inference_steps,
-                                      height=height, width=width)[0]
+                                      height=height, width=width, handoff_blend=handoff_blend)[0]
                 size = f"_{width}x{height}" if len(self.sizes) > 1 else ""
                 result.append(ValidationImage(f"{prefix}_{prompt.name}{size}", image, image, prompt.text))
         return result
@@ -317,23 +321,34 @@ class Validator:
             self._stage(peer_unet, e.band, saved_scheduler(peer.path)) if e is peer
             else self._stage(unet, self.band, self.scheduler()) for e in self.plan.chain])
 
-    def mixture_chain_images(self) -> list[ValidationImage]:
-        """Text-to-image through every expert of the mixture as they are now (`chain_with`), in chain order, each
-        stage conditioned by its own expert's cached embeddings of the prompt."""
+    def mixture_chain_images(self, unets: Sequence[Any]) -> list[ValidationImage]:
+        """Text-to-image through every expert of the mixture as they are now (`unets`, this expert's first), in chain
+        order, each stage conditioned by its own expert's cached embeddings of the prompt."""
+        owners = [self, *self.chain]
+
         def stages(prompt: str) -> list[ChainStage]:
-            built = [owner._stage(unet, owner.band, owner.scheduler()) for unet, owner in self.chain_with]
-            for stage, (_, owner) in zip(built, self.chain_with):
+            built = [owner._stage(unet, owner.band, owner.scheduler()) for unet, owner in zip(unets, owners)]
+            for stage, owner in zip(built, owners):
                 stage.conditioning = owner._conditioning(prompt)
             return built
 
-        return self._chain_images("chain", stages)
+        return self._chain_images("chain", stages, self.handoff_blend)
 
     # ---- one validation ------------------------------------------------------------------------
 
-    def run(self, unet: Any, step: int) -> list[Path]:
-        """Make and save the images, measure and log the metrics; returns the image files written."""
+    def run(self, unet: Any, step: int, chain_unets: Sequence[Any] = ()) -> list[Path]:
+        """Make and save the images, measure and log the metrics; returns the image files written. `chain_unets`:
+        the later experts' UNets as they are now, for the first expert of a mixture (its chain images)."""
         if self.v.validation_disable or not self.accelerator.is_main_process:
             return []
+        if len(chain_unets) != len(self.chain):
+            raise ValueError(f"validation of a chain of {len(self.chain) + 1} experts got {len(chain_unets)} later UNets")
+        if self.autocast:
+            with self.accelerator.autocast():
+                return self._run(unet, step, chain_unets)
+        return self._run(unet, step, chain_unets)
+
+    def _run(self, unet: Any, step: int, chain_unets: Sequence[Any]) -> list[Path]:
         started = time.monotonic()
         was_training = unet.training
         unet.eval()
@@ -342,8 +357,8 @@ class Validator:
                 images = self.text_to_image(unet) if self.band.holds_start else self.partial_denoise_images(unet)
                 if self.plan.peer is not None:
                     images += self.chain_images(unet)
-                if self.chain_with:
-                    images += self.mixture_chain_images()
+                if self.chain:
+                    images += self.mixture_chain_images([unet, *chain_unets])
                 values = (self.held_out(unet, self.accelerator.device, self.accelerator.autocast) if self.held_out
                           else {})
                 if self.plan.clip is not None:

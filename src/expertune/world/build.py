@@ -196,7 +196,7 @@ def unet_training_flags(model: Path, output: Path, dataloader: Path, recipe: Une
 
 
 def part_unet(work: Path, recipe: BuildRecipe) -> dict:
-    from expertune.demo.dataset import write_dataloader_config
+    from expertune.data.captioned import write_dataloader_config
     from expertune.world.dataset import write_world_dataset
     from expertune.world.scene import scenes, training_combinations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from expertune.demo.dataset import save_captioned_image
+from expertune.data.captioned import save_captioned_image
 from expertune.world.scene import Scene, render
 
 

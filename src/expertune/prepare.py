@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from expertune.cache.embeds import EmbedCache
+from expertune.cache.masks import MaskCache
 from expertune.cache.latents import LatentCache, LatentPlan
 from expertune.cache.store import CacheStore
 from expertune.config.schema import required
@@ -61,6 +62,7 @@ class PreparedData:
     skipped: list[dict[str, str]] = field(default_factory=list)
     buckets: list[Bucket] = field(default_factory=list)
     eval_items: list[TrainingItem] = field(default_factory=list)  # held out from `items`, each image once
+    mask_cache: MaskCache | None = None  # issue 23: loss masks of the datasets that have them
 
     @property
     def unique_items(self) -> list[TrainingItem]:
@@ -214,7 +216,8 @@ def _prepare(config: Config, components: SDXLComponents, extra_prompts: list[str
     dataloader = load_datasets(config)
     index = FileIndex(config.resolved_cache_dir() / INDEX_NAME)
     latent_cache = LatentCache(components.vae, seed=config.train.seed, batch_size=config.data.vae_batch_size,
-                               index=index, time_ids=time_id_layout(config, components))
+                               index=index, time_ids=time_id_layout(config, components),
+                               flip=config.data.flip_images)  # issue 23
     skips = _Skips()
     skipped, skip = skips.entries, skips.add
     found, planned = _plan_images(dataloader, latent_cache, skips, progress)
@@ -238,6 +241,12 @@ def _prepare(config: Config, components: SDXLComponents, extra_prompts: list[str
     for record, spec in kept:
         if str(record.path) in failed:
             skip(spec, record.path, failed[str(record.path)])
+    mask_cache = MaskCache(latent_cache)  # issue 23: a missing or wrong mask skips its image, listed
+    mask_failed = mask_cache.ensure([(r, s) for r, s in kept if s.has_masks and str(r.path) not in failed])
+    for record, spec in kept:
+        if str(record.path) in mask_failed:
+            skip(spec, record.path, mask_failed[str(record.path)])
+    failed |= mask_failed
     usable = [(record, spec) for record, spec in kept if str(record.path) not in failed]
     if not usable:
         raise DataError(_nothing_usable(dataloader, skipped))
@@ -263,7 +272,10 @@ def _prepare(config: Config, components: SDXLComponents, extra_prompts: list[str
         "embeds_encoded": embed_stats.encoded,
         "embeds_reused": embed_stats.reused,
     }
-    prepared = PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped, buckets, eval_items)
+    if mask_cache.encoded or mask_cache.reused:
+        stats |= {"masks_encoded": mask_cache.encoded, "masks_reused": mask_cache.reused}
+    prepared = PreparedData(dataloader, items, latent_cache, embed_cache, stats, skipped, buckets, eval_items,
+                            mask_cache)
     for spec in dataloader.datasets:
         count = sum(1 for _, s in usable if s.id == spec.id)
         left = sum(1 for entry in skipped if entry["dataset"] == spec.id)
@@ -402,12 +414,10 @@ def cache_only(config: Config, extra_prompts: list[str] | None = None, *, progre
 
 def expert_model_sources(config: Config, main_source: str) -> list[tuple[int, str]]:
     """(first expert index, model) of each distinct `expert_models` entry other than the run's own model."""
-    from expertune.mixture import expert_sources
-
-    mix = config.mixture
-    if mix.mixture_boundaries is None or mix.expert_models is None:
+    plan = config.mixture_plan
+    if plan is None or config.mixture.expert_models is None:
         return []
     firsts: dict[str, int] = {}
-    for index, source in enumerate(expert_sources(mix.mixture_boundaries, mix.expert_models, main_source)):
+    for index, source in enumerate(plan.model_sources(config.model.pretrained_model_name_or_path, main_source)):
         firsts.setdefault(source, index)
     return [(index, source) for source, index in firsts.items() if source != main_source]

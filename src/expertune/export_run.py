@@ -147,10 +147,11 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     from expertune.config.migrations import migrate_snapshot
     from expertune.config.sources import config_from_mapping
     from expertune.expert_format import ExpertDescription
-    from expertune.mixture import expert_sources
-    from expertune.models.lora import add_lora_adapters, save_lora_expert
+    from expertune.models.adapters import adapter_spec
+    from expertune.models.lora import add_adapters, save_lora_expert
     from expertune.models.sdxl import SDXLComponents, load_components, make_scheduler, save_expert_pipeline
     from expertune.train.checkpoint import expert_folder, read_checkpoint_document
+    from expertune.train.knobs import knobs_summary
     from expertune.train.setup import expert_bands_for, noise_schedule_for
 
     document = read_checkpoint_document(checkpoint)
@@ -169,12 +170,15 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
     components = load(source)
     schedule = noise_schedule_for(config, components.scheduler_config)
     bands = expert_bands_for(config, schedule)
+    plan = config.mixture_plan
+    widened: list[Any] = [None] * len(bands)  # --mixture_overlap: each expert's training_timestep_range
+    if plan is not None and plan.overlap is not None:
+        widened = list(plan.training_bands(schedule.alphas_cumprod))
     count = document.get("experts")
     if (count or 1) != len(bands):
         raise ModelError(f"checkpoint {checkpoint} holds {count or 1} expert(s) but its config plans {len(bands)}")
     mixture = count is not None
-    sources = (expert_sources(str(config.mixture.mixture_boundaries), config.mixture.expert_models, source)
-               if mixture else [source])
+    sources = plan.model_sources(source, source) if mixture and plan is not None else [source]
     loaded: dict[str, Any] = {source: components}
     remaining = Counter(sources)
     folders = []
@@ -186,7 +190,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
         unet = copy.deepcopy(model.unet) if remaining[model_source] else model.unet
         folder = checkpoint / expert_folder(index) if mixture else checkpoint
         if m.model_type == "lora":
-            add_lora_adapters(unet, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+            add_adapters(unet, adapter_spec(m))  # issue 23: the run's adapter kind
         else:
             unet.requires_grad_(True)
         unet.load_state_dict(load_file(str(folder / "unet.safetensors")), strict=m.model_type != "lora")
@@ -201,7 +205,8 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
                 parameter.data.copy_(shadow[str(position)])
         unet.eval()
         description = ExpertDescription(band, schedule.describe(), model_type=m.model_type, base_model=model.source,
-                                        weights="ema" if use_ema else "trained")
+                                        weights="ema" if use_ema else "trained", training_band=widened[index],
+                                        training=knobs_summary(config))  # issue 23 (per-expert: the run's)
         scheduler = make_scheduler(model.scheduler_class, schedule.scheduler_config(model.scheduler_config))
         destination = staged / expert_relative_dir(m.model_type, index, mixture)
         if m.model_type == "lora":
@@ -210,9 +215,9 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
             save_expert_pipeline(model, unet, scheduler, description, destination)
         folders.append(destination)
     if mixture:
-        members = tuple(MixtureMember(str(expert_relative_dir(m.model_type, k, True)), band, m.model_type)
+        members = tuple(MixtureMember(str(expert_relative_dir(m.model_type, k, True)), band, m.model_type, widened[k])
                         for k, band in enumerate(bands))
-        MixtureDescription(members, schedule.describe()).write(staged)
+        MixtureDescription(members, schedule.describe(), plan.handoff_blend if plan is not None else 0).write(staged)
     return folders
 
 

@@ -1,6 +1,7 @@
-"""The process a UI job runs in: `python -m expertune.ui.jobrun RESULT_FILE VERB ARGS...` runs one of expertune's
+"""The process a UI job runs in: `python -m expertune.jobrun RESULT_FILE VERB ARGS...` runs one of expertune's
 own verbs (never anything else) and writes its exit code to RESULT_FILE, so a UI started later still learns how
-the job ended. Started in a session of its own, it outlives the UI that started it."""
+the job ended. Started in a session of its own, it outlives the UI that started it. It sits beside cli.py, above
+ui/ (which starts it by name and never imports it), so that no package imports one that imports it back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-VERBS = ("train", "generate", "export")
+from expertune.ui.jobs import VERBS
 
 
 def main(argv: list[str]) -> int:
