@@ -122,7 +122,7 @@ def expertune_runs(work: Path, smoke: bool, device: torch.device, side: int, bat
                    precision: str, peak: float, compile_variants: list[str]) -> dict[str, float]:
     """Samples/s of `expertune train` (a two-expert mixture job) per dynamo backend; the chained generation."""
     from expertune.config import load_config
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
     from expertune.infer.generate import generate
     from expertune.models.layouts import ssd1b_layout
     from expertune.models.tiny import build_random_pipeline, tiny_layout

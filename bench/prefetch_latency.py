@@ -25,7 +25,7 @@ import torch
 
 
 def prepare(work: Path, images: int) -> tuple[Path, Path]:
-    from expertune.demo.dataset import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
+    from expertune.data.captioned import SHAPES, draw_shape, save_captioned_image, write_dataloader_config
     from expertune.models.tiny import build_random_pipeline, tiny_layout
 
     model = work / "model"

@@ -462,7 +462,7 @@ def test_a_caption_object_over_a_mebibyte_is_not_read_into_memory(s3, tmp_path: 
 @pytest.mark.integration
 def test_a_run_over_hostile_keys_goes_on_and_lists_them(s3, tmp_path: Path, tiny_model_dir: Path) -> None:
     from expertune.config import load_config
-    from expertune.data import prepare
+    from expertune import prepare
 
     bucket = s3.bucket()
     s3.upload(bucket, _images(tmp_path / "images", 2), prefix="data/")
