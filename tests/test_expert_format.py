@@ -251,3 +251,18 @@ def test_a_mixture_names_every_problem_of_its_bands_and_keeps_its_schedule_lengt
         MixtureDescription.read(tmp_path)
     assert str(caught.value) == (f"{path}: no expert holds t = 9 (highest band is [5, 8]); no expert holds t = 0 "
                                  "(lowest band is [1, 4])")
+
+
+def test_the_base_revision_and_variant_round_trip_and_are_left_out_when_unset() -> None:
+    from expertune.expert_format import ExpertDescription
+    from expertune.experts import ExpertBand
+
+    band = ExpertBand(0, 349, 1000)
+    plain = ExpertDescription(band, {"num_train_timesteps": 1000}, model_type="lora", base_model="org/model")
+    assert "base_revision" not in plain.to_json() and "base_variant" not in plain.to_json()
+    pinned = ExpertDescription(band, {"num_train_timesteps": 1000}, model_type="lora", base_model="org/model",
+                               base_revision="v1.0", base_variant="fp16")
+    document = pinned.to_json()
+    assert (document["base_revision"], document["base_variant"]) == ("v1.0", "fp16")
+    assert ExpertDescription.from_json(document) == pinned
+    assert ExpertDescription.from_json(plain.to_json()) == plain

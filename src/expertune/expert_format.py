@@ -8,6 +8,8 @@
       "timestep_spacing": ..., ...           the parameterisation it was trained under (NoiseSchedule.describe)
       "model_type": "full" | "lora",         what the directory holds
       "base_model": "...",                   the model it was trained from (a LoRA expert loads onto it)
+      "base_revision": ..., "base_variant": ...   its --revision / --variant, when given: the chain, validation's
+                                             peer and the export read the base as it was trained on
       "weights": "trained" | "ema"           which weights were exported
       "training": {...}                      how it was trained, when not the defaults: loss type, timestep
                                              distribution, flips, adapter kind (issue 23; informative)
@@ -36,7 +38,8 @@ WEIGHTS = ("trained", "ema")
 # The formats an export writes (export/formats.py); the words of the export_format option.
 FORMATS = ("diffusers", "single_file")
 _BAND_KEYS = ("format_version", "timestep_range", "denoising_start", "denoising_end")
-_OWN_KEYS = ("model_type", "base_model", "weights", "training", "training_timestep_range")
+_OWN_KEYS = ("model_type", "base_model", "base_revision", "base_variant", "weights", "training",
+             "training_timestep_range")
 TRAINING_RANGE = "training_timestep_range"  # the band widened by --mixture_overlap, when the expert trained on more
 
 
@@ -48,6 +51,10 @@ def parse_formats(text: str | None) -> tuple[str, ...]:
         raise ConfigError(f"export_format {text!r}: {', '.join(unknown) or 'nothing'} is not a format; use a "
                           f"comma-separated list of {', '.join(FORMATS)}")
     return tuple(name for name in FORMATS if name in names)
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def check_format_version(version: Any, reads: int, what: str) -> None:
@@ -69,6 +76,8 @@ class ExpertDescription:
     weights: str = "trained"
     training: dict[str, Any] = field(default_factory=dict)  # issue 23: the training knobs, recorded
     training_band: ExpertBand | None = None  # the band it trained on, when wider than `band` (--mixture_overlap)
+    base_revision: str | None = None  # the hub revision of base_model it was trained from (--revision)
+    base_variant: str | None = None  # the weights-file variant of base_model (--variant), e.g. fp16
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -82,6 +91,9 @@ class ExpertDescription:
         }
         if self.base_model is not None:
             document["base_model"] = self.base_model
+        for key, value in (("base_revision", self.base_revision), ("base_variant", self.base_variant)):
+            if value is not None:
+                document[key] = value
         if self.training:
             document["training"] = self.training
         if self.training_band is not None:
@@ -110,7 +122,9 @@ class ExpertDescription:
         training = document.get("training")
         return cls(band, parameterisation, model_type, None if base is None else str(base),
                    str(document.get("weights", "trained")), dict(training) if isinstance(training, dict) else {},
-                   _training_band(document, band, source))
+                   _training_band(document, band, source),
+                   base_revision=_optional_text(document.get("base_revision")),
+                   base_variant=_optional_text(document.get("base_variant")))
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExpertDescription:
@@ -176,6 +190,8 @@ class MixtureMember:
     band: ExpertBand
     model_type: str = "full"
     training_band: ExpertBand | None = None  # the band it trained on, when wider than `band` (--mixture_overlap)
+    base_revision: str | None = None  # the hub revision of base_model it was trained from (--revision)
+    base_variant: str | None = None  # the weights-file variant of base_model (--variant), e.g. fp16
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {

@@ -205,6 +205,7 @@ def experts_from_checkpoint(checkpoint: Path, staged: Path, *, revision: str | N
                 parameter.data.copy_(shadow[str(position)])
         unet.eval()
         description = ExpertDescription(band, schedule.describe(), model_type=m.model_type, base_model=model.source,
+                                        base_revision=revision, base_variant=variant,
                                         weights="ema" if use_ema else "trained", training_band=widened[index],
                                         training=knobs_summary(config))  # issue 23 (per-expert: the run's)
         scheduler = make_scheduler(model.scheduler_class, schedule.scheduler_config(model.scheduler_config))

@@ -106,3 +106,29 @@ def test_a_lora_expert_works_as_the_validation_peer(lora_experts, tiny_model_dir
     assert len(chained) == 2  # steps 1 and 2 (the final validation)
     loads = [r for r in caplog.records if "loaded once" in r.getMessage()]
     assert len(loads) == 1  # the peer is read from disk once per run, not at every validation
+
+
+def test_a_lora_expert_of_a_variant_base_keeps_its_variant_for_the_chain(tiny_model_dir: Path, small_dataset: Path,
+                                                                         tmp_path: Path) -> None:
+    """--variant is kept where the base is read again: in expert.json, and by the chain that loads the base under
+    a LoRA expert (a base saved only as its fp16 variant cannot be read without it)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from expertune.expert_format import ExpertDescription
+
+    variant_only = tmp_path / "variant-base"
+    StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir)).save_pretrained(variant_only, variant="fp16")
+    assert not (variant_only / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    with pytest.raises((OSError, ValueError)):  # the control: the plain weights file is not there
+        StableDiffusionXLPipeline.from_pretrained(str(variant_only), use_safetensors=True)
+    results = []
+    for stage in (1, 2):
+        env = write_stage_env(tmp_path, stage, variant_only, tmp_path / f"stage{stage}", small_dataset)
+        config, _ = load_config(["--env", str(env), *LORA_FLAGS, "--variant=fp16", "--max_train_steps=1"])
+        results.append(train(config))
+    description = ExpertDescription.read(results[0].pipeline_dir)
+    assert description.base_model == str(variant_only) and description.base_variant == "fp16"
+    assert description.base_revision is None
+    image = generate([r.output_dir for r in results], "a red circle", num_inference_steps=4, height=64, width=64,
+                     seed=1)
+    assert image.size == (64, 64)

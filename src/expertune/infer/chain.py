@@ -133,8 +133,10 @@ def expert_layout_kind(expert: ExpertInfo) -> str:
     """"refiner" or "base": the layout of a saved expert's pipeline (of its base model for a LoRA expert)."""
     from expertune.models.sdxl import layout_kind_of, read_pipeline_index
 
-    source = str(expert.description.get("base_model", "")) if expert.is_lora else str(expert.path)
-    return layout_kind_of(read_pipeline_index(source))
+    if not expert.is_lora:
+        return layout_kind_of(read_pipeline_index(str(expert.path)))
+    return layout_kind_of(read_pipeline_index(str(expert.description.get("base_model", "")),
+                                              revision=expert.description.get("base_revision")))
 
 
 def chain_components(pipe: Any) -> dict[str, Any]:
@@ -282,7 +284,7 @@ class _PipelineLoader:
         self.bases: dict[str, Any] = {}
         self.loads: list[str] = []
 
-    def _pipeline(self, source: str | Path) -> Any:
+    def _pipeline(self, source: str | Path, variant: str | None = None) -> Any:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         from expertune.models.sdxl import REFINER_LAYOUT, layout_kind_of, read_pipeline_index
@@ -290,7 +292,7 @@ class _PipelineLoader:
         refiner = layout_kind_of(read_pipeline_index(str(source))) == REFINER_LAYOUT
         pipeline_class = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
         try:
-            pipe = pipeline_class.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True)
+            pipe = pipeline_class.from_pretrained(str(source), dtype=self.dtype, use_safetensors=True, variant=variant)
         except (OSError, ValueError) as error:
             raise ModelError(f"could not load the SDXL pipeline {source}: {error}") from None
         self.loads.append(str(source))
@@ -307,11 +309,13 @@ class _PipelineLoader:
             pipe = self._pipeline(expert.path)
             return pipe, pipe.scheduler, None
         base = str(expert.description.get("base_model", ""))
-        if base not in self.bases:
+        revision, variant = expert.description.get("base_revision"), expert.description.get("base_variant")
+        key = f"{base}@{revision}:{variant}"  # the base as the expert was trained on it (--revision, --variant)
+        if key not in self.bases:
             from expertune.infer.sources import local_model  # a hub id: from the local cache, never downloaded
 
-            self.bases[base] = self._pipeline(local_model(base))
-        pipe = self.bases[base]
+            self.bases[key] = self._pipeline(local_model(base, revision=revision), variant=variant)
+        pipe = self.bases[key]
         name = f"expert_{index}"
         from expertune.models.lora import load_adapter_expert  # LoRA / DoRA through diffusers, LoHa / LoKr peft
 

@@ -13,7 +13,7 @@ from expertune.experts import ExpertBand
 from expertune.infer.chain import ExpertInfo
 
 
-def local_model(source: str, *, single_file_config: str | None = None) -> Path:
+def local_model(source: str, *, single_file_config: str | None = None, revision: str | None = None) -> Path:
     """A local diffusers folder for `source`: the folder itself, a single-file checkpoint's converted folder, or a
     hub id's snapshot in the local Hugging Face cache (offline); ModelError naming the fix otherwise."""
     from expertune.models.sdxl import model_folder
@@ -28,7 +28,7 @@ def local_model(source: str, *, single_file_config: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, local_files_only=True))
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or no such repository): say where it was looked for
         from huggingface_hub.constants import HF_HUB_CACHE
 

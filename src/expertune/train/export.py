@@ -77,6 +77,7 @@ def export_expert(run: Run, expert: ExpertRun, final: Any | None) -> ExpertDescr
     config, components, schedule = run.config, expert.components, run.schedule
     description = ExpertDescription(
         run.own_band(expert), schedule.describe(), model_type=config.model.model_type, base_model=components.source,
+        base_revision=config.model.revision, base_variant=config.model.variant,
         weights="ema" if (expert.ema is not None and config.train.export_ema) else "trained",
         training_band=run.widened_band(expert), training=knobs_summary(run.config_of(expert)))  # issue 23
     if not run.is_main:

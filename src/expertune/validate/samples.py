@@ -300,7 +300,9 @@ class Validator:
             from diffusers import StableDiffusionXLPipeline
 
             base = str(peer.description.get("base_model", ""))
-            loaded = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+            loaded = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype,
+                                                          revision=peer.description.get("base_revision"),
+                                                          variant=peer.description.get("base_variant"))
             adapters, _ = StableDiffusionXLPipeline.lora_state_dict(str(peer.path))
             loaded.load_lora_adapter(adapters, prefix="unet", adapter_name="peer")
             loaded.fuse_lora()
