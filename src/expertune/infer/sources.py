@@ -1,10 +1,11 @@
 """What `generate` is given, read from disk: a model that is a local folder, a single-file checkpoint or a hub id
-found in the local Hugging Face cache (never downloaded here); the untouched base model as a one-expert chain
+from the local Hugging Face cache (downloaded into it once when online, as training's start does); the untouched base model as a one-expert chain
 (`--base`, the baseline); and a prompts file (one prompt a line, or SimpleTuner's prompt library JSON)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,10 +13,14 @@ from expertune.errors import ConfigError, ModelError
 from expertune.experts import ExpertBand
 from expertune.infer.chain import ExpertInfo
 
+log = logging.getLogger(__name__)
+
 
 def local_model(source: str, *, single_file_config: str | None = None, revision: str | None = None) -> Path:
     """A local diffusers folder for `source`: the folder itself, a single-file checkpoint's converted folder, or a
-    hub id's snapshot in the local Hugging Face cache (offline); ModelError naming the fix otherwise."""
+    hub id's snapshot: from the local Hugging Face cache, else (unless HF_HUB_OFFLINE) downloaded into it once
+    (configs, tokenizers and safetensors weights only) after the same checks and messages as training's start
+    (models/source.py); ModelError naming the fix otherwise."""
     from expertune.models.sdxl import model_folder
 
     path = Path(source).expanduser()
@@ -25,16 +30,26 @@ def local_model(source: str, *, single_file_config: str | None = None, revision:
         return Path(model_folder(str(path), single_file_config=single_file_config))
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ModelError(f"model {source!r} is neither a local folder or file nor a Hugging Face hub id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(source, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or no such repository): say where it was looked for
-        from huggingface_hub.constants import HF_HUB_CACHE
+    except Exception:  # noqa: BLE001 - not cached (or no such repository): fetched below, or said where it was looked
+        if constants.HF_HUB_OFFLINE:
+            raise ModelError(f"hub model {source!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+                             f" and HF_HUB_OFFLINE is set: download it once (`hf download {source}`), unset "
+                             "HF_HUB_OFFLINE, or pass a local folder") from None
+    from expertune.models.source import check_model_source
 
-        raise ModelError(f"hub model {source!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}); generate "
-                         f"reads hub models offline only: download it once (`huggingface-cli download {source}`) "
-                         "or pass a local folder") from None
+    check_model_source(source, revision)  # no network, gated, no such repository or revision: one clear line
+    log.info("downloading %s%s into the Hugging Face cache (%s)", source, f"@{revision}" if revision else "",
+             constants.HF_HUB_CACHE)
+    try:
+        return Path(snapshot_download(source, revision=revision,
+                                      allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer*/*"]))
+    except Exception as error:  # noqa: BLE001 - a download that broke off: say which and how to retry
+        raise ModelError(f"could not download hub model {source!r}: {error}; run it again (downloads resume) or "
+                         f"fetch it with `hf download {source}`") from None
 
 
 def base_expert(source: str, *, single_file_config: str | None = None) -> ExpertInfo:
