@@ -69,7 +69,7 @@ def lock_holder(output_dir: Path) -> tuple[LockHolder | None, bool]:
     holder = _read_holder(Path(output_dir) / LOCK_FILE)
     if holder is None:
         return None, False
-    return holder, holder.host != socket.gethostname() or _alive(holder.pid)
+    return holder, holder.host != socket.gethostname() or process_alive(holder.pid)
 
 
 def _read_holder(path: Path) -> LockHolder | None:
@@ -80,7 +80,8 @@ def _read_holder(path: Path) -> LockHolder | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of that PID exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +127,7 @@ class RunLock:
         self._fd = fd
         stale = _read_holder(self.path)
         if stale is not None and stale.pid != os.getpid():
-            dead = stale.host == socket.gethostname() and not _alive(stale.pid)
+            dead = stale.host == socket.gethostname() and not process_alive(stale.pid)
             log.warning("taking over the lock of %s: %s (%s)", self.path.parent, stale,
                         "that process is gone" if dead else "its lock was released")
         document = {"pid": os.getpid(), "host": socket.gethostname(),

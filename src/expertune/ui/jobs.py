@@ -21,6 +21,7 @@ from typing import IO
 
 from expertune.errors import ConfigError
 from expertune.io_utils import atomic_write_json
+from expertune.run_folder import process_alive
 from expertune.ui.runs import UI_DIR
 
 VERBS = ("train", "generate", "export")  # the only verbs a UI job runs (expertune/jobrun.py checks them too)
@@ -184,7 +185,7 @@ class JobQueue:
                 job.rc = int(json.loads(result.read_text(encoding="utf-8"))["rc"])
             except (OSError, ValueError, KeyError, TypeError):
                 return False  # being written: next tick
-        elif job.pid is not None and _alive(job.pid) and (child is None or child.returncode is None):
+        elif job.pid is not None and process_alive(job.pid) and (child is None or child.returncode is None):
             return False
         elif child is not None and child.returncode is not None:
             job.rc = child.returncode
@@ -228,13 +229,3 @@ class JobQueue:
         except OSError:
             return []
         return [line for line in text.split("\n") if line.strip()][-lines:]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
