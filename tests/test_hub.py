@@ -245,12 +245,12 @@ def test_a_lora_expert_of_a_hub_base_chains_its_adapters_onto_the_base() -> None
     from expertune.hub import PublishedExpert, expert_card
 
     schedule = {"num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
-    lora = ExpertDescription(ExpertBand(0, 349), schedule, model_type="lora", base_model="segmind/SSD-1B")
+    lora = ExpertDescription(ExpertBand(0, 349), schedule, model_type="lora", base_model="some-org/some-base")
     card = expert_card(PublishedExpert("", lora, (), {}), "me/low-noise")
-    assert "base_model: segmind/SSD-1B" in card and "- lora" in card and "pipeline_tag: image-to-image" in card
+    assert "base_model: some-org/some-base" in card and "- lora" in card and "pipeline_tag: image-to-image" in card
     (code,) = _code_blocks(card)
     compile(code, "card", "exec")
-    assert 'expert_1 = StableDiffusionXLImg2ImgPipeline.from_pretrained("segmind/SSD-1B"' in code
+    assert 'expert_1 = StableDiffusionXLImg2ImgPipeline.from_pretrained("some-org/some-base"' in code
     assert 'expert_1.load_lora_weights("me/low-noise")' in code
     assert "denoising_start=0.65" in code and "guidance_rescale=0.7" in code
     assert 'expert_0 = StableDiffusionXLPipeline.from_pretrained("OTHER"' in code  # the stage before it

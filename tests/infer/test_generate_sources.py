@@ -38,7 +38,7 @@ def test_prompt_files_lines_and_simpletuner_library(tmp_path: Path) -> None:
 def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
-        local_model("segmind/SSD-1B")
+        local_model("nobody/not-a-cached-model")
     with pytest.raises(ModelError, match="neither a local folder"):
         local_model("./no/such/model")
 

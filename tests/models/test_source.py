@@ -31,14 +31,14 @@ def test_an_uncached_hub_id_offline_names_the_cache_and_the_fix(empty_hub_cache:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    code = main(["train", "--pretrained_model_name_or_path=segmind/SSD-1B", f"--output_dir={tmp_path / 'out'}",
+    code = main(["train", "--pretrained_model_name_or_path=nobody/not-a-cached-model", f"--output_dir={tmp_path / 'out'}",
                  f"--data_backend_config={small_dataset}", "--max_train_steps=1", "--resolution=64"])
     err = capsys.readouterr().err
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("expertune: error:")]
     assert len(lines) == 1, err
-    assert "'segmind/SSD-1B'" in lines[0] and f"not in the local Hugging Face cache at {empty_hub_cache}" in lines[0]
-    assert "HF_HUB_OFFLINE=1" in lines[0] and "hf download segmind/SSD-1B" in lines[0]
+    assert "'nobody/not-a-cached-model'" in lines[0] and f"not in the local Hugging Face cache at {empty_hub_cache}" in lines[0]
+    assert "HF_HUB_OFFLINE=1" in lines[0] and "hf download nobody/not-a-cached-model" in lines[0]
     assert "Traceback" not in err and "local_dir_use_symlinks" not in err and "does not exist" not in err
 
 
@@ -186,7 +186,7 @@ def test_no_network_and_not_cached_names_the_endpoint_and_the_cache(empty_hub_ca
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    error = hub_error("segmind/SSD-1B", None, LocalEntryNotFoundError("connection refused and not in the cache"))
+    error = hub_error("nobody/not-a-cached-model", None, LocalEntryNotFoundError("connection refused and not in the cache"))
     assert error is not None
     assert str(error).startswith("cannot reach the Hugging Face hub (http://127.0.0.1:9) to fetch model "
-                                 f"'segmind/SSD-1B', and it is not in the local cache at {empty_hub_cache}")
+                                 f"'nobody/not-a-cached-model', and it is not in the local cache at {empty_hub_cache}")

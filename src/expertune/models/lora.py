@@ -7,12 +7,15 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expertune.errors import ConfigError, ModelError
 from expertune.expert_format import ExpertDescription
 from expertune.io_utils import staged_directory
 from expertune.models.adapters import AdapterSpec
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def save_lora_expert(unet: Any, scheduler: Any, expert: ExpertDescription, desti
     return Path(destination)
 
 
-def _save_peft_expert(unet: Any, config: Any, scheduler: Any, expert: ExpertDescription,
+def _save_peft_expert(unet: Any, adapter_config: "PeftConfig", scheduler: Any, expert: ExpertDescription,
                       destination: str | os.PathLike) -> Path:
     """LoHa / LoKr adapters, which diffusers' LoRA loader does not read, in peft's own layout:
     `adapter_config.json` + `adapter_model.safetensors` (peft `PeftModel.from_pretrained` reads it; so does
@@ -80,12 +83,12 @@ def _save_peft_expert(unet: Any, config: Any, scheduler: Any, expert: ExpertDesc
     from safetensors.torch import save_file
 
     with staged_directory(destination) as staged:
-        config.save_pretrained(str(staged))
+        adapter_config.save_pretrained(str(staged))
         layers = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
         save_file(layers, str(staged / ADAPTER_WEIGHTS))
         scheduler.save_pretrained(str(staged / "scheduler"))
         expert.write(staged)
-    log.info("saved %s adapter expert to %s (peft layout)", config.peft_type, destination)
+    log.info("saved %s adapter expert to %s (peft layout)", adapter_config.peft_type, destination)
     return Path(destination)
 
 
